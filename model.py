@@ -1,0 +1,835 @@
+"""model.py: the small language model under every ProST role, in plain PyTorch.
+
+ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
+this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
+`Tokenizer.chat` and decoded with this file's greedy `generate`. Nothing here imports another prost file.
+
+What is here, top to bottom:
+  1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
+  2. the network       RMSNorm, rotate-half RoPE, GQA attention with a preallocated KV cache, SwiGLU, Transformer
+                       (parameter names equal the HF checkpoint keys, so checkpoints load strictly)
+  3. loading, saving   local folder or hub id; single or sharded safetensors, loaded tensor by tensor straight
+                       into the target dtype/device onto a model built on the meta device (no second copy)
+  4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
+  5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings
+  6. FLOPs, tiny preset  `flops_per_token`, `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
+  7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`
+
+Numerics follow transformers' Qwen2/Llama modeling: RMSNorm variance in fp32, RoPE cos/sin computed in fp32
+and cast to the activation dtype, attention through `scaled_dot_product_attention` with scale head_dim**-0.5.
+The product never imports transformers; the tests use it as an oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+# model_type -> the HF architecture name written into config.json when saving
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+ROPE_TYPES = ("default", "llama3")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ModelConfig:
+    """The architecture hyperparameters, named as in a HF config.json."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    attention_bias: bool = False  # bias on q/k/v (always on for Qwen2; o_proj never has one in either family)
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+    torch_dtype: str = "float32"  # the dtype the weights were saved in; the default load dtype
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @classmethod
+    def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
+        """Parse a HF config: a dict, a config.json path, or a model folder containing config.json."""
+        if isinstance(source, dict):
+            hf, where = source, "config"
+        else:
+            path = Path(source)
+            path = path / "config.json" if path.is_dir() else path
+            if not path.is_file():
+                raise FileNotFoundError(f"no config.json at {path}: a model folder needs config.json + *.safetensors")
+            hf, where = json.loads(path.read_text()), str(path)
+        model_type = hf.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise ValueError(f"unsupported model_type {model_type!r} in {where}; supported: "
+                             f"{', '.join(ARCHITECTURES)} (Qwen2/Qwen2.5, Llama 2/3.x, SmolLM2)")
+        missing = [k for k in REQUIRED_FIELDS if k not in hf]
+        if missing:
+            raise ValueError(f"{where} lacks required field(s) {', '.join(missing)} for model_type {model_type!r}")
+        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
+            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {where}; only silu (SwiGLU) is supported")
+        if hf.get("use_sliding_window"):
+            raise ValueError(f"use_sliding_window=true in {where} is not supported; set it to false")
+        theta, scaling = _read_rope(hf, where)
+        n_heads = hf["num_attention_heads"]
+        dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=n_heads,
+            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            # transformers' Qwen2 hard-wires q/k/v bias; Llama reads the flag
+            attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            max_position_embeddings=hf.get("max_position_embeddings", 32768),
+            torch_dtype=dtype if dtype in DTYPES else "float32",
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
+
+    def to_hf(self) -> dict:
+        """The config.json dict for this config (readable by transformers 4.x and 5.x)."""
+        hf = {"architectures": [ARCHITECTURES[self.model_type]], **asdict(self), "hidden_act": "silu"}
+        if self.model_type == "qwen2":
+            del hf["attention_bias"], hf["mlp_bias"]  # not Qwen2 config fields
+            hf["use_sliding_window"] = False
+        return hf
+
+
+def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
+    """(rope_theta, rope_scaling) from either the classic fields or transformers 5's `rope_parameters` dict."""
+    params = dict(hf.get("rope_parameters") or {})
+    scaling = dict(hf.get("rope_scaling") or params)
+    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported RoPE type {rope_type!r} in {where}; supported: {', '.join(ROPE_TYPES)}")
+    if rope_type == "default":
+        return theta, None
+    need = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in scaling]
+    if need:
+        raise ValueError(f"llama3 rope scaling in {where} lacks {', '.join(need)}")
+    return theta, {
+        "rope_type": "llama3",
+        "factor": float(scaling["factor"]),
+        "low_freq_factor": float(scaling["low_freq_factor"]),
+        "high_freq_factor": float(scaling["high_freq_factor"]),
+        "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings")
+                                                or hf.get("max_position_embeddings", 8192)),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. The network
+# ----------------------------------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the mean of squares in fp32 (bf16 sums lose digits); cast back before the weight, as transformers does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2, in fp32, with Llama 3's long-context rescaling if configured."""
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq  # (d/2,)
+    # llama3: long wavelengths are slowed down by `factor`, short ones kept, the band in between interpolated
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / s["low_freq_factor"], old_len / s["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+    smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+    smoothed = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+    in_band = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(in_band, smoothed, scaled)  # (d/2,)
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); computed in fp32, returned in `dtype`."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)  # (B, T, d/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): rotate-half pairs dim i with dim i + d/2
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (B, H, T, d) by the angles in cos/sin (B, T, d), "rotate half" (non-interleaved) layout."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, d)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys/values for a batch, addressed by slot: slot s of row b holds position s - pad[b].
+
+    Rows are left-padded to a common prompt length, so every row writes its next token into the same slot and
+    a write is one slice assignment; `pad` (B,) says how many leading slots of each row are padding.
+    """
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device, dtype, pad: torch.Tensor | None = None):
+        shape = (batch, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
+        self.pad = pad.to(device) if pad is not None else torch.zeros(batch, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0  # slots filled so far (the same for every row)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, T, d) at the next T slots; return all filled keys/values (B, Hkv, length+T, d)."""
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv, self.head_dim = (
+            layer, config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        d, q_dim, kv_dim = config.hidden_size, self.n_heads * self.head_dim, self.n_kv * self.head_dim
+        self.q_proj = nn.Linear(d, q_dim, bias=config.attention_bias)
+        self.k_proj = nn.Linear(d, kv_dim, bias=config.attention_bias)
+        self.v_proj = nn.Linear(d, kv_dim, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_dim, d, bias=False)
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, Hkv, T, d)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, S, d), S = filled slots including these T
+        # mask None means plain causal attention over exactly these T tokens (training and the first prefill)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           scale=self.head_dim ** -0.5, enable_gqa=self.n_kv != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, D)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, h, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, h, bias=bias)
+        self.up_proj = nn.Linear(d, h, bias=bias)
+        self.down_proj = nn.Linear(h, d, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    """Embeddings, decoder layers and final norm: the `model.` prefix of the HF keys."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM whose state_dict keys are the HF checkpoint keys (`model.layers.0.self_attn.q_proj.weight`)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.name_or_path = ""
+        self.model = Body(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter under two names
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self.inv_freq = rope_inv_freq(config)
+
+    def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states (B, T, D) for input_ids (B, T); with a cache, the tokens continue it."""
+        B, T = input_ids.shape
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        positions, mask = self._positions_and_mask(B, T, cache, x.device)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B or 1, T, d)
+        for block in self.model.layers:
+            x = block(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length += T
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab)."""
+        return self.lm_head(self.hidden(input_ids, cache))
+
+    @staticmethod
+    def _positions_and_mask(B: int, T: int, cache: KVCache | None, device):
+        """RoPE positions (B|1, T) and a boolean attention mask (B|1, 1, T, S) or None for plain causal."""
+        if cache is None:
+            return torch.arange(T, device=device)[None], None
+        slots = torch.arange(cache.length, cache.length + T, device=device)  # (T,)
+        positions = (slots[None] - cache.pad[:, None]).clamp(min=0)  # (B, T)
+        padded = bool(cache.pad.any())
+        if not padded and (cache.length == 0 or T == 1):
+            return positions, None  # causal over the new tokens, or one new token that sees everything
+        keys = torch.arange(cache.length + T, device=device)  # (S,)
+        mask = keys[None, None, :] <= slots[None, :, None]  # (1, T, S) causal
+        if padded:
+            real = keys[None, None, :] >= cache.pad[:, None, None]  # (B, 1, S)
+            # a padding query sees itself, so no softmax row is empty (an empty row gives NaN keys later)
+            mask = mask & (real | (keys[None, None, :] == slots[None, :, None]))  # (B, T, S)
+        return positions, mask[:, None]  # (B|1, 1, T, S)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "Transformer":
+        """Load a HF checkpoint folder or hub id; dtype None means the checkpoint's own `torch_dtype`."""
+        folder = resolve_model_dir(name_or_path)
+        config = ModelConfig.from_hf(folder)
+        device = torch.device(device or "cpu")
+        dtype = _as_dtype(dtype or config.torch_dtype)
+        with torch.device("meta"):  # parameters without storage: the checkpoint's tensors become the storage
+            model = cls(config)
+        load_safetensors(model, folder, device, dtype)
+        model.name_or_path = str(name_or_path)
+        return model.eval()
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Loading and saving
+# ----------------------------------------------------------------------------------------------------------------
+
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "merges.txt", "vocab.txt", "*.jinja"]
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local model folder, or a hub repo id fetched (json/safetensors/tokenizer files only) into the HF cache.
+
+    snapshot_download honours HF_HUB_OFFLINE (then only the local cache is used) and HF_HUB_CACHE.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{path} is a file; pass the model folder that contains config.json")
+    name = str(name_or_path)
+    looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and not name.startswith(".")
+    if not looks_like_hub_id:
+        raise FileNotFoundError(f"model folder {name} does not exist (and is not a hub id like 'Qwen/Qwen2.5-1.5B')")
+    from huggingface_hub import snapshot_download  # only needed for hub ids
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # the hub raises many types (offline, 404, auth); all mean "not available"
+        raise FileNotFoundError(f"{name} is neither a local folder nor available from the Hugging Face hub or its "
+                                f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def checkpoint_files(folder: Path) -> dict[str, Path]:
+    """tensor name -> the safetensors file holding it, for a single-file or sharded checkpoint."""
+    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {k: folder / f for k, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise FileNotFoundError(f"shard {f.name} listed in {index} is missing; re-download the checkpoint")
+        return files
+    if single.is_file():
+        return {k: single for k in _safetensors_keys(single)}
+    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} "
+                            "(only safetensors checkpoints are supported)")
+
+
+def _open_safetensors(path: Path, device):
+    from safetensors import safe_open
+    try:
+        return safe_open(str(path), framework="pt", device=str(device))
+    except Exception as e:  # SafetensorError for truncated/corrupt headers
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt: {e}); "
+                         "re-download or re-save it") from None
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    with _open_safetensors(path, "cpu") as f:
+        return list(f.keys())
+
+
+def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
+    """Give each (meta) parameter of `model` its tensor from the checkpoint, converted to dtype on device."""
+    files = checkpoint_files(folder)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    expected = set(params)
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")  # tied checkpoints store the embedding once
+    # old Llama checkpoints carry rotary_emb.inv_freq buffers; tied ones may carry a redundant lm_head copy
+    extra = {k for k in files if k not in expected and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
+    missing = sorted(expected - set(files))
+    if missing:
+        raise ValueError(f"checkpoint in {folder} lacks {len(missing)} tensor(s) that config.json implies, e.g. "
+                         f"{', '.join(missing[:3])}; the checkpoint is incomplete or does not match config.json")
+    if extra:
+        raise ValueError(f"checkpoint in {folder} has {len(extra)} unexpected tensor(s), e.g. "
+                         f"{', '.join(sorted(extra)[:3])}; it does not match config.json")
+    by_file: dict[Path, list[str]] = {}
+    for k in sorted(expected):
+        by_file.setdefault(files[k], []).append(k)
+    for path, keys in by_file.items():
+        with _open_safetensors(path, device) as f:
+            for k in keys:
+                want = tuple(params[k].shape)
+                got = tuple(f.get_slice(k).get_shape())
+                if got != want:
+                    raise ValueError(f"tensor {k} in {path.name} has shape {got} but config.json implies {want}")
+                try:
+                    tensor = f.get_tensor(k).to(dtype)  # one tensor at a time: peak = model + one tensor
+                except Exception as e:
+                    raise ValueError(f"cannot read tensor {k} from {path} (truncated or corrupt: {e})") from None
+                module_name, _, leaf = k.rpartition(".")
+                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename the temp file over `path` (readers never see a half-written file)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
+    """Write config.json + model.safetensors in the HF layout (a tied lm_head is stored once, as the embedding)."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del tensors["lm_head.weight"]
+    dtype = next(iter(tensors.values())).dtype
+    hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
+    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Tokenizer and ChatML rendering
+# ----------------------------------------------------------------------------------------------------------------
+
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+CHAT_ROLES = ("system", "user", "assistant")
+
+# A plain ChatML template (no default system message), written into tokenizers that build_tokenizer makes.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# The literal system turn a template emits when the conversation has none, e.g. Qwen2.5-Instruct's
+# '<|im_start|>system\nYou are Qwen, ...<|im_end|>\n' or SmolLM2's (with a raw newline instead of \n).
+_DEFAULT_SYSTEM = re.compile(r"""(['"])<\|im_start\|>system(?:\\n|\n)((?:\\.|(?!\1)[^\\])*?)<\|im_end\|>""", re.DOTALL)
+
+
+def default_system_message(template: str | None) -> str | None:
+    """The default system message hard-coded in a ChatML chat template, or None if it has none."""
+    m = _DEFAULT_SYSTEM.search(template or "")
+    if m is None:
+        return None
+    # undo Jinja string-literal escapes
+    return re.sub(r"\\(.)", lambda e: {"n": "\n", "t": "\t"}.get(e.group(1), e.group(1)), m.group(2))
+
+
+class Tokenizer:
+    """Byte-level BPE from tokenizer.json plus the special-token facts from tokenizer_config/generation_config."""
+
+    def __init__(self, tokenizer, tokenizer_config: dict, generation_config: dict, chat_template: str | None):
+        self.tok = tokenizer
+        self.chat_template = chat_template
+        self.default_system = default_system_message(chat_template)
+        vocab = tokenizer.get_vocab(with_added_tokens=True)
+
+        def token_id(entry):  # tokenizer_config names tokens as strings or as {"content": ...} dicts
+            text = entry.get("content") if isinstance(entry, dict) else entry
+            return vocab.get(text) if text else None
+
+        gen_eos = generation_config.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        self.eos_id = token_id(tokenizer_config.get("eos_token")) or (gen_eos[0] if gen_eos else None)
+        self.im_start_id, self.im_end_id = vocab.get(IM_START), vocab.get(IM_END)
+        self.stop_ids = {i for i in [*gen_eos, self.eos_id, self.im_end_id, vocab.get(ENDOFTEXT)] if i is not None}
+        self.pad_id = next((i for i in (token_id(tokenizer_config.get("pad_token")),
+                                        generation_config.get("pad_token_id"), vocab.get(ENDOFTEXT), self.eos_id)
+                            if i is not None), 0)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as HFTokenizer
+        folder = resolve_model_dir(name_or_path)
+        if not (folder / "tokenizer.json").is_file():
+            raise FileNotFoundError(f"no tokenizer.json in {folder}; prost needs a `tokenizers` tokenizer.json")
+        try:
+            tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise ValueError(f"{folder / 'tokenizer.json'} is not a valid tokenizer file: {e}") from None
+        read = lambda name: json.loads((folder / name).read_text()) if (folder / name).is_file() else {}  # noqa: E731
+        tokenizer_config = read("tokenizer_config.json")
+        template = tokenizer_config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if template is None and (folder / "chat_template.jinja").is_file():  # transformers 5 writes it apart
+            template = (folder / "chat_template.jinja").read_text()
+        return cls(tok, tokenizer_config, read("generation_config.json"), template)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; special-token strings in it become their special ids; no BOS/EOS is added."""
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[str, list[tuple[int, int]]]:
+        """ChatML text of a conversation, and the character spans (start, end) the assistant must learn.
+
+        Each span covers an assistant message's content and its closing <|im_end|> (not the newline after it),
+        except messages marked "train": False.
+        """
+        if self.im_start_id is None or self.im_end_id is None:
+            raise ValueError("this tokenizer has no <|im_start|>/<|im_end|> tokens; prost renders ChatML only")
+        if self.chat_template and IM_START not in self.chat_template:
+            raise ValueError("this tokenizer's chat template is not ChatML; prost renders ChatML only")
+        turns = list(messages)
+        if self.default_system is not None and (not turns or turns[0]["role"] != "system"):
+            turns.insert(0, {"role": "system", "content": self.default_system})
+        text, spans = "", []
+        for m in turns:
+            if m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+                raise ValueError(f"bad chat message {m!r}: need role in {CHAT_ROLES} and a string content")
+            text += f"{IM_START}{m['role']}\n"
+            start = len(text)
+            text += m["content"] + IM_END
+            if m["role"] == "assistant" and m.get("train", True):
+                spans.append((start, len(text)))
+            text += "\n"
+        if add_generation_prompt:
+            text += f"{IM_START}assistant\n"
+        return text, spans
+
+    def chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
+        """(ids, mask) of the ChatML conversation; mask is 1 on the assistant's own tokens (see `render`)."""
+        text, spans = self.render(messages, add_generation_prompt)
+        # encode the whole text at once, as transformers' apply_chat_template does, so ids match it exactly;
+        # a token is a target when its characters lie inside a target span
+        enc = self.tok.encode(text, add_special_tokens=False)
+        mask = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
+        return enc.ids, mask
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Batched greedy generation
+# ----------------------------------------------------------------------------------------------------------------
+
+@dataclass
+class Generation:
+    ids: list[int]  # new tokens, including the stop token when one ended the sequence
+    text: str | None  # decoded new tokens without a final stop token; cut right after a stop string; None w/o tok
+    n_prompt: int
+    n_new: int
+    stop_reason: str  # "stop_id" | "stop_string" | "length"
+
+
+@torch.inference_mode()
+def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
+             tokenizer: Tokenizer | None = None, stop_strings=(), pad_id: int | None = None) -> list[Generation]:
+    """Greedy continuations of a batch of token-id prompts (any lengths), one KV-cache pass for the batch.
+
+    Prompts are left-padded to a common length; each row's RoPE positions start at 0 at its first real token
+    and padding slots are masked out, so every row gets the same tokens it would get alone (up to fp rounding).
+    Rows stop independently on a stop id, a stop string (needs `tokenizer`) or max_new_tokens.
+    """
+    if stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the new tokens")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs a non-empty list of non-empty prompts")
+    device = model.lm_head.weight.device
+    dtype = model.lm_head.weight.dtype
+    stop_ids = set(stop_ids)
+    pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer else 0)
+    B, P = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+    cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, pad)
+
+    new: list[list[int]] = [[] for _ in range(B)]
+    texts: list[str | None] = [None] * B
+    reasons: list[str | None] = [None] * B
+    step_input = ids
+    for _ in range(max_new_tokens):
+        h = model.hidden(step_input, cache)[:, -1]  # (B, D): only the last position is needed
+        next_ids = model.lm_head(h).argmax(-1)  # (B,)
+        for b, t in enumerate(next_ids.tolist()):
+            if reasons[b] is None:
+                new[b].append(t)
+                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings)
+        if all(r is not None for r in reasons):
+            break
+        step_input = next_ids[:, None]  # (B, 1); finished rows keep decoding, their tokens are ignored
+    out = []
+    for b in range(B):
+        reason = reasons[b] or "length"
+        text = texts[b]
+        if text is None and tokenizer is not None:
+            text = tokenizer.decode(new[b][:-1] if reason == "stop_id" else new[b])
+        out.append(Generation(new[b], text, len(prompts[b]), len(new[b]), reason))
+    return out
+
+
+def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings) -> tuple[str | None, str | None]:
+    """(stop_reason or None, text cut after the stop string or None) for a row's new tokens so far."""
+    if new[-1] in stop_ids:
+        return "stop_id", None
+    if stop_strings:
+        # decoding the whole continuation each step catches stop strings split across tokens
+        text = tokenizer.decode(new)
+        hits = [(text.find(s) + len(s)) for s in stop_strings if s in text]
+        if hits:
+            return "stop_string", text[:min(hits)]
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 6. FLOPs, tokenizer training, the tiny preset
+# ----------------------------------------------------------------------------------------------------------------
+
+def flops_per_token(config: ModelConfig, context_len: int = 0) -> float:
+    """Forward FLOPs for one token: 2 per weight of every matmul (lm_head included, the embedding lookup not),
+    plus attention scores and weighted values against `context_len` cached positions."""
+    d, hd, L = config.hidden_size, config.head_dim, config.num_hidden_layers
+    q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * config.intermediate_size
+    matmul = L * per_layer + d * config.vocab_size
+    attention = L * 2 * (2 * q_dim * context_len)  # q.k over context_len keys, then weights.v
+    return float(2 * matmul + attention)
+
+
+@dataclass
+class TinyPreset:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 4096
+    extra: dict = field(default_factory=dict)
+
+
+PRESETS = {
+    # trains on 2 CPU cores in minutes: ~4 layers, GQA 6/2 heads of 32 dims
+    "tiny": TinyPreset(vocab_size=6144, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
+                       num_attention_heads=6, num_key_value_heads=2),
+    # for tests: seconds
+    "micro": TinyPreset(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
+}
+
+
+QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def build_tokenizer(texts, vocab_size: int, out_dir: str | Path) -> Tokenizer:
+    """Train a byte-level BPE on `texts` with the ChatML specials (ids 0, 1, 2) and write the HF tokenizer files."""
+    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import trainers
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = HFTokenizer(models.BPE())
+    # Qwen2's pipeline (transformers' Qwen2Tokenizer rebuilds exactly this, so both tokenize our files alike):
+    # NFC, split into words / single digits / punctuation runs / newline runs, then bytes -> printable chars
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = [ENDOFTEXT, IM_START, IM_END]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer)
+    vocab = tok.get_vocab()
+    tokenizer_config = {
+        "tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": IM_END,
+        "pad_token": ENDOFTEXT, "unk_token": None, "add_bos_token": False, "clean_up_tokenization_spaces": False,
+        "model_max_length": 1 << 20, "chat_template": CHATML_TEMPLATE,
+    }
+    generation_config = {"eos_token_id": [vocab[IM_END], vocab[ENDOFTEXT]], "pad_token_id": vocab[ENDOFTEXT],
+                         "do_sample": False}
+    _atomic_write(out / "tokenizer.json", lambda p: tok.save(p))
+    for name, obj in (("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)):
+        _atomic_write(out / name, lambda p, obj=obj: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+    return Tokenizer.from_pretrained(out)
+
+
+def init_tiny(out_dir: str | Path, texts, preset: str = "tiny", seed: int = 0) -> Path:
+    """A random-init tiny Qwen2 (tied embeddings, GQA, q/k/v bias) + a BPE tokenizer trained on `texts`."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    out = Path(out_dir)
+    tokenizer = build_tokenizer(texts, p.vocab_size, out)
+    config = ModelConfig(
+        model_type="qwen2", vocab_size=tokenizer.vocab_size, hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size, num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads, num_key_value_heads=p.num_key_value_heads,
+        head_dim=p.hidden_size // p.num_attention_heads, rope_theta=1e6, attention_bias=True,
+        tie_word_embeddings=True, max_position_embeddings=p.max_position_embeddings,
+        eos_token_id=tokenizer.im_end_id)
+    torch.manual_seed(seed)
+    model = Transformer(config)
+    for name, param in model.named_parameters():  # the usual init: N(0, 0.02) weights, zero biases, unit norms
+        with torch.no_grad():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, 0.02)
+    save_pretrained(model, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 7. CLI
+# ----------------------------------------------------------------------------------------------------------------
+
+def _generate_main(argv) -> None:
+    ap = argparse.ArgumentParser(
+        prog="model.py", description="Greedy completion with a local or hub checkpoint.",
+        epilog="To create the tiny random preset instead: python model.py init-tiny --help")
+    ap.add_argument("--model", required=True, help="model folder or Hugging Face hub id (e.g. models/tiny)")
+    ap.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn + generation prompt")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="maximum number of tokens to generate")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    args = ap.parse_args(argv)
+    tokenizer = Tokenizer.from_pretrained(args.model)
+    model = Transformer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if args.chat:
+        ids, _ = tokenizer.chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tokenizer.encode(args.prompt)
+    start = time.perf_counter()
+    [g] = generate(model, [ids], args.max_new_tokens, tokenizer.stop_ids, tokenizer)
+    seconds = time.perf_counter() - start
+    print(g.text)
+    print(f"[{g.n_prompt} prompt + {g.n_new} new tokens, stop: {g.stop_reason}, "
+          f"{g.n_new / seconds:.1f} tokens/s]", file=sys.stderr)
+
+
+def _init_tiny_main(argv) -> None:
+    ap = argparse.ArgumentParser(prog="model.py init-tiny",
+                                 description="Create a random-init tiny Qwen2 model + tokenizer trained on a text file.")
+    ap.add_argument("--texts", required=True, help="UTF-8 text file to train the tokenizer on (one text per line)")
+    ap.add_argument("--out", required=True, help="output folder, e.g. models/tiny")
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size preset")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    args = ap.parse_args(argv)
+    path = Path(args.texts)
+    if not path.is_file():
+        raise FileNotFoundError(f"text file {path} does not exist")
+    texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not texts:
+        raise ValueError(f"text file {path} is empty")
+    out = init_tiny(args.out, texts, args.preset, args.seed)
+    config = ModelConfig.from_hf(out)
+    n = sum(p.numel() for p in Transformer.from_pretrained(out).parameters())
+    print(f"wrote {out}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+          f"vocab {config.vocab_size}, {n / 1e6:.2f}M parameters")
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["init-tiny"]:
+            _init_tiny_main(argv[1:])
+        else:
+            _generate_main(argv)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""Shared test fixtures: tiny random Hugging Face checkpoints and a ChatML tokenizer, built with the oracles.
+
+The checkpoints are made by transformers' own Qwen2ForCausalLM / LlamaForCausalLM and `save_pretrained`, and the
+tokenizer by the `tokenizers` library directly, so tests compare prost against files it did not write.
+Builders are plain functions (usable from any test file) plus session-scoped fixtures that build them once.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules (model.py, ...)
+
+CORPUS = [
+    "The planner splits the task into sub-tasks; the executor writes code for each one.",
+    "The critic reads the output and says whether the sub-task succeeded.",
+    "apis.spotify.login(username='alice', password='hunter2') returned an access token.",
+    "print(apis.venmo.show_transactions(page_index=0))  # 12 transactions",
+    "Hello world! Ünïcödé text, tabs\tand\nnewlines, numbers 0123456789.",
+]
+
+# A ChatML template that, like Qwen2.5-Instruct's, inserts a default system message when none is given
+# (written for these tests; the default message is deliberately not Qwen's).
+DEFAULT_SYSTEM = "You are a careful test assistant."
+TEMPLATE_WITH_DEFAULT_SYSTEM = (
+    "{%- if messages[0]['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM + "<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+TEMPLATE_PLAIN = (
+    "{%- for m in messages %}"
+    "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+def build_chatml_tokenizer(out_dir, template=TEMPLATE_WITH_DEFAULT_SYSTEM, vocab_size=320) -> Path:
+    """A byte-level BPE tokenizer folder with <|endoftext|>, <|im_start|>, <|im_end|> specials (tokenizers lib)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 4, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "bos_token": None, "chat_template": template}))
+    (out / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "pad_token_id": 0}))
+    return out
+
+
+def build_hf_checkpoint(out_dir, arch="qwen2", tie=True, max_shard_size=None, seed=0, vocab_size=None):
+    """A tiny random transformers model saved with save_pretrained (+ the ChatML tokenizer); returns (dir, model).
+
+    Every parameter (biases and norm weights included) is randomised so that each one matters to the logits.
+    """
+    import transformers
+    out = Path(out_dir)
+    build_chatml_tokenizer(out)
+    vocab_size = vocab_size or 320
+    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=None, pad_token_id=0)
+    if arch == "qwen2":
+        config = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+        cls = transformers.Qwen2ForCausalLM
+    elif arch == "llama":
+        config = transformers.LlamaConfig(**common, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+        cls = transformers.LlamaForCausalLM
+    else:
+        raise ValueError(arch)
+    torch.manual_seed(seed)
+    model = cls(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, 0.15)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out, **kwargs)
+    return out, model
+
+
+@pytest.fixture(scope="session")
+def qwen2_ckpt(tmp_path_factory):
+    """Qwen2: q/k/v bias, GQA 4/2, tied embeddings."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("qwen2"), "qwen2", tie=True)
+
+
+@pytest.fixture(scope="session")
+def llama_ckpt(tmp_path_factory):
+    """Llama: untied embeddings, llama3 RoPE scaling, GQA 4/2."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("llama"), "llama", tie=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def sharded_ckpt(tmp_path_factory):
+    """Qwen2 split over several safetensors shards (model.safetensors.index.json)."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("sharded"), "qwen2", tie=False, max_shard_size="40KB", seed=2)
