@@ -1,0 +1,1377 @@
+"""world.py: the AppWorld side of prost, an embedded synthetic mini-world plus a safe session API.
+
+Where this sits in ProST (progressive sub-task training): every other stage needs a world in which
+small planner / executor / critic models act by writing Python against AppWorld's `apis`.
+  * agents.py opens a `WorldSession`, shows the model the task, runs the code the model writes, and asks
+    AppWorld's own evaluator whether the task was solved; teacher trajectories are built from the gold
+    sub-task solutions stored here (`gold_subtasks`).
+  * evaluate.py runs whole splits through a `WorldPool` and reports TGC / SGC.
+
+Two halves:
+1. A deterministic generator (`python world.py build`) that writes a complete AppWorld data root (the
+   layout `appworld download data` would produce) from our own synthetic people and content: base
+   databases for every app, API docs regenerated from the installed package, task specs, per-task
+   database change logs, ground truth (answer, test data, an evaluation.py that AppWorld's evaluator runs)
+   and, beside it, our gold solution as an ordered list of sub-tasks {text, code}. AppWorld's real data
+   cannot be downloaded here and its licence forbids committing it; the generated folder is git-ignored.
+   Each scenario is a small pure function of (rng, population, supervisor) returning the instruction,
+   the gold sub-tasks and declarative checks; one generic evaluation.py interprets the checks.
+2. A session API. AppWorld freezes the whole process clock, allows one world per process and times out
+   code with SIGALRM on the main thread, so every world runs in its own spawned worker process. The caller
+   only ever sends code strings; the code runs inside AppWorld's guarded executor in the worker. A hung
+   or dead worker is killed and restarted (its earlier code is replayed to restore the state) and the call
+   is reported as a failed execution, so the caller never hangs.
+
+The same session code runs on the real benchmark when APPWORLD_ROOT points at downloaded data.
+This module never imports torch, and imports appworld only inside worker / builder processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import random
+import re
+import shutil
+import sys
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+REPO = Path(__file__).resolve().parent
+DEFAULT_ROOT = REPO / "miniworld"
+DB_VERSION = "0.1.0"  # AppWorld refuses tasks whose specs carry another db_version
+NOW = datetime(2023, 6, 15, 10, 30, 0)  # "today" in every mini-world task
+SEED_TIME = datetime(2023, 6, 1, 8, 0, 0)  # base content is created at this (frozen) moment
+APPS = ("spotify", "venmo", "simple_note", "todoist", "phone")
+GOLD_FILE = "subtasks.json"  # our own file beside AppWorld's ground truth
+
+
+def world_root() -> Path:
+    """The AppWorld root in use: $APPWORLD_ROOT if set, else the mini-world folder."""
+    env = os.environ.get("APPWORLD_ROOT")
+    return Path(env) if env else DEFAULT_ROOT
+
+
+# ======================================================================================================
+# Content: hand-written lists the population is drawn from (no random-string junk).
+# ======================================================================================================
+
+PEOPLE = [  # (first name, last name, sex, birthday); first names are unique (admin.MainUser requires it)
+    ("Maya", "Patel", "female", "1991-03-14"), ("Ethan", "Brooks", "male", "1988-07-02"),
+    ("Priya", "Nair", "female", "1994-11-23"), ("Lucas", "Ferreira", "male", "1990-01-30"),
+    ("Sofia", "Rossi", "female", "1996-06-08"), ("Daniel", "Kim", "male", "1985-09-17"),
+    ("Aisha", "Rahman", "female", "1992-04-05"), ("Marcus", "Bennett", "male", "1987-12-11"),
+    ("Hannah", "Fischer", "female", "1993-08-26"), ("Omar", "Haddad", "male", "1989-02-19"),
+    ("Grace", "Okafor", "female", "1995-10-03"), ("Noah", "Sullivan", "male", "1992-05-21"),
+    ("Chloe", "Dubois", "female", "1990-06-29"), ("Mateo", "Alvarez", "male", "1997-03-07"),
+    ("Zara", "Hussain", "female", "1998-01-15"), ("Liam", "Walsh", "male", "1986-08-09"),
+    ("Nadia", "Petrova", "female", "1991-06-12"), ("Owen", "Chen", "male", "1994-02-27"),
+    ("Elena", "Moreno", "female", "1989-11-04"), ("Samuel", "Adeyemi", "male", "1993-06-22"),
+    ("Ruby", "Lindqvist", "female", "1996-09-30"), ("Jonah", "Carter", "male", "1991-01-08"),
+    ("Leila", "Saleh", "female", "1988-04-18"), ("Caleb", "Whitaker", "male", "1995-07-14"),
+    ("Ines", "Duarte", "female", "1992-12-01"), ("Felix", "Novak", "male", "1990-03-25"),
+    ("Tessa", "Hayes", "female", "1997-06-19"), ("Isaac", "Goldberg", "male", "1987-10-10"),
+    ("Mira", "Iyer", "female", "1993-02-08"), ("Declan", "Murphy", "male", "1994-06-03"),
+]
+NUM_SUPERVISORS = 10  # the first people are the ones tasks are assigned to; the rest are their contacts
+AREA_CODES = ("212", "310", "415", "503", "617", "646", "702", "720", "206", "512")
+RELATIONSHIPS = ("friend", "coworker", "sibling", "cousin", "roommate", "neighbor", "manager")
+
+ARTISTS = [  # (name, genre)
+    ("Harbor Lights", "indie"), ("Velvet Meridian", "r&b"), ("Copper Fox", "rock"),
+    ("Luna Vega", "pop"), ("The Midnight Orchard", "indie"), ("Static Bloom", "electronic"),
+    ("Marisol Reyes", "latin"), ("Northbound Choir", "folk"), ("DJ Kairo", "electronic"),
+    ("Ada Winslow", "jazz"), ("Blue Canyon Trio", "jazz"), ("Rhea Sol", "pop"),
+    ("Iron Lantern", "rock"), ("Saffron Skies", "folk"), ("Kofi Mensah", "hip hop"),
+    ("Neon Tide", "electronic"),
+]
+TITLE_WORDS_A = ("Midnight", "Golden", "Paper", "Silver", "Quiet", "Electric", "Wild", "Summer",
+                 "Neon", "Hollow", "Velvet", "Broken", "Distant", "Crimson", "Sunday", "Little",
+                 "Endless", "Burning", "Frozen", "Secret", "Borrowed", "Lonely", "Open", "Northern")
+TITLE_WORDS_B = ("Hearts", "Rivers", "Lights", "Streets", "Dreams", "Roads", "Skies", "Waves",
+                 "Letters", "Gardens", "Echoes", "Windows", "Shadows", "Horizons", "Fires", "Bridges",
+                 "Stars", "Tides", "Mornings", "Promises", "Harbors", "Postcards", "Satellites", "Voices")
+ALBUM_PATTERNS = ("Songs from the {b}", "{a} Season", "The {a} Sessions", "{a} {b}", "After the {b}")
+PLAYLIST_TITLES = ("Road Trip", "Sunday Morning", "Workout Mix", "Focus Flow", "Late Night Drive",
+                   "Dinner Party", "Rainy Day", "Summer Vibes", "Throwbacks", "Chill Evenings",
+                   "Morning Run", "Study Session")
+
+PAYMENT_NOTES = ("Dinner at Lucia's", "Concert tickets", "June rent share", "Groceries",
+                 "Uber to the airport", "Birthday gift pool", "Brunch", "Movie night snacks",
+                 "Electricity bill", "Pizza night", "Coffee beans", "Climbing gym pass",
+                 "Farmers market", "Taxi home", "Book club wine", "Parking")
+REQUEST_NOTES = ("Half of the cabin deposit", "Your share of the internet bill", "Tickets for Saturday",
+                 "Team lunch", "Pottery class", "Wedding gift", "Gas for the road trip",
+                 "Board game cafe")
+
+NOTE_TEMPLATES = {  # title -> (tags, lines); lines are sampled so each person's note differs
+    "Grocery List": (["shopping"], ["eggs", "oat milk", "spinach", "sourdough bread", "bananas",
+                                    "greek yogurt", "cherry tomatoes", "chickpeas", "olive oil",
+                                    "basmati rice", "cheddar", "coffee filters", "lemons", "garlic"]),
+    "Books to Read": (["reading"], ["The Overstory", "Piranesi", "Educated", "The Remains of the Day",
+                                    "Project Hail Mary", "Circe", "Atomic Habits", "The Dutch House",
+                                    "Sapiens", "A Gentleman in Moscow", "Klara and the Sun"]),
+    "Movie Watchlist": (["movies"], ["Past Lives", "Arrival", "Paddington 2", "The Grand Budapest Hotel",
+                                     "Spirited Away", "Knives Out", "Amelie", "Moonlight", "Coco",
+                                     "Before Sunrise", "Whiplash"]),
+    "Packing List": (["travel"], ["passport", "phone charger", "sunscreen", "rain jacket",
+                                  "hiking boots", "toothbrush", "reading glasses", "swimsuit",
+                                  "travel adapter", "headphones", "first aid kit"]),
+    "Gift Ideas": (["ideas", "personal"], ["scented candle", "cookbook", "wireless earbuds",
+                                           "board game", "plant in a ceramic pot", "concert tickets",
+                                           "leather notebook", "cozy socks", "espresso cups"]),
+    "Weekend Chores": (["home"], ["water the plants", "vacuum the living room", "laundry",
+                                  "clean the fridge", "take out recycling", "change bed sheets",
+                                  "fix the squeaky door", "sort the mail"]),
+    "Workout Plan": (["fitness"], ["5k easy run", "push-ups 3x15", "yoga flow 30 min", "squats 4x12",
+                                   "plank 3x1 min", "cycling 45 min", "rest day", "swim 20 laps"]),
+    "Recipe: Lentil Soup": (["cooking"], ["1 cup red lentils", "1 onion", "2 carrots", "3 garlic cloves",
+                                          "1 tsp cumin", "4 cups vegetable stock", "juice of 1 lemon",
+                                          "1 can diced tomatoes"]),
+}
+
+TODO_PROJECTS = {  # project -> task titles
+    "Home Renovation": ["Get quotes for kitchen cabinets", "Pick paint colors for the hallway",
+                        "Replace bathroom faucet", "Call the electrician", "Order new light fixtures",
+                        "Patch the bedroom wall", "Measure windows for blinds", "Buy floor tiles"],
+    "Work": ["Prepare quarterly report", "Review pull requests", "Update project roadmap",
+             "Schedule 1:1 with manager", "Write onboarding guide", "Book conference travel",
+             "Clean up shared drive", "Draft budget proposal"],
+    "Vacation Planning": ["Book flights to Lisbon", "Reserve hotel", "Renew passport",
+                          "Buy travel insurance", "Plan day trip to Sintra", "Exchange currency",
+                          "Ask neighbor to feed the cat", "Download offline maps"],
+    "Fitness Goals": ["Sign up for the 10k race", "Buy new running shoes", "Meal prep for the week",
+                      "Book a physio appointment", "Try the spin class", "Log weekly mileage",
+                      "Stretch after every run"],
+    "Garden": ["Plant tomato seedlings", "Buy compost", "Fix the garden hose", "Prune the roses",
+               "Build a raised bed", "Sow basil and parsley", "Trim the hedge"],
+    "Moving Apartments": ["Book the moving van", "Pack the bookshelf", "Change mailing address",
+                          "Cancel old internet plan", "Label all boxes", "Return keys to landlord",
+                          "Deep clean the oven"],
+}
+
+TEXT_LINES = (
+    "Are we still on for dinner on Friday?", "Running 10 minutes late, sorry!",
+    "Can you send me the photos from the hike?", "Happy to help with the move on Saturday.",
+    "Did you see the game last night?", "Thanks again for the book recommendation!",
+    "Don't forget we have the meeting at 3.", "I found a great taco place near your office.",
+    "Let me know when you land.", "Call me when you get a chance.",
+)
+ALARM_LABELS = ("Wake up", "Gym", "Take medication", "Team standup", "Pick up kids", "Water plants")
+
+
+# ======================================================================================================
+# Population: plain Python records with the ids the rows will get, drawn once from the build seed.
+# Scenario functions read this structure to phrase tasks and compute expected answers.
+# ======================================================================================================
+
+
+@dataclass
+class Person:
+    id: int  # id in admin.MainUser and in every app's User table (inserted in the same order)
+    first_name: str
+    last_name: str
+    sex: str
+    birthday: str
+    email: str
+    phone_number: str
+    passwords: dict[str, str]  # app -> password
+
+    @property
+    def name(self) -> str:
+        return f"{self.first_name} {self.last_name}"
+
+
+@dataclass
+class Song:
+    id: int
+    title: str
+    artist_id: int
+    album_id: int
+    duration: int  # seconds
+    release_date: date
+    genre: str
+    play_count: int
+
+
+@dataclass
+class Playlist:
+    id: int
+    owner_id: int
+    title: str
+    is_public: bool
+    song_ids: list[int]
+
+
+@dataclass
+class Transaction:
+    id: int
+    sender_id: int
+    receiver_id: int
+    amount: float
+    description: str
+    created_at: datetime
+
+
+@dataclass
+class PaymentRequest:
+    id: int
+    sender_id: int  # the person asking for money
+    receiver_id: int  # the person asked to pay
+    amount: float
+    description: str
+    created_at: datetime
+    status: str  # "pending", "approved" or "denied"
+
+
+@dataclass
+class Note:
+    id: int
+    owner_id: int
+    title: str
+    tags: list[str]
+    lines: list[str]
+    pinned: bool
+
+    @property
+    def content(self) -> str:
+        return "\n".join(f"- {line}" for line in self.lines)
+
+
+@dataclass
+class Project:
+    id: int
+    owner_id: int
+    name: str
+    is_inbox: bool
+
+
+@dataclass
+class TodoTask:
+    id: int
+    project_id: int
+    owner_id: int
+    title: str
+    due_date: date | None
+    priority: str
+    is_completed: bool
+    order_index: int
+
+
+@dataclass
+class Contact:
+    id: int
+    owner_id: int
+    person_id: int
+    relationship: str
+
+
+@dataclass
+class Text:
+    id: int  # GlobalTextMessage id
+    sender_id: int
+    receiver_id: int
+    message: str
+    created_at: datetime
+
+
+@dataclass
+class Alarm:
+    id: int
+    owner_id: int
+    time: str
+    repeat_days: list[str]
+    label: str
+    enabled: bool
+
+
+@dataclass
+class Population:
+    people: list[Person]
+    artists: list[tuple[str, str]]
+    albums: list[tuple[str, int, str, date]]  # (title, artist id, genre, release date), id = index + 1
+    songs: list[Song]
+    playlists: list[Playlist]
+    library: dict[int, list[int]]  # person id -> song ids in their Spotify library
+    liked: dict[int, list[int]]  # person id -> liked song ids
+    following: dict[int, list[int]]  # person id -> followed artist ids
+    balances: dict[int, float]
+    venmo_friends: dict[int, list[int]]
+    transactions: list[Transaction]
+    requests: list[PaymentRequest]
+    notes: list[Note]
+    projects: list[Project]
+    tasks: list[TodoTask]
+    contacts: list[Contact]
+    texts: list[Text]
+    alarms: list[Alarm]
+
+    @property
+    def supervisors(self) -> list[Person]:
+        return self.people[:NUM_SUPERVISORS]
+
+    def person(self, person_id: int) -> Person:
+        return self.people[person_id - 1]
+
+    def song(self, song_id: int) -> Song:
+        return self.songs[song_id - 1]
+
+    def playlists_of(self, person: Person) -> list[Playlist]:
+        return [p for p in self.playlists if p.owner_id == person.id]
+
+    def notes_of(self, person: Person) -> list[Note]:
+        return [n for n in self.notes if n.owner_id == person.id]
+
+    def projects_of(self, person: Person) -> list[Project]:
+        return [p for p in self.projects if p.owner_id == person.id and not p.is_inbox]
+
+    def tasks_in(self, project: Project) -> list[TodoTask]:
+        return [t for t in self.tasks if t.project_id == project.id]
+
+    def contacts_of(self, person: Person) -> list[Contact]:
+        return [c for c in self.contacts if c.owner_id == person.id]
+
+    def alarms_of(self, person: Person) -> list[Alarm]:
+        return [a for a in self.alarms if a.owner_id == person.id]
+
+
+def _password(rng: random.Random) -> str:
+    words = ("maple", "river", "falcon", "copper", "lantern", "meadow", "harbor", "cobalt", "willow")
+    return f"{rng.choice(words)}{rng.choice('!#$%&*')}{rng.randint(100, 9999)}{rng.choice('QXZKJW')}"
+
+
+def _people(rng: random.Random) -> list[Person]:
+    people, phones = [], set()
+    for index, (first, last, sex, birthday) in enumerate(PEOPLE, start=1):
+        phone = f"{rng.choice(AREA_CODES)}{rng.randint(200, 999)}{rng.randint(1000, 9999)}"
+        while phone in phones:
+            phone = f"{rng.choice(AREA_CODES)}{rng.randint(200, 999)}{rng.randint(1000, 9999)}"
+        phones.add(phone)
+        email = f"{first.lower()}.{last.lower()}@gmail.com"
+        people.append(Person(index, first, last, sex, birthday, email, phone,
+                             {app: _password(rng) for app in APPS}))
+    return people
+
+
+def _catalog(rng: random.Random) -> tuple[list, list[Song]]:
+    titles = [f"{a} {b}" for a in TITLE_WORDS_A for b in TITLE_WORDS_B]
+    rng.shuffle(titles)
+    albums, songs, used_album_titles = [], [], set()
+    for artist_id, (_, genre) in enumerate(ARTISTS, start=1):
+        for _ in range(2):
+            album_title = rng.choice(ALBUM_PATTERNS).format(a=rng.choice(TITLE_WORDS_A),
+                                                           b=rng.choice(TITLE_WORDS_B))
+            while album_title in used_album_titles:
+                album_title = rng.choice(ALBUM_PATTERNS).format(a=rng.choice(TITLE_WORDS_A),
+                                                               b=rng.choice(TITLE_WORDS_B))
+            used_album_titles.add(album_title)
+            released = date(rng.randint(2014, 2022), rng.randint(1, 12), rng.randint(1, 28))
+            albums.append((album_title, artist_id, genre, released))
+            for _ in range(rng.randint(3, 5)):
+                songs.append(Song(len(songs) + 1, titles.pop(), artist_id, len(albums), rng.randint(140, 330),
+                                  released, genre, rng.randint(1_000, 900_000)))
+    return albums, songs
+
+
+def _spotify_content(rng, people, songs, pop_args) -> None:
+    playlists, library, liked, following = [], {}, {}, {}
+    for person in people[:NUM_SUPERVISORS]:
+        for title in rng.sample(PLAYLIST_TITLES, 4):
+            song_ids = sorted(rng.sample(range(1, len(songs) + 1), rng.randint(5, 11)))
+            playlists.append(Playlist(len(playlists) + 1, person.id, title, rng.random() < 0.4, song_ids))
+        library[person.id] = sorted(rng.sample(range(1, len(songs) + 1), rng.randint(12, 26)))
+        liked[person.id] = sorted(rng.sample(range(1, len(songs) + 1), rng.randint(9, 24)))
+        following[person.id] = sorted(rng.sample(range(1, len(ARTISTS) + 1), rng.randint(3, 6)))
+    pop_args.update(playlists=playlists, library=library, liked=liked, following=following)
+
+
+def _venmo_content(rng, people, pop_args) -> None:
+    friends: dict[int, set[int]] = {p.id: set() for p in people}
+    for person in people[:NUM_SUPERVISORS]:
+        for other in rng.sample([p.id for p in people if p.id != person.id], 9):
+            friends[person.id].add(other)
+            friends[other].add(person.id)
+    transactions, requests = [], []
+    for person in people[:NUM_SUPERVISORS]:
+        for _ in range(rng.randint(10, 16)):
+            other = rng.choice(sorted(friends[person.id]))
+            sender, receiver = (person.id, other) if rng.random() < 0.6 else (other, person.id)
+            when = datetime(2023, rng.randint(1, 6), rng.randint(1, 14), rng.randint(8, 21), rng.choice((0, 15, 30, 45)))
+            amount = round(rng.choice((8, 12, 15, 18, 20, 24, 30, 35, 42, 50, 65, 80, 120)) + rng.choice((0, 0, 0.5, 0.25)), 2)
+            transactions.append(Transaction(len(transactions) + 1, sender, receiver, amount,
+                                            rng.choice(PAYMENT_NOTES), when))
+        for index in range(rng.randint(3, 5)):
+            other = rng.choice(sorted(friends[person.id]))
+            asked_by_person = index % 2 == 1
+            sender, receiver = (person.id, other) if asked_by_person else (other, person.id)
+            status = "pending" if index < 3 or rng.random() < 0.5 else rng.choice(("approved", "denied"))
+            when = datetime(2023, rng.randint(4, 6), rng.randint(1, 14), rng.randint(8, 21), 0)
+            requests.append(PaymentRequest(len(requests) + 1, sender, receiver,
+                                           float(rng.choice((12, 18, 25, 30, 40, 55, 75))),
+                                           rng.choice(REQUEST_NOTES), when, status))
+    balances = {p.id: float(rng.randint(60, 400)) for p in people}
+    for person in people[:NUM_SUPERVISORS]:
+        balances[person.id] = float(rng.randint(900, 2500))
+    pop_args.update(balances=balances, transactions=transactions, requests=requests,
+                    venmo_friends={k: sorted(v) for k, v in friends.items()})
+
+
+def _note_content(rng, people, pop_args) -> None:
+    notes = []
+    for person in people[:NUM_SUPERVISORS]:
+        for title in sorted(rng.sample(sorted(NOTE_TEMPLATES), 6)):
+            tags, lines = NOTE_TEMPLATES[title]
+            chosen = rng.sample(lines, rng.randint(4, min(9, len(lines))))
+            notes.append(Note(len(notes) + 1, person.id, title, list(tags), chosen, rng.random() < 0.25))
+    pop_args["notes"] = notes
+
+
+def _todo_content(rng, people, pop_args) -> None:
+    projects, tasks = [], []
+    for person in people:  # every todoist user needs an Inbox project
+        projects.append(Project(len(projects) + 1, person.id, "Inbox", True))
+    for person in people[:NUM_SUPERVISORS]:
+        for name in sorted(rng.sample(sorted(TODO_PROJECTS), 3)):
+            project = Project(len(projects) + 1, person.id, name, False)
+            projects.append(project)
+            for order, title in enumerate(rng.sample(TODO_PROJECTS[name], rng.randint(5, 7))):
+                due = NOW.date() + timedelta(days=rng.randint(-12, 20))
+                done = due < NOW.date() and rng.random() < 0.4
+                tasks.append(TodoTask(len(tasks) + 1, project.id, person.id, title, due,
+                                      rng.choice(("high", "medium", "low")), done, order))
+    pop_args.update(projects=projects, tasks=tasks)
+
+
+def _phone_content(rng, people, pop_args) -> None:
+    contacts, texts, alarms = [], [], []
+    for person in people[:NUM_SUPERVISORS]:
+        others = rng.sample([p.id for p in people if p.id != person.id], 12)
+        for other in others:
+            contacts.append(Contact(len(contacts) + 1, person.id, other, rng.choice(RELATIONSHIPS)))
+        for other in rng.sample(others, 5):
+            for _ in range(rng.randint(1, 4)):
+                sender, receiver = (person.id, other) if rng.random() < 0.5 else (other, person.id)
+                when = datetime(2023, rng.randint(5, 6), rng.randint(1, 14), rng.randint(7, 22), rng.randint(0, 59))
+                texts.append(Text(0, sender, receiver, rng.choice(TEXT_LINES), when))
+        for label in rng.sample(ALARM_LABELS, rng.randint(2, 4)):
+            days = rng.choice((["monday", "tuesday", "wednesday", "thursday", "friday"], ["saturday", "sunday"], []))
+            alarms.append(Alarm(len(alarms) + 1, person.id, f"{rng.randint(5, 21):02d}:{rng.choice((0, 15, 30, 45)):02d}",
+                                days, label, rng.random() < 0.75))
+    texts.sort(key=lambda t: t.created_at)  # inserted in time order, like a real phone would have
+    for index, text in enumerate(texts, start=1):
+        text.id = index
+    pop_args.update(contacts=contacts, texts=texts, alarms=alarms)
+
+
+def make_population(seed: int) -> Population:
+    """Draw every person and every piece of app content from the build seed (pure Python, no appworld)."""
+    rng = random.Random(f"prost-population-{seed}")
+    people = _people(rng)
+    albums, songs = _catalog(rng)
+    args: dict[str, Any] = {}
+    _spotify_content(rng, people, songs, args)
+    _venmo_content(rng, people, args)
+    _note_content(rng, people, args)
+    _todo_content(rng, people, args)
+    _phone_content(rng, people, args)
+    return Population(people=people, artists=list(ARTISTS), albums=albums, songs=songs, **args)
+
+
+# ======================================================================================================
+# Writing the population into AppWorld's databases (runs inside the builder process, appworld imported).
+# Rows are inserted in the population's id order; `_insert` checks that each row got the planned id.
+# ======================================================================================================
+
+
+def _insert(model: Any, expected_id: int | None = None, **fields: Any) -> Any:
+    row = model.create_save(**fields)
+    if expected_id is not None and row.id != expected_id:
+        raise RuntimeError(f"{model.__name__} row got id {row.id}, expected {expected_id}")
+    return row
+
+
+def _insert_people(models: Any, pop: Population) -> None:
+    for p in pop.people:
+        _insert(models.admin.MainUser, p.id, first_name=p.first_name, last_name=p.last_name,
+                email=p.email, phone_number=p.phone_number, birthday=p.birthday, sex=p.sex)
+        for app in APPS:
+            _insert(models.admin.AccountPassword, main_user_id=p.id, account_name=app, password=p.passwords[app])
+        names = dict(first_name=p.first_name, last_name=p.last_name)
+        for app in ("spotify", "simple_note", "todoist"):
+            _insert(models[app].User, p.id, email=p.email, password=p.passwords[app], verified=True, **names)
+        _insert(models.venmo.User, p.id, email=p.email, password=p.passwords["venmo"], verified=True,
+                venmo_balance=pop.balances[p.id], **names)
+        _insert(models.phone.User, p.id, phone_number=p.phone_number, password=p.passwords["phone"], **names)
+
+
+def _as_datetime(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day)
+
+
+def _insert_spotify(models: Any, pop: Population) -> None:
+    s = models.spotify
+    for artist_id, (name, genre) in enumerate(pop.artists, start=1):
+        _insert(s.Artist, artist_id, name=name, genre=genre)
+    for album_id, (title, artist_id, genre, released) in enumerate(pop.albums, start=1):
+        _insert(s.Album, album_id, title=title, artist_ids=[artist_id], genre=genre,
+                release_date=_as_datetime(released))
+    for song in pop.songs:
+        _insert(s.Song, song.id, title=song.title, artist_ids=[song.artist_id], album_id=song.album_id,
+                duration=song.duration, release_date=_as_datetime(song.release_date), genre=song.genre,
+                play_count=song.play_count)
+    for playlist in pop.playlists:
+        _insert(s.Playlist, playlist.id, title=playlist.title, user_id=playlist.owner_id, is_public=playlist.is_public)
+        for song_id in playlist.song_ids:
+            _insert(s.PlaylistSong, playlist_id=playlist.id, song_id=song_id)
+    for person_id, song_ids in pop.library.items():
+        for song_id in song_ids:
+            _insert(s.UserLibrarySong, user_id=person_id, song_id=song_id)
+    for person_id, song_ids in pop.liked.items():
+        for song_id in song_ids:
+            _insert(s.SongLike, user_id=person_id, song_id=song_id)
+    for person_id, artist_ids in pop.following.items():
+        for artist_id in artist_ids:
+            _insert(s.UserArtistFollowing, user_id=person_id, artist_id=artist_id)
+
+
+def _insert_venmo(models: Any, pop: Population) -> None:
+    v = models.venmo
+    for person_id, friend_ids in pop.venmo_friends.items():
+        for friend_id in friend_ids:
+            _insert(v.Friendship, user_id=person_id, friend_id=friend_id)
+    for t in pop.transactions:
+        _insert(v.Transaction, t.id, sender_id=t.sender_id, receiver_id=t.receiver_id, amount=t.amount,
+                description=t.description, created_at=t.created_at, updated_at=t.created_at, private=False)
+    for r in pop.requests:
+        done = r.created_at + timedelta(days=1)
+        _insert(v.PaymentRequest, r.id, sender_id=r.sender_id, receiver_id=r.receiver_id, amount=r.amount,
+                description=r.description, created_at=r.created_at, updated_at=r.created_at, private=False,
+                approved_at=done if r.status == "approved" else None,
+                denied_at=done if r.status == "denied" else None)
+
+
+def _insert_notes_and_todos(models: Any, pop: Population) -> None:
+    for note in pop.notes:
+        stamp = SEED_TIME - timedelta(days=note.id % 40)
+        _insert(models.simple_note.Note, note.id, user_id=note.owner_id, title=note.title, content=note.content,
+                tags=note.tags, pinned=note.pinned, created_at=stamp, updated_at=stamp)
+    t = models.todoist
+    for project in pop.projects:
+        _insert(t.Project, project.id, user_id=project.owner_id, name=project.name, is_inbox=project.is_inbox,
+                color="charcoal" if project.is_inbox else ("blue", "green", "orange", "red")[project.id % 4])
+        _insert(t.ProjectCollaboratorLink, project_id=project.id, user_id=project.owner_id)
+    for task in pop.tasks:
+        _insert(t.Task, task.id, project_id=task.project_id, user_id=task.owner_id, title=task.title,
+                due_date=_as_datetime(task.due_date) if task.due_date else None, priority=task.priority,
+                is_completed=task.is_completed, order_index=task.order_index)
+
+
+def _insert_phone(models: Any, pop: Population) -> None:
+    ph = models.phone
+    for c in pop.contacts:
+        other = pop.person(c.person_id)
+        _insert(ph.Contact, c.id, user_id=c.owner_id, first_name=other.first_name, last_name=other.last_name,
+                email=other.email, phone_number=other.phone_number, relationships=[c.relationship],
+                birthday=other.birthday)
+    for text in pop.texts:
+        _insert(ph.GlobalTextMessage, text.id, sender_id=text.sender_id, receiver_id=text.receiver_id,
+                message=text.message, created_at=text.created_at)
+        for user_id in (text.sender_id, text.receiver_id):
+            _insert(ph.UserTextMessage, global_text_message_id=text.id, user_id=user_id, created_at=text.created_at)
+    for alarm in pop.alarms:
+        _insert(ph.Alarm, alarm.id, user_id=alarm.owner_id, time=alarm.time, repeat_days=alarm.repeat_days,
+                label=alarm.label, enabled=alarm.enabled, snooze_minutes=10, vibration=True)
+
+
+def _insert_api_docs(models: Any, docs: dict[str, dict[str, dict]]) -> None:
+    rows = [models.api_docs.ApiDoc.create(app_name_=app, api_name=name, path=doc["path"], method=doc["method"],
+                                          description=doc["description"], parameters=doc["parameters"],
+                                          response_schemas=doc["response_schemas"])
+            for app, api_to_doc in docs.items() for name, doc in api_to_doc.items()]
+    models.api_docs.ApiDoc.save_all(rows)
+
+
+def _write_api_docs(data_dir: Path) -> dict[str, dict[str, dict]]:
+    """Regenerate AppWorld's standard API docs from the installed package (never committed)."""
+    from appworld.api_docs import prepare_api_docs
+    from appworld.apps import get_all_apps
+    from appworld.common.constants import CANARY_STRING
+
+    out_dir = data_dir / "api_docs" / "standard"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = {}
+    for app in get_all_apps(skip_admin=True):
+        docs[app] = {doc["api_name"]: doc for doc in prepare_api_docs(app, include_private_apis=False)}
+        _write_json(out_dir / f"{app}.json", {name: dict(doc, canary_string=CANARY_STRING)
+                                               for name, doc in docs[app].items()})
+    return docs
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (temp file in the same folder, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ======================================================================================================
+# Scenarios. A scenario is a task generator: given a seeded rng, the population and the supervisor the
+# task is assigned to, it returns a `Gold`: the instruction, the gold solution as ordered sub-tasks
+# {text, code} (code runs against `apis` in AppWorld's shell; later sub-tasks reuse earlier variables),
+# the expected answer (None for state changes) and declarative checks read by the generic evaluation.py.
+# ======================================================================================================
+
+APP_TITLES = {"spotify": "Spotify", "venmo": "Venmo", "simple_note": "Simple Note", "todoist": "Todoist",
+              "phone": "Phone"}
+
+
+@dataclass
+class Gold:
+    instruction: str
+    subtasks: list[dict[str, str]]
+    answer: Any = None
+    checks: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Scenario:
+    name: str  # task ids are f"{name}_{variant}", so the name has no underscore
+    make: Callable[[random.Random, Population, Person], Gold]
+    difficulty: int
+    apps: tuple[str, ...]
+    held_out: bool  # True: only in the test split (unseen scenario); False: train + dev variants
+
+
+SCENARIOS: dict[str, Scenario] = {}
+TRAIN_VARIANTS, DEV_VARIANTS, TEST_VARIANTS = 4, 2, 5
+
+
+def scenario(name: str, difficulty: int, apps: tuple[str, ...], held_out: bool = False):
+    """Register a task generator under `name`."""
+    assert re.fullmatch(r"[a-z0-9]+", name), name
+
+    def register(make):
+        SCENARIOS[name] = Scenario(name, make, difficulty, apps, held_out)
+        return make
+    return register
+
+
+def step(text: str, code: str) -> dict[str, str]:
+    return {"text": text, "code": code.strip("\n")}
+
+
+def login_step(app: str) -> dict[str, str]:
+    """Sub-task: read the app password from the supervisor app and log in; leaves `<app>_token`."""
+    username = 'profile["phone_number"]' if app == "phone" else 'profile["email"]'
+    return step(
+        f"Get my {APP_TITLES[app]} password from the supervisor app and log in to {APP_TITLES[app]}.",
+        f"""
+profile = apis.supervisor.show_profile()
+passwords = {{item["account_name"]: item["password"] for item in apis.supervisor.show_account_passwords()}}
+{app}_token = apis.{app}.login(username={username}, password=passwords["{app}"])["access_token"]
+""")
+
+
+def paged(var: str, call: str) -> str:
+    """Code that collects every page of a paginated `apis` call into `var` (`call` has a {page} slot)."""
+    return f"""
+{var} = []
+page_index = 0
+while True:
+    page = {call.format(page="page_index=page_index, page_limit=20")}
+    if not page:
+        break
+    {var}.extend(page)
+    page_index += 1
+"""
+
+
+def finish_step(answer_expr: str | None = None, text: str | None = None) -> dict[str, str]:
+    if answer_expr is None:
+        return step(text or "Mark the task as complete.", "apis.supervisor.complete_task()")
+    return step(text or "Report the answer and mark the task as complete.",
+                f"apis.supervisor.complete_task(answer={answer_expr})")
+
+
+def answer_check() -> dict:
+    return {"kind": "answer", "requirement": "the answer given to complete_task matches the expected answer"}
+
+
+def completed_check() -> dict:
+    return {"kind": "no_answer",
+            "requirement": "the task was marked complete with complete_task() and no answer"}
+
+
+def only_changed_check(allowed: list[str]) -> dict:
+    return {"kind": "only_changed", "allowed": sorted(allowed),
+            "requirement": "no app data changed other than " + ", ".join(sorted(allowed))}
+
+
+def money(amount: float) -> str:
+    return f"${amount:,.2f}".replace(".00", "")
+
+
+def minutes_seconds(seconds: int) -> str:
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+# ======================================================================================================
+# The one evaluation.py every mini-world task ships. AppWorld's evaluator imports it and calls
+# evaluate(test, public_data, private_data, main_user, models, ground_truth_answer); each check in
+# private_data becomes one requirement, whose text equals the matching test_data.json entry.
+# ======================================================================================================
+
+EVALUATION_PY = '''\
+"""Generic prost mini-world checker: every requirement is a declarative check from private_data.json."""
+import json
+
+
+def _norm_lines(text):
+    lines = [line.strip().lstrip("-*\u2022 ").strip().lower() for line in str(text).splitlines()]
+    return sorted(line for line in lines if line)
+
+
+def _same(got, want):
+    if isinstance(want, dict) and "lines" in want:
+        return _norm_lines(got) == sorted(line.lower() for line in want["lines"])
+    if isinstance(want, dict) and "contains" in want:
+        return str(want["contains"]).lower() in str(got).lower()
+    if isinstance(want, dict) and "date" in want:
+        return got is not None and str(got)[:10] == want["date"]
+    if isinstance(want, float) or isinstance(got, float):
+        return got is not None and abs(float(got) - float(want)) < 0.005
+    if isinstance(want, str):
+        return str(got).strip().lower() == want.strip().lower()
+    if isinstance(want, list):
+        return sorted(map(str, got or [])) == sorted(map(str, want))
+    return got == want
+
+
+def _matches(record, fields):
+    return all(_same(getattr(record, key), want) for key, want in fields.items())
+
+
+def _active_task(models):
+    return models.end.supervisor.Task.all()[0]
+
+
+def check_answer(check, models, ground_truth_answer, test):
+    test.answer(json.loads(_active_task(models).answer), ground_truth_answer)
+
+
+def check_no_answer(check, models, ground_truth_answer, test):
+    task = _active_task(models)
+    assert task.status == "success", f"task status is {task.status!r}"
+    assert json.loads(task.answer) is None, f"expected no answer, got {task.answer}"
+
+
+def check_added(check, models, ground_truth_answer, test):
+    added, _, _ = models.changed_records(check["model"])
+    unmatched = list(added)
+    for fields in check["records"]:
+        found = next((record for record in unmatched if _matches(record, fields)), None)
+        assert found is not None, f"no added {check['model']} record matches {dict(fields)}"
+        unmatched.remove(found)
+    assert not unmatched, f"{len(unmatched)} unexpected {check['model']} record(s) were added"
+
+
+def check_updated(check, models, ground_truth_answer, test):
+    _, updated, _ = models.changed_records(check["model"])
+    test.case(sorted(record.id for record in updated), "==", sorted(check["ids"]))
+    for record in updated:
+        assert _matches(record, check["fields"]), f"{check['model']} {record.id} does not have {dict(check['fields'])}"
+
+
+def check_removed(check, models, ground_truth_answer, test):
+    _, _, removed = models.changed_records(check["model"])
+    test.case(sorted(record.id for record in removed), "==", sorted(check["ids"]))
+
+
+def check_only_changed(check, models, ground_truth_answer, test):
+    unexpected = sorted(set(models.changed_model_names()) - set(check["allowed"]))
+    test.case(unexpected, "==", [])
+
+
+CHECKS = {
+    "answer": check_answer,
+    "no_answer": check_no_answer,
+    "added": check_added,
+    "updated": check_updated,
+    "removed": check_removed,
+    "only_changed": check_only_changed,
+}
+
+
+def evaluate(test, public_data, private_data, main_user, models, ground_truth_answer):
+    for check in private_data["checks"]:
+        with test(check["requirement"]):
+            CHECKS[check["kind"]](check, models, ground_truth_answer, test)
+'''
+
+NO_OP_PASS_KINDS = {"only_changed"}  # checks that already hold when the agent does nothing
+
+
+# ======================================================================================================
+# Building the data root.
+# ======================================================================================================
+
+
+def task_ids_by_split() -> dict[str, list[str]]:
+    splits: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    for sc in SCENARIOS.values():
+        if sc.held_out:
+            splits["test"] += [f"{sc.name}_{v}" for v in range(1, TEST_VARIANTS + 1)]
+        else:
+            splits["train"] += [f"{sc.name}_{v}" for v in range(1, TRAIN_VARIANTS + 1)]
+            splits["dev"] += [f"{sc.name}_{v}" for v in range(TRAIN_VARIANTS + 1, TRAIN_VARIANTS + DEV_VARIANTS + 1)]
+    return splits
+
+
+def generate_tasks(pop: Population, seed: int) -> dict[str, tuple[Scenario, Person, Gold]]:
+    """Every task of every split: scenario, supervisor (a different person per variant) and gold."""
+    tasks = {}
+    for sc in SCENARIOS.values():
+        n_variants = TEST_VARIANTS if sc.held_out else TRAIN_VARIANTS + DEV_VARIANTS
+        sup_rng = random.Random(f"prost-{seed}-{sc.name}-supervisors")
+        supervisors = sup_rng.sample(pop.supervisors, n_variants)
+        for variant, supervisor in enumerate(supervisors, start=1):
+            rng = random.Random(f"prost-{seed}-{sc.name}-{variant}")
+            gold = sc.make(rng, pop, supervisor)
+            if not 2 <= len(gold.subtasks) <= 8:
+                raise RuntimeError(f"{sc.name}: {len(gold.subtasks)} sub-tasks, expected 2 to 8")
+            tasks[f"{sc.name}_{variant}"] = (sc, supervisor, gold)
+    return tasks
+
+
+def solution_stats(subtasks: list[dict[str, str]]) -> dict[str, int]:
+    code = "\n".join(s["code"] for s in subtasks)
+    calls = re.findall(r"apis\.(\w+)\.(\w+)\(", code)
+    return {"num_apps": len({app for app, _ in calls} - {"supervisor"}),
+            "num_apis": len(set(calls)),
+            "num_api_calls": len(calls),
+            "num_solution_code_lines": len([line for line in code.splitlines() if line.strip()])}
+
+
+def _write_ground_truth(gt_dir: Path, sc: Scenario, gold: Gold) -> None:
+    test_data = [{"requirement": c["requirement"],
+                  "label": "no_op_pass" if c["kind"] in NO_OP_PASS_KINDS else "no_op_fail"} for c in gold.checks]
+    _write_json(gt_dir / "metadata.json", {"mode": "minimal", "difficulty": sc.difficulty,
+                                           **solution_stats(gold.subtasks), "scenario": sc.name})
+    _write_json(gt_dir / "public_data.json", {})
+    _write_json(gt_dir / "private_data.json", {"checks": gold.checks})
+    _write_text(gt_dir / "answer.json", json.dumps(gold.answer) + "\n")
+    _write_json(gt_dir / "test_data.json", test_data)
+    _write_text(gt_dir / "evaluation.py", EVALUATION_PY)
+    _write_json(gt_dir / GOLD_FILE, gold.subtasks)
+
+
+def _write_task_db_changes(dbs_dir: Path, task_id: str, base_dir: Path, supervisor: Person, instruction: str) -> None:
+    """The task's starting state = base DBs + these change logs (the supervisor app's rows)."""
+    from appworld.apps import get_all_apps
+    from appworld.apps.model_lib import CachedDBHandler
+    from appworld.collections.models import ModelCollection
+
+    memory_home = f":memory:prostbuild-{task_id}"
+    models = ModelCollection.load(to_db_home_path=memory_home, from_db_home_path=str(base_dir),
+                                  load_apps=get_all_apps())
+    sv = models.supervisor
+    boss = _insert(sv.Supervisor, first_name=supervisor.first_name, last_name=supervisor.last_name,
+                   email=supervisor.email, phone_number=supervisor.phone_number, birthday=supervisor.birthday,
+                   sex=supervisor.sex)
+    _insert(sv.Task, supervisor_id=boss.id, instruction=instruction)
+    for app in APPS:
+        _insert(sv.AccountPassword, supervisor_id=boss.id, account_name=app, password=supervisor.passwords[app])
+    models.save(str(dbs_dir), format="changes", delete_if_exists=True)
+    CachedDBHandler.reset(memory_home)
+
+
+def _build_in_process(root: str, seed: int) -> dict:
+    """The whole build; runs in a fresh process because appworld caches APPWORLD_ROOT at import."""
+    staging = Path(root) / ".building"
+    shutil.rmtree(staging, ignore_errors=True)
+    data_dir = staging / "data"
+    base_dir = data_dir / "base_dbs"
+    base_dir.mkdir(parents=True)
+    os.environ["APPWORLD_ROOT"] = str(staging)
+    from appworld.apps import get_all_apps
+    from appworld.collections.models import ModelCollection
+    from appworld.common.utils import freeze_time
+
+    pop = make_population(seed)
+    tasks = generate_tasks(pop, seed)
+    docs = _write_api_docs(data_dir)
+    with freeze_time(SEED_TIME):
+        models = ModelCollection.load(to_db_home_path=":memory:prostbase", load_apps=get_all_apps(), create_db=True)
+        _insert_people(models, pop)
+        _insert_spotify(models, pop)
+        _insert_venmo(models, pop)
+        _insert_notes_and_todos(models, pop)
+        _insert_phone(models, pop)
+        _insert_api_docs(models, docs)
+        models.save(str(base_dir), format="full", delete_if_exists=True)
+        for task_id, (sc, supervisor, gold) in tasks.items():
+            task_dir = data_dir / "tasks" / task_id
+            _write_json(task_dir / "specs.json", {
+                "instruction": gold.instruction,
+                "supervisor": {"first_name": supervisor.first_name, "last_name": supervisor.last_name,
+                               "email": supervisor.email, "phone_number": supervisor.phone_number},
+                "datetime": NOW.isoformat(), "db_version": DB_VERSION})
+            _write_task_db_changes(task_dir / "dbs", task_id, base_dir, supervisor, gold.instruction)
+            _write_ground_truth(task_dir / "ground_truth", sc, gold)
+    for split, ids in task_ids_by_split().items():
+        _write_text(data_dir / "datasets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    final = Path(root) / "data"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(data_dir, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return world_summary(tasks)
+
+
+def world_summary(tasks: dict[str, tuple[Scenario, Person, Gold]]) -> dict:
+    splits = task_ids_by_split()
+    return {
+        "scenarios": {"train/dev": sum(not s.held_out for s in SCENARIOS.values()),
+                      "test": sum(s.held_out for s in SCENARIOS.values())},
+        "tasks": {split: len(ids) for split, ids in splits.items()},
+        "apps": sorted({app for s in SCENARIOS.values() for app in s.apps}),
+        "difficulty": dict(sorted(Counter(s.difficulty for s, _, _ in tasks.values()).items())),
+        "subtasks": dict(sorted(Counter(len(g.subtasks) for _, _, g in tasks.values()).items())),
+        "question_tasks": sum(g.answer is not None for _, _, g in tasks.values()),
+        "multi_app_tasks": sum(len(s.apps) > 1 for s, _, _ in tasks.values()),
+    }
+
+
+def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0) -> dict:
+    """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_build_in_process, (str(root), seed))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Spotify scenarios
+# ------------------------------------------------------------------------------------------------------
+
+FIND_PLAYLIST = paged("playlists", "apis.spotify.show_playlist_library(access_token=spotify_token, {page})")
+
+
+@scenario("playlistsize", difficulty=1, apps=("spotify",))
+def playlist_size(rng, pop, sup):
+    playlist = rng.choice(pop.playlists_of(sup))
+    return Gold(
+        f"How many songs are in my Spotify playlist titled '{playlist.title}'?",
+        [login_step("spotify"),
+         step(f"Find my playlist titled '{playlist.title}' in my Spotify playlist library.",
+              FIND_PLAYLIST + f'playlist = next(p for p in playlists if p["title"] == "{playlist.title}")'),
+         step("Count the songs in that playlist.",
+              'num_songs = len(apis.spotify.show_playlist(playlist_id=playlist["playlist_id"], access_token=spotify_token)["songs"])'),
+         finish_step("num_songs")],
+        answer=len(playlist.song_ids),
+        checks=[answer_check()])
+
+
+
+# ======================================================================================================
+# Reading task data (works on the mini-world and on the real benchmark).
+# ======================================================================================================
+
+
+def _data_dir(root: str | Path | None) -> Path:
+    data = Path(root or world_root()) / "data"
+    if not data.is_dir():
+        raise FileNotFoundError(f"no AppWorld data at {data}: run `python world.py build` or set APPWORLD_ROOT")
+    return data
+
+
+def load_split(split: str, root: str | Path | None = None) -> list[str]:
+    """Task ids of a split (datasets/<split>.txt), in file order."""
+    path = _data_dir(root) / "datasets" / f"{split}.txt"
+    if not path.is_file():
+        choices = sorted(p.stem for p in path.parent.glob("*.txt"))
+        raise FileNotFoundError(f"no split {split!r} in {path.parent} (available: {', '.join(choices)})")
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def _task_dir(task_id: str, root: str | Path | None) -> Path:
+    path = _data_dir(root) / "tasks" / task_id
+    if not path.is_dir():
+        raise FileNotFoundError(f"unknown task {task_id!r}: no folder {path}")
+    return path
+
+
+def task_metadata(task_id: str, root: str | Path | None = None) -> dict:
+    """Ground-truth metadata (difficulty, num_apps, num_api_calls, ...) plus the scenario id."""
+    path = _task_dir(task_id, root) / "ground_truth" / "metadata.json"
+    meta = json.loads(path.read_text()) if path.is_file() else {}
+    meta.setdefault("scenario", task_id.split("_")[0])
+    return meta
+
+
+def gold_subtasks(task_id: str, root: str | Path | None = None) -> list[dict[str, str]]:
+    """The gold solution as ordered sub-tasks [{text, code}] (mini-world tasks only)."""
+    path = _task_dir(task_id, root) / "ground_truth" / GOLD_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"task {task_id!r} has no gold sub-tasks ({path} missing): they exist only "
+                                "in the prost mini-world, not in AppWorld's own data")
+    return json.loads(path.read_text())
+
+
+# ======================================================================================================
+# Sessions: one AppWorld per worker process.
+# ======================================================================================================
+
+
+@dataclass
+class TaskInfo:
+    task_id: str
+    instruction: str
+    supervisor: dict
+    apps: dict[str, str]  # app name -> description
+    datetime: str
+
+
+@dataclass
+class Execution:
+    output: str
+    error: bool
+
+
+@dataclass
+class Evaluation:
+    success: bool
+    passes: list[str]
+    failures: list[str]
+    num_tests: int
+    traces: dict[str, str] = field(default_factory=dict)  # failed requirement -> evaluator's trace
+
+
+FAILED = "Execution failed. Traceback:\n"  # AppWorld's own prefix for failed executions
+
+
+def truncate(text: str, limit: int) -> str:
+    """Keep the head and tail of an over-long output and say how much was cut."""
+    if len(text) <= limit:
+        return text
+    half = max(limit // 2, 1)
+    return f"{text[:half]}\n... [{len(text) - 2 * half} characters truncated] ...\n{text[-half:]}"
+
+
+def _experiment_name(pid: int) -> str:
+    return f"prost-worker-{pid}"
+
+
+class _Worker:
+    """Worker-process side: holds at most one open AppWorld and serves commands from the pipe."""
+
+    def __init__(self, max_output_chars: int):
+        from appworld import AppWorld
+        from appworld.common.path_store import path_store
+
+        self.AppWorld, self.path_store = AppWorld, path_store
+        self.max_output_chars = max_output_chars
+        self.experiment = _experiment_name(os.getpid())
+        self.world = None
+
+    def open(self, task_id: str, timeout: int) -> dict:
+        self.close()
+        self.world = self.AppWorld(task_id=task_id, experiment_name=self.experiment, timeout_seconds=timeout)
+        task = self.world.task
+        supervisor = {k: task.supervisor[k] for k in ("first_name", "last_name", "email", "phone_number")}
+        return {"task_id": task_id, "instruction": task.instruction, "supervisor": supervisor,
+                "apps": dict(task.app_descriptions), "datetime": task.datetime.isoformat()}
+
+    def execute(self, code: str, timeout: int) -> tuple[str, bool]:
+        self.world.timeout_seconds = max(int(timeout), 1)
+        output = self.world.execute(code)
+        return truncate(output, self.max_output_chars), output.startswith("Execution failed")
+
+    def evaluate(self) -> dict:
+        result = self.world.evaluate().to_dict()
+        return {"success": bool(result["success"]), "num_tests": int(result["num_tests"]),
+                "passes": [p["requirement"] for p in result["passes"]],
+                "failures": [f["requirement"] for f in result["failures"]],
+                "traces": {f["requirement"]: f["trace"] for f in result["failures"]}}
+
+    def close(self) -> None:
+        if self.world is not None:
+            task_id = self.world.task_id
+            self.world.close()
+            self.world = None
+            shutil.rmtree(Path(self.path_store.experiment_outputs) / self.experiment / "tasks" / task_id,
+                          ignore_errors=True)
+
+
+def _set_memory_limit(max_memory_mb: int | None) -> None:
+    if not max_memory_mb:
+        return
+    try:
+        import resource
+        limit = max_memory_mb * 1024 * 1024
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    except (ImportError, ValueError, OSError):  # not available on this platform: run without a cap
+        pass
+
+
+def _worker_main(conn, root: str, max_output_chars: int, max_memory_mb: int | None) -> None:
+    """Entry point of a world worker process (spawned, so appworld is imported fresh)."""
+    import traceback
+
+    os.environ["APPWORLD_ROOT"] = root  # must precede the first appworld import: paths are cached
+    _set_memory_limit(max_memory_mb)
+    try:
+        worker = _Worker(max_output_chars)
+        conn.send(("ok", None))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+        return
+    while True:
+        try:
+            command, *args = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            break
+        if command == "shutdown":
+            worker.close()
+            conn.send(("ok", None))
+            break
+        try:
+            conn.send(("ok", getattr(worker, command)(*args)))
+        except BaseException as error:  # report, keep serving; the parent decides what it means
+            conn.send(("error", f"{type(error).__name__}: {error}\n{traceback.format_exc(limit=5)}"))
+
+
+class WorkerLost(RuntimeError):
+    """The worker process died or did not answer in time (it has been killed)."""
+
+
+class WorldSession:
+    """One AppWorld task at a time in its own worker process; the caller never runs agent code itself.
+
+    timeout: seconds per execute (AppWorld's own SIGALRM timeout; the worker is killed if it overruns
+    by more than `grace`). budget_seconds: total wall time per opened task, after which execute refuses.
+    max_output_chars: execute outputs are truncated to this size (head and tail kept).
+    """
+
+    def __init__(self, root: str | Path | None = None, timeout: float = 20, max_output_chars: int = 20_000,
+                 budget_seconds: float | None = None, start_timeout: float = 180, grace: float = 10,
+                 max_memory_mb: int | None = 6144):
+        self.root = str(Path(root or world_root()).resolve())
+        self.timeout, self.max_output_chars, self.budget_seconds = timeout, max_output_chars, budget_seconds
+        self.start_timeout, self.grace, self.max_memory_mb = start_timeout, grace, max_memory_mb
+        self.process = self.conn = None
+        self.task: TaskInfo | None = None
+        self.history: list[str] = []  # code that ran in the open task, replayed after a worker restart
+        self.opened_at = 0.0
+        self.restarts = 0
+
+    # -- worker lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the worker process now (open() does it lazily); returns once appworld is imported."""
+        if self.process is not None and self.process.is_alive():
+            return
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, daemon=True, name="prost-world",
+                                   args=(child, self.root, self.max_output_chars, self.max_memory_mb))
+        self.process.start()
+        child.close()
+        self._reply(self.start_timeout, "start")
+
+    def _kill(self) -> None:
+        if self.process is None:
+            return
+        pid = self.process.pid
+        if pid is not None:
+            if self.process.is_alive():
+                self.process.kill()
+            self.process.join(5)
+        self.conn.close()
+        self.process = self.conn = None
+        shutil.rmtree(Path(self.root) / "experiments" / "outputs" / _experiment_name(pid), ignore_errors=True)
+
+    def _reply(self, timeout: float, what: str) -> Any:
+        if not self.conn.poll(timeout):
+            self._kill()
+            raise WorkerLost(f"world worker did not answer {what} within {timeout:.0f}s and was killed")
+        try:
+            status, payload = self.conn.recv()
+        except (EOFError, OSError):
+            self._kill()
+            raise WorkerLost(f"world worker died during {what}")
+        if status == "error":
+            raise RuntimeError(f"AppWorld {what} failed: {payload}")
+        return payload
+
+    def _call(self, timeout: float, command: str, *args: Any) -> Any:
+        self.start()
+        try:
+            self.conn.send((command, *args))
+        except (BrokenPipeError, OSError):
+            self._kill()
+            raise WorkerLost(f"world worker died before {command}")
+        return self._reply(timeout, command)
+
+    # -- task API --------------------------------------------------------------------------------------
+    def open(self, task_id: str) -> TaskInfo:
+        """Open a task (closing any open one); returns what the agent may see about it."""
+        _task_dir(task_id, self.root)  # a clear error for unknown ids, before touching the worker
+        info = self._call(self.start_timeout, "open", task_id, int(self.timeout))
+        self.task, self.history, self.opened_at = TaskInfo(**info), [], time.monotonic()
+        return self.task
+
+    def remaining_budget(self) -> float | None:
+        if self.budget_seconds is None:
+            return None
+        return self.budget_seconds - (time.monotonic() - self.opened_at)
+
+    def execute(self, code: str) -> Execution:
+        """Run agent code in the task's AppWorld shell; failures come back as error outputs."""
+        if self.task is None:
+            raise RuntimeError("no open task: call open(task_id) first")
+        limit = self.timeout
+        remaining = self.remaining_budget()
+        if remaining is not None:
+            if remaining <= 0:
+                return Execution(FAILED + f"The wall-time budget of {self.budget_seconds:.0f}s for this task "
+                                          "is used up; no more code can run.", True)
+            limit = min(limit, max(remaining, 1))
+        try:
+            output, error = self._call(limit + self.grace, "execute", code, int(limit))
+        except WorkerLost as lost:
+            return Execution(FAILED + f"{lost}. {self._recover()}", True)
+        except RuntimeError as failure:  # AppWorld itself raised (e.g. the world was closed)
+            return Execution(truncate(FAILED + str(failure), self.max_output_chars), True)
+        self.history.append(code)
+        return Execution(output, error)
+
+    def _recover(self) -> str:
+        """Restart the worker, reopen the task and replay earlier code so its state is back."""
+        self.restarts += 1
+        history, task_id = self.history, self.task.task_id
+        try:
+            self.open(task_id)
+            for code in history:
+                self._call(self.timeout + self.grace, "execute", code, int(self.timeout))
+                self.history.append(code)
+        except (WorkerLost, RuntimeError) as error:
+            return f"The world was restarted but restoring its state failed ({error})."
+        return "The world was restarted and the earlier code replayed; its state is as before this code."
+
+    def evaluate(self) -> Evaluation:
+        """Run AppWorld's own evaluator on the open task's current state."""
+        if self.task is None:
+            raise RuntimeError("no open task: call open(task_id) first")
+        return Evaluation(**self._call(self.start_timeout, "evaluate"))
+
+    def close(self) -> None:
+        """Close the task and stop the worker process."""
+        if self.process is not None and self.process.is_alive():
+            try:
+                self._call(30, "shutdown")
+            except (WorkerLost, RuntimeError):
+                pass
+        self._kill()
+        self.task = None
+
+    def __enter__(self) -> "WorldSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "process", None) is not None and self.process.is_alive():
+            self.process.kill()
+
+
+def run_codes(session: WorldSession, task_id: str, codes: list[str]) -> tuple[list[Execution], Evaluation]:
+    """Open a task, execute each code block in order, evaluate: the gold-solution / replay loop."""
+    session.open(task_id)
+    executions = [session.execute(code) for code in codes]
+    return executions, session.evaluate()
+
+
+class WorldPool:
+    """n WorldSessions in parallel worker processes; `map` hands each job a free session."""
+
+    def __init__(self, n: int, **session_kwargs: Any):
+        if n < 1:
+            raise ValueError(f"a WorldPool needs at least one worker, got n={n}")
+        self.sessions = [WorldSession(**session_kwargs) for _ in range(n)]
+        self._free: list[WorldSession] = list(self.sessions)
+        self._lock = threading.Condition()
+        with ThreadPoolExecutor(n) as starter:  # import appworld in all workers at once
+            list(starter.map(WorldSession.start, self.sessions))
+
+    def _acquire(self) -> WorldSession:
+        with self._lock:
+            while not self._free:
+                self._lock.wait()
+            return self._free.pop()
+
+    def _release(self, session: WorldSession) -> None:
+        with self._lock:
+            self._free.append(session)
+            self._lock.notify()
+
+    def run(self, fn: Callable[[WorldSession, Any], Any], item: Any) -> Any:
+        """Run fn(session, item) on a free session (blocks until one is free)."""
+        session = self._acquire()
+        try:
+            return fn(session, item)
+        finally:
+            self._release(session)
+
+    def map(self, fn: Callable[[WorldSession, Any], Any], items: list[Any]) -> list[Any]:
+        """fn(session, item) for every item, n at a time; results in input order."""
+        with ThreadPoolExecutor(len(self.sessions)) as threads:
+            return list(threads.map(lambda item: self.run(fn, item), items))
+
+    def close(self) -> None:
+        for session in self.sessions:
+            session.close()
+
+    def __enter__(self) -> "WorldPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="prost mini-world: build the synthetic AppWorld data root.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="generate the data root (replaces <root>/data)")
+    build.add_argument("--root", default=str(DEFAULT_ROOT), help="AppWorld root to write (default: miniworld/)")
+    build.add_argument("--seed", type=int, default=0, help="seed for people, content and task variants")
+    args = parser.parse_args(argv)
+    try:
+        started = time.perf_counter()
+        summary = build_world(args.root, args.seed)
+        summary["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(summary, indent=2))
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
