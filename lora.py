@@ -1,0 +1,518 @@
+"""LoRA adapters for prost: one frozen base model, one small adapter per agent role.
+
+ProST fine-tunes a planner, an executor and a critic. Instead of three full models, prost keeps one frozen
+base (`model.Transformer`) and gives each role a LoRA adapter: a low-rank update to the attention and MLP
+projections,
+
+    y = W x + b + (alpha / r) * B (A (dropout(x)))        A: (r, in), B: (out, r)
+
+A starts kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged. Several named
+adapters live side by side on the same base weights; `set_adapter(model, "planner")` before a role's
+forward pass selects one (switching only changes a name, never copies weights), and
+`set_adapter(model, None)` gives the plain base model.
+
+Where this file sits: `prost.py` calls `apply_lora` (adds an adapter and makes it the only trainable
+thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `load_adapter` per role
+and `adapter_base` to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
+adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
+`export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder.
+
+Dtype rule: adapter weights are always fp32 (tiny, and bf16 updates of small matrices lose too much).
+The base may be bf16 or fp32. The adapter path casts its input to fp32 and casts its result back to the
+dtype of the base output before the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from model import ModelConfig, resolve_model_dir, save_pretrained
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# PEFT wraps the causal LM twice (PeftModel.base_model = LoraModel, LoraModel.model = the LM), so every
+# saved key starts with this prefix followed by the module path inside the LM.
+PEFT_PREFIX = "base_model.model."
+PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<AB>[AB])\.weight$")
+# Files of a Hugging Face model folder that describe the tokenizer / generation, copied by export_merged.
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+    "generation_config.json",
+)
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """Hyper-parameters of one adapter (shared by every layer it is applied to)."""
+
+    r: int
+    alpha: float
+    dropout: float = 0.0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def validate(self) -> None:
+        if not (isinstance(self.r, int) and self.r > 0):
+            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
+
+
+class LoRALinear(nn.Module):
+    """A frozen `nn.Linear` plus any number of named low-rank adapters, at most one active.
+
+    The base `weight` / `bias` Parameters are adopted as they are (same objects, no copy) and registered
+    under the same names, so the module's state-dict keys for the base stay `<path>.weight` /
+    `<path>.bias` and Hugging Face checkpoints keep loading into a LoRA-wrapped model.
+    """
+
+    def __init__(self, base: nn.Linear):
+        super().__init__()
+        self.in_features = base.in_features
+        self.out_features = base.out_features
+        self.weight = base.weight  # (out, in), base dtype
+        if base.bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = base.bias  # (out,)
+        self.lora_A = nn.ParameterDict()  # name -> (r, in) fp32
+        self.lora_B = nn.ParameterDict()  # name -> (out, r) fp32
+        self.specs: dict[str, AdapterSpec] = {}
+        self.active: str | None = None
+        self.merged: str | None = None  # name of the adapter currently folded into `weight`
+
+    def add(self, name: str, spec: AdapterSpec) -> None:
+        device = self.weight.device
+        a = torch.empty(spec.r, self.in_features, dtype=torch.float32, device=device)
+        # Same init as nn.Linear's weight: the adapter's first matmul starts like a default linear layer.
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        b = torch.zeros(self.out_features, spec.r, dtype=torch.float32, device=device)
+        self.lora_A[name] = nn.Parameter(a)
+        self.lora_B[name] = nn.Parameter(b)
+        self.specs[name] = spec
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """The dense update this adapter adds to `weight`: scale * B @ A, (out, in) fp32."""
+        return self.specs[name].scale * (self.lora_B[name] @ self.lora_A[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        y = F.linear(x, self.weight, self.bias)  # (..., out), base dtype
+        name = self.active
+        if name is None or self.merged is not None:
+            return y
+        a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
+        h = F.dropout(x.to(a.dtype), spec.dropout, self.training)  # (..., in) fp32
+        delta = F.linear(F.linear(h, a), b) * spec.scale  # (..., r) -> (..., out) fp32
+        return y + delta.to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.active is None or self.merged is not None:
+            return
+        # Add in fp32, round once to the base dtype.
+        self.weight.copy_((self.weight.float() + self.delta_weight(self.active)).to(self.weight.dtype))
+        self.merged = self.active
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged is None:
+            return
+        self.weight.copy_((self.weight.float() - self.delta_weight(self.merged)).to(self.weight.dtype))
+        self.merged = None
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={s.r}, alpha={s.alpha})" for n, s in self.specs.items())
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"adapters=[{adapters}], active={self.active}, merged={self.merged}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and wrapping layers
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    """Every LoRA-wrapped layer of the model, by module path (e.g. `model.layers.0.self_attn.q_proj`)."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the adapters on the model, in the order they were added."""
+    names: dict[str, None] = {}
+    for layer in lora_layers(model).values():
+        names.update(dict.fromkeys(layer.specs))
+    return list(names)
+
+
+def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
+    """The trainable tensors of one adapter (what the training loop hands to the optimizer)."""
+    _check_exists(model, name)
+    params = []
+    for layer in lora_layers(model).values():
+        if name in layer.specs:
+            params += [layer.lora_A[name], layer.lora_B[name]]
+    return params
+
+
+def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each projection of one decoder layer, by module name."""
+    d, f = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    return {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
+
+
+def count_adapter_parameters(config: ModelConfig, r: int, targets: Iterable[str] = DEFAULT_TARGETS) -> int:
+    """Parameters of one adapter, computed from the config: r * (in + out) per wrapped projection."""
+    shapes = projection_shapes(config)
+    per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
+    return config.num_hidden_layers * per_layer
+
+
+def _target_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Module paths of the linear layers whose last name component is one of `targets`."""
+    targets = tuple(targets)
+    if not targets:
+        raise ValueError("LoRA targets are empty; pass module names such as ('q_proj', 'v_proj')")
+    if "lm_head" in targets:
+        raise ValueError("LoRA on lm_head is not supported (it is tied to the embeddings in small Qwen models)")
+    linear_names = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (nn.Linear, LoRALinear)):
+            linear_names[path] = path.rsplit(".", 1)[-1]
+    missing = sorted(set(targets) - set(linear_names.values()))
+    if missing:
+        available = sorted(set(linear_names.values()) - {"lm_head"})
+        raise ValueError(f"LoRA targets {missing} match no linear layer; available: {available}")
+    return [path for path, short in linear_names.items() if short in targets]
+
+
+def _wrap(model: nn.Module, path: str) -> LoRALinear:
+    """Replace the nn.Linear at `path` by a LoRALinear around it (idempotent)."""
+    module = model.get_submodule(path)
+    if isinstance(module, LoRALinear):
+        return module
+    if not isinstance(module, nn.Linear):
+        raise ValueError(f"module '{path}' is a {type(module).__name__}, LoRA wraps only nn.Linear")
+    parent_path, _, child = path.rpartition(".")
+    wrapped = LoRALinear(module)
+    setattr(model.get_submodule(parent_path), child, wrapped)
+    return wrapped
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (e.g. 'planner')")
+
+
+def _check_exists(model: nn.Module, name: str) -> None:
+    if name not in adapter_names(model):
+        raise ValueError(f"no adapter named {name!r} on the model; adapters: {adapter_names(model)}")
+
+
+def _add_at_paths(model: nn.Module, name: str, spec: AdapterSpec, paths: list[str]) -> None:
+    _check_name(name)
+    spec.validate()
+    if name in adapter_names(model):
+        raise ValueError(f"adapter {name!r} already exists on the model; pick another name")
+    for path in paths:
+        _wrap(model, path).add(name, spec)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public adapter API
+
+
+def add_adapter(model: nn.Module, name: str, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+                targets: Iterable[str] = DEFAULT_TARGETS) -> None:
+    """Add a fresh adapter `name` on every linear layer named in `targets` (does not activate it)."""
+    _add_at_paths(model, name, AdapterSpec(r, alpha, dropout), _target_paths(model, targets))
+
+
+def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float = 0.0,
+               targets: Iterable[str] = DEFAULT_TARGETS, name: str = "default") -> nn.Module:
+    """Prepare a model for LoRA training: freeze everything, add adapter `name`, make it active.
+
+    Afterwards the new adapter's A and B are the only parameters with requires_grad=True (adapters
+    added earlier are frozen too), so `[p for p in model.parameters() if p.requires_grad]` is exactly
+    what to train. Returns the model (modified in place).
+    """
+    model.requires_grad_(False)
+    add_adapter(model, name, r, alpha, dropout, targets)
+    set_adapter(model, name)
+    return model
+
+
+def set_adapter(model: nn.Module, name: str | None) -> None:
+    """Make adapter `name` the active one on every layer it covers; None disables all adapters."""
+    layers = lora_layers(model)
+    if any(layer.merged is not None for layer in layers.values()):
+        raise ValueError("the model has a merged adapter; call unmerge(model) before switching adapters")
+    if name is not None:
+        _check_exists(model, name)
+    for layer in layers.values():
+        layer.active = name if name in layer.specs else None
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The active adapter's name, or None when the model runs as the plain base."""
+    active = {layer.active for layer in lora_layers(model).values()} - {None}
+    return active.pop() if active else None
+
+
+def merge(model: nn.Module) -> None:
+    """Fold the active adapter into the base weights (forward then skips the adapter path).
+
+    Exact up to fp32 rounding on an fp32 base; on a bf16 base merged weights are rounded to bf16.
+    """
+    if active_adapter(model) is None:
+        raise ValueError("no active adapter to merge; call set_adapter(model, name) first")
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract a merged adapter from the base weights again (a no-op when nothing is merged)."""
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict (HF keys, no adapter tensors) with the active adapter folded in."""
+    layers = lora_layers(model)
+    state = {k: v for k, v in model.state_dict().items() if ".lora_A." not in k and ".lora_B." not in k}
+    for path, layer in layers.items():
+        if layer.active is not None and layer.merged is None:
+            w = layer.weight.detach()
+            state[f"{path}.weight"] = (w.float() + layer.delta_weight(layer.active).detach()).to(w.dtype)
+    return state
+
+
+def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
+    """Write the model with its active adapter merged as a plain Hugging Face folder.
+
+    The folder holds config.json + model.safetensors (via model.save_pretrained) and the tokenizer files
+    of the base model's folder, so `Transformer.from_pretrained` and transformers both load it. The
+    model itself is left unchanged.
+    """
+    out_dir = Path(out_dir)
+    # A meta-device skeleton costs no memory; assigning the merged tensors makes it a plain Transformer
+    # that shares storage with `model` everywhere except the merged projection weights.
+    with torch.device("meta"):
+        plain = type(model)(model.config)
+    plain.load_state_dict(merged_state_dict(model), strict=True, assign=True)
+    plain.name_or_path = getattr(model, "name_or_path", None)
+    save_pretrained(plain, out_dir)
+    if plain.name_or_path:
+        _copy_tokenizer_files(resolve_model_dir(plain.name_or_path), out_dir)
+    return out_dir
+
+
+def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    for fname in TOKENIZER_FILES:
+        if (src / fname).is_file():
+            _atomic_write(dst / fname, lambda tmp, f=fname: shutil.copyfile(src / f, tmp))
+
+
+# ----------------------------------------------------------------------------------------------------
+# PEFT-format files
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Call write(tmp_path) on a temp file next to `path`, then rename it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _peft_config(spec: AdapterSpec, targets: list[str], base: str | None) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base,
+        "r": spec.r,
+        "lora_alpha": spec.alpha,
+        "lora_dropout": spec.dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+
+
+def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Path:
+    """Write adapter `name` as a PEFT LoRA folder: adapter_config.json + adapter_model.safetensors."""
+    _check_exists(model, name)
+    out_dir = Path(out_dir)
+    layers = {path: m for path, m in lora_layers(model).items() if name in m.specs}
+    spec = next(iter(layers.values())).specs[name]
+    tensors = {}
+    for path, layer in layers.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = layer.lora_A[name].detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = layer.lora_B[name].detach().cpu().contiguous()
+    targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
+    config = _peft_config(spec, targets, getattr(model, "name_or_path", None) or None)
+    # Weights first, config last: a folder whose config is readable has the weights that go with it.
+    _atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    _atomic_write(out_dir / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    return out_dir
+
+
+def read_adapter_config(in_dir: str | os.PathLike) -> dict:
+    """Parse and sanity-check `adapter_config.json` of a PEFT LoRA folder."""
+    in_dir = Path(in_dir)
+    if not in_dir.is_dir():
+        raise FileNotFoundError(f"adapter folder {in_dir} does not exist")
+    path = in_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{in_dir} has no {ADAPTER_CONFIG}; is it a PEFT LoRA adapter folder?")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type') if isinstance(config, dict) else config!r}")
+    unsupported = {
+        "bias": config.get("bias", "none") != "none",
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "use_rslora": bool(config.get("use_rslora")),
+        "use_dora": bool(config.get("use_dora")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+    }
+    bad = [k for k, v in unsupported.items() if v]
+    if bad:
+        raise ValueError(f"{path}: prost supports plain LoRA only; unsupported settings: {bad}")
+    return config
+
+
+def adapter_base(in_dir: str | os.PathLike) -> str:
+    """The base model an adapter folder was trained on (`base_model_name_or_path`)."""
+    base = read_adapter_config(in_dir).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{Path(in_dir) / ADAPTER_CONFIG} records no base_model_name_or_path")
+    return base
+
+
+def _same_base(a: str, b: str) -> bool:
+    """Whether two model references name the same base (identical ids, or paths to one folder)."""
+    if a == b:
+        return True
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _read_adapter_tensors(in_dir: Path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A (r, in), B (out, r))} from adapter_model.safetensors, keys checked."""
+    path = in_dir / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise FileNotFoundError(f"{in_dir} has no {ADAPTER_WEIGHTS} (prost reads safetensors adapters only)")
+    try:
+        raw = load_file(path)
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    halves: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        m = PEFT_KEY.match(key)
+        if m is None:
+            raise ValueError(f"{path}: unexpected key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
+        halves.setdefault(m["path"], {})[m["AB"]] = tensor
+    pairs = {}
+    for module, ab in halves.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: module {module} has lora_{''.join(ab)} but not its partner")
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
+            raise ValueError(f"{path}: {module} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, "
+                             f"but adapter_config.json says r={r} (wrong rank)")
+        pairs[module] = (a, b)
+    if not pairs:
+        raise ValueError(f"{path} holds no LoRA tensors")
+    return pairs
+
+
+def _check_shapes(model: nn.Module, pairs: dict, in_dir: Path) -> None:
+    for module, (a, b) in pairs.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"{in_dir}: adapter targets {module}, which this model does not have "
+                             f"(wrong base model?)") from None
+        if not isinstance(layer, (nn.Linear, LoRALinear)):
+            raise ValueError(f"{in_dir}: adapter targets {module}, which is not a linear layer")
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise ValueError(f"{in_dir}: {module} is {layer.in_features}->{layer.out_features} in this model "
+                             f"but {a.shape[1]}->{b.shape[0]} in the adapter (wrong base model?)")
+
+
+def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_base: bool = True) -> None:
+    """Load a PEFT LoRA folder into the model as adapter `name` (does not activate it).
+
+    If the model has no adapter `name` yet, one is created on exactly the modules the file covers. If it
+    has one (e.g. resuming training after `apply_lora`), the weights are copied into it in place, so an
+    optimizer holding those parameters stays valid; its rank, alpha and modules must match the file.
+    With check_base, the base recorded in the folder must be the base the model was loaded from.
+    """
+    in_dir = Path(in_dir)
+    config = read_adapter_config(in_dir)
+    recorded, ours = config.get("base_model_name_or_path"), getattr(model, "name_or_path", None)
+    if check_base and recorded and ours and not _same_base(recorded, ours):
+        raise ValueError(f"{in_dir} is an adapter for base '{recorded}' but the model is '{ours}'; "
+                         f"load that base, or pass check_base=False if they are the same weights")
+    spec = AdapterSpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
+    pairs = _read_adapter_tensors(in_dir, spec.r)
+    _check_shapes(model, pairs, in_dir)
+
+    if name in adapter_names(model):
+        _check_matches_existing(model, name, spec, set(pairs), in_dir)
+    else:
+        _add_at_paths(model, name, spec, sorted(pairs))
+    layers = lora_layers(model)
+    with torch.no_grad():
+        for module, (a, b) in pairs.items():
+            layers[module].lora_A[name].copy_(a)
+            layers[module].lora_B[name].copy_(b)
+
+
+def _check_matches_existing(model: nn.Module, name: str, spec: AdapterSpec, modules: set[str],
+                            in_dir: Path) -> None:
+    existing = {path: m.specs[name] for path, m in lora_layers(model).items() if name in m.specs}
+    have = next(iter(existing.values()))
+    if (have.r, have.alpha) != (spec.r, spec.alpha):
+        raise ValueError(f"{in_dir} has r={spec.r}, alpha={spec.alpha} but adapter {name!r} on the model "
+                         f"has r={have.r}, alpha={have.alpha} (wrong rank)")
+    if set(existing) != modules:
+        raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
+                         f"{len(existing)}; the target modules differ")

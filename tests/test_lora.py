@@ -1,0 +1,471 @@
+"""Tests for lora.py: LoRA layers, named adapters, merge/export and PEFT-format files.
+
+References are independent of lora.py: the LoRA formula written out by hand with plain matmuls, PEFT
+(`PeftModel`) on the same tiny transformers checkpoint, and transformers itself for exported folders.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import lora
+from model import ModelConfig, Transformer
+
+
+class TinyBlock(nn.Module):
+    """A stand-in with the projection names of a Qwen2 layer, plus an lm_head."""
+
+    def __init__(self, d=8, f=16, vocab=10):
+        super().__init__()
+        self.q_proj = nn.Linear(d, d, bias=True)
+        self.o_proj = nn.Linear(d, d, bias=False)
+        self.up_proj = nn.Linear(d, f, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, x):  # x: (B, T, d)
+        h = x + self.o_proj(torch.tanh(self.q_proj(x)))
+        h = h + self.down_proj(torch.relu(self.up_proj(h)))
+        return self.lm_head(h)  # (B, T, vocab)
+
+
+def randomize_adapter(model, name, seed):
+    """Give adapter `name` non-zero A and B so it changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            if name in layer.specs:
+                layer.lora_A[name].copy_(torch.randn(layer.lora_A[name].shape, generator=g) * 0.1)
+                layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRALinear on a plain nn.Linear
+
+
+def test_forward_is_base_plus_scaled_low_rank_update():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = lora.LoRALinear(base)
+    layer.add("a", lora.AdapterSpec(r=3, alpha=12))
+    a, b = torch.randn(3, 6), torch.randn(5, 3)
+    with torch.no_grad():
+        layer.lora_A["a"].copy_(a)
+        layer.lora_B["a"].copy_(b)
+    layer.active = "a"
+    x = torch.randn(2, 4, 6)
+    expected = x @ base.weight.T + base.bias + (12 / 3) * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_adapter_init_kaiming_A_zero_B():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(64, 32))
+    layer.add("a", lora.AdapterSpec(r=8, alpha=16))
+    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    assert a.shape == (8, 64) and b.shape == (32, 8)
+    assert a.dtype == b.dtype == torch.float32
+    # kaiming_uniform with a=sqrt(5): bound = sqrt(6 / ((1 + 5) * fan_in)) = 1 / sqrt(fan_in)
+    assert a.abs().max() <= 1 / math.sqrt(64) and a.abs().max() > 0.5 / math.sqrt(64)
+    assert torch.count_nonzero(b) == 0
+
+
+def test_keeps_base_parameters_and_names():
+    base = nn.Linear(4, 3)
+    layer = lora.LoRALinear(base)
+    assert layer.weight is base.weight and layer.bias is base.bias  # adopted, not copied
+    layer.add("a", lora.AdapterSpec(r=2, alpha=4))
+    assert set(layer.state_dict()) == {"weight", "bias", "lora_A.a", "lora_B.a"}
+    no_bias = lora.LoRALinear(nn.Linear(4, 3, bias=False))
+    assert no_bias.bias is None and set(no_bias.state_dict()) == {"weight"}
+
+
+def test_bf16_base_fp32_adapter_cast_rule():
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8).to(torch.bfloat16)
+    layer = lora.LoRALinear(base)
+    layer.add("a", lora.AdapterSpec(r=4, alpha=8))
+    a, b = torch.randn(4, 16), torch.randn(8, 4)
+    with torch.no_grad():
+        layer.lora_A["a"].copy_(a)
+        layer.lora_B["a"].copy_(b)
+    layer.active = "a"
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and layer.lora_A["a"].dtype == torch.float32
+    base_out = x @ base.weight.T + base.bias  # bf16
+    delta = 2.0 * (x.float() @ a.T @ b.T)  # fp32
+    torch.testing.assert_close(y, base_out + delta.to(torch.bfloat16))
+
+
+def test_dropout_only_on_the_adapter_path_and_only_in_training():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 32))
+    layer.add("a", lora.AdapterSpec(r=4, alpha=8, dropout=0.5))
+    layer.active = "a"
+    x = torch.randn(4, 32)
+    layer.train()
+    torch.testing.assert_close(layer(x), x @ layer.weight.T + layer.bias)  # B = 0: nothing to drop
+    randomize_adapter(layer, "a", seed=1)
+    assert not torch.allclose(layer(x), layer(x))  # two dropout masks
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model-level API on a small module stack
+
+
+def test_apply_lora_wraps_targets_and_freezes_all_but_adapter():
+    model = TinyBlock()
+    lora.apply_lora(model, r=2, alpha=4, targets=("q_proj", "o_proj", "up_proj", "down_proj"))
+    assert sorted(lora.lora_layers(model)) == ["down_proj", "o_proj", "q_proj", "up_proj"]
+    assert isinstance(model.lm_head, nn.Linear)
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable == sorted(f"{m}.lora_{ab}.default" for m in ("q_proj", "o_proj", "up_proj", "down_proj")
+                               for ab in "AB")
+    assert lora.active_adapter(model) == "default"
+
+
+def test_second_apply_lora_trains_only_the_new_adapter():
+    model = TinyBlock()
+    lora.apply_lora(model, r=2, alpha=4, targets=("q_proj",), name="planner")
+    lora.apply_lora(model, r=2, alpha=4, targets=("q_proj",), name="executor")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"q_proj.lora_A.executor", "q_proj.lora_B.executor"}
+    assert {id(p) for p in lora.adapter_parameters(model, "executor")} == \
+        {id(model.q_proj.lora_A["executor"]), id(model.q_proj.lora_B["executor"])}
+
+
+def test_set_adapter_none_gives_base_output_and_switching_gives_each_adapters_output():
+    torch.manual_seed(0)
+    model = TinyBlock()
+    x = torch.randn(2, 3, 8)
+    base_out = model(x)
+    lora.add_adapter(model, "p", r=2, alpha=4, targets=("q_proj", "up_proj"))
+    lora.add_adapter(model, "e", r=4, alpha=4, targets=("down_proj",))
+    randomize_adapter(model, "p", 1)
+    randomize_adapter(model, "e", 2)
+    lora.set_adapter(model, "p")
+    out_p = model(x)
+    lora.set_adapter(model, "e")
+    out_e = model(x)
+    lora.set_adapter(model, None)
+    torch.testing.assert_close(model(x), base_out, rtol=0, atol=0)
+    assert not torch.allclose(out_p, base_out) and not torch.allclose(out_e, out_p)
+    # Reference for "p": the same block with the dense update added to the wrapped weights.
+    ref = TinyBlock()
+    lora.set_adapter(model, "p")
+    ref.load_state_dict(lora.merged_state_dict(model), strict=True)
+    torch.testing.assert_close(ref(x), out_p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("targets, match", [
+    (("lm_head",), "lm_head"),
+    (("q_proj", "w_proj"), "w_proj"),
+    ((), "empty"),
+])
+def test_bad_targets(targets, match):
+    with pytest.raises(ValueError, match=match):
+        lora.apply_lora(TinyBlock(), targets=targets)
+
+
+def test_bad_adapter_arguments():
+    model = TinyBlock()
+    with pytest.raises(ValueError, match="adapter name"):
+        lora.add_adapter(model, "bad.name", targets=("q_proj",))
+    with pytest.raises(ValueError, match="rank"):
+        lora.add_adapter(model, "a", r=0, targets=("q_proj",))
+    with pytest.raises(ValueError, match="dropout"):
+        lora.add_adapter(model, "a", dropout=1.0, targets=("q_proj",))
+    lora.add_adapter(model, "a", targets=("q_proj",))
+    with pytest.raises(ValueError, match="already exists"):
+        lora.add_adapter(model, "a", targets=("q_proj",))
+    with pytest.raises(ValueError, match="no adapter named 'b'"):
+        lora.set_adapter(model, "b")
+    with pytest.raises(ValueError, match="no active adapter"):
+        lora.merge(model)
+
+
+def test_merge_unmerge_on_module_stack():
+    torch.manual_seed(0)
+    model = TinyBlock()
+    w0 = model.q_proj.weight.detach().clone()
+    lora.apply_lora(model, r=2, alpha=4, targets=("q_proj", "down_proj"))
+    randomize_adapter(model, "default", 3)
+    x = torch.randn(2, 3, 8)
+    unmerged = model(x)
+    lora.merge(model)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unmerge"):
+        lora.set_adapter(model, None)
+    lora.unmerge(model)
+    torch.testing.assert_close(model.q_proj.weight, w0, rtol=0, atol=1e-6)
+    torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# On the real Transformer, against transformers + PEFT loading the same tiny checkpoint
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="module")
+def hf_dir(qwen2_ckpt):
+    """conftest's tiny random Qwen2 checkpoint (hidden 64, 4 heads / 2 KV heads of 16, MLP 96, tied)."""
+    return qwen2_ckpt[0]
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 320, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def hf_logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def our_logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def load_ours(hf_dir):
+    return Transformer.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def load_hf(hf_dir):
+    return AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+
+
+def test_fresh_adapter_keeps_logits_and_trains_only_adapter(hf_dir, ids):
+    model = load_ours(hf_dir)
+    base_keys = set(model.state_dict())
+    base = our_logits(model, ids)
+    lora.apply_lora(model, r=4, alpha=8)
+    torch.testing.assert_close(our_logits(model, ids), base, rtol=0, atol=0)
+    # HF key names of the base are unchanged; the only new keys are adapter tensors.
+    new_keys = set(model.state_dict()) - base_keys
+    assert base_keys <= set(model.state_dict()) and all(".lora_" in k for k in new_keys)
+    assert len(lora.lora_layers(model)) == 7 * 2
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # Per layer: r * (in + out) for each projection; q: 64->64, k/v: 64->32, o: 64->64, gate/up: 64->96, down 96->64
+    assert n_lora == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 96) + (96 + 64))
+    model.train()
+    model(ids).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+    assert model.model.layers[0].self_attn.q_proj.lora_B["default"].grad.abs().sum() > 0
+
+
+def test_merged_equals_unmerged_and_disabled_gives_base(hf_dir, ids):
+    model = load_ours(hf_dir)
+    base = our_logits(model, ids)
+    lora.apply_lora(model, r=4, alpha=8)
+    randomize_adapter(model, "default", seed=5)
+    adapted = our_logits(model, ids)
+    assert (adapted - base).abs().max() > 1e-1
+    lora.set_adapter(model, None)
+    torch.testing.assert_close(our_logits(model, ids), base, rtol=0, atol=0)  # disabled: exactly the base
+    lora.set_adapter(model, "default")
+    lora.merge(model)
+    torch.testing.assert_close(our_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    lora.unmerge(model)  # W + dW - dW: back to W up to fp32 rounding
+    torch.testing.assert_close(our_logits(model, ids), adapted, rtol=1e-5, atol=1e-5)
+    lora.set_adapter(model, None)
+    torch.testing.assert_close(our_logits(model, ids), base, rtol=1e-5, atol=1e-5)
+
+
+def test_prost_adapter_loads_in_peft_with_same_logits(hf_dir, ids, tmp_path):
+    model = load_ours(hf_dir)
+    lora.apply_lora(model, r=4, alpha=16, targets=PROJ, name="planner")
+    randomize_adapter(model, "planner", seed=6)
+    ours = our_logits(model, ids)
+    with torch.no_grad():
+        assert (ours - hf_logits(load_hf(hf_dir), ids)).abs().max() > 1e-1
+    lora.save_adapter(model, tmp_path / "planner", "planner")
+    config = json.loads((tmp_path / "planner" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
+    assert config["r"] == 4 and config["lora_alpha"] == 16 and sorted(config["target_modules"]) == sorted(PROJ)
+    assert lora.adapter_base(tmp_path / "planner") == str(hf_dir)
+    keys = load_file(tmp_path / "planner" / "adapter_model.safetensors")
+    assert keys["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 96)
+    assert keys["base_model.model.model.layers.1.self_attn.k_proj.lora_B.weight"].shape == (32, 4)
+    assert not list((tmp_path / "planner").glob("*.tmp"))
+
+    peft_model = PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "planner")).eval()
+    torch.testing.assert_close(hf_logits(peft_model, ids), ours, rtol=1e-4, atol=1e-5)
+
+
+def test_peft_adapter_loads_in_prost_with_same_logits(hf_dir, ids, tmp_path):
+    torch.manual_seed(7)
+    peft_config = LoraConfig(r=8, lora_alpha=4, lora_dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"],
+                             task_type="CAUSAL_LM")
+    peft_model = get_peft_model(load_hf(hf_dir), peft_config).eval()
+    with torch.no_grad():  # PEFT starts B at zero; perturb it so the adapter matters
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    expected = hf_logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+
+    model = load_ours(hf_dir)
+    base = our_logits(model, ids)
+    assert (expected - base).abs().max() > 1e-1
+    lora.load_adapter(model, tmp_path / "peft", "critic")
+    assert sorted({p.rsplit(".", 1)[-1] for p in lora.lora_layers(model)}) == ["down_proj", "q_proj", "v_proj"]
+    torch.testing.assert_close(our_logits(model, ids), base, rtol=0, atol=0)  # loaded, not active
+    lora.set_adapter(model, "critic")
+    torch.testing.assert_close(our_logits(model, ids), expected, rtol=1e-4, atol=1e-5)
+
+
+def storage_bytes(model):
+    """Bytes of distinct tensor storages behind the model's parameters and buffers."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        s = t.untyped_storage()
+        seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def test_two_adapters_switch_without_copying_the_base(hf_dir, ids, tmp_path):
+    model = load_ours(hf_dir)
+    base_bytes = storage_bytes(model)
+    lora.add_adapter(model, "planner", r=4, alpha=8)
+    lora.add_adapter(model, "executor", r=2, alpha=2, targets=("q_proj", "up_proj"))
+    randomize_adapter(model, "planner", seed=8)
+    randomize_adapter(model, "executor", seed=9)
+    adapter_bytes = sum(4 * p.numel() for name in ("planner", "executor") for p in lora.adapter_parameters(model, name))
+    assert storage_bytes(model) == base_bytes + adapter_bytes
+
+    # Each adapter's own logits: a single-adapter model built from its saved file.
+    expected = {}
+    for name in ("planner", "executor"):
+        lora.save_adapter(model, tmp_path / name, name)
+        single = load_ours(hf_dir)
+        lora.load_adapter(single, tmp_path / name, name)
+        lora.set_adapter(single, name)
+        expected[name] = our_logits(single, ids)
+    q_weight = model.model.layers[0].self_attn.q_proj.weight
+    ptr = q_weight.data_ptr()
+    for name in ("planner", "executor", "planner"):
+        lora.set_adapter(model, name)
+        torch.testing.assert_close(our_logits(model, ids), expected[name], rtol=0, atol=0)
+    assert q_weight.data_ptr() == ptr and storage_bytes(model) == base_bytes + adapter_bytes
+    assert not torch.allclose(expected["planner"], expected["executor"])
+
+
+@pytest.mark.parametrize("ckpt", ["qwen2_ckpt", "llama_ckpt"])  # tied and untied lm_head
+def test_export_merged_loads_in_transformers_and_prost(ckpt, request, ids, tmp_path):
+    hf_dir = request.getfixturevalue(ckpt)[0]
+    model = load_ours(hf_dir)
+    lora.apply_lora(model, r=4, alpha=8)
+    randomize_adapter(model, "default", seed=10)
+    adapted = our_logits(model, ids)
+    lora.export_merged(model, tmp_path / "merged")
+    assert lora.active_adapter(model) == "default" and not any(l.merged for l in lora.lora_layers(model).values())
+    for fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (tmp_path / "merged" / fname).read_bytes() == (hf_dir / fname).read_bytes()
+    tensors = load_file(tmp_path / "merged" / "model.safetensors")
+    assert not any("lora" in k for k in tensors)
+    hf = load_hf(tmp_path / "merged")
+    torch.testing.assert_close(hf_logits(hf, ids), adapted, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(our_logits(load_ours(tmp_path / "merged"), ids), adapted, rtol=1e-5, atol=1e-5)
+    # Merging in place first gives the same folder contents.
+    lora.merge(model)
+    lora.export_merged(model, tmp_path / "merged2")
+    again = load_file(tmp_path / "merged2" / "model.safetensors")
+    assert again.keys() == tensors.keys()
+    for k in tensors:
+        torch.testing.assert_close(again[k], tensors[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def saved_adapter(hf_dir, tmp_path):
+    model = load_ours(hf_dir)
+    lora.apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"))
+    return lora.save_adapter(model, tmp_path / "adapter", "default")
+
+
+def edit_config(folder, **changes):
+    path = folder / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_load_adapter_missing_files(hf_dir, saved_adapter, tmp_path):
+    model = load_ours(hf_dir)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lora.load_adapter(model, tmp_path / "nope", "a")
+    (saved_adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        lora.load_adapter(model, saved_adapter, "a")
+    (saved_adapter / "adapter_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.load_adapter(model, saved_adapter, "a")
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lora.adapter_base(saved_adapter)
+    assert lora.adapter_names(model) == []
+
+
+def test_load_adapter_wrong_base(hf_dir, saved_adapter):
+    edit_config(saved_adapter, base_model_name_or_path="Qwen/Qwen2.5-1.5B-Instruct")
+    assert lora.adapter_base(saved_adapter) == "Qwen/Qwen2.5-1.5B-Instruct"
+    with pytest.raises(ValueError, match="adapter for base 'Qwen/Qwen2.5-1.5B-Instruct'"):
+        lora.load_adapter(load_ours(hf_dir), saved_adapter, "a")
+    lora.load_adapter(load_ours(hf_dir), saved_adapter, "a", check_base=False)
+
+
+def test_load_adapter_wrong_rank(hf_dir, saved_adapter):
+    model = load_ours(hf_dir)
+    lora.apply_lora(model, r=8, alpha=8, targets=("q_proj", "v_proj"), name="a")
+    with pytest.raises(ValueError, match="wrong rank"):  # resuming into an adapter of another rank
+        lora.load_adapter(model, saved_adapter, "a")
+    edit_config(saved_adapter, r=2)
+    with pytest.raises(ValueError, match="wrong rank"):  # config and tensors disagree
+        lora.load_adapter(load_ours(hf_dir), saved_adapter, "b")
+
+
+def test_load_adapter_wrong_shapes_or_modules(hf_dir, saved_adapter):
+    path = saved_adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**tensors, key: torch.zeros(4, 128)}, path)
+    with pytest.raises(ValueError, match="64->64 in this model but 128->64 in the adapter"):
+        lora.load_adapter(load_ours(hf_dir), saved_adapter, "a")
+    save_file({k.replace("layers.0", "layers.9"): v for k, v in tensors.items()}, path)
+    with pytest.raises(ValueError, match="layers.9.* does not have"):
+        lora.load_adapter(load_ours(hf_dir), saved_adapter, "a")
+    edit_config(saved_adapter, peft_type="PREFIX_TUNING")
+    with pytest.raises(ValueError, match="peft_type must be 'LORA'"):
+        lora.load_adapter(load_ours(hf_dir), saved_adapter, "a")
+
+
+def test_load_adapter_in_place_keeps_parameter_identity(hf_dir, saved_adapter):
+    model = load_ours(hf_dir)
+    lora.apply_lora(model, r=4, alpha=8, targets=("q_proj", "v_proj"), name="a")
+    params = lora.adapter_parameters(model, "a")
+    randomize_adapter(model, "a", seed=11)
+    lora.load_adapter(model, saved_adapter, "a")
+    assert [id(p) for p in lora.adapter_parameters(model, "a")] == [id(p) for p in params]
+    saved = load_file(saved_adapter / "adapter_model.safetensors")
+    layer = model.model.layers[1].self_attn.v_proj
+    assert torch.equal(layer.lora_A["a"], saved["base_model.model.model.layers.1.self_attn.v_proj.lora_A.weight"])
+
+
+def test_adapter_parameter_count_matches_peft(hf_dir):
+    config = ModelConfig.from_hf(hf_dir)
+    for r, targets in ((4, PROJ), (8, ("q_proj", "v_proj"))):
+        peft_model = get_peft_model(load_hf(hf_dir), LoraConfig(r=r, target_modules=list(targets)))
+        trainable, _ = peft_model.get_nb_trainable_parameters()
+        assert lora.count_adapter_parameters(config, r, targets) == trainable
+        model = load_ours(hf_dir)
+        lora.apply_lora(model, r=r, targets=targets)
+        assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
