@@ -355,3 +355,21 @@ def test_collate_right_pads_and_never_targets_pads():
     for row, e in enumerate(examples[:2]):
         assert ids[row, :e.n_tokens].tolist() == e.ids and mask[row].sum().item() == e.n_targets
         assert (ids[row, e.n_tokens:] == 0).all() and not mask[row, e.n_tokens:].any()
+
+
+def test_mask_with_real_tokenizer_checked_by_hand(tmp_path):
+    """Through model.py's Tokenizer (a BPE made by the `tokenizers` library): the targets are exactly the
+    critic's verdict and its <|im_end|>; the newline after it and every other token are context."""
+    from conftest import build_chatml_tokenizer
+    from model import Tokenizer
+    tokenizer = Tokenizer.from_pretrained(build_chatml_tokenizer(tmp_path))
+    record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
+    (example,), _ = data.build_examples([record], "critic", tokenizer, 10_000)
+    text = ("<|im_start|>system\nYou judge.<|im_end|>\n<|im_start|>user\nCheck 1<|im_end|>\n"
+            "<|im_start|>assistant\nsuccess: output matches<|im_end|>\n")
+    assert example.ids == tokenizer.encode(text)
+    start = len(tokenizer.encode(text.split("success:")[0]))  # the prefix ends on "\n", a token boundary
+    n_targets = len(tokenizer.encode("success: output matches")) + 1
+    assert example.mask == [0] * start + [1] * n_targets + [0]
+    assert tokenizer.decode(example.ids[start:start + n_targets]) == "success: output matches<|im_end|>"
+    assert example.ids[start + n_targets - 1] == tokenizer.im_end_id

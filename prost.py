@@ -1,0 +1,645 @@
+"""Train one ProST role (planner, executor, critic or single agent) as a LoRA adapter on teacher trajectories.
+
+Where this sits: agents.py records teacher trajectories; data.py cuts them into per-role, per-sub-task
+examples and orders them with the progressive schedule; this file runs the hand-written training loop and
+writes `ckpts/<role>/` (a PEFT-layout adapter recording its base model, plus train_log.jsonl and the
+state needed to resume), which agents.py and evaluate.py load back.
+
+    python prost.py --model Qwen/Qwen2.5-1.5B --role planner --data trajectories/train.jsonl --out ckpts
+    torchrun --nproc_per_node 8 prost.py ...           # data parallel (nccl on GPUs, gloo on CPUs)
+
+The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); they are
+shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first), and
+`grad_accum * world_size` micro-batches form one optimizer step. Each micro-batch contributes
+sum(token losses) / (target tokens of the whole step, all ranks), so accumulation and data parallelism
+give the gradient of the mean token loss over the step whatever the split. The frozen base runs under
+bf16 autocast on CUDA while the adapter weights and the optimizer stay fp32; the vocabulary projection is
+applied only at target positions, which saves a (tokens x vocab) logits tensor per micro-batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import data
+import lora
+from model import Tokenizer, Transformer, flops_per_token
+
+ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.jsonl"
+RUN_FILE = "run.json"
+# Dense bf16 peak of common training GPUs, for MFU (override with --peak-tflops).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a run; defaults suit Qwen2.5-1.5B on one 80 GB GPU."""
+    model: str = "Qwen/Qwen2.5-1.5B"
+    role: str = "planner"
+    data: str | None = None
+    dev_data: str | None = None
+    out: str = "ckpts"
+    schedule: str = "progressive"
+    subtasks_per_epoch: int = 1
+    epochs: int = 0  # 0: until every sub-task is in, plus one epoch on everything
+    micro_batch_size: int = 4
+    grad_accum: int = 4
+    max_seq_len: int = 4096
+    lr: float = 2e-4
+    min_lr_ratio: float = 0.1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    precision: str = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    stop_after: int = 0  # stop after this epoch as if interrupted (0: run to the end)
+    peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_TFLOPS
+    progress: bool = True
+
+
+# Fields that do not change what is trained; everything else must match to resume a run.
+NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress"}
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the step is not applied and the run stops."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, devices, precision.
+
+@dataclass
+class Cluster:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_cluster(device_flag: str) -> Cluster:
+    """One process per device. Under torchrun (WORLD_SIZE > 1) join the process group: nccl between
+    GPUs, gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Cluster(rank, world, device)
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    if cluster.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision must be auto, bf16 or fp32 (got {precision})")
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data.
+
+def collect_default_data() -> Path:
+    """The data used when --data is not given: build the mini-world and collect gold-teacher trajectories
+    with agents.py. That collection is wired in once agents.py exists."""
+    raise ValueError("no --data given and agents.py's default collection is unavailable; pass --data "
+                     "trajectories/train.jsonl (collected with agents.py) or any trajectory file")
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def examples_fingerprint(examples: list[data.Example]) -> str:
+    """Identifies the rendered examples, so a resumed run knows it sees the same data in the same order."""
+    digest = hashlib.sha256()
+    for e in examples:
+        digest.update(json.dumps([e.name, e.ids, e.mask]).encode())
+    return digest.hexdigest()
+
+
+def load_role_examples(path: str | Path, role: str, tokenizer, max_seq_len: int, log) -> list[data.Example]:
+    records = data.read_trajectories(path)
+    examples, report = data.build_examples(records, role, tokenizer, max_seq_len)
+    for line in report.lines():
+        log(f"{path}: {line}")
+    if not examples:
+        roles = sorted({c["role"] for r in records for c in r["calls"]})
+        raise ValueError(f"{path} holds no {role} calls, so there is nothing to train (roles present: "
+                         f"{', '.join(roles) or 'none'}); pick one of those with --role or give other --data")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model, optimizer, learning rate.
+
+def build_model(cfg: TrainConfig, device: torch.device, precision: str):
+    """The frozen base (bf16 under bf16 training, to halve its memory) with a fresh fp32 adapter."""
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype)
+    torch.manual_seed(cfg.seed)  # every rank starts from the same adapter initialisation
+    lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=ADAPTER)
+    return model
+
+
+def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on the adapter matrices only; fused (one kernel for the whole update)
+    wherever this torch supports it for the device."""
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    try:
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, min_ratio: float) -> float:
+    """LR of 0-based optimizer step `step`: linear warmup to `peak`, then cosine decay to min_ratio * peak."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loss and gradients.
+
+def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token, and the batch row it belongs to.
+
+    Token t + 1 is predicted from position t, so the last position is never needed as input and the
+    vocabulary projection runs only where the next token is a target."""
+    hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
+    is_target = mask[:, 1:]  # (B, T-1)
+    logits = model.lm_head(hidden[is_target]).float()  # (N, V), N = target tokens in the batch
+    losses = F.cross_entropy(logits, ids[:, 1:][is_target], reduction="none")  # (N,)
+    rows = is_target.nonzero()[:, 0]  # (N,)
+    return losses, rows
+
+
+def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,
+                         device: torch.device, precision: str) -> torch.Tensor:
+    """Backward through each micro-batch with its loss divided by the step's total target tokens, so the
+    summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
+    total = torch.zeros((), device=device)
+    for ids, mask in micro_batches:
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with autocast(device, precision):
+            losses, _ = target_token_losses(model, ids, mask)
+        loss_sum = losses.sum()
+        (loss_sum / step_targets).backward()
+        total += loss_sum.detach()
+    return total
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the adapter gradients over ranks in one flat buffer (a rank that got no micro-batch in the last
+    step of an epoch contributes zeros). LoRA gradients are small, so overlapping this with the backward
+    pass, as DistributedDataParallel does, would buy little."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    if cluster.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Epoch plans.
+
+def epoch_micro_batches(examples, epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
+    lengths = [e.n_tokens for e in examples]
+    return data.plan_batches(chosen, lengths, cfg.micro_batch_size, cfg.seed, epoch)
+
+
+def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[list[int]]]:
+    return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
+
+
+def count_steps(examples, epochs: int, cfg: TrainConfig, world: int) -> int:
+    """Optimizer steps of the whole run, known up front because batch counts do not depend on shuffling."""
+    per_step = cfg.grad_accum * world
+    total = 0
+    for epoch in range(1, epochs + 1):
+        n = len(data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule))
+        total += math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step)
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measuring.
+
+class ProgressBar:
+    """A one-line text bar on stderr (redrawn in place on a terminal, every 10% otherwise)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.last_tenth = -1
+
+    def update(self, done: int, note: str) -> None:
+        if not self.enabled:
+            return
+        tenth = done * 10 // max(1, self.total)
+        if not self.tty and tenth == self.last_tenth and done < self.total:
+            return
+        self.last_tenth = tenth
+        filled = done * 30 // max(1, self.total)
+        line = f"{self.label} [{'#' * filled}{'.' * (30 - filled)}] {done}/{self.total} {note}"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA: peak memory allocated by torch; CPU: the process's peak resident set (Linux reports KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+def peak_flops(device: torch.device, override_tflops: float) -> float | None:
+    if device.type != "cuda":
+        return None
+    if override_tflops:
+        return override_tflops * 1e12
+    name = torch.cuda.get_device_name(device)
+    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def train_flops_per_token(config, mean_len: float) -> float:
+    """LoRA training ~ 4N per token (forward 2N + gradients w.r.t. activations 2N; the weight gradients of
+    the frozen base are never computed), plus attention over the mean causal context (half a sequence)."""
+    return 2.0 * flops_per_token(config, context_len=int(mean_len / 2))
+
+
+@torch.no_grad()
+def dev_losses(model, examples: list[data.Example], cfg: TrainConfig, pad_id: int, cluster: Cluster,
+               precision: str) -> dict[int, float]:
+    """Mean token loss per sub-task index on the dev examples, sharded over ranks."""
+    model.eval()
+    max_subtask = max(e.subtask for e in examples)
+    sums = torch.zeros(max_subtask + 1, 2, dtype=torch.float64, device=cluster.device)  # (k, [loss, tokens])
+    order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)[cluster.rank::cluster.world]
+    for start in range(0, len(order), cfg.micro_batch_size):
+        batch = [examples[i] for i in order[start:start + cfg.micro_batch_size]]
+        ids, mask = data.collate(batch, pad_id)
+        with autocast(cluster.device, precision):
+            losses, rows = target_token_losses(model, ids.to(cluster.device), mask.to(cluster.device))
+        subtask_of_row = torch.tensor([e.subtask for e in batch], device=cluster.device)
+        sums[:, 0].index_add_(0, subtask_of_row[rows], losses.double())
+        sums[:, 1].index_add_(0, subtask_of_row[rows], torch.ones_like(losses, dtype=torch.float64))
+    all_reduce_sum(sums, cluster)
+    model.train()
+    return {k: (sums[k, 0] / sums[k, 1]).item() for k in range(1, max_subtask + 1) if sums[k, 1] > 0}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+def run_identity(cfg: TrainConfig, epochs: int, data_sha256: str, world: int) -> dict:
+    """What defines a run: a checkpoint only resumes under the same identity."""
+    identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
+    identity.update(epochs=epochs, data_sha256=data_sha256, world_size=world)
+    return identity
+
+
+def read_checkpoint(out_dir: Path, identity: dict, resume: bool) -> dict | None:
+    """The saved state to resume from, or None for a fresh run; refuses to mix runs in one folder."""
+    state_path = out_dir / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        saved = state["run"]
+        differences = [f"{k}: {saved.get(k)!r} there vs {identity.get(k)!r} now"
+                       for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+        if differences:
+            raise ValueError(f"{out_dir} holds a different run ({'; '.join(differences[:4])}); choose "
+                             f"another --out or remove that folder")
+        if not resume:
+            raise ValueError(f"{out_dir} already holds this run (epoch {state['epoch']} of "
+                             f"{identity['epochs']} done); pass --resume to continue it, or choose another --out")
+        return state
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise ValueError(f"{out_dir} is not empty and holds no prost run; choose another --out")
+    return None
+
+
+def atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_states(cluster: Cluster) -> list[dict]:
+    """Every rank's RNG states (dropout draws differ per rank), gathered on all ranks."""
+    mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state(cluster.device) if cluster.device.type == "cuda" else None}
+    if cluster.world == 1:
+        return [mine]
+    gathered = [None] * cluster.world
+    dist.all_gather_object(gathered, mine)
+    return gathered
+
+
+def restore_rng(states: list[dict], cluster: Cluster) -> None:
+    mine = states[cluster.rank]
+    torch.set_rng_state(mine["torch"])
+    random.setstate(mine["python"])
+    if mine["cuda"] is not None:
+        torch.cuda.set_rng_state(mine["cuda"], cluster.device)
+
+
+def save_checkpoint(out_dir: Path, model, optimizer, state: dict) -> None:
+    """Adapter files first (PEFT layout, for agents.py), then the state file, which is the commit point:
+    it also holds the adapter tensors, so a crash between the two writes resumes consistently. The log is
+    rewritten from the state's history, so it never runs ahead of the checkpoint."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lora.save_adapter(model, out_dir, ADAPTER)
+    atomic_write_bytes(out_dir / RUN_FILE, lambda f: f.write(json.dumps(state["run"], indent=2).encode()))
+    state = dict(state, optimizer=optimizer.state_dict(),
+                 adapter={n: p.detach().cpu() for n, p in trainable_parameters(model).items()})
+    atomic_write_bytes(out_dir / STATE_FILE, lambda f: torch.save(state, f))
+    write_log(out_dir, state["history"])
+
+
+def write_log(out_dir: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write_bytes(out_dir / LOG_FILE, lambda f: f.write(text.encode()))
+
+
+def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> None:
+    params = trainable_parameters(model)
+    with torch.no_grad():
+        for name, tensor in state["adapter"].items():
+            params[name].copy_(tensor)
+    optimizer.load_state_dict(state["optimizer"])
+    if len(state["rng"]) == cluster.world:
+        restore_rng(state["rng"], cluster)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+
+@dataclass
+class EpochStats:
+    loss_sum: float
+    targets: int
+    tokens: int
+    seconds: float
+
+
+def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, total_steps: int,
+              cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
+              last_good: int) -> tuple[EpochStats, int]:
+    """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
+    steps = optimizer_steps(epoch_micro_batches(examples, epoch, cfg), cfg.grad_accum * cluster.world)
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
+    loss_total, targets_total, my_tokens = 0.0, 0, 0
+    start = time.perf_counter()
+    for i, step_batches in enumerate(steps):
+        step_targets = sum(examples[j].n_targets for b in step_batches for j in b)  # all ranks
+        my_batches = [[examples[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
+        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
+                                        cluster.device, precision)
+        if cluster.world > 1:
+            all_reduce_gradients(params)
+            loss_sum = all_reduce_sum(loss_sum, cluster)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(torch.stack([loss_sum, grad_norm.to(loss_sum.device)])).all():
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at epoch {epoch}, step {i + 1}; the step was not applied. "
+                + (f"The last good checkpoint (epoch {last_good}) is in {out_dir}; " if last_good else
+                   "No checkpoint was written; ") + "lower --lr or inspect the data, then run again")
+        lr = learning_rate(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_total += loss_sum.item()
+        targets_total += step_targets
+        my_tokens += sum(e.n_tokens for b in my_batches for e in b)
+        bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
+    bar.close()
+    tokens = int(all_reduce_sum(torch.tensor([my_tokens], device=cluster.device), cluster).item())
+    seconds = time.perf_counter() - start
+    return EpochStats(loss_total, targets_total, tokens, seconds), step
+
+
+def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats, dev: dict[int, float],
+                 lr: float, mfu: float | None, memory_gb: float) -> dict:
+    dev_tokens_loss = {str(k): round(v, 6) for k, v in dev.items()}
+    return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
+            "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_tokens_loss,
+            "tokens": stats.tokens, "target_tokens": stats.targets,
+            "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
+            "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
+
+
+def describe_epoch(record: dict, epochs: int) -> str:
+    dev = " ".join(f"{k}:{v:.3f}" for k, v in record["dev_loss_by_subtask"].items())
+    mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
+    return (f"epoch {record['epoch']}/{epochs} (sub-tasks 1..{record['max_subtask']}, {record['examples']} "
+            f"examples): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
+            + f" | {record['tokens_per_s']:,.0f} tokens/s, {record['target_tokens_per_s']:,.0f} target "
+            f"tokens/s{mfu} | peak memory {record['peak_memory_gb']:.2f} GB")
+
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) training as configured; returns the per-epoch log records."""
+    cluster = start_cluster(cfg.device)
+    try:
+        return _train(cfg, cluster)
+    finally:
+        stop_cluster(cluster)
+
+
+def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
+    log = print if cluster.is_main else (lambda *a, **k: None)
+    if cfg.role not in data.ROLES:
+        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
+    precision = resolve_precision(cfg.precision, cluster.device)
+    data_path = Path(cfg.data) if cfg.data else collect_default_data()
+    tokenizer = Tokenizer.from_pretrained(cfg.model)
+    examples = load_role_examples(data_path, cfg.role, tokenizer, cfg.max_seq_len, log)
+    dev = load_role_examples(cfg.dev_data, cfg.role, tokenizer, cfg.max_seq_len, log) if cfg.dev_data else []
+    max_subtask = max(e.subtask for e in examples)
+    epochs = cfg.epochs or data.epochs_to_cover(max_subtask, cfg.subtasks_per_epoch) + 1
+    plans = data.plan_schedule(examples, epochs, cfg.subtasks_per_epoch, cfg.schedule)
+    log(f"{cfg.role}: {len(examples)} examples from {data_path}, sub-task indices 1..{max_subtask}")
+    log(data.format_schedule(plans, cfg.schedule, cfg.subtasks_per_epoch))
+
+    out_dir = Path(cfg.out) / cfg.role
+    identity = run_identity(cfg, epochs, file_sha256(data_path), cluster.world)
+    saved = read_checkpoint(out_dir, identity, cfg.resume)
+    fingerprint = examples_fingerprint(examples)
+    if saved is not None and saved["data_order"]["examples_sha256"] != fingerprint:
+        raise ValueError(f"{data_path} renders into different examples than when the run in {out_dir} "
+                         f"started (tokenizer changed?); choose another --out")
+    if cluster.world > 1:
+        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+
+    model = build_model(cfg, cluster.device, precision)
+    params = list(trainable_parameters(model).values())
+    optimizer = make_optimizer(params, cfg)
+    torch.manual_seed(cfg.seed + 1 + cluster.rank)  # dropout streams differ per rank
+    random.seed(cfg.seed)
+    history, step, start_epoch = [], 0, 1
+    if saved is not None:
+        restore_checkpoint(saved, model, optimizer, cluster)
+        history, step, start_epoch = saved["history"], saved["step"], saved["epoch"] + 1
+        log(f"resuming {out_dir} after epoch {saved['epoch']} (step {step})")
+        if cluster.is_main:
+            write_log(out_dir, history)
+    total_steps = count_steps(examples, epochs, cfg, cluster.world)
+    peak = peak_flops(cluster.device, cfg.peak_tflops)
+    if start_epoch > epochs:
+        log(f"{out_dir} already finished all {epochs} epochs")
+    model.train()
+    for epoch in range(start_epoch, epochs + 1):
+        plan = plans[epoch - 1]
+        stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
+                                cluster, precision, tokenizer.pad_id, out_dir, len(history))
+        dev_loss = dev_losses(model, dev, cfg, tokenizer.pad_id, cluster, precision) if dev else {}
+        mfu = None
+        if peak:
+            mfu = (train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens
+                   / (stats.seconds * peak * cluster.world))
+        record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
+                              peak_memory_gb(cluster.device))
+        history.append(record)
+        log(describe_epoch(record, epochs))
+        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
+                 "scheduler": {"step": step, "total_steps": total_steps,
+                               "warmup_steps": math.ceil(cfg.warmup_ratio * total_steps)},
+                 "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
+                 "rng": rng_states(cluster), "history": history}
+        if cluster.is_main:
+            save_checkpoint(out_dir, model, optimizer, state)
+        if cfg.stop_after and epoch == cfg.stop_after and epoch < epochs:
+            log(f"stopping after epoch {epoch} as asked; continue with --resume")
+            break
+    return history
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI.
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description="Train one ProST role as a LoRA adapter on teacher trajectories "
+                                            "with progressive sub-task training (writes OUT/ROLE/).")
+    p.add_argument("--model", default=d.model, help="base model: Hugging Face id or local folder")
+    p.add_argument("--role", default=d.role, help=f"role to train: one of {', '.join(data.ROLES)}")
+    p.add_argument("--data", default=d.data, help="training trajectories (JSONL); default: build the "
+                                                   "mini-world and collect gold-teacher trajectories")
+    p.add_argument("--dev-data", default=d.dev_data, help="dev trajectories for the per-sub-task dev loss")
+    p.add_argument("--out", default=d.out, help="output root; the run goes to OUT/ROLE/")
+    p.add_argument("--schedule", default=d.schedule, choices=data.SCHEDULES,
+                   help="progressive: add sub-tasks epoch by epoch; full: every sub-task every epoch (SFT)")
+    p.add_argument("--subtasks-per-epoch", type=int, default=d.subtasks_per_epoch,
+                   help="sub-task indices the progressive schedule adds per epoch")
+    p.add_argument("--epochs", type=int, default=d.epochs,
+                   help="epochs (0: until the schedule covers every sub-task, plus one)")
+    p.add_argument("--micro-batch-size", type=int, default=d.micro_batch_size, help="sequences per forward pass")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                   help="micro-batches per optimizer step and process (global batch = this x micro x processes)")
+    p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
+                   help="longer examples are truncated from the left of their context (and reported)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of --lr")
+    p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps warming up")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on adapter matrices")
+    p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="adapter rank")
+    p.add_argument("--lora-alpha", type=float, default=d.lora_alpha, help="adapter scale numerator (alpha/r)")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="dropout on the adapter input")
+    p.add_argument("--precision", default=d.precision, choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA (fp32 adapter and optimizer), fp32 on CPU")
+    p.add_argument("--device", default=d.device, help="auto, cpu or cuda (under torchrun: the local GPU)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for adapter init, data order and dropout")
+    p.add_argument("--resume", action="store_true", help="continue the run saved in OUT/ROLE/")
+    p.add_argument("--stop-after", type=int, default=d.stop_after,
+                   help="stop after this epoch as if interrupted (0: run to the end); resume with --resume")
+    p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
+                   help="GPU peak bf16 TFLOP/s for MFU (0: look up the GPU name)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    return TrainConfig(**vars(p.parse_args(argv)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Tests for prost.py: the training loop of one role.
+
+A tiny random Qwen2 checkpoint made by transformers (tests/conftest.py) is the base model; trajectories
+are synthetic (tests/test_data.py). References are independent of the loop: transformers' logits for the
+loss, hand-computed learning rates, an uninterrupted run for resume, a single process for DDP.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+import data
+import prost
+from conftest import build_hf_checkpoint
+from model import Tokenizer, Transformer
+from test_data import synthetic_trajectory
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """(checkpoint folder, the transformers model that wrote it)."""
+    return build_hf_checkpoint(tmp_path_factory.mktemp("base"), "qwen2", tie=True, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    """Two tasks with 2 and 3 sub-tasks: the planner has sub-task indices 1..4 (4 = 'finished')."""
+    path = tmp_path_factory.mktemp("traj") / "train.jsonl"
+    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
+    data.write_trajectory(path, synthetic_trajectory("b", n_subtasks=3, recovery_at=3))
+    return path
+
+
+def config(base, trajectories, out, **overrides):
+    settings = dict(model=str(base[0]), role="planner", data=str(trajectories), out=str(out), epochs=4,
+                    micro_batch_size=2, grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
+                    progress=False)
+    settings.update(overrides)
+    return prost.TrainConfig(**settings)
+
+
+def adapter_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(out_dir / "adapter_model.safetensors")
+
+
+def log_records(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss.
+
+
+def test_target_token_losses_match_transformers_logits(base, trajectories):
+    ckpt, hf_model = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    ids, mask = data.collate(examples[:3], tokenizer.pad_id)
+    model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
+    with torch.no_grad():
+        losses, rows = prost.target_token_losses(model, ids, mask)
+        logits = hf_model(ids).logits  # (B, T, V), every position
+    expected = F.cross_entropy(logits[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="none")
+    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+    assert rows.tolist() == [r for r, e in enumerate(examples[:3]) for _ in range(e.n_targets)]
+
+
+def test_learning_rate_warmup_then_cosine_by_hand():
+    lr = [prost.learning_rate(s, total_steps=10, warmup_steps=2, peak=1.0, min_ratio=0.1) for s in range(11)]
+    assert lr[:2] == [0.5, 1.0]
+    assert lr[2] == pytest.approx(1.0)  # cosine starts at the peak
+    assert lr[6] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert lr[10] == pytest.approx(0.1)
+
+
+def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
+    """One micro-batch of 8 and four of 2 give the same gradient of the mean token loss (padding differs)."""
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    examples, _ = data.build_examples(data.read_trajectories(trajectories), "planner", tokenizer, 10_000)
+    examples = examples[:8]
+    step_targets = sum(e.n_targets for e in examples)
+    cfg = prost.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=0.0)
+    model = prost.build_model(cfg, torch.device("cpu"), "fp32")
+    params = list(prost.trainable_parameters(model).values())
+    with torch.no_grad():  # B starts at zero; give it values so every adapter gradient is non-trivial
+        for p in params:
+            p.normal_(0.0, 0.05)
+
+    def gradients(split):
+        model.zero_grad(set_to_none=True)
+        batches = [data.collate(examples[i:i + split], tokenizer.pad_id) for i in range(0, 8, split)]
+        total = prost.accumulate_gradients(model, batches, step_targets, torch.device("cpu"), "fp32")
+        return total, [p.grad.clone() for p in params]
+
+    total_1x8, grads_1x8 = gradients(8)
+    total_4x2, grads_4x2 = gradients(2)
+    torch.testing.assert_close(total_4x2, total_1x8, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_4x2, grads_1x8):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    assert all(g.abs().sum() > 0 for g in grads_1x8)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training runs.
+
+
+def test_tiny_model_overfits_a_handful_of_examples(base, trajectories, tmp_path):
+    history = prost.train(config(base, trajectories, tmp_path, role="executor", schedule="full", epochs=16,
+                                 micro_batch_size=5, grad_accum=1, lr=2e-2, lora_r=16, lora_alpha=32,
+                                 warmup_ratio=0.0))
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    assert history[0]["examples"] == 5
+    assert last < first / 10, (first, last)
+    saved = json.loads((tmp_path / "executor" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base[0]) and saved["peft_type"] == "LORA"
+
+
+def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_path, capsys):
+    history = prost.train(config(base, trajectories, tmp_path, dev_data=str(trajectories), epochs=5))
+    out = capsys.readouterr().out
+    # planner sub-tasks: a -> 1, 2, 3 (finished); b -> 1, 2, 3, 4 (finished)
+    assert [r["max_subtask"] for r in history] == [1, 2, 3, 4, 4]
+    assert [r["examples"] for r in history] == [2, 4, 6, 7, 7]
+    assert "schedule: progressive, 1 new sub-task(s) per epoch" in out
+    assert list(history[0]["dev_loss_by_subtask"]) == ["1", "2", "3", "4"]
+    assert log_records(tmp_path / "planner") == json.loads(json.dumps(history))
+    micro_batches = [math.ceil(n / 2) for n in (2, 4, 6, 7, 7)]
+    assert history[-1]["step"] == sum(math.ceil(m / 2) for m in micro_batches)
+    for key in ("tokens_per_s", "target_tokens_per_s", "peak_memory_gb"):
+        assert history[-1][key] > 0
+    assert history[-1]["mfu"] is None  # CPU: no meaningful peak FLOP/s
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path):
+    """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer."""
+    settings = dict(epochs=4, lora_dropout=0.1)
+    straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
+    first = prost.train(config(base, trajectories, tmp_path / "split", stop_after=2, **settings))
+    assert len(first) == 2 and (tmp_path / "split/planner" / prost.STATE_FILE).exists()
+    resumed = prost.train(config(base, trajectories, tmp_path / "split", resume=True, **settings))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    a, b = adapter_tensors(tmp_path / "straight/planner"), adapter_tensors(tmp_path / "split/planner")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["epoch"] for r in log_records(tmp_path / "split/planner")] == [1, 2, 3, 4]
+
+
+def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
+    """Global batch 4 either way: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2."""
+    common = ["--model", str(base[0]), "--role", "executor", "--data", str(trajectories), "--epochs", "2",
+              "--schedule", "full", "--micro-batch-size", "2", "--lr", "5e-3", "--lora-r", "4",
+              "--lora-dropout", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, "prost.py", *common, "--grad-accum", "2", "--out",
+                             str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29613", "prost.py", *common, "--grad-accum", "1", "--out",
+                          str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert ddp.returncode == 0, ddp.stderr
+    one, two = log_records(tmp_path / "one/executor"), log_records(tmp_path / "two/executor")
+    assert [r["step"] for r in one] == [r["step"] for r in two]
+    assert [r["tokens"] for r in one] == [r["tokens"] for r in two]
+    for r1, r2 in zip(one, two):
+        assert r2["train_loss"] == pytest.approx(r1["train_loss"], rel=1e-5)
+    a, b = adapter_tensors(tmp_path / "one/executor"), adapter_tensors(tmp_path / "two/executor")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Failures.
+
+
+def cli_args(base, trajectories, out, **flags) -> list[str]:
+    """The command line equivalent of config(...): flags given as keyword arguments override."""
+    settings = dict(model=str(base[0]), data=str(trajectories), out=str(out), epochs=4, micro_batch_size=2,
+                    grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0)
+    settings.update(flags)
+    args = ["--no-progress"]
+    for name, value in settings.items():
+        if value is True:
+            args.append("--" + name.replace("_", "-"))
+        elif value is not None:
+            args += ["--" + name.replace("_", "-"), str(value)]
+    return args
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    code = prost.main(args)
+    return code, capsys.readouterr().err
+
+
+def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(trajectories.read_text().splitlines()[0] + "\n{\"schema\": 1}\n")
+    cases = [
+        (dict(role="judge"), "unknown role 'judge'"),
+        (dict(role="single"), "holds no single calls"),
+        (dict(data=str(tmp_path / "missing.jsonl")), "does not exist"),
+        (dict(data=None), "no --data given"),
+        (dict(data=str(bad)), f"{bad}:2: record: missing field"),
+    ]
+    for flags, message in cases:
+        code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
+        assert code == 2 and err.startswith("error: ") and message in err, (flags, err)
+        assert "Traceback" not in err and not (tmp_path / "ck").exists()
+
+
+def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path, capsys):
+    prost.train(config(base, trajectories, tmp_path, epochs=1))
+    state = tmp_path / "planner" / prost.STATE_FILE
+    before = state.read_bytes()
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, lr=1e-3), capsys)
+    assert code == 2 and "holds a different run (lr: 0.005 there vs 0.001 now)" in err
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1), capsys)
+    assert code == 2 and "already holds this run (epoch 1 of 1 done); pass --resume" in err
+    assert state.read_bytes() == before
+    stray = tmp_path / "other" / "planner"
+    stray.mkdir(parents=True)
+    (stray / "notes.txt").write_text("mine")
+    code, err = run_cli(cli_args(base, trajectories, tmp_path / "other"), capsys)
+    assert code == 2 and "is not empty and holds no prost run" in err
+    assert sorted(p.name for p in stray.iterdir()) == ["notes.txt"]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
+                                                                   monkeypatch):
+    good = prost.train(config(base, trajectories, tmp_path, epochs=3, stop_after=1))
+    adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
+    real = prost.target_token_losses
+
+    def poisoned(model, ids, mask):
+        losses, rows = real(model, ids, mask)
+        return losses * float("nan"), rows
+
+    monkeypatch.setattr(prost, "target_token_losses", poisoned)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, resume=True), capsys)
+    assert code == 1
+    assert "non-finite loss or gradient at epoch 2, step 1" in err and "last good checkpoint (epoch 1)" in err
+    kept = adapter_tensors(tmp_path / "planner")
+    assert all(torch.equal(kept[k], adapter_after_epoch_1[k]) for k in kept)
+    assert log_records(tmp_path / "planner") == json.loads(json.dumps(good))
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit):
+        prost.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in prost.TrainConfig.__dataclass_fields__:
+        flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+        assert flag in text, flag
+    assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
