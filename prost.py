@@ -361,23 +361,36 @@ def run_identity(cfg: TrainConfig, epochs: int, data_sha256: str, world: int) ->
     return identity
 
 
+def describe_differences(saved: dict, identity: dict) -> str:
+    differences = [f"{k}: {saved.get(k)!r} there vs {identity.get(k)!r} now"
+                   for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
+    return "; ".join(differences[:4])
+
+
 def read_checkpoint(out_dir: Path, identity: dict, resume: bool) -> dict | None:
-    """The saved state to resume from, or None for a fresh run; refuses to mix runs in one folder."""
+    """The saved state to resume from, or None for a fresh run; refuses to mix runs in one folder.
+
+    A folder holding only files of this run but no state (a crash during the first checkpoint) starts over."""
     state_path = out_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        saved = state["run"]
-        differences = [f"{k}: {saved.get(k)!r} there vs {identity.get(k)!r} now"
-                       for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
-        if differences:
-            raise ValueError(f"{out_dir} holds a different run ({'; '.join(differences[:4])}); choose "
-                             f"another --out or remove that folder")
+        if state["run"] != identity:
+            raise ValueError(f"{out_dir} holds a different run ({describe_differences(state['run'], identity)}); "
+                             f"choose another --out or remove that folder")
         if not resume:
             raise ValueError(f"{out_dir} already holds this run (epoch {state['epoch']} of "
                              f"{identity['epochs']} done); pass --resume to continue it, or choose another --out")
         return state
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if not out_dir.exists():
+        return None
+    ours = {RUN_FILE, LOG_FILE, lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS}
+    if any(p.name.removesuffix(".tmp") not in ours | {STATE_FILE} for p in out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and holds no prost run; choose another --out")
+    if (out_dir / RUN_FILE).exists():
+        saved = json.loads((out_dir / RUN_FILE).read_text())
+        if saved != identity:
+            raise ValueError(f"{out_dir} holds a different run ({describe_differences(saved, identity)}); "
+                             f"choose another --out or remove that folder")
     return None
 
 
@@ -589,11 +602,12 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train one ProST role as a LoRA adapter on teacher trajectories "
-                                            "with progressive sub-task training (writes OUT/ROLE/).")
+                                            "with progressive sub-task training (writes OUT/ROLE/).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d.model, help="base model: Hugging Face id or local folder")
     p.add_argument("--role", default=d.role, help=f"role to train: one of {', '.join(data.ROLES)}")
-    p.add_argument("--data", default=d.data, help="training trajectories (JSONL); default: build the "
-                                                   "mini-world and collect gold-teacher trajectories")
+    p.add_argument("--data", default=d.data, help="training trajectories (JSONL); None: build the mini-world "
+                                                   "and collect gold-teacher trajectories")
     p.add_argument("--dev-data", default=d.dev_data, help="dev trajectories for the per-sub-task dev loss")
     p.add_argument("--out", default=d.out, help="output root; the run goes to OUT/ROLE/")
     p.add_argument("--schedule", default=d.schedule, choices=data.SCHEDULES,

@@ -8,6 +8,7 @@ loss, hand-computed learning rates, an uninterrupted run for resume, a single pr
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -232,6 +233,10 @@ def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path,
     code, err = run_cli(cli_args(base, trajectories, tmp_path / "other"), capsys)
     assert code == 2 and "is not empty and holds no prost run" in err
     assert sorted(p.name for p in stray.iterdir()) == ["notes.txt"]
+    # A crash inside the first checkpoint leaves this run's files but no state: the run starts over.
+    crashed = tmp_path / "crashed" / "planner"
+    shutil.copytree(tmp_path / "planner", crashed, ignore=shutil.ignore_patterns(prost.STATE_FILE))
+    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1))) == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
