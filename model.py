@@ -396,27 +396,47 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
                 raise FileNotFoundError(f"shard {f.name} listed in {index} is missing; re-download the checkpoint")
         return files
     if single.is_file():
-        return {k: single for k in _safetensors_keys(single)}
+        return {k: single for k in read_safetensors_header(single)[0]}
     raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} "
                             "(only safetensors checkpoints are supported)")
 
 
-def _open_safetensors(path: Path, device):
-    from safetensors import safe_open
-    try:
-        return safe_open(str(path), framework="pt", device=str(device))
-    except Exception as e:  # SafetensorError for truncated/corrupt headers
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt: {e}); "
-                         "re-download or re-save it") from None
+# safetensors dtype codes -> torch dtypes
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    with _open_safetensors(path, "cpu") as f:
-        return list(f.keys())
+def read_safetensors_header(path: Path) -> tuple[dict, int]:
+    """({name: {"dtype", "shape", "data_offsets"}}, byte offset where tensor data starts) of a safetensors file.
+
+    The format: 8 bytes little-endian header length N, N bytes of JSON, then the raw tensor bytes, each tensor
+    at [data_offsets[0], data_offsets[1]) relative to the end of the header.
+    """
+    size = path.stat().st_size
+    corrupt = f"{path} is not a readable safetensors file (truncated or corrupt"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{corrupt}: bad header length); re-download or re-save it")
+        try:
+            header = json.loads(f.read(n))
+        except ValueError:
+            raise ValueError(f"{corrupt}: header is not JSON); re-download or re-save it") from None
+    header.pop("__metadata__", None)
+    data_end = max((t["data_offsets"][1] for t in header.values()), default=0)
+    if 8 + n + data_end > size:
+        raise ValueError(f"{corrupt}: {size} bytes but the header needs {8 + n + data_end}); re-download or re-save it")
+    return header, 8 + n
 
 
 def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
-    """Give each (meta) parameter of `model` its tensor from the checkpoint, converted to dtype on device."""
+    """Give each (meta) parameter of `model` its tensor from the checkpoint, converted to dtype on device.
+
+    Tensors are read one at a time straight from the file into their own memory (no mmap, no state dict), so
+    the peak is the finished model plus one tensor in the file's dtype.
+    """
     files = checkpoint_files(folder)
     params = dict(model.named_parameters(remove_duplicate=False))
     expected = set(params)
@@ -435,20 +455,34 @@ def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
     for k in sorted(expected):
         by_file.setdefault(files[k], []).append(k)
     for path, keys in by_file.items():
-        with _open_safetensors(path, device) as f:
+        header, data_start = read_safetensors_header(path)
+        with open(path, "rb") as f:
             for k in keys:
-                want = tuple(params[k].shape)
-                got = tuple(f.get_slice(k).get_shape())
+                if k not in header:
+                    raise ValueError(f"tensor {k} is missing from {path.name} although the index lists it there")
+                info = header[k]
+                want, got = tuple(params[k].shape), tuple(info["shape"])
                 if got != want:
                     raise ValueError(f"tensor {k} in {path.name} has shape {got} but config.json implies {want}")
-                try:
-                    tensor = f.get_tensor(k).to(dtype)  # one tensor at a time: peak = model + one tensor
-                except Exception as e:
-                    raise ValueError(f"cannot read tensor {k} from {path} (truncated or corrupt: {e})") from None
+                tensor = _read_tensor(f, path, k, info, data_start).to(device=device, dtype=dtype)
                 module_name, _, leaf = k.rpartition(".")
                 setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _read_tensor(f, path: Path, name: str, info: dict, data_start: int) -> torch.Tensor:
+    if info["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(f"tensor {name} in {path.name} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    dtype = SAFETENSORS_DTYPES[info["dtype"]]
+    if end - begin != math.prod(info["shape"]) * dtype.itemsize:
+        raise ValueError(f"{path} is corrupt: tensor {name} has {end - begin} bytes for shape {info['shape']}")
+    raw = torch.empty(end - begin, dtype=torch.uint8)
+    f.seek(data_start + begin)
+    if f.readinto(raw.numpy()) != end - begin:
+        raise ValueError(f"{path} is truncated: tensor {name} is cut short; re-download or re-save it")
+    return raw.view(dtype).reshape(info["shape"])
 
 
 def _atomic_write(path: Path, write) -> None:

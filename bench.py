@@ -1,0 +1,236 @@
+"""bench.py: prost side by side with the reference libraries (transformers, PEFT), speed and memory.
+
+Each area of prost adds one `bench_<area>()` function and one entry in SECTIONS; `python bench.py` runs every
+section, `python bench.py decode` only the named ones. The references are imported here, never in the product.
+
+Sections:
+  decode   model.generate vs transformers' generate, greedy, on the same random Qwen2 weights (batch 1 and 8,
+           fp32 and bf16): tokens/s of both and their ratio; then the peak memory (RSS) of loading a checkpoint.
+  lora     forward time with an active r=16 LoRA adapter on all 7 projections vs the plain base forward (prost,
+           and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import model as M
+
+HERE = Path(__file__).resolve().parent
+
+
+# ---- decode -----------------------------------------------------------------------------------------------------
+
+DECODE_MODEL = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                    num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                    tie_word_embeddings=True)  # ~32M parameters: small enough for 2 CPU cores, big enough to matter
+_tiny = M.PRESETS["tiny"]
+TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, intermediate_size=_tiny.intermediate_size,
+                  num_hidden_layers=_tiny.num_hidden_layers, num_attention_heads=_tiny.num_attention_heads,
+                  num_key_value_heads=_tiny.num_key_value_heads, max_position_embeddings=4096,
+                  tie_word_embeddings=True)  # the `tiny` preset the demo trains and runs
+PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 32, 32, 3
+
+
+def _random_qwen2_checkpoint(out_dir: Path, dims: dict = DECODE_MODEL):
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**dims, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    hf = transformers.Qwen2ForCausalLM(config).eval()
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int) -> tuple[float, float]:
+    """Best tokens/s of (prost, transformers) over `rounds` interleaved runs, after one short warm-up each."""
+    import transformers
+    ours = M.Transformer.from_pretrained(folder, dtype=dtype)
+    hf = hf.to(dtype)
+    vocab = hf.config.vocab_size
+    prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+
+    def run_ours(n):
+        out = M.generate(ours, prompts.tolist(), n, stop_ids=())
+        assert all(g.n_new == n for g in out)
+
+    def run_hf(n):
+        cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+        with torch.inference_mode():
+            out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
+        assert out.shape[1] == PROMPT_LEN + n
+
+    best = [0.0, 0.0]
+    for round_ in range(rounds + 1):
+        for i, run in enumerate((run_ours, run_hf)):
+            start = time.perf_counter()
+            run(4 if round_ == 0 else NEW_TOKENS)  # round 0 warms up
+            if round_:
+                best[i] = max(best[i], batch * NEW_TOKENS / (time.perf_counter() - start))
+    hf.float()
+    return best[0], best[1]
+
+
+_PEAK_RSS = """
+import sys, torch
+sys.path.insert(0, {here!r})
+def kib(field):
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))
+import model, transformers
+with torch.device('meta'):  # torch imports its meta kernels (~70 MB, once) on first use: not part of the load
+    torch.nn.Embedding(3, 2)
+base = kib('VmRSS:')
+if {which!r} == 'prost':
+    m = model.Transformer.from_pretrained({folder!r}, dtype=torch.{dtype})
+else:
+    m = transformers.AutoModelForCausalLM.from_pretrained({folder!r}, dtype=torch.{dtype})
+params = sum(p.numel() * p.element_size() for p in m.parameters())
+print(params, (kib('VmHWM:') - base) * 1024)
+"""
+
+
+def _loading_peak(folder: Path, which: str, dtype: str) -> tuple[int, int]:
+    """(parameter bytes, peak RSS growth in bytes) of loading `folder` in a fresh process."""
+    code = _PEAK_RSS.format(here=str(HERE), which=which, folder=str(folder), dtype=dtype)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    params, peak = map(int, out.split()[-2:])
+    return params, peak
+
+
+def bench_decode() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: one thread keeps timings stable under others' load
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"decode: greedy, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, same-length prompts, "
+                  f"best of {DECODE_ROUNDS} interleaved runs, {torch.get_num_threads()} thread")
+            print(f"  {'model':<14} {'dtype':<9} {'batch':>5} {'prost tok/s':>12} {'transformers tok/s':>19} "
+                  f"{'ratio':>6}")
+            for label, dims in (("tiny preset", TINY_MODEL), ("32M", DECODE_MODEL)):
+                folder = Path(tmp) / label.replace(" ", "-")
+                hf = _random_qwen2_checkpoint(folder, dims)
+                name = f"{label} {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M"
+                for dtype in (torch.float32, torch.bfloat16):
+                    for batch in (1, 8):
+                        ours, theirs = _decode_speeds(folder, hf, batch, dtype, DECODE_ROUNDS)
+                        print(f"  {name:<14} {str(dtype).removeprefix('torch.'):<9} {batch:>5} {ours:>12.1f} "
+                              f"{theirs:>19.1f} {ours / theirs:>6.2f}")
+            # loading memory: a bf16 checkpoint, loaded as bf16 (same dtype) and as fp32 (converted while loading)
+            bf16 = Path(tmp) / "bf16"
+            M.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
+            size = sum(f.stat().st_size for f in bf16.glob("*.safetensors"))
+            print(f"  loading: peak RSS growth of a fresh process loading the 32M model's bf16 checkpoint "
+                  f"({size / 2**20:.1f} MiB)")
+            for dtype in ("bfloat16", "float32"):
+                for which in ("prost", "transformers"):
+                    params, peak = _loading_peak(bf16, which, dtype)
+                    print(f"    {which:<12} as {dtype:<8}: peak {peak / 2**20:6.1f} MiB for {params / 2**20:6.1f} MiB "
+                          f"of parameters ({peak / params:.2f}x)")
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- lora -------------------------------------------------------------------------------------------------------
+
+LORA_BATCH, LORA_SEQ, LORA_ROUNDS = 4, 128, 7
+# Qwen2.5-1.5B's architecture (its config.json), for computed adapter sizes.
+QWEN25_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                   num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+
+
+def _best_of_interleaved(runs: dict) -> dict:
+    """Fastest of LORA_ROUNDS timings per run (each run returns its seconds); one call of every run per round,
+    so that load from other processes on a shared machine hits all of them alike. Round 0 is warm-up."""
+    best = {name: float("inf") for name in runs}
+    for round_ in range(LORA_ROUNDS + 1):
+        for name, run in runs.items():
+            seconds = run()
+            if round_:
+                best[name] = min(best[name], seconds)
+    return best
+
+
+def bench_lora() -> None:
+    import lora
+    import peft
+    ids = torch.randint(0, DECODE_MODEL["vocab_size"], (LORA_BATCH, LORA_SEQ), generator=torch.Generator().manual_seed(2))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "qwen2-random"
+        hf = _random_qwen2_checkpoint(folder)
+        ours = M.Transformer.from_pretrained(folder, dtype=torch.float32)
+    targets = list(lora.DEFAULT_TARGETS)
+    lora.apply_lora(ours, r=16, alpha=32, targets=targets)
+    peft_model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, target_modules=targets)).eval()
+
+    @torch.inference_mode()
+    def prost(adapter: str | None, merged: bool = False):
+        lora.set_adapter(ours, adapter)
+        if merged:
+            lora.merge(ours)  # merging costs one B @ A per layer, outside the forward it speeds up
+        start = time.perf_counter()
+        ours(ids)
+        elapsed = time.perf_counter() - start
+        lora.unmerge(ours)
+        return elapsed
+
+    @torch.inference_mode()
+    def with_peft(enabled: bool):
+        start = time.perf_counter()
+        if enabled:
+            peft_model(input_ids=ids)
+        else:
+            with peft_model.disable_adapter():
+                peft_model(input_ids=ids)
+        return time.perf_counter() - start
+
+    best = _best_of_interleaved({
+        "prost base": lambda: prost(None), "prost adapter": lambda: prost("default"),
+        "prost merged": lambda: prost("default", merged=True),
+        "transformers base": lambda: with_peft(False), "PEFT adapter": lambda: with_peft(True)})
+
+    n_adapter = sum(p.numel() for p in lora.adapter_parameters(ours, "default"))
+    n_base = sum(p.numel() for n, p in ours.named_parameters() if ".lora_" not in n)
+    print(f"lora: inference forward of batch {LORA_BATCH} x {LORA_SEQ} tokens, fp32, the decode section's random "
+          f"Qwen2 ({n_base / 1e6:.1f}M), best of {LORA_ROUNDS} interleaved rounds, {torch.get_num_threads()} threads")
+    print(f"  adapter r=16 on all 7 projections: {n_adapter / 1e6:.2f}M parameters ({100 * n_adapter / n_base:.2f}%)")
+    print(f"  {'':<24} {'base ms':>8} {'adapter ms':>11} {'ratio':>6}")
+    for label, base, adapted in (("prost", "prost base", "prost adapter"), ("prost, merged", "prost base", "prost merged"),
+                                 ("PEFT over transformers", "transformers base", "PEFT adapter")):
+        print(f"  {label:<24} {1e3 * best[base]:>8.1f} {1e3 * best[adapted]:>11.1f} {best[adapted] / best[base]:>6.2f}")
+    config = M.ModelConfig.from_hf(QWEN25_1_5B)
+    for r in (8, 16):
+        n = lora.count_adapter_parameters(config, r)
+        print(f"  Qwen2.5-1.5B adapter (computed), r={r:<2} on all 7 projections: {n:,} parameters "
+              f"({n * 4 / 2**20:.1f} MiB fp32, {100 * n / 1.54e9:.2f}% of 1.54B)")
+
+
+# ---- CLI --------------------------------------------------------------------------------------------------------
+
+SECTIONS = {
+    "decode": bench_decode,
+    "lora": bench_lora,
+}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description="Benchmarks of prost against transformers/PEFT, section by section.")
+    ap.add_argument("sections", nargs="*", metavar="section",
+                    help=f"sections to run (default: all): {', '.join(SECTIONS)}")
+    args = ap.parse_args(argv)
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        sys.exit(2)
+    for name in args.sections or SECTIONS:
+        start = time.perf_counter()
+        SECTIONS[name]()
+        print(f"[{name}: {time.perf_counter() - start:.0f} s]\n")
+
+
+if __name__ == "__main__":
+    main()
