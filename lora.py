@@ -122,9 +122,14 @@ class LoRALinear(nn.Module):
         if name is None or self.merged is not None:
             return y
         a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
-        h = F.dropout(x.to(a.dtype), spec.dropout, self.training)  # (..., in) fp32
-        delta = F.linear(F.linear(h, a), b) * spec.scale  # (..., r) -> (..., out) fp32
-        return y + delta.to(y.dtype)
+        h = x.to(a.dtype)  # (..., in) fp32
+        if self.training and spec.dropout > 0:
+            h = F.dropout(h, spec.dropout, training=True)
+        # Scale the narrow (..., r) tensor, not the wide output, and add in place: y is not needed by
+        # autograd (linear saves its input, not its output), and each full-width temporary costs as much
+        # memory traffic as the low-rank matmuls themselves.
+        delta = F.linear(F.linear(h, a) * spec.scale, b)  # (..., r) -> (..., out) fp32
+        return y.add_(delta.to(y.dtype))
 
     @torch.no_grad()
     def merge(self) -> None:

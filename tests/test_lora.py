@@ -64,6 +64,25 @@ def test_forward_is_base_plus_scaled_low_rank_update():
     torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_gradients_match_the_written_out_formula():
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5)
+    layer = lora.LoRALinear(base)
+    layer.add("a", lora.AdapterSpec(r=2, alpha=6))
+    randomize_adapter(layer, "a", seed=4)
+    layer.active = "a"
+    a = layer.lora_A["a"].detach().clone().requires_grad_()
+    b = layer.lora_B["a"].detach().clone().requires_grad_()
+    x = torch.randn(3, 6, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    target = torch.randn(3, 5)
+    ((layer(x) - target) ** 2).sum().backward()
+    ((x_ref @ base.weight.T + base.bias + 3.0 * (x_ref @ a.T @ b.T) - target) ** 2).sum().backward()
+    torch.testing.assert_close(layer.lora_A["a"].grad, a.grad)
+    torch.testing.assert_close(layer.lora_B["a"].grad, b.grad)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_fresh_adapter_init_kaiming_A_zero_B():
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(64, 32))
