@@ -528,27 +528,52 @@ def train(cfg: TrainConfig) -> list[dict]:
         stop_cluster(cluster)
 
 
-def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
-    log = print if cluster.is_main else (lambda *a, **k: None)
+@dataclass
+class RoleData:
+    """The role's examples and the per-epoch plan the schedule makes of them."""
+    path: Path
+    tokenizer: Tokenizer
+    examples: list[data.Example]
+    dev: list[data.Example]
+    epochs: int
+    plans: list[data.EpochPlan]
+
+
+def prepare_data(cfg: TrainConfig, log) -> RoleData:
     if cfg.role not in data.ROLES:
         raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
-    precision = resolve_precision(cfg.precision, cluster.device)
-    data_path = Path(cfg.data) if cfg.data else collect_default_data()
+    path = Path(cfg.data) if cfg.data else collect_default_data()
     tokenizer = Tokenizer.from_pretrained(cfg.model)
-    examples = load_role_examples(data_path, cfg.role, tokenizer, cfg.max_seq_len, log)
+    examples = load_role_examples(path, cfg.role, tokenizer, cfg.max_seq_len, log)
     dev = load_role_examples(cfg.dev_data, cfg.role, tokenizer, cfg.max_seq_len, log) if cfg.dev_data else []
     max_subtask = max(e.subtask for e in examples)
     epochs = cfg.epochs or data.epochs_to_cover(max_subtask, cfg.subtasks_per_epoch) + 1
     plans = data.plan_schedule(examples, epochs, cfg.subtasks_per_epoch, cfg.schedule)
-    log(f"{cfg.role}: {len(examples)} examples from {data_path}, sub-task indices 1..{max_subtask}")
+    log(f"{cfg.role}: {len(examples)} examples from {path}, sub-task indices 1..{max_subtask}")
     log(data.format_schedule(plans, cfg.schedule, cfg.subtasks_per_epoch))
+    return RoleData(path, tokenizer, examples, dev, epochs, plans)
+
+
+def model_flops_utilisation(model, plan: data.EpochPlan, stats: EpochStats, peak: float | None,
+                            world: int) -> float | None:
+    if not peak:
+        return None
+    achieved = train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens / stats.seconds
+    return achieved / (peak * world)
+
+
+def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
+    log = print if cluster.is_main else (lambda *a, **k: None)
+    precision = resolve_precision(cfg.precision, cluster.device)
+    role_data = prepare_data(cfg, log)
+    examples, dev, epochs, pad_id = role_data.examples, role_data.dev, role_data.epochs, role_data.tokenizer.pad_id
 
     out_dir = Path(cfg.out) / cfg.role
-    identity = run_identity(cfg, epochs, file_sha256(data_path), cluster.world)
+    identity = run_identity(cfg, epochs, file_sha256(role_data.path), cluster.world)
     saved = read_checkpoint(out_dir, identity, cfg.resume)
     fingerprint = examples_fingerprint(examples)
     if saved is not None and saved["data_order"]["examples_sha256"] != fingerprint:
-        raise ValueError(f"{data_path} renders into different examples than when the run in {out_dir} "
+        raise ValueError(f"{role_data.path} renders into different examples than when the run in {out_dir} "
                          f"started (tokenizer changed?); choose another --out")
     if cluster.world > 1:
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
@@ -571,14 +596,11 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         log(f"{out_dir} already finished all {epochs} epochs")
     model.train()
     for epoch in range(start_epoch, epochs + 1):
-        plan = plans[epoch - 1]
+        plan = role_data.plans[epoch - 1]
         stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
-                                cluster, precision, tokenizer.pad_id, out_dir, len(history))
-        dev_loss = dev_losses(model, dev, cfg, tokenizer.pad_id, cluster, precision) if dev else {}
-        mfu = None
-        if peak:
-            mfu = (train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens
-                   / (stats.seconds * peak * cluster.world))
+                                cluster, precision, pad_id, out_dir, len(history))
+        dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
+        mfu = model_flops_utilisation(model, plan, stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
                               peak_memory_gb(cluster.device))
         history.append(record)
