@@ -30,7 +30,7 @@ import re
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -214,6 +214,12 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row)
 
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the given batch rows (B',), e.g. to drop sequences that finished generating."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+        self.pad = self.pad[rows]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, d) at the next T slots; return all filled keys/values (B, Hkv, length+T, d)."""
         end = self.length + k.shape[2]
@@ -302,9 +308,9 @@ class Transformer(nn.Module):
 
     def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, D) for input_ids (B, T); with a cache, the tokens continue it."""
-        B, T = input_ids.shape
+        T = input_ids.shape[1]
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        positions, mask = self._positions_and_mask(B, T, cache, x.device)
+        positions, mask = self._positions_and_mask(T, cache, x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B or 1, T, d)
         for block in self.model.layers:
             x = block(x, cos, sin, mask, cache)
@@ -317,7 +323,7 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden(input_ids, cache))
 
     @staticmethod
-    def _positions_and_mask(B: int, T: int, cache: KVCache | None, device):
+    def _positions_and_mask(T: int, cache: KVCache | None, device):
         """RoPE positions (B|1, T) and a boolean attention mask (B|1, 1, T, S) or None for plain causal."""
         if cache is None:
             return torch.arange(T, device=device)[None], None
@@ -344,6 +350,7 @@ class Transformer(nn.Module):
         with torch.device("meta"):  # parameters without storage: the checkpoint's tensors become the storage
             model = cls(config)
         load_safetensors(model, folder, device, dtype)
+        model.inv_freq = model.inv_freq.to(device)
         model.name_or_path = str(name_or_path)
         return model.eval()
 
@@ -649,7 +656,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
     Prompts are left-padded to a common length; each row's RoPE positions start at 0 at its first real token
     and padding slots are masked out, so every row gets the same tokens it would get alone (up to fp rounding).
-    Rows stop independently on a stop id, a stop string (needs `tokenizer`) or max_new_tokens.
+    Rows stop independently on a stop id, a stop string (needs `tokenizer`) or max_new_tokens, and leave the
+    batch when they do, so a long answer does not make the short ones pay for its steps.
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the new tokens")
@@ -667,17 +675,22 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     new: list[list[int]] = [[] for _ in range(B)]
     texts: list[str | None] = [None] * B
     reasons: list[str | None] = [None] * B
+    rows = list(range(B))  # prompt index of each batch row; finished prompts leave the batch
     step_input = ids
     for _ in range(max_new_tokens):
-        h = model.hidden(step_input, cache)[:, -1]  # (B, D): only the last position is needed
-        next_ids = model.lm_head(h).argmax(-1)  # (B,)
-        for b, t in enumerate(next_ids.tolist()):
-            if reasons[b] is None:
-                new[b].append(t)
-                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings)
-        if all(r is not None for r in reasons):
+        h = model.hidden(step_input, cache)[:, -1]  # (rows, D): only the last position is needed
+        next_ids = model.lm_head(h).argmax(-1)  # (rows,)
+        for b, t in zip(rows, next_ids.tolist()):
+            new[b].append(t)
+            reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings)
+        keep = [i for i, b in enumerate(rows) if reasons[b] is None]
+        if not keep:
             break
-        step_input = next_ids[:, None]  # (B, 1); finished rows keep decoding, their tokens are ignored
+        if len(keep) < len(rows):
+            index = torch.tensor(keep, device=device)
+            cache.select(index)
+            next_ids, rows = next_ids[index], [rows[i] for i in keep]
+        step_input = next_ids[:, None]  # (rows, 1)
     out = []
     for b in range(B):
         reason = reasons[b] or "length"
@@ -725,7 +738,6 @@ class TinyPreset:
     num_attention_heads: int
     num_key_value_heads: int
     max_position_embeddings: int = 4096
-    extra: dict = field(default_factory=dict)
 
 
 PRESETS = {

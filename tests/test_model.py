@@ -74,10 +74,14 @@ def test_batched_mixed_lengths_equal_one_at_a_time(request, name):
     folder, _ = request.getfixturevalue(name)
     ours = M.Transformer.from_pretrained(folder)
     prompts = [random_ids(n, seed=n).tolist() for n in (3, 19, 8, 1, 12)]
-    batched = M.generate(ours, prompts, 20, stop_ids=())
-    for prompt, g in zip(prompts, batched):
-        [alone] = M.generate(ours, [prompt], 20, stop_ids=())
-        assert g.ids == alone.ids and g.n_prompt == len(prompt)
+    alone = [M.generate(ours, [p], 20, stop_ids=())[0] for p in prompts]
+    assert [g.ids for g in M.generate(ours, prompts, 20, stop_ids=())] == [g.ids for g in alone]
+    # rows that stop early leave the batch; the others must not notice
+    stops = {alone[0].ids[2], alone[1].ids[9]}
+    alone = [M.generate(ours, [p], 20, stop_ids=stops)[0] for p in prompts]
+    batched = M.generate(ours, prompts, 20, stop_ids=stops)
+    assert [(g.ids, g.stop_reason) for g in batched] == [(g.ids, g.stop_reason) for g in alone]
+    assert batched[0].n_new <= 3 and len({g.n_new for g in batched}) > 1  # rows really finished apart
 
 
 def test_kv_cache_decode_equals_full_forward(qwen2_ckpt):
