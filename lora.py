@@ -17,9 +17,9 @@ and `adapter_base` to find the base model. Adapters are stored in PEFT's on-disk
 adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
 `export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder.
 
-Dtype rule: adapter weights are always fp32 (tiny, and bf16 updates of small matrices lose too much).
-The base may be bf16 or fp32. The adapter path casts its input to fp32 and casts its result back to the
-dtype of the base output before the sum.
+Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
+be rounded away in bf16). The base may be bf16 or fp32. The adapter path casts its input to the adapter
+dtype and casts its result back to the dtype of the base output before the sum.
 """
 
 from __future__ import annotations
@@ -83,8 +83,9 @@ class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus any number of named low-rank adapters, at most one active.
 
     The base `weight` / `bias` Parameters are adopted as they are (same objects, no copy) and registered
-    under the same names, so the module's state-dict keys for the base stay `<path>.weight` /
-    `<path>.bias` and Hugging Face checkpoints keep loading into a LoRA-wrapped model.
+    under the same names, so the base keys of a wrapped model stay the Hugging Face checkpoint keys
+    (`<path>.weight`, `<path>.bias`, not `<path>.base_layer.weight`); adapter tensors add keys
+    `<path>.lora_A.<name>` / `<path>.lora_B.<name>` next to them.
     """
 
     def __init__(self, base: nn.Linear):
@@ -200,7 +201,8 @@ def _target_paths(model: nn.Module, targets: Iterable[str]) -> list[str]:
     if not targets:
         raise ValueError("LoRA targets are empty; pass module names such as ('q_proj', 'v_proj')")
     if "lm_head" in targets:
-        raise ValueError("LoRA on lm_head is not supported (it is tied to the embeddings in small Qwen models)")
+        raise ValueError("LoRA on lm_head is not supported (in tied models it is the embedding matrix); "
+                         "target the projections only")
     linear_names = {}
     for path, module in model.named_modules():
         if isinstance(module, (nn.Linear, LoRALinear)):
@@ -271,8 +273,12 @@ def apply_lora(model: nn.Module, r: int = 16, alpha: float = 32, dropout: float 
 def set_adapter(model: nn.Module, name: str | None) -> None:
     """Make adapter `name` the active one on every layer it covers; None disables all adapters."""
     layers = lora_layers(model)
-    if any(layer.merged is not None for layer in layers.values()):
-        raise ValueError("the model has a merged adapter; call unmerge(model) before switching adapters")
+    merged = {layer.merged for layer in layers.values()} - {None}
+    if merged == {name}:
+        return  # already merged into the weights, so already in effect
+    if merged:
+        raise ValueError(f"adapter {merged.pop()!r} is merged into the weights; call unmerge(model) before "
+                         f"switching adapters")
     if name is not None:
         _check_exists(model, name)
     for layer in layers.values():
@@ -297,11 +303,15 @@ def merge(model: nn.Module) -> None:
 
 
 def unmerge(model: nn.Module) -> None:
-    """Subtract a merged adapter from the base weights again (a no-op when nothing is merged)."""
+    """Subtract a merged adapter from the base weights again (a no-op when nothing is merged).
+
+    On a bf16 base the restored weights can differ from the originals by one bf16 rounding step.
+    """
     for layer in lora_layers(model).values():
         layer.unmerge()
 
 
+@torch.no_grad()
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict (HF keys, no adapter tensors) with the active adapter folded in."""
     layers = lora_layers(model)
@@ -309,7 +319,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, layer in layers.items():
         if layer.active is not None and layer.merged is None:
             w = layer.weight.detach()
-            state[f"{path}.weight"] = (w.float() + layer.delta_weight(layer.active).detach()).to(w.dtype)
+            state[f"{path}.weight"] = (w.float() + layer.delta_weight(layer.active)).to(w.dtype)
     return state
 
 

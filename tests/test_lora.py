@@ -222,6 +222,7 @@ def test_merge_unmerge_on_module_stack():
     unmerged = model(x)
     lora.merge(model)
     torch.testing.assert_close(model(x), unmerged, rtol=1e-5, atol=1e-6)
+    lora.set_adapter(model, "default")  # the merged adapter: nothing to do
     with pytest.raises(ValueError, match="unmerge"):
         lora.set_adapter(model, None)
     lora.unmerge(model)
