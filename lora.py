@@ -24,11 +24,13 @@ dtype and casts its result back to the dtype of the base output before the sum.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +42,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, resolve_model_dir, save_pretrained
+from model import ModelConfig, Transformer, resolve_model_dir, save_pretrained
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -531,3 +533,42 @@ def _check_matches_existing(model: nn.Module, name: str, spec: AdapterSpec, modu
     if set(existing) != modules:
         raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
                          f"{len(existing)}; the target modules differ")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+
+
+def export_adapter_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
+                          dtype: str = "float32") -> Path:
+    """Load an adapter folder's base model, fold the adapter in, and write a plain HF model folder."""
+    base = base or adapter_base(adapter_dir)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    model = Transformer.from_pretrained(base, dtype=getattr(torch, dtype))
+    load_adapter(model, adapter_dir, "export")
+    set_adapter(model, "export")
+    return export_merged(model, out_dir)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="lora.py", description="Fold a LoRA adapter (PEFT layout, e.g. ckpts/<role>/) into its base model "
+                                    "and write a plain Hugging Face model folder.")
+    ap.add_argument("adapter", help="adapter folder with adapter_config.json + adapter_model.safetensors")
+    ap.add_argument("out", help="output folder for config.json, model.safetensors and the tokenizer files")
+    ap.add_argument("--base", default=None,
+                    help="base model folder or hub id (default: base_model_name_or_path of the adapter)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="dtype of the merged weights (default: float32)")
+    args = ap.parse_args(argv)
+    try:
+        out = export_adapter_merged(args.adapter, args.out, args.base, args.dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -489,3 +489,25 @@ def test_adapter_parameter_count_matches_peft(hf_dir):
         model = load_ours(hf_dir)
         lora.apply_lora(model, r=r, targets=targets)
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) == trainable
+
+
+def test_cli_export_of_a_peft_adapter_equals_peft_merge_and_unload(hf_dir, ids, tmp_path, capsys):
+    torch.manual_seed(12)
+    peft_model = get_peft_model(load_hf(hf_dir), LoraConfig(r=4, lora_alpha=8, target_modules=list(PROJ)))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2)
+    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    expected = hf_logits(peft_model.merge_and_unload().eval(), ids)
+
+    lora.main([str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    assert "wrote" in capsys.readouterr().out
+    torch.testing.assert_close(hf_logits(load_hf(tmp_path / "merged"), ids), expected, rtol=1e-4, atol=1e-5)
+
+    capsys.readouterr()  # drop transformers' progress output
+    with pytest.raises(SystemExit) as exit_info:
+        lora.main([str(tmp_path / "missing"), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
