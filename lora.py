@@ -15,7 +15,8 @@ Where this file sits: `prost.py` calls `apply_lora` (adds an adapter and makes i
 thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `load_adapter` per role
 and `adapter_base` to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
 adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
-`export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder.
+`export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder;
+from the shell: `python lora.py ckpts/planner merged/planner`.
 
 Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
 be rounded away in bf16). The base may be bf16 or fp32. The adapter path casts its input to the adapter
