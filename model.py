@@ -562,7 +562,9 @@ class Tokenizer:
 
         gen_eos = generation_config.get("eos_token_id")
         gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
-        self.eos_id = token_id(tokenizer_config.get("eos_token")) or (gen_eos[0] if gen_eos else None)
+        self.eos_id = token_id(tokenizer_config.get("eos_token"))
+        if self.eos_id is None and gen_eos:
+            self.eos_id = gen_eos[0]
         self.im_start_id, self.im_end_id = vocab.get(IM_START), vocab.get(IM_END)
         self.stop_ids = {i for i in [*gen_eos, self.eos_id, self.im_end_id, vocab.get(ENDOFTEXT)] if i is not None}
         self.pad_id = next((i for i in (token_id(tokenizer_config.get("pad_token")),
@@ -627,10 +629,13 @@ class Tokenizer:
         return text, spans
 
     def chat(self, messages: list[dict], add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
-        """(ids, mask) of the ChatML conversation; mask is 1 on the assistant's own tokens (see `render`)."""
+        """(ids, mask) of the ChatML conversation; mask is 1 on the assistant's own tokens (see `render`).
+
+        The whole text is encoded at once, as transformers' apply_chat_template does, so the ids match it exactly;
+        a token is a target when all its characters lie inside a target span. (A token that straddles the start
+        of a reply, e.g. "\n\n" when the reply begins with a newline, belongs to the prompt.)
+        """
         text, spans = self.render(messages, add_generation_prompt)
-        # encode the whole text at once, as transformers' apply_chat_template does, so ids match it exactly;
-        # a token is a target when its characters lie inside a target span
         enc = self.tok.encode(text, add_special_tokens=False)
         mask = [int(any(s <= a and b <= e for s, e in spans)) for a, b in enc.offsets]
         return enc.ids, mask
@@ -826,9 +831,9 @@ def _generate_main(argv) -> None:
     ap.add_argument("--model", required=True, help="model folder or Hugging Face hub id (e.g. models/tiny)")
     ap.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn + generation prompt")
-    ap.add_argument("--max-new-tokens", type=int, default=64, help="maximum number of tokens to generate")
-    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: the checkpoint's)")
-    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    ap.add_argument("--max-new-tokens", type=int, default=64, help="maximum number of tokens to generate (default: 64)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default=None, help="weights dtype (default: the checkpoint's torch_dtype)")
+    ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     args = ap.parse_args(argv)
     tokenizer = Tokenizer.from_pretrained(args.model)
     model = Transformer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
@@ -849,8 +854,8 @@ def _init_tiny_main(argv) -> None:
                                  description="Create a random-init tiny Qwen2 model + tokenizer trained on a text file.")
     ap.add_argument("--texts", required=True, help="UTF-8 text file to train the tokenizer on (one text per line)")
     ap.add_argument("--out", required=True, help="output folder, e.g. models/tiny")
-    ap.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size preset")
-    ap.add_argument("--seed", type=int, default=0, help="random seed of the weights")
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size preset: tiny (~4 layers x 192, for CPU training) or micro (for tests) (default: tiny)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     args = ap.parse_args(argv)
     path = Path(args.texts)
     if not path.is_file():

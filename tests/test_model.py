@@ -211,6 +211,13 @@ def test_default_system_message_is_read_from_the_template():
                 "{% endif %}{% for m in messages %}...{% endfor %}")
     assert M.default_system_message(template) == "Be brief, don't ramble."
     assert M.default_system_message(TEMPLATE_PLAIN) is None
+    # Qwen2.5's layout: a tools branch opens the system turn in pieces; the full literal comes later
+    qwen_like = ("{%- if tools %}{{- '<|im_start|>system\\n' }}{%- if messages[0]['role'] == 'system' %}"
+                 "{{- messages[0]['content'] }}{%- else %}{{- 'Default.' }}{%- endif %}{%- else %}"
+                 "{%- if messages[0]['role'] == 'system' %}"
+                 "{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+                 "{%- else %}{{- '<|im_start|>system\\nDefault.<|im_end|>\\n' }}{%- endif %}{%- endif %}")
+    assert M.default_system_message(qwen_like) == "Default."
     assert M.default_system_message(
         "{{- '<|im_start|>system\\nYou are \\'X\\'.<|im_end|>\\n' }}") == "You are 'X'."
 
@@ -303,10 +310,12 @@ def test_missing_shard(tmp_path, sharded_ckpt):
 
 # ---- saving, tiny preset, FLOPs, CLI ----------------------------------------------------------------------------
 
-def test_save_pretrained_loads_in_transformers(tmp_path, qwen2_ckpt):
-    folder, hf = qwen2_ckpt
+@pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
+def test_save_pretrained_loads_in_transformers(tmp_path, request, name):
+    folder, hf = request.getfixturevalue(name)
     M.save_pretrained(M.Transformer.from_pretrained(folder), tmp_path / "out")
-    assert "lm_head.weight" not in load_file(tmp_path / "out" / "model.safetensors")  # tied: stored once
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert ("lm_head.weight" in saved) == (name == "llama_ckpt")  # tied: stored once, as the embedding
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
     ids = random_ids(1, 24)
     with torch.no_grad():
