@@ -386,3 +386,38 @@ def test_every_flag_has_help():
         for action in sub._actions:
             if action.dest != "help":
                 assert action.help, f"{name} --{action.dest} has no help"
+
+
+def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mini_world, pool, tmp_path):
+    import lora
+    import torch
+    base = model.Transformer.from_pretrained(tiny_model)
+    for name, seed in (("a", 1), ("b", 2)):
+        lora.add_adapter(base, name, r=4, alpha=8)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora.lora_layers(base).values():
+                layer.lora_B[name].normal_(0.0, 0.5)  # a fresh adapter is a no-op; make these matter
+        lora.save_adapter(base, tmp_path / name, name)
+    adapters = {"executor": str(tmp_path / "a"), "critic": str(tmp_path / "b")}
+    shared = agents.build_system("multi", {r: str(tiny_model) for r in agents.ROLES}, adapters)
+    assert shared.roles["executor"].engine is shared.roles["critic"].engine
+    shared.roles["planner"] = agents.Binding(Scripted())  # plans always parse, so executor and critic run
+    separate = {}  # the reference: one model instance per adapter, never switched
+    for role in ("executor", "critic"):
+        engine = agents.LocalEngine(str(tiny_model))
+        engine.load_adapter(adapters[role], role)
+        separate[role] = agents.Binding(engine, role, adapters[role])
+    separate = agents.System("multi", {"planner": agents.Binding(Scripted()), **separate})
+    plain = agents.System("multi", {"planner": agents.Binding(Scripted()),
+                                    **{r: agents.Binding(shared.roles["executor"].engine) for r in
+                                       ("executor", "critic")}})
+    dev = world.load_split("dev", root=mini_world)[:2]
+    runs = {}
+    for name, system in (("shared", shared), ("separate", separate), ("base", plain)):
+        records = []
+        agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=pool,
+                            on_trajectory=records.append)
+        runs[name] = {r["task_id"]: [(c["role"], c["output"]) for c in r["calls"]] for r in records}
+    assert runs["shared"] == runs["separate"]
+    assert runs["shared"] != runs["base"]  # the adapters change what the roles say
