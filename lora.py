@@ -334,15 +334,18 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
     model itself is left unchanged.
     """
     out_dir = Path(out_dir)
+    base = getattr(model, "name_or_path", None)
+    base_dir = resolve_model_dir(base) if base else None
+    if base_dir is not None and out_dir.resolve() == base_dir.resolve():
+        raise ValueError(f"export_merged would overwrite the base model in {out_dir}; choose another folder")
     # A meta-device skeleton costs no memory; assigning the merged tensors makes it a plain Transformer
     # that shares storage with `model` everywhere except the merged projection weights.
     with torch.device("meta"):
         plain = type(model)(model.config)
     plain.load_state_dict(merged_state_dict(model), strict=True, assign=True)
-    plain.name_or_path = getattr(model, "name_or_path", None)
     save_pretrained(plain, out_dir)
-    if plain.name_or_path:
-        _copy_tokenizer_files(resolve_model_dir(plain.name_or_path), out_dir)
+    if base_dir is not None:
+        _copy_tokenizer_files(base_dir, out_dir)
     return out_dir
 
 

@@ -399,6 +399,8 @@ def test_export_merged_loads_in_transformers_and_prost(ckpt, request, ids, tmp_p
     hf = load_hf(tmp_path / "merged")
     torch.testing.assert_close(hf_logits(hf, ids), adapted, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(our_logits(load_ours(tmp_path / "merged"), ids), adapted, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="overwrite the base model"):
+        lora.export_merged(model, hf_dir)
     # Merging in place first gives the same folder contents.
     lora.merge(model)
     lora.export_merged(model, tmp_path / "merged2")
