@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import transformers
-from conftest import (CORPUS, DEFAULT_SYSTEM, TEMPLATE_PLAIN, build_chatml_tokenizer, build_hf_checkpoint)
+from conftest import CORPUS, DEFAULT_SYSTEM, TEMPLATE_PLAIN, build_chatml_tokenizer
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as RawTokenizer
 
