@@ -516,6 +516,7 @@ def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
     hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
     _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win over our file
 
 
 # ----------------------------------------------------------------------------------------------------------------
