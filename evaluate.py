@@ -1,0 +1,818 @@
+"""Evaluate a ProST system on a split of AppWorld: effectiveness (TGC, SGC) against efficiency (FLOPs per task).
+
+Where this sits: the last stage of the pipeline. prost.py leaves one LoRA adapter per role in `ckpts/<role>/`
+(each recording its base model); this file rebuilds the system from those folders, rolls it out greedily on a
+split with agents.py's scheduler (many worlds at once, model calls batched), lets AppWorld's own evaluator
+judge every task, and turns the trajectories into the paper's measurements:
+
+    TGC   task goal completion: % of tasks whose every evaluation test passes
+    SGC   scenario goal completion: % of scenarios (task id prefix before the "_") whose tasks all pass
+    per-difficulty TGC, the sub-task error rate by sub-task index and role (planner replies in neither
+    format, executor code that raised, critic failure verdicts), tokens and FLOPs per task per role, and
+    wall time per task.
+
+    python evaluate.py --agents ckpts/ --split dev              # planner/executor/critic from ckpts/<role>/
+    python evaluate.py --single ckpts/single --split dev        # the single-agent baseline
+    python evaluate.py --model Qwen/Qwen2.5-1.5B --split dev    # untrained base model in every role
+    python evaluate.py --gold --split dev                       # replay of the mini-world's gold solutions
+    python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
+    torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
+
+Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
+`results.json` (metrics plus per-task rows) and `report.md`, all written atomically. While a run is going,
+finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
+interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
+multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,
+where the time went) is a measurement of the run itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, fields
+from datetime import timedelta
+from pathlib import Path
+
+import agents
+import data
+import world
+
+MULTI_ROLES = ("planner", "executor", "critic")
+ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a trained role (lora.py's PEFT layout)
+TRAJECTORIES = "trajectories.jsonl"
+RESULTS = "results.json"
+REPORT = "report.md"
+RUN_FILE = "run.json"  # which system and split the folder holds; a resume must match it
+PARTS = "parts"
+DIST_TIMEOUT = timedelta(hours=72)  # ranks wait at the final barrier while the slowest shard finishes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which system to evaluate: rebuilt from trained role folders, a base model, or the gold replay.
+
+@dataclass
+class SystemSpec:
+    """What to load: the kind, each role's base model, each role's adapter folder (None = the base)."""
+    kind: str  # "multi" or "single"
+    models: dict[str, str | None]
+    adapters: dict[str, str | None]
+    label: str  # used in the default output name
+
+    @property
+    def roles(self) -> tuple[str, ...]:
+        return MULTI_ROLES if self.kind == "multi" else ("single",)
+
+
+def role_folders(agents_dir: str | Path) -> dict[str, str]:
+    """{role: adapter folder} for planner, executor and critic under `agents_dir` (prost.py's --out)."""
+    root = Path(agents_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"agents folder {root} does not exist; train the roles first with "
+                                f"`python prost.py --role ROLE --out {root}`")
+    found = {role: str(root / role) for role in MULTI_ROLES if (root / role / ADAPTER_CONFIG).is_file()}
+    if not found:
+        raise ValueError(f"{root} holds no trained role: expected sub-folders planner/, executor/ and critic/, "
+                         f"each with {ADAPTER_CONFIG} (what `python prost.py --out {root}` writes)")
+    missing = [role for role in MULTI_ROLES if role not in found]
+    if missing:
+        raise ValueError(f"{root} has no adapter for the {', '.join(missing)} (no {ADAPTER_CONFIG} in "
+                         f"{', '.join(str(root / r) for r in missing)}); train it with prost.py --role")
+    return found
+
+
+def single_folder(path: str | Path) -> str:
+    """The single agent's adapter folder: PATH itself, or PATH/single (a prost.py --out root)."""
+    path = Path(path)
+    for candidate in (path, path / "single"):
+        if (candidate / ADAPTER_CONFIG).is_file():
+            return str(candidate)
+    if not path.exists():
+        raise FileNotFoundError(f"single-agent folder {path} does not exist; train it with "
+                                "`python prost.py --role single --out ckpts` (then pass ckpts/single)")
+    raise ValueError(f"{path} holds no trained single agent (no {ADAPTER_CONFIG} in it or in {path / 'single'})")
+
+
+def recorded_base(adapter: str, role: str) -> str:
+    import lora
+    try:
+        return lora.adapter_base(adapter)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the {role}'s adapter in {adapter}: {e}") from None
+
+
+def check_base_found(base: str, role: str, adapter: str | None) -> None:
+    """Fail before loading anything when a base model cannot be found (a moved folder, a hub id offline)."""
+    import model
+    try:
+        model.resolve_model_dir(base)
+    except (FileNotFoundError, ValueError) as e:
+        where = f"the {role}'s adapter {adapter} was trained on base '{base}'" if adapter else \
+            f"the {role}'s model '{base}'"
+        raise FileNotFoundError(f"{where}, which cannot be found ({e}); pass --model FOLDER_OR_ID to give "
+                                "the base") from None
+
+
+def system_spec(agents_dir=None, single=None, model_id=None, kind="multi") -> SystemSpec:
+    """Decide every role's base and adapter from the command line, and check that all of them exist."""
+    if agents_dir and single:
+        raise ValueError("give either --agents (multi-agent) or --single (single agent), not both")
+    if agents_dir:
+        adapters = role_folders(agents_dir)
+        spec = SystemSpec("multi", {}, adapters, Path(agents_dir).resolve().name)
+    elif single:
+        spec = SystemSpec("single", {}, {"single": single_folder(single)}, Path(single).resolve().name)
+    elif model_id:
+        spec = SystemSpec(kind, {}, {}, Path(str(model_id)).name)
+    else:
+        raise ValueError("nothing to evaluate: give --agents CKPTS, --single CKPTS/single, --model ID or --gold")
+    for role in spec.roles:
+        adapter = spec.adapters.get(role)
+        spec.models[role] = model_id or recorded_base(adapter, role)
+        check_base_found(spec.models[role], role, adapter)
+    return spec
+
+
+def load_system(spec: SystemSpec, device: str, dtype: str) -> agents.System:
+    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it."""
+    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype)
+
+
+def gold_system(root=None) -> agents.System:
+    """The mini-world's gold sub-tasks replayed through the multi-agent protocol: the upper bound of what
+    the protocol can score (no deliberate mistakes, so no recovery detours)."""
+    return agents.teacher_system("gold", root=root, recovery_share=0.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: under torchrun each rank rolls out its shard; rank 0 merges.
+
+@dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_ranks() -> Ranks:
+    """Join torchrun's process group (gloo: evaluation only needs barriers and small objects, on any device)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size == 1:
+        return Ranks()
+    import torch.distributed as dist
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
+    return Ranks(dist.get_rank(), size)
+
+
+def stop_ranks(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def barrier(ranks: Ranks) -> None:
+    if ranks.world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def gather(ranks: Ranks, obj) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if ranks.world == 1:
+        return [obj]
+    import torch.distributed as dist
+    out = [None] * ranks.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_device(device: str) -> str:
+    """'auto': this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
+    if device != "auto":
+        return device
+    import torch
+    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
+
+
+def rank_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The output folder: identity, finished tasks, durable parts, atomic final files.
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path) -> dict:
+    """What a folder's trajectories depend on; a resume with anything else would mix two systems."""
+    return {"split": split, "root": str(root), "system": system.describe(budgets)}
+
+
+def claim_folder(out: Path, identity: dict, ranks: Ranks) -> None:
+    """Record the run's identity in OUT/run.json, or check that an existing folder holds the same run."""
+    path = out / RUN_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved != identity:
+            changed = [k for k in ("split", "root", "system") if saved.get(k) != identity.get(k)]
+            raise ValueError(f"{out} holds the evaluation of another run (different {', '.join(changed)}); "
+                             "choose another --out or remove that folder")
+    elif out.exists() and any(p.name != PARTS for p in out.iterdir()):
+        raise ValueError(f"{out} is not empty and holds no evaluation; choose another --out")
+    barrier(ranks)  # every rank has checked before rank 0 writes
+    if ranks.is_main and not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, json.dumps(identity, indent=2) + "\n")
+
+
+def part_paths(out: Path) -> list[Path]:
+    return sorted((out / PARTS).glob("rank*.jsonl")) if (out / PARTS).is_dir() else []
+
+
+def timing_path(part: Path) -> Path:
+    return part.with_name(f"timing-{part.stem}.jsonl")
+
+
+def finished_records(out: Path) -> dict[str, dict]:
+    """task id -> trajectory, from the merged file and every rank's part (first occurrence wins)."""
+    records: dict[str, dict] = {}
+    for path in [out / TRAJECTORIES, *part_paths(out)]:
+        if path.is_file():
+            for record in data.read_trajectories(path):
+                records.setdefault(record["task_id"], record)
+    return records
+
+
+def finished_timings(out: Path) -> dict[str, float]:
+    """task id -> wall seconds of its rollout (the last line per task: a rerun after a crash replaces it)."""
+    timings = {}
+    for path in [out / "timing.jsonl", *(timing_path(p) for p in part_paths(out))]:
+        if path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line from a crash
+                timings[row["task_id"]] = row["wall_seconds"]
+    return timings
+
+
+def append_line(path: Path, obj: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(obj) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Rolling out one rank's shard.
+
+class StopEvaluation(Exception):
+    """Raised after `stop_after` finished tasks, to stop a run the way a crash would (tests, demos)."""
+
+
+def timed_rollouts(make_rollout, timings: dict[str, float]):
+    """Wrap each rollout generator to measure its wall time from opening the task to its evaluation."""
+    def rollout(task_id):
+        began = time.perf_counter()
+        record = yield from make_rollout(task_id)
+        timings[task_id] = time.perf_counter() - began
+        return record
+    return rollout
+
+
+def roll_out_shard(task_ids: list[str], system: agents.System, budgets: agents.Budgets, split: str, root: Path,
+                   part: Path, *, workers: int, max_batch: int, pool=None, stop_after: int | None = None,
+                   progress=None) -> agents.RunStats:
+    """Roll out `task_ids`, appending each finished trajectory to `part` (its wall time to the timing file
+    first, so every recorded trajectory has one)."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    described = system.describe(budgets)
+    make = agents.multi_agent_rollout if system.kind == "multi" else agents.single_agent_rollout
+    timings: dict[str, float] = {}
+    finished = []
+
+    def keep(record: dict) -> None:
+        task_id = record["task_id"]
+        append_line(timing_path(part), {"task_id": task_id, "wall_seconds": round(timings[task_id], 4)})
+        data.write_trajectory(part, record)
+        finished.append(task_id)
+        if progress:
+            progress(len(finished), len(task_ids), record)
+        if stop_after is not None and len(finished) >= stop_after:
+            raise StopEvaluation(f"stopped after {len(finished)} tasks as asked")
+
+    if not task_ids:
+        return agents.RunStats()
+    rollout = timed_rollouts(lambda t: make(t, budgets, split, described), timings)
+    return agents.run_rollouts(task_ids, system, budgets, split=split, root=root, workers=workers,
+                               max_batch=max_batch, on_trajectory=keep, rollout=rollout, pool=pool)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: pure functions of the trajectories (plus each task's difficulty).
+
+def percent(part: float, whole: float) -> float:
+    return 100.0 * part / whole if whole else 0.0
+
+
+def passed(record: dict) -> bool:
+    return bool(record["evaluation"] and record["evaluation"]["success"])
+
+
+def scenario_of(task_id: str) -> str:
+    """AppWorld's scenario id: the task id before its underscore (a scenario's variants share it)."""
+    return task_id.split("_")[0]
+
+
+def goal_completion(records: list[dict]) -> dict:
+    """TGC and SGC in percent, with their counts."""
+    scenarios: dict[str, bool] = {}
+    for r in records:
+        scenarios[scenario_of(r["task_id"])] = scenarios.get(scenario_of(r["task_id"]), True) and passed(r)
+    n_passed = sum(passed(r) for r in records)
+    return {"tasks": len(records), "passed": n_passed, "tgc": percent(n_passed, len(records)),
+            "scenarios": len(scenarios), "scenarios_passed": sum(scenarios.values()),
+            "sgc": percent(sum(scenarios.values()), len(scenarios))}
+
+
+def tgc_by_difficulty(records: list[dict], difficulty: dict[str, object]) -> dict[str, dict]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[str(difficulty.get(r["task_id"], "unknown"))].append(r)
+    return {d: {"tasks": len(rs), "tgc": percent(sum(passed(r) for r in rs), len(rs))}
+            for d, rs in sorted(groups.items())}
+
+
+def subtask_errors(records: list[dict]) -> dict[str, dict[str, dict]]:
+    """{sub-task index: {role: {"n", "errors", "rate"}}}: for the planner, decisions in neither format; for
+    the executor (and the single agent), executions that raised; for the critic, failure verdicts."""
+    counts: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+    for r in records:
+        for call in r["calls"]:
+            if call["role"] == "planner":
+                cell = counts[call["subtask"]]["planner"]
+                cell[0] += 1
+                cell[1] += agents.parse_plan(call["output"]) is None
+        actor = "executor" if r["system"]["kind"] == "multi" else "single"
+        for execution in r["executions"]:
+            cell = counts[execution["subtask"]][actor]
+            cell[0] += 1
+            cell[1] += execution["error"]
+        for subtask in r["subtasks"]:
+            for attempt in subtask["attempts"]:
+                cell = counts[subtask["index"]]["critic"]
+                cell[0] += 1
+                cell[1] += attempt["verdict"] == "failure"
+    return {str(k): {role: error_cell(*roles[role]) for role in in_role_order(roles)}
+            for k, roles in sorted(counts.items())}
+
+
+def error_cell(n: int, errors: int) -> dict:
+    return {"n": n, "errors": errors, "rate": percent(errors, n)}
+
+
+def role_costs(records: list[dict]) -> dict[str, dict]:
+    """Per role, averaged over tasks: model calls, prompt and new tokens, forward FLOPs."""
+    totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in records:
+        for call in r["calls"]:
+            t = totals[call["role"]]
+            t["calls"] += 1
+            t["prompt_tokens"] += call["prompt_tokens"]
+            t["new_tokens"] += call["new_tokens"]
+            t["flops"] += call["flops"]
+    n = max(len(records), 1)
+    return {role: {f"{k}_per_task": v / n for k, v in totals[role].items()} for role in in_role_order(totals)}
+
+
+def in_role_order(roles) -> list[str]:
+    """Roles in protocol order (planner, executor, critic, single), whatever order they were found in."""
+    return sorted(roles, key=lambda r: agents.ROLES.index(r) if r in agents.ROLES else len(agents.ROLES))
+
+
+def budget_stops(records: list[dict]) -> dict[str, int]:
+    stops: dict[str, int] = defaultdict(int)
+    for r in records:
+        for stop in r["budget_stops"]:
+            stops[stop["budget"]] += 1
+    return dict(sorted(stops.items()))
+
+
+def compute_metrics(records: list[dict], difficulty: dict[str, object]) -> dict:
+    """Everything the report shows that depends only on the trajectories (so resume and sharding cannot
+    change it)."""
+    costs = role_costs(records)
+    return {**goal_completion(records),
+            "by_difficulty": tgc_by_difficulty(records, difficulty),
+            "subtask_errors": subtask_errors(records),
+            "roles": costs,
+            "flops_per_task": sum(c.get("flops_per_task", 0.0) for c in costs.values()),
+            "tokens_per_task": sum(c.get("prompt_tokens_per_task", 0.0) + c.get("new_tokens_per_task", 0.0)
+                                   for c in costs.values()),
+            "budget_stops": budget_stops(records)}
+
+
+def task_rows(records: list[dict], difficulty: dict[str, object], timings: dict[str, float]) -> list[dict]:
+    return [{"task_id": r["task_id"], "success": passed(r), "difficulty": difficulty.get(r["task_id"]),
+             "subtasks": len(r["subtasks"]), "calls": len(r["calls"]), "executions": len(r["executions"]),
+             "flops": sum(c["flops"] for c in r["calls"]),
+             "tests": f"{len(r['evaluation']['passes'])}/{r['evaluation']['num_tests']}" if r["evaluation"] else None,
+             "wall_seconds": timings.get(r["task_id"])} for r in records]
+
+
+def timing_summary(records: list[dict], timings: dict[str, float], stats: list[agents.RunStats]) -> dict:
+    """Measured, not derived: wall time per task (each rollout from open to evaluation, averaged), model time
+    per task (each call's share of its batch), and where this invocation's wall time went."""
+    walls = [timings[r["task_id"]] for r in records if r["task_id"] in timings]
+    model_seconds = sum(c["seconds"] for r in records for c in r["calls"])
+    run_seconds = max((s.seconds for s in stats), default=0.0)
+    return {"wall_seconds_per_task": statistics.fmean(walls) if walls else None,
+            "model_seconds_per_task": model_seconds / max(len(records), 1),
+            "this_run": {"tasks": sum(s.tasks for s in stats), "seconds": run_seconds,
+                         "model_seconds": sum(s.model_seconds for s in stats),
+                         "world_seconds": sum(s.world_seconds for s in stats),
+                         "tasks_per_minute": sum(s.tasks for s in stats) / run_seconds * 60 if run_seconds else None,
+                         "processes": len(stats)}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The whole evaluation.
+
+@dataclass
+class EvalConfig:
+    split: str = "dev"
+    out: str = "results/run"
+    name: str | None = None
+    root: str | None = None
+    workers: int = 4
+    max_batch: int = 16
+    limit: int | None = None
+    stop_after: int | None = None  # stop after this many finished tasks, as if interrupted
+    quiet: bool = False
+
+
+def split_tasks(split: str, root, limit: int | None) -> list[str]:
+    task_ids = world.load_split(split, root=root)
+    if limit is not None:
+        if limit < 1:
+            raise ValueError("--limit must be at least 1")
+        task_ids = task_ids[:limit]
+    if not task_ids:
+        raise ValueError(f"split {split!r} has no tasks")
+    return task_ids
+
+
+def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *, pool=None,
+             ranks: Ranks | None = None) -> dict | None:
+    """Evaluate (or finish evaluating) `system` on cfg.split into cfg.out; returns results on rank 0."""
+    ranks = ranks or Ranks()
+    root = Path(cfg.root or world.world_root()).resolve()
+    task_ids = split_tasks(cfg.split, root, cfg.limit)
+    out = Path(cfg.out)
+    claim_folder(out, run_identity(system, budgets, cfg.split, root), ranks)
+    done = finished_records(out)
+    barrier(ranks)  # every rank has read the same finished set before anyone appends to it
+    todo = [t for t in task_ids if t not in done]
+    mine = todo[ranks.rank::ranks.world]
+    log = (lambda *a: None) if cfg.quiet or not ranks.is_main else print
+    log(f"{cfg.split}: {len(task_ids)} tasks, {len(task_ids) - len(todo)} already evaluated in {out}, "
+        f"{len(todo)} to run" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
+    progress = None if cfg.quiet else (lambda i, n, r: log(
+        f"  [{i}/{n}] {r['task_id']}: {'pass' if passed(r) else 'fail'}"))
+    stats, stopped = agents.RunStats(), None
+    try:
+        stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{ranks.rank}.jsonl",
+                               workers=cfg.workers, max_batch=cfg.max_batch, pool=pool, stop_after=cfg.stop_after,
+                               progress=progress)
+    except StopEvaluation as e:
+        stopped = str(e)
+    all_stats = gather(ranks, stats)
+    stops = [s for s in gather(ranks, stopped) if s]
+    barrier(ranks)
+    if not ranks.is_main:
+        return None
+    if stops:
+        raise StopEvaluation(f"{stops[0]}; rerun the same command to resume")
+    return finish(out, task_ids, cfg, system.describe(budgets), all_stats, root)
+
+
+def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats: list, root: Path) -> dict:
+    """Merge the parts into trajectories.jsonl (split order), compute the metrics, write results and report."""
+    found = finished_records(out)
+    missing = [t for t in task_ids if t not in found]
+    if missing:
+        raise RuntimeError(f"{len(missing)} tasks have no trajectory after the run (first: {missing[0]})")
+    records = [found[t] for t in task_ids]
+    chosen = set(task_ids)
+    extra = [r for t, r in found.items() if t not in chosen]  # from an earlier run with a larger --limit
+    merged = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + extra)
+    timings = finished_timings(out)
+    write_atomic(out / TRAJECTORIES, merged)
+    write_atomic(out / "timing.jsonl", "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
+                                                for t, s in timings.items()))
+    for part in part_paths(out):  # now in the merged files
+        timing_path(part).unlink(missing_ok=True)
+        part.unlink()
+    if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
+        (out / PARTS).rmdir()
+    difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
+    results = {"name": cfg.name or out.name, "split": cfg.split, "root": str(root),
+               "system": system,
+               "metrics": compute_metrics(records, difficulty),
+               "timing": timing_summary(records, timings, stats),
+               "tasks": task_rows(records, difficulty, timings)}
+    write_atomic(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    write_atomic(out / REPORT, markdown_report(results))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Markdown report.
+
+def fmt_flops(x: float) -> str:
+    if not x:
+        return "0"
+    exponent = int(math.floor(math.log10(abs(x)) / 3) * 3)
+    units = {0: "", 3: "K", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E"}
+    return f"{x / 10 ** exponent:.3g} {units.get(exponent, f'e{exponent}')}".strip()
+
+
+def fmt_seconds(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} s"
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def markdown_report(results: dict) -> str:
+    m, t = results["metrics"], results["timing"]
+    system = results["system"]
+    lines = [f"# Evaluation: {results['name']}", "",
+             f"Split `{results['split']}` of the world at `{results['root']}`; system kind `{system['kind']}`"
+             + (f" (teacher `{system['teacher']}`)" if system.get("teacher") else "") + ".", ""]
+    lines += markdown_table(["role", "model", "adapter"],
+                            [[role, f"`{b['model']}`", f"`{b['adapter']}`" if b["adapter"] else "(base)"]
+                             for role, b in system["roles"].items()])
+    lines += ["", "## Effectiveness", "",
+              f"- **TGC {m['tgc']:.1f}** ({m['passed']}/{m['tasks']} tasks pass every evaluation test)",
+              f"- **SGC {m['sgc']:.1f}** ({m['scenarios_passed']}/{m['scenarios']} scenarios with all tasks passing)",
+              ""]
+    lines += markdown_table(["difficulty", "tasks", "TGC"],
+                            [[d, v["tasks"], f"{v['tgc']:.1f}"] for d, v in m["by_difficulty"].items()])
+    lines += ["", "## Efficiency", "",
+              f"- FLOPs per task: **{fmt_flops(m['flops_per_task'])}** (forward passes of every model call)",
+              f"- tokens per task: {m['tokens_per_task']:.0f}",
+              f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
+              f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
+    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task"],
+                            [[role, f"{c['calls_per_task']:.1f}", f"{c['prompt_tokens_per_task']:.0f}",
+                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"])]
+                             for role, c in m["roles"].items()])
+    run = t["this_run"]
+    if run["tasks"]:
+        lines += ["", f"This invocation: {run['tasks']} tasks in {run['seconds']:.1f} s on {run['processes']} "
+                  f"process(es); model {run['model_seconds']:.1f} s, world sessions {run['world_seconds']:.1f} s "
+                  "(summed over sessions)."]
+    lines += ["", "## Sub-task error rates", "",
+              "Per sub-task index: planner replies in neither format, executions that raised (executor or single "
+              "agent), critic failure verdicts. Cells are errors/n (%).", ""]
+    roles = in_role_order({role for row in m["subtask_errors"].values() for role in row})
+    lines += markdown_table(["sub-task"] + roles,
+                            [[k] + [f"{row[r]['errors']}/{row[r]['n']} ({row[r]['rate']:.0f}%)" if r in row else "-"
+                                    for r in roles] for k, row in m["subtask_errors"].items()])
+    if m["budget_stops"]:
+        lines += ["", "Budget stops: " + ", ".join(f"{k} {v}" for k, v in m["budget_stops"].items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pareto analysis over several results.json files.
+
+SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
+
+
+def system_name(results: dict) -> str:
+    """Runs that differ only by a seed suffix (-seed1, -s2) are seeds of one system."""
+    return SEED_SUFFIX.sub("", results["name"])
+
+
+@dataclass
+class ParetoRow:
+    system: str
+    runs: int
+    tgc: float
+    tgc_sd: float
+    sgc: float
+    sgc_sd: float
+    flops: float
+    optimal: bool = False
+
+
+def spread(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def pareto_rows(results: list[dict]) -> list[ParetoRow]:
+    """One row per system (mean and standard deviation over its seeds), sorted by FLOPs per task."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in results:
+        groups[system_name(r)].append(r["metrics"])
+    rows = [ParetoRow(name, len(ms), statistics.fmean(m["tgc"] for m in ms), spread([m["tgc"] for m in ms]),
+                      statistics.fmean(m["sgc"] for m in ms), spread([m["sgc"] for m in ms]),
+                      statistics.fmean(m["flops_per_task"] for m in ms)) for name, ms in groups.items()]
+    for row in rows:
+        row.optimal = not any(dominates(other, row) for other in rows)
+    return sorted(rows, key=lambda r: (r.flops, -r.tgc, r.system))
+
+
+def dominates(a: ParetoRow, b: ParetoRow) -> bool:
+    """a is at least as effective for at most the compute, and strictly better in one of them."""
+    return a.tgc >= b.tgc and a.flops <= b.flops and (a.tgc > b.tgc or a.flops < b.flops)
+
+
+def pareto_table(rows: list[ParetoRow]) -> str:
+    lines = markdown_table(["system", "runs", "TGC", "SGC", "FLOPs/task", "Pareto"],
+                           [[r.system, r.runs, f"{r.tgc:.1f} ± {r.tgc_sd:.1f}", f"{r.sgc:.1f} ± {r.sgc_sd:.1f}",
+                             fmt_flops(r.flops), "*" if r.optimal else ""] for r in rows])
+    return "\n".join(lines) + "\n\n* = Pareto-optimal: no other system has higher TGC for no more FLOPs per task.\n"
+
+
+def plot_pareto(rows: list[ParetoRow], path: Path) -> bool:
+    """TGC against FLOPs per task with the front drawn; False when matplotlib is not installed."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.errorbar(max(r.flops, 1.0), r.tgc, yerr=r.tgc_sd, fmt="o" if r.optimal else "x", capsize=3)
+        ax.annotate(r.system, (max(r.flops, 1.0), r.tgc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    front = [r for r in rows if r.optimal]
+    ax.step([max(r.flops, 1.0) for r in front], [r.tgc for r in front], where="post", linestyle="--")
+    ax.set_xscale("log")
+    ax.set_xlabel("FLOPs per task")
+    ax.set_ylabel("TGC (%)")
+    ax.set_title("Effectiveness vs efficiency")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
+    fig.savefig(tmp)
+    os.replace(tmp, path)
+    plt.close(fig)
+    return True
+
+
+def load_results(paths: list[str]) -> list[dict]:
+    if not paths:
+        raise ValueError("give at least one results.json")
+    results = []
+    for p in paths:
+        path = Path(p)
+        if not path.is_file():
+            raise FileNotFoundError(f"results file {path} does not exist (evaluate.py writes OUT/{RESULTS})")
+        try:
+            r = json.loads(path.read_text())
+            r["metrics"]["tgc"], r["metrics"]["sgc"], r["metrics"]["flops_per_task"], r["name"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path} is not an evaluate.py results.json") from None
+        results.append(r)
+    return results
+
+
+def pareto_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
+                                "evaluations, Pareto-optimal systems marked; seeds of one system (names ending "
+                                "in -seedN or -sN) are averaged.")
+    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
+    p.add_argument("--plot", default=None, help="where to write the plot when matplotlib is installed "
+                   "(default: pareto.png beside the first results folder)")
+    args = p.parse_args(argv)
+    try:
+        results = load_results(args.results)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = pareto_rows(results)
+    print(pareto_table(rows), end="")
+    plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
+    if plot_pareto(rows, plot):
+        print(f"plot: {plot}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line.
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a ProST system on a split (TGC, SGC, sub-task errors, FLOPs "
+                                "per task). `python evaluate.py pareto results/*/results.json` compares runs.",
+                                epilog="Under `torchrun --nproc_per_node N` each process rolls out a shard and "
+                                "rank 0 writes the merged results.")
+    which = p.add_argument_group("system (one of)")
+    which.add_argument("--agents", default=None, help="prost.py output folder with planner/, executor/, critic/ "
+                       "adapters (each records its base model)")
+    which.add_argument("--single", default=None, help="single-agent adapter folder (e.g. ckpts/single)")
+    which.add_argument("--model", default=None, help="base model id or folder: alone, every role runs it without "
+                       "adapters; with --agents/--single, the base the adapters are loaded on")
+    which.add_argument("--kind", default="multi", choices=("multi", "single"),
+                       help="with --model alone: planner/executor/critic, or the single-agent baseline")
+    which.add_argument("--gold", action="store_true", help="replay the mini-world's gold sub-tasks through the "
+                       "multi-agent protocol (the protocol's upper bound; no model runs)")
+    p.add_argument("--split", default="dev", help="task split (mini-world: train, dev, test; AppWorld: dev, "
+                   "test_normal, test_challenge)")
+    p.add_argument("--out", default=None, help="output folder (default: results/<name>)")
+    p.add_argument("--name", default=None, help="system name in the report and the Pareto table (default: the "
+                   "ckpts folder or model name plus the split); end it with -seedN to group seeds")
+    p.add_argument("--root", default=None, help="APPWORLD_ROOT of the world (default: $APPWORLD_ROOT, else the "
+                   "repo's miniworld/)")
+    p.add_argument("--workers", type=int, default=4, help="world sessions (worker processes) per process")
+    p.add_argument("--max-batch", type=int, default=16, help="most model calls batched into one generate call")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the split's first N tasks")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after N finished tasks as if interrupted "
+                   "(rerun the same command to resume)")
+    p.add_argument("--device", default="auto", help="torch device (auto: this rank's GPU if any, else cpu)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weight dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="print only the summary")
+    defaults = agents.Budgets()
+    for f in fields(agents.Budgets):
+        p.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int, default=getattr(defaults, f.name),
+                       help=f"budget: {agents.BUDGET_HELP[f.name]} (default {getattr(defaults, f.name)})")
+    return p
+
+
+def system_from_args(args) -> tuple[agents.System, str]:
+    """(the loaded system, its default name)."""
+    if args.gold:
+        if args.agents or args.single or args.model:
+            raise ValueError("--gold replays the gold solutions; do not combine it with --agents/--single/--model")
+        return gold_system(args.root), "gold"
+    spec = system_spec(args.agents, args.single, args.model, args.kind)
+    device = rank_device(args.device)
+    return load_system(spec, device, rank_dtype(args.dtype, device)), spec.label
+
+
+def summary_line(results: dict) -> str:
+    m, t = results["metrics"], results["timing"]
+    return (f"{results['name']}: TGC {m['tgc']:.1f} ({m['passed']}/{m['tasks']}), SGC {m['sgc']:.1f} "
+            f"({m['scenarios_passed']}/{m['scenarios']}), {fmt_flops(m['flops_per_task'])} FLOPs/task, "
+            f"{fmt_seconds(t['wall_seconds_per_task'])} wall/task")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pareto"]:
+        return pareto_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    ranks = start_ranks()
+    try:
+        budgets = agents.budgets_from(args)
+        split_tasks(args.split, args.root, args.limit)  # an unknown split fails before any model loads
+        system, label = system_from_args(args)
+        name = args.name or f"{label}-{args.split}"
+        cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
+                         workers=args.workers, max_batch=args.max_batch, limit=args.limit,
+                         stop_after=args.stop_after, quiet=args.quiet)
+        results = evaluate(system, budgets, cfg, ranks=ranks)
+        if results is not None:
+            print(summary_line(results))
+            print(f"wrote {Path(cfg.out) / RESULTS}, {Path(cfg.out) / REPORT}, {Path(cfg.out) / TRAJECTORIES}")
+    except StopEvaluation as e:
+        print(str(e), file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        stop_ranks(ranks)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
