@@ -8,6 +8,8 @@ Sections:
            fp32 and bf16): tokens/s of both and their ratio; then the peak memory (RSS) of loading a checkpoint.
   lora     forward time with an active r=16 LoRA adapter on all 7 projections vs the plain base forward (prost,
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
+  train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
+           -100, full logits), fp32 and bf16 autocast on CPU: tokens/s and peak RSS growth of both, as ratios.
 """
 
 import argparse
@@ -220,11 +222,143 @@ def _bench_lora() -> None:
               f"({n * 4 / 2**20:.1f} MiB fp32, {100 * n / 1.54e9:.2f}% of 1.54B)")
 
 
+# ---- train ------------------------------------------------------------------------------------------------------
+
+# A vocabulary large next to the width, as in real LMs (Qwen2.5-1.5B: 151936 x 1536), so the cost of full logits shows.
+TRAIN_MODEL = dict(vocab_size=32768, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
+TRAIN_MICRO, TRAIN_ROWS, TRAIN_SEQ, TRAIN_ROUNDS = 2, 4, 256, 4
+TRAIN_CASES = (("fp32", 64), ("bf16", 64), ("fp32", TRAIN_SEQ), ("bf16", TRAIN_SEQ))  # (precision, targets/row)
+
+
+def _train_batches(n_targets: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Micro-batches of random ids whose last `n_targets` tokens per row are targets (a role's output)."""
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(TRAIN_MICRO):
+        ids = torch.randint(0, TRAIN_MODEL["vocab_size"], (TRAIN_ROWS, TRAIN_SEQ), generator=g)  # (B, T)
+        mask = torch.zeros(TRAIN_ROWS, TRAIN_SEQ, dtype=torch.bool)  # (B, T)
+        mask[:, -n_targets:] = True
+        batches.append((ids, mask))
+    return batches
+
+
+def _train_step(which: str, folder: str, precision: str, n_targets: int):
+    """A function running one LoRA optimizer step (r=16, all 7 projections, fused AdamW, clipping) of prost's
+    loop or of the usual PEFT recipe, returning its CPU seconds."""
+    import lora
+    import prost
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    batches = _train_batches(n_targets)
+    step_targets = sum(int(mask[:, 1:].sum()) for _, mask in batches)
+    if which == "prost":
+        model = M.Transformer.from_pretrained(folder, dtype=dtype)
+        lora.apply_lora(model, r=16, alpha=32)
+        params = list(prost.trainable_parameters(model).values())
+
+        def accumulate():
+            prost.accumulate_gradients(model, batches, step_targets, torch.device("cpu"), precision)
+    else:
+        import warnings
+
+        import peft
+        import transformers
+        transformers.logging.set_verbosity_error()  # keep the table readable: no loading bars or deprecation notes
+        transformers.logging.disable_progress_bar()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32,
+                                                            target_modules=list(lora.DEFAULT_TARGETS)))
+        params = [p for p in model.parameters() if p.requires_grad]  # PEFT keeps adapters fp32 over a bf16 base
+
+        def accumulate():
+            for ids, mask in batches:  # labels -100 off target; the loss is computed over full logits
+                labels = ids.masked_fill(~mask, -100)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                    loss = model(input_ids=ids, labels=labels).loss  # mean over this micro-batch's targets
+                (loss * int(mask[:, 1:].sum()) / step_targets).backward()
+    model.train()
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
+
+    def step() -> float:
+        start = time.process_time()  # CPU seconds of this process: waiting for other processes does not count
+        accumulate()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.process_time() - start
+    return step
+
+
+def _train_peak_worker(which: str, folder: str, precision: str, n_targets: int) -> None:
+    """In a fresh process: print the peak RSS growth (bytes) over two training steps, optimizer state included."""
+    torch.set_num_threads(1)
+    step = _train_step(which, folder, precision, n_targets)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: count training only
+    base = _kib("VmRSS:")
+    step()
+    step()
+    print((_kib("VmHWM:") - base) * 1024)
+
+
+def _kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+
+
+def _train_peak(which: str, folder: Path, precision: str, n_targets: int) -> int:
+    code = f"import bench; bench._train_peak_worker({which!r}, {str(folder)!r}, {precision!r}, {n_targets})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
+    return int(out.split()[-1])
+
+
+def bench_train() -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the machine is shared: one thread keeps timings stable under others' load
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "qwen2-random"
+            hf = _random_qwen2_checkpoint(folder, TRAIN_MODEL)
+            tokens = TRAIN_MICRO * TRAIN_ROWS * TRAIN_SEQ
+            print(f"train: LoRA r=16 (all 7 projections) optimizer steps, fused AdamW, clipping, on a random Qwen2 of "
+                  f"{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params (vocab {TRAIN_MODEL['vocab_size']}); "
+                  f"a step = {TRAIN_MICRO} micro-batches of {TRAIN_ROWS} x {TRAIN_SEQ} tokens whose last 64 (a role's "
+                  f"output) or all {TRAIN_SEQ} tokens per row are targets. prost: loss at target positions only; "
+                  f"PEFT over transformers: labels -100, full logits. Speed: CPU time, best of {TRAIN_ROUNDS} "
+                  f"interleaved steps after a warm-up, 1 thread; peak: RSS growth over 2 steps in a fresh process.")
+            print(f"  {'precision':<14} {'targets':>7} {'prost tok/s':>11} {'PEFT tok/s':>10} {'ratio':>6} "
+                  f"{'prost peak MiB':>14} {'PEFT peak MiB':>13} {'ratio':>6}")
+            for precision, n_targets in TRAIN_CASES:
+                steps = {which: _train_step(which, str(folder), precision, n_targets) for which in ("prost", "peft")}
+                best = _best_of_rounds(steps, TRAIN_ROUNDS)
+                speed = {which: tokens / seconds for which, seconds in best.items()}
+                peak = {which: _train_peak(which, folder, precision, n_targets) / 2**20 for which in steps}
+                label = "bf16 autocast" if precision == "bf16" else precision
+                print(f"  {label:<14} {n_targets:>7} {speed['prost']:>11.0f} {speed['peft']:>10.0f} "
+                      f"{speed['prost'] / speed['peft']:>6.2f} {peak['prost']:>14.1f} {peak['peft']:>13.1f} "
+                      f"{peak['prost'] / peak['peft']:>6.2f}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _best_of_rounds(runs: dict, rounds: int) -> dict:
+    """Fastest of `rounds` timings per run, one call of every run per round (round 0 warms up)."""
+    best = {name: float("inf") for name in runs}
+    for round_ in range(rounds + 1):
+        for name, run in runs.items():
+            seconds = run()
+            if round_:
+                best[name] = min(best[name], seconds)
+    return best
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 SECTIONS = {
     "decode": bench_decode,
     "lora": bench_lora,
+    "train": bench_train,
 }
 
 
