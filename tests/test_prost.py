@@ -165,9 +165,9 @@ def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
     single = subprocess.run([sys.executable, "prost.py", *common, "--grad-accum", "2", "--out",
                              str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29613", "prost.py", *common, "--grad-accum", "1", "--out",
-                          str(tmp_path / "two")], cwd=REPO, env=env, capture_output=True, text=True)
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "prost.py", *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True)
     assert ddp.returncode == 0, ddp.stderr
     one, two = log_records(tmp_path / "one/executor"), log_records(tmp_path / "two/executor")
     assert [r["step"] for r in one] == [r["step"] for r in two]
