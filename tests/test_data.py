@@ -373,3 +373,21 @@ def test_mask_with_real_tokenizer_checked_by_hand(tmp_path):
     assert example.mask == [0] * start + [1] * n_targets + [0]
     assert tokenizer.decode(example.ids[start:start + n_targets]) == "success: output matches<|im_end|>"
     assert example.ids[start + n_targets - 1] == tokenizer.im_end_id
+
+
+def test_cli_checks_and_prints_the_schedule(tmp_path, capsys):
+    from conftest import build_chatml_tokenizer
+    path = tmp_path / "t.jsonl"
+    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
+    assert data.main(["check", str(path)]) == 0
+    # planner 3 (2 decisions + finished), executor 2 + 3 (a mistake at sub-task 2), critic 1 + 2
+    assert capsys.readouterr().out == f"{path}: 1 valid trajectories, 11 model calls\n"
+    tokenizer_dir = build_chatml_tokenizer(tmp_path / "tok")
+    assert data.main(["schedule", str(path), "--role", "planner", "--model", str(tokenizer_dir)]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [row.split()[:3] for row in rows[2:]] == [["1", "1..1", "1"], ["2", "1..2", "2"], ["3", "1..3", "3"],
+                                                      ["4", "1..3", "3"]]
+    assert data.main(["show", str(path), "--role", "critic", "--model", str(tokenizer_dir)]) == 0
+    assert "⟦success: output matches<|im_end|>⟧" in capsys.readouterr().out
+    assert data.main(["check", str(tmp_path / "nope.jsonl")]) == 2
+    assert "error: trajectory file" in capsys.readouterr().err

@@ -266,3 +266,13 @@ def test_help_documents_every_flag(capsys):
         flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
         assert flag in text, flag
     assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
+
+
+def test_bf16_autocast_on_cpu_keeps_fp32_adapter_and_optimizer(base, trajectories, tmp_path):
+    history = prost.train(config(base, trajectories, tmp_path, precision="bf16", epochs=2, schedule="full"))
+    assert all(math.isfinite(r["train_loss"]) for r in history)
+    assert all(t.dtype == torch.float32 for t in adapter_tensors(tmp_path / "planner").values())
+    state = torch.load(tmp_path / "planner" / prost.STATE_FILE, weights_only=True)
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state["optimizer"]["state"].values())
+    model = prost.build_model(config(base, trajectories, tmp_path), torch.device("cpu"), "bf16")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
