@@ -104,9 +104,14 @@ class Cluster:
 def start_cluster(device_flag: str) -> Cluster:
     """One process per device. Under torchrun (WORLD_SIZE > 1) join the process group: nccl between
     GPUs, gloo between CPU processes."""
+    if device_flag not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda (got {device_flag}); under torchrun each process "
+                         f"takes the GPU of its LOCAL_RANK")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag.startswith("cuda")
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -519,8 +524,21 @@ def describe_epoch(record: dict, epochs: int) -> str:
             f"tokens/s{mfu} | peak memory {record['peak_memory_gb']:.2f} GB")
 
 
+def check_config(cfg: TrainConfig) -> None:
+    positive = ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
+    for name in ("epochs", "stop_after", "weight_decay", "lora_dropout", "warmup_ratio", "min_lr_ratio"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
+    if cfg.max_seq_len < 2 or cfg.lr <= 0 or cfg.grad_clip <= 0:
+        raise ValueError("--max-seq-len must be at least 2, and --lr and --grad-clip positive")
+
+
 def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the per-epoch log records."""
+    check_config(cfg)
     cluster = start_cluster(cfg.device)
     try:
         return _train(cfg, cluster)

@@ -211,6 +211,8 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(data=str(tmp_path / "missing.jsonl")), "does not exist"),
         (dict(data=None), "no --data given"),
         (dict(data=str(bad)), f"{bad}:2: record: missing field"),
+        (dict(grad_accum=0), "--grad-accum must be at least 1"),
+        (dict(device="tpu"), "--device must be auto, cpu or cuda"),
     ]
     for flags, message in cases:
         code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
