@@ -45,41 +45,42 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+
+import torch
 
 import data
+import lora
+import model
 import world
 
 ROLES = ("planner", "executor", "critic", "single")
 FINISH = "FINISH"
 CODE_STOP = ("```\n",)  # a code block's closing fence; the opening one is "```python\n", never "```\n"
 TRUNCATED_KEEP = 120  # characters an old output keeps when the context is too long
+CRITIC_OUTPUT_CHARS = 1500  # the critic's prompt is one user turn, so its outputs are shortened up front
 
 
 # ----------------------------------------------------------------------------------------------------
 # Budgets: every loop below is bounded by one of these, and every stop is recorded by its name.
 
+def budget(default: int, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Budgets:
     """Limits of one rollout. The field names are the names recorded in a trajectory's budget_stops."""
-    subtasks: int = 8          # sub-tasks the planner may start per task
-    executor_turns: int = 8    # executor replies per attempt at a sub-task (code turns and the report)
-    critic_retries: int = 2    # extra attempts at a sub-task after critic failures
-    format_retries: int = 1    # planner re-asks after a reply that is neither "Sub-task:" nor FINISH
-    single_turns: int = 40     # single-agent replies per task (AppWorld's ReAct agents use 40 steps)
-    new_tokens: int = 400      # new tokens per model call ("new_tokens" stop: a reply was cut)
-    context: int = 4096        # prompt + new tokens per call; old outputs are truncated to fit
+    subtasks: int = budget(8, "sub-tasks the planner may start per task")
+    executor_turns: int = budget(8, "executor replies per attempt at a sub-task (code turns plus the report)")
+    critic_retries: int = budget(2, "extra executor attempts at a sub-task after the critic says failure")
+    format_retries: int = budget(1, "times the planner is re-asked after a reply in neither accepted format")
+    single_turns: int = budget(40, "single-agent replies per task (AppWorld's ReAct agents use 40 steps)")
+    new_tokens: int = budget(400, "new tokens per model call (a 'new_tokens' stop means a reply was cut)")
+    context: int = budget(4096, "context length per call (prompt + new tokens); older outputs are truncated "
+                                "to fit")
 
 
-BUDGET_HELP = {
-    "subtasks": "sub-tasks the planner may start per task",
-    "executor_turns": "executor replies per attempt at a sub-task (code turns plus the report)",
-    "critic_retries": "extra executor attempts at a sub-task after the critic says failure",
-    "format_retries": "times the planner is re-asked after a reply in neither accepted format",
-    "single_turns": "single-agent replies per task",
-    "new_tokens": "new tokens per model call",
-    "context": "context length per call (prompt + new tokens); older outputs are truncated to fit",
-}
+BUDGET_HELP = {f.name: f.metadata["help"] for f in fields(Budgets)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -157,7 +158,8 @@ def critic_system(task) -> str:
 
 
 def critic_task(task, subtask: str, executions: list[dict], report: str) -> str:
-    steps = "\n".join(f"```python\n{e['code']}\n```\n{output_turn(e['output'])}" for e in executions)
+    steps = "\n".join(f"```python\n{e['code']}\n```\n{output_turn(shorten(e['output'], CRITIC_OUTPUT_CHARS))}"
+                      for e in executions)
     return (f"Task: {task.instruction}\nSub-task: {subtask}\nCode and outputs:\n{steps or '(no code ran)'}\n"
             f"Report: {report}")
 
@@ -497,12 +499,12 @@ def single_view(record: dict, task, system: dict) -> dict:
     "Sub-task: <text>". Deliberate mistakes stay marked train: false. Returned as a record of its own
     (system kind "single") so that data.py builds single-agent examples from the same file."""
     texts = {s["index"]: s["text"] for s in record["subtasks"]}
-    code_turns = [c for c in record["calls"] if c["role"] == "executor" and extract_code(c["output"])]
-    train_flags = mistake_flags(record)
+    train = train_flags(record["calls"])
+    code_turns = [i for i, c in enumerate(record["calls"]) if c["role"] == "executor" and extract_code(c["output"])]
     messages = [{"role": "system", "content": single_system(task)},
                 {"role": "user", "content": single_task(task)}]
     calls, seen = [], set()
-    for call, execution in zip(code_turns, record["executions"]):
+    for i, execution in zip(code_turns, record["executions"]):  # one execution per code turn, in order
         k = execution["subtask"]
         output = code_block(execution["code"])
         if k not in seen:
@@ -511,22 +513,20 @@ def single_view(record: dict, task, system: dict) -> dict:
         calls.append({"role": "single", "conversation": 0, "subtask": k, "messages": list(messages),
                       "output": output, "prompt_tokens": 0, "new_tokens": 0, "flops": 0.0, "seconds": 0.0})
         turn = {"role": "assistant", "content": output}
-        if not train_flags.get(id(call), True):
+        if not train[i]:
             turn["train"] = False
         messages = messages + [turn, {"role": "user", "content": output_turn(execution["output"])}]
     return {**record, "system": system, "calls": calls,
             "subtasks": [{"index": s["index"], "text": s["text"], "attempts": []} for s in record["subtasks"]]}
 
 
-def mistake_flags(record: dict) -> dict[int, bool]:
-    """id(call) -> False for calls whose output a later call of the same conversation marks train: false."""
-    flags: dict[int, bool] = {}
-    groups = data.group_conversations(record["calls"])
-    for members in groups.values():
-        last = record["calls"][members[-1]]
-        marks = [m.get("train", True) for m in last["messages"] if m["role"] == "assistant"]
-        for index, train in zip(members, marks):
-            flags[id(record["calls"][index])] = train
+def train_flags(calls: list[dict]) -> list[bool]:
+    """Per call: False when a later call of its conversation shows its output marked train: false."""
+    flags = [True] * len(calls)
+    for members in data.group_conversations(calls).values():
+        marks = [m.get("train", True) for m in calls[members[-1]]["messages"] if m["role"] == "assistant"]
+        for index, mark in zip(members, marks):
+            flags[index] = mark
     return flags
 
 
@@ -554,7 +554,6 @@ def call_flops(config, n_prompt: int, n_new: int) -> float:
     """Forward FLOPs of one call: the prompt's prefill plus a decode step per new token but the last.
     model.flops_per_token is affine in the context length, so the sum over positions equals the
     count at the mean context length times the number of positions."""
-    import model
     positions = n_prompt + max(n_new - 1, 0)
     return positions * model.flops_per_token(config, context_len=(positions + 1) / 2)
 
@@ -563,8 +562,6 @@ class LocalEngine:
     """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters."""
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32"):
-        import torch
-        import model
         self.name = str(name_or_path)
         self.model = model.Transformer.from_pretrained(name_or_path, device=device,
                                                        dtype=getattr(torch, dtype))
@@ -573,7 +570,6 @@ class LocalEngine:
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
 
     def load_adapter(self, folder: str, name: str) -> None:
-        import lora
         lora.load_adapter(self.model, folder, name)
         self.adapters[name] = str(folder)
 
@@ -582,9 +578,6 @@ class LocalEngine:
 
     def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
                  ) -> list[ModelReply]:
-        import torch
-        import lora
-        import model
         if self.adapters:
             lora.set_adapter(self.model, adapter)
         limit = min(budgets.context, self.model.config.max_position_embeddings) - budgets.new_tokens
@@ -838,7 +831,6 @@ def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | No
     """Load each distinct base model once; roles with an adapter load it under the role's name.
     `models` maps role -> model id or folder; a role with an adapter but no model uses the adapter's
     recorded base model."""
-    import lora
     role_names = ("planner", "executor", "critic") if kind == "multi" else ("single",)
     engines: dict[str, LocalEngine] = {}
     roles = {}
@@ -993,11 +985,13 @@ def count_tokens(record: dict, tokenizer) -> None:
 
 def teacher_system(teacher: str | None, url: str | None = None, url_model: str | None = None,
                    api_key_env: str = "OPENAI_API_KEY", root=None, recovery_share: float = 0.5,
-                   device: str = "cpu", dtype: str = "float32", count=None) -> System:
-    """The system a teacher runs as: gold, a chat endpoint, or a loadable model, as every role."""
+                   device: str = "cpu", dtype: str = "float32", tokenizer=None) -> System:
+    """The system a teacher runs as: gold, a chat endpoint, or a loadable model, as every role.
+    `tokenizer` (of the model being trained) measures an endpoint's prompts against the context budget."""
     if url:
         if not url_model:
             raise ValueError("--teacher-url needs --teacher-model (the model name the endpoint serves)")
+        count = (lambda messages: len(tokenizer.chat(messages, add_generation_prompt=True)[0])) if tokenizer else None
         return single_engine_system(HttpEngine(url, url_model, api_key_env, count=count),
                                     teacher=f"{url_model} @ {url}")
     if teacher == "gold":
@@ -1022,8 +1016,9 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
     of tasks that pass evaluation to `out`. Tasks already in `out` are skipped (resume)."""
     task_ids = world.load_split(split, root=root)
     done = data.completed_task_ids(out)
-    todo = [t for t in task_ids if t not in done][:limit]
-    summary = CollectSummary(skipped=len(task_ids) - len([t for t in task_ids if t not in done]))
+    remaining = [t for t in task_ids if t not in done]
+    todo = remaining[:limit]
+    summary = CollectSummary(skipped=len(task_ids) - len(remaining))
     multi = system.describe(budgets)
     single = {**multi, "kind": "single", "teacher": f"{system.teacher} (single-agent view)",
               "roles": {"single": multi["roles"]["executor"]}}
@@ -1122,14 +1117,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budgets = budgets_from(args)
         if args.command == "collect":
-            tokenizer = None
-            if args.count_with:
-                import model
-                tokenizer = model.Tokenizer.from_pretrained(args.count_with)
+            tokenizer = model.Tokenizer.from_pretrained(args.count_with) if args.count_with else None
             system = teacher_system(args.teacher, args.teacher_url, args.teacher_model, args.api_key_env,
-                                    args.root, args.recovery_share, args.device, args.dtype,
-                                    count=(lambda m: len(tokenizer.chat(m, add_generation_prompt=True)[0]))
-                                    if tokenizer else None)
+                                    args.root, args.recovery_share, args.device, args.dtype, tokenizer)
             summary = collect(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                               max_batch=args.max_batch, keep_failed=args.keep_failed, limit=args.limit,
                               tokenizer=tokenizer)
