@@ -10,6 +10,8 @@ Sections:
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
   train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
            -100, full logits), fp32 and bf16 autocast on CPU: tokens/s and peak RSS growth of both, as ratios.
+  rollout  agents.run_rollouts on the mini-world dev split, one task at a time vs concurrent worlds with batched
+           model calls: tasks/minute, model batch sizes, share of wall time outside the model.
 """
 
 import argparse
@@ -353,12 +355,74 @@ def _best_of_rounds(runs: dict, rounds: int) -> dict:
     return best
 
 
+# ---- rollout ----------------------------------------------------------------------------------------------------
+
+ROLLOUT_NEW_TOKENS = 32  # random models rarely stop on their own: this caps every call
+ROLLOUT_WORKERS = 4
+ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (the gold teacher runs all of dev)
+
+
+def _rollout_systems(root: Path, tiny: Path) -> list:
+    """(label, system) pairs: the gold teacher (no model), a random tiny model in every role, the gold planner
+    with random tiny executor and critic (plans parse, so all three roles run with real prompt lengths), and
+    the single agent."""
+    import agents
+    gold = agents.GoldEngine(root, recovery_share=0.0)
+    tiny_multi = agents.build_system("multi", {r: str(tiny) for r in agents.ROLES}, {})
+    mixed = agents.System("multi", {**tiny_multi.roles, "planner": agents.Binding(gold)})
+    return [("gold teacher (no model)", agents.single_engine_system(gold, teacher="gold")),
+            ("tiny random, all roles", tiny_multi),
+            ("gold planner + tiny executor/critic", mixed),
+            ("tiny random, single agent", agents.build_system("single", {"single": str(tiny)}, {}))]
+
+
+def bench_rollout() -> None:
+    import agents
+    import world
+    with tempfile.TemporaryDirectory() as tmp:
+        root = world.world_root()
+        if not (root / "data" / "datasets" / "dev.txt").is_file():
+            root = Path(tmp) / "miniworld"
+            world.build_world(root)
+        dev = world.load_split("dev", root=root)
+        budgets = agents.Budgets(new_tokens=ROLLOUT_NEW_TOKENS)
+        started = time.perf_counter()
+        pool = world.WorldPool(ROLLOUT_WORKERS, root=root)
+        print(f"rollout: mini-world dev split ({len(dev)} tasks, {root}); {ROLLOUT_WORKERS} world worker processes "
+              f"(started in {time.perf_counter() - started:.1f} s, not counted below); budgets: defaults but "
+              f"{ROLLOUT_NEW_TOKENS} new tokens per call; `tiny` preset with random weights (tokenizer trained on the "
+              f"gold dev trajectories), fp32, {torch.get_num_threads()} torch threads")
+        with pool:
+            texts = []  # the warm-up run (every session opens its first world) also gives the tokenizer's texts
+            agents.run_rollouts(dev, agents.single_engine_system(agents.GoldEngine(root, 0.0)), budgets,
+                                split="dev", root=root, pool=pool, workers=ROLLOUT_WORKERS,
+                                on_trajectory=lambda r: texts.extend(m["content"] for c in r["calls"]
+                                                                     for m in c["messages"]))
+            tiny = M.init_tiny(Path(tmp) / "tiny", texts, preset="tiny")
+            print(f"  {'system':<36} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'model calls':>11} {'batches':>7} "
+                  f"{'mean batch':>10} {'max':>4} {'outside model':>13}")
+            for label, system in _rollout_systems(root, tiny):
+                tasks = dev if label.startswith("gold teacher") else dev[:ROLLOUT_MODEL_TASKS]
+                for workers in (1, ROLLOUT_WORKERS):
+                    calls = []
+                    stats = agents.run_rollouts(tasks, system, budgets, split="dev", root=root, pool=pool,
+                                                workers=workers, on_trajectory=lambda r: calls.extend(r["calls"]))
+                    per_minute = stats.tasks / stats.seconds * 60
+                    mean = sum(stats.batch_sizes) / len(stats.batch_sizes)
+                    outside = 1 - stats.model_seconds / stats.seconds
+                    print(f"  {label:<36} {len(tasks):>5} {workers:>7} {per_minute:>9.1f} {len(calls):>11} "
+                          f"{len(stats.batch_sizes):>7} {mean:>10.2f} {max(stats.batch_sizes):>4} {outside:>13.0%}")
+        print("  (outside model = share of wall time not spent in engine.complete: world calls, prompt rendering, "
+              "bookkeeping; a round's world calls run in parallel threads, before the next round's generate)")
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 SECTIONS = {
     "decode": bench_decode,
     "lora": bench_lora,
     "train": bench_train,
+    "rollout": bench_rollout,
 }
 
 
