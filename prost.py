@@ -507,9 +507,9 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
 
 def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats, dev: dict[int, float],
                  lr: float, mfu: float | None, memory_gb: float) -> dict:
-    dev_tokens_loss = {str(k): round(v, 6) for k, v in dev.items()}
+    dev_by_subtask = {str(k): round(v, 6) for k, v in dev.items()}  # JSON keys are strings
     return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
-            "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_tokens_loss,
+            "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
             "tokens": stats.tokens, "target_tokens": stats.targets,
             "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
             "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
