@@ -502,7 +502,7 @@ def make_population(seed: int) -> Population:
 
 # ======================================================================================================
 # Writing the population into AppWorld's databases (runs inside the builder process, appworld imported).
-# Rows are inserted in the population's id order; `_insert` checks that each row got the planned id.
+# Rows are inserted in the population's id order; `_insert_many` checks they got the planned ids.
 # ======================================================================================================
 
 
@@ -734,249 +734,6 @@ def only_changed_check(allowed: list[str]) -> dict:
 def money(amount: float) -> str:
     return f"${amount:,.2f}".replace(".00", "")
 
-
-
-# ======================================================================================================
-# The one evaluation.py every mini-world task ships. AppWorld's evaluator imports it and calls
-# evaluate(test, public_data, private_data, main_user, models, ground_truth_answer); each check in
-# private_data becomes one requirement, whose text equals the matching test_data.json entry.
-# ======================================================================================================
-
-EVALUATION_PY = '''\
-"""Generic prost mini-world checker: every requirement is a declarative check from private_data.json."""
-import json
-
-
-def _norm_lines(text):
-    lines = [line.strip().lstrip("-*\u2022 ").strip().lower() for line in str(text).splitlines()]
-    return [line for line in lines if line]
-
-
-def _same(got, want):
-    if isinstance(want, dict) and "lines" in want:  # same non-empty lines in the same order, bullets optional
-        return _norm_lines(got) == [line.lower() for line in want["lines"]]
-    if isinstance(want, dict) and "contains" in want:
-        return str(want["contains"]).lower() in str(got).lower()
-    if isinstance(want, dict) and "set" in want:
-        return (got is not None) == bool(want["set"])
-    if isinstance(want, dict) and "date" in want:
-        return got is not None and str(got)[:10] == want["date"]
-    if isinstance(want, float) or isinstance(got, float):
-        return got is not None and abs(float(got) - float(want)) < 0.005
-    if isinstance(want, str):
-        return str(got).strip().lower() == want.strip().lower()
-    if isinstance(want, list):
-        return sorted(map(str, got or [])) == sorted(map(str, want))
-    return got == want
-
-
-def _matches(record, fields):
-    return all(_same(getattr(record, key), want) for key, want in fields.items())
-
-
-def _active_task(models):
-    return models.end.supervisor.Task.all()[0]
-
-
-def check_answer(check, models, ground_truth_answer, test):
-    test.answer(json.loads(_active_task(models).answer), ground_truth_answer)
-
-
-def check_no_answer(check, models, ground_truth_answer, test):
-    task = _active_task(models)
-    assert task.status == "success", f"task status is {task.status!r}"
-    assert json.loads(task.answer) is None, f"expected no answer, got {task.answer}"
-
-
-def check_added(check, models, ground_truth_answer, test):
-    added, _, _ = models.changed_records(check["model"])
-    unmatched = list(added)
-    for fields in check["records"]:
-        found = next((record for record in unmatched if _matches(record, fields)), None)
-        assert found is not None, f"no added {check['model']} record matches {dict(fields)}"
-        unmatched.remove(found)
-    assert not unmatched, f"{len(unmatched)} unexpected {check['model']} record(s) were added"
-
-
-def check_updated(check, models, ground_truth_answer, test):
-    _, updated, _ = models.changed_records(check["model"])
-    expected = {int(record_id): fields for record_id, fields in check["records"].items()}
-    test.case(sorted(record.id for record in updated), "==", sorted(expected))
-    for record in updated:
-        assert _matches(record, expected[record.id]), f"{check['model']} {record.id} lacks {dict(expected[record.id])}"
-
-
-def check_removed(check, models, ground_truth_answer, test):
-    _, _, removed = models.changed_records(check["model"])
-    test.case(sorted(record.id for record in removed), "==", sorted(check["ids"]))
-
-
-def check_only_changed(check, models, ground_truth_answer, test):
-    unexpected = sorted(set(models.changed_model_names()) - set(check["allowed"]))
-    test.case(unexpected, "==", [])
-
-
-CHECKS = {
-    "answer": check_answer,
-    "no_answer": check_no_answer,
-    "added": check_added,
-    "updated": check_updated,
-    "removed": check_removed,
-    "only_changed": check_only_changed,
-}
-
-
-def evaluate(test, public_data, private_data, main_user, models, ground_truth_answer):
-    for check in private_data["checks"]:
-        with test(check["requirement"]):
-            CHECKS[check["kind"]](check, models, ground_truth_answer, test)
-'''
-
-NO_OP_PASS_KINDS = {"only_changed"}  # checks that already hold when the agent does nothing
-
-
-# ======================================================================================================
-# Building the data root.
-# ======================================================================================================
-
-
-def task_ids_by_split() -> dict[str, list[str]]:
-    splits: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
-    for sc in SCENARIOS.values():
-        if sc.held_out:
-            splits["test"] += [f"{sc.name}_{v}" for v in range(1, TEST_VARIANTS + 1)]
-        else:
-            splits["train"] += [f"{sc.name}_{v}" for v in range(1, TRAIN_VARIANTS + 1)]
-            splits["dev"] += [f"{sc.name}_{v}" for v in range(TRAIN_VARIANTS + 1, TRAIN_VARIANTS + DEV_VARIANTS + 1)]
-    return splits
-
-
-def generate_tasks(pop: Population, seed: int) -> dict[str, tuple[Scenario, Person, Gold]]:
-    """Every task of every split: scenario, supervisor (a different person per variant) and gold."""
-    tasks = {}
-    for sc in SCENARIOS.values():
-        n_variants = TEST_VARIANTS if sc.held_out else TRAIN_VARIANTS + DEV_VARIANTS
-        sup_rng = random.Random(f"prost-{seed}-{sc.name}-supervisors")
-        supervisors = sup_rng.sample(pop.supervisors, n_variants)
-        for variant, supervisor in enumerate(supervisors, start=1):
-            rng = random.Random(f"prost-{seed}-{sc.name}-{variant}")
-            gold = sc.make(rng, pop, supervisor)
-            if not 2 <= len(gold.subtasks) <= 8:
-                raise RuntimeError(f"{sc.name}: {len(gold.subtasks)} sub-tasks, expected 2 to 8")
-            tasks[f"{sc.name}_{variant}"] = (sc, supervisor, gold)
-    return tasks
-
-
-def solution_stats(subtasks: list[dict[str, str]]) -> dict[str, int]:
-    code = "\n".join(s["code"] for s in subtasks)
-    calls = re.findall(r"apis\.(\w+)\.(\w+)\(", code)
-    return {"num_apps": len({app for app, _ in calls} - {"supervisor"}),
-            "num_apis": len(set(calls)),
-            "num_api_calls": len(calls),
-            "num_solution_code_lines": len([line for line in code.splitlines() if line.strip()])}
-
-
-def _write_ground_truth(gt_dir: Path, sc: Scenario, gold: Gold) -> None:
-    test_data = [{"requirement": c["requirement"],
-                  "label": "no_op_pass" if c["kind"] in NO_OP_PASS_KINDS else "no_op_fail"} for c in gold.checks]
-    _write_json(gt_dir / "metadata.json", {"mode": "minimal", "difficulty": sc.difficulty,
-                                           **solution_stats(gold.subtasks), "scenario": sc.name})
-    _write_json(gt_dir / "public_data.json", {})
-    _write_json(gt_dir / "private_data.json", {"checks": gold.checks})
-    _write_text(gt_dir / "answer.json", json.dumps(gold.answer) + "\n")
-    _write_json(gt_dir / "test_data.json", test_data)
-    _write_text(gt_dir / "evaluation.py", EVALUATION_PY)
-    _write_json(gt_dir / GOLD_FILE, gold.subtasks)
-
-
-def _write_task_db_changes(dbs_dir: Path, task_id: str, base_dir: Path, supervisor: Person, instruction: str) -> None:
-    """The task's starting state = base DBs + these change logs (the supervisor app's rows)."""
-    from appworld.apps import get_all_apps
-    from appworld.apps.model_lib import CachedDBHandler
-    from appworld.collections.models import ModelCollection
-
-    # Only the supervisor app changes, so only it is loaded; every other app gets an empty change log
-    # (an absent log would make AppWorld start that app from an empty database).
-    memory_home = f":memory:prostbuild-{task_id}"
-    models = ModelCollection.load(to_db_home_path=memory_home, from_db_home_path=str(base_dir),
-                                  load_apps=["supervisor"], skip_mandatory_apps=True)
-    sv = models.supervisor
-    boss = sv.Supervisor.create_save(first_name=supervisor.first_name, last_name=supervisor.last_name,
-                                     email=supervisor.email, phone_number=supervisor.phone_number,
-                                     birthday=supervisor.birthday, sex=supervisor.sex)
-    sv.Task.create_save(supervisor_id=boss.id, instruction=instruction)
-    for app in APPS:
-        sv.AccountPassword.create_save(supervisor_id=boss.id, account_name=app, password=supervisor.passwords[app])
-    models.save(str(dbs_dir), format="changes", app_names=["supervisor"], delete_if_exists=True,
-                skip_mandatory_apps=True)
-    CachedDBHandler.reset(memory_home)
-    for app in get_all_apps():
-        (dbs_dir / f"{app}.jsonl").touch()
-
-
-def _build_in_process(root: str, seed: int) -> dict:
-    """The whole build; runs in a fresh process because appworld caches APPWORLD_ROOT at import."""
-    staging = Path(root) / ".building"
-    shutil.rmtree(staging, ignore_errors=True)
-    data_dir = staging / "data"
-    base_dir = data_dir / "base_dbs"
-    base_dir.mkdir(parents=True)
-    os.environ["APPWORLD_ROOT"] = str(staging)
-    from appworld.apps import get_all_apps
-    from appworld.collections.models import ModelCollection
-    from appworld.common.utils import freeze_time
-
-    pop = make_population(seed)
-    tasks = generate_tasks(pop, seed)
-    docs = _write_api_docs(data_dir)
-    with freeze_time(SEED_TIME):
-        models = ModelCollection.load(to_db_home_path=":memory:prostbase", load_apps=get_all_apps(), create_db=True)
-        _insert_people(models, pop)
-        _insert_spotify(models, pop)
-        _insert_venmo(models, pop)
-        _insert_notes_and_todos(models, pop)
-        _insert_phone(models, pop)
-        _insert_api_docs(models, docs)
-        models.save(str(base_dir), format="full", delete_if_exists=True)
-        for task_id, (sc, supervisor, gold) in tasks.items():
-            task_dir = data_dir / "tasks" / task_id
-            _write_json(task_dir / "specs.json", {
-                "instruction": gold.instruction,
-                "supervisor": {"first_name": supervisor.first_name, "last_name": supervisor.last_name,
-                               "email": supervisor.email, "phone_number": supervisor.phone_number},
-                "datetime": NOW.isoformat(), "db_version": DB_VERSION})
-            _write_task_db_changes(task_dir / "dbs", task_id, base_dir, supervisor, gold.instruction)
-            _write_ground_truth(task_dir / "ground_truth", sc, gold)
-    for split, ids in task_ids_by_split().items():
-        _write_text(data_dir / "datasets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
-    final = Path(root) / "data"
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(data_dir, final)
-    shutil.rmtree(staging, ignore_errors=True)
-    return world_summary(tasks)
-
-
-def world_summary(tasks: dict[str, tuple[Scenario, Person, Gold]]) -> dict:
-    splits = task_ids_by_split()
-    return {
-        "scenarios": {"train/dev": sum(not s.held_out for s in SCENARIOS.values()),
-                      "test": sum(s.held_out for s in SCENARIOS.values())},
-        "tasks": {split: len(ids) for split, ids in splits.items()},
-        "apps": sorted({app for s in SCENARIOS.values() for app in s.apps}),
-        "difficulty": dict(sorted(Counter(s.difficulty for s, _, _ in tasks.values()).items())),
-        "subtasks": dict(sorted(Counter(len(g.subtasks) for _, _, g in tasks.values()).items())),
-        "question_tasks": sum(g.answer is not None for _, _, g in tasks.values()),
-        "multi_app_tasks": sum(len(s.apps) > 1 for s, _, _ in tasks.values()),
-    }
-
-
-def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0) -> dict:
-    """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary."""
-    root = Path(root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_build_in_process, (str(root), seed))
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1255,6 +1012,17 @@ def received_in_month(rng, pop, sup):
               "print(total)"),
          finish_step("total")],
         answer=total,
+        checks=[answer_check()])
+
+
+@scenario("venmobalance", difficulty=1, apps=("venmo",))
+def venmo_balance(rng, pop, sup):
+    return Gold(
+        rng.choice(("What is my current Venmo balance?", "How much money is in my Venmo account right now?")),
+        [login_step("venmo"),
+         finish_step('apis.venmo.show_venmo_balance(access_token=venmo_token)["venmo_balance"]',
+                     "Read my Venmo balance, report it and mark the task as complete.")],
+        answer=pop.balances[sup.id],
         checks=[answer_check()])
 
 
@@ -1658,6 +1426,297 @@ def note_items_to_tasks(rng, pop, sup):
                 completed_check()])
 
 
+@scenario("helperthanks", difficulty=3, apps=("todoist", "phone", "venmo"))
+def thank_helper(rng, pop, sup):
+    today = NOW.date()
+    upcoming = [t for t in pop.tasks if t.owner_id == sup.id and not t.is_completed and t.due_date >= today]
+    anchor = rng.choice(upcoming)
+    project = next(p for p in pop.projects if p.id == anchor.project_id)
+    end = anchor.due_date + timedelta(days=rng.randint(0, 3))
+    titles = [t.title for t in pop.tasks_in(project) if not t.is_completed and today <= t.due_date <= end]
+    contact = rng.choice(pop.contacts_of(sup))
+    helper = pop.person(contact.person_id)
+    amount = float(rng.choice((20, 25, 30, 40, 50)))
+    note = f"Thanks for helping with {project.name}"
+    return Gold(
+        f"My {contact.relationship} {helper.name} is helping me with my Todoist project '{project.name}'. Text "
+        f"them the titles of its unfinished tasks due from today through {long_date(end)}, one per line, in the "
+        f"order Todoist lists them; then send them {money(amount)} on Venmo with the note '{note}'.",
+        [login_step("todoist"),
+         step(f"List the unfinished tasks of '{project.name}' due from today through {end.isoformat()}.",
+              FIND_PROJECTS + f'project_id = next(p["project_id"] for p in projects if p["name"] == "{project.name}")\n'
+              "tasks = apis.todoist.show_tasks(project_id=project_id, access_token=todoist_token)"
+              '["no_section_tasks"]\n'
+              'today = DateTime.now().strftime("%Y-%m-%d")\n'
+              'titles = [t["title"] for t in tasks if not t["is_completed"] and t["due_date"]\n'
+              f'          and today <= t["due_date"][:10] <= "{end.isoformat()}"]\nprint(titles)'),
+         login_step("phone"),
+         step(f"Find {helper.name} in my phone contacts.",
+              f'matches = apis.phone.search_contacts(query="{helper.name}", access_token=phone_token)\n'
+              f'helper = next(c for c in matches if c["first_name"] == "{helper.first_name}" '
+              f'and c["last_name"] == "{helper.last_name}")\nprint(helper)'),
+         step("Text them the task titles, one per line.",
+              'apis.phone.send_text_message(phone_number=helper["phone_number"], message="\\n".join(titles), '
+              "access_token=phone_token)"),
+         login_step("venmo"),
+         step(f"Send them {money(amount)} with the note '{note}'.",
+              f'apis.venmo.create_transaction(receiver_email=helper["email"], amount={amount}, description="{note}", '
+              "access_token=venmo_token)"),
+         finish_step()],
+        checks=[{"kind": "added", "model": "phone.GlobalTextMessage",
+                 "records": [{"sender_id": sup.id, "receiver_id": helper.id, "message": {"lines": titles}}],
+                 "requirement": f"{helper.name} got one text listing exactly those task titles in order"},
+                {"kind": "added", "model": "venmo.Transaction",
+                 "records": [{"sender_id": sup.id, "receiver_id": helper.id, "amount": amount, "description": note}],
+                 "requirement": f"{helper.name} was sent {money(amount)} with the note '{note}'"},
+                only_changed_check(["phone.GlobalTextMessage", "phone.UserTextMessage", "venmo.Transaction",
+                                    "venmo.User", "venmo.Notification"]),
+                completed_check()])
+
+
+# ======================================================================================================
+# The one evaluation.py every mini-world task ships. AppWorld's evaluator imports it and calls
+# evaluate(test, public_data, private_data, main_user, models, ground_truth_answer); each check in
+# private_data becomes one requirement, whose text equals the matching test_data.json entry.
+# ======================================================================================================
+
+EVALUATION_PY = '''\
+"""Generic prost mini-world checker: every requirement is a declarative check from private_data.json."""
+import json
+
+
+def _norm_lines(text):
+    lines = [line.strip().lstrip("-*\u2022 ").strip().lower() for line in str(text).splitlines()]
+    return [line for line in lines if line]
+
+
+def _same(got, want):
+    if isinstance(want, dict) and "lines" in want:  # same non-empty lines in the same order, bullets optional
+        return _norm_lines(got) == [line.lower() for line in want["lines"]]
+    if isinstance(want, dict) and "contains" in want:
+        return str(want["contains"]).lower() in str(got).lower()
+    if isinstance(want, dict) and "set" in want:
+        return (got is not None) == bool(want["set"])
+    if isinstance(want, dict) and "date" in want:
+        return got is not None and str(got)[:10] == want["date"]
+    if isinstance(want, float) or isinstance(got, float):
+        return got is not None and abs(float(got) - float(want)) < 0.005
+    if isinstance(want, str):
+        return str(got).strip().lower() == want.strip().lower()
+    if isinstance(want, list):
+        return sorted(map(str, got or [])) == sorted(map(str, want))
+    return got == want
+
+
+def _matches(record, fields):
+    return all(_same(getattr(record, key), want) for key, want in fields.items())
+
+
+def _active_task(models):
+    return models.end.supervisor.Task.all()[0]
+
+
+def check_answer(check, models, ground_truth_answer, test):
+    test.answer(json.loads(_active_task(models).answer), ground_truth_answer)
+
+
+def check_no_answer(check, models, ground_truth_answer, test):
+    task = _active_task(models)
+    assert task.status == "success", f"task status is {task.status!r}"
+    assert json.loads(task.answer) is None, f"expected no answer, got {task.answer}"
+
+
+def check_added(check, models, ground_truth_answer, test):
+    added, _, _ = models.changed_records(check["model"])
+    unmatched = list(added)
+    for fields in check["records"]:
+        found = next((record for record in unmatched if _matches(record, fields)), None)
+        assert found is not None, f"no added {check['model']} record matches {dict(fields)}"
+        unmatched.remove(found)
+    assert not unmatched, f"{len(unmatched)} unexpected {check['model']} record(s) were added"
+
+
+def check_updated(check, models, ground_truth_answer, test):
+    _, updated, _ = models.changed_records(check["model"])
+    expected = {int(record_id): fields for record_id, fields in check["records"].items()}
+    test.case(sorted(record.id for record in updated), "==", sorted(expected))
+    for record in updated:
+        assert _matches(record, expected[record.id]), f"{check['model']} {record.id} lacks {dict(expected[record.id])}"
+
+
+def check_removed(check, models, ground_truth_answer, test):
+    _, _, removed = models.changed_records(check["model"])
+    test.case(sorted(record.id for record in removed), "==", sorted(check["ids"]))
+
+
+def check_only_changed(check, models, ground_truth_answer, test):
+    unexpected = sorted(set(models.changed_model_names()) - set(check["allowed"]))
+    test.case(unexpected, "==", [])
+
+
+CHECKS = {
+    "answer": check_answer,
+    "no_answer": check_no_answer,
+    "added": check_added,
+    "updated": check_updated,
+    "removed": check_removed,
+    "only_changed": check_only_changed,
+}
+
+
+def evaluate(test, public_data, private_data, main_user, models, ground_truth_answer):
+    for check in private_data["checks"]:
+        with test(check["requirement"]):
+            CHECKS[check["kind"]](check, models, ground_truth_answer, test)
+'''
+
+NO_OP_PASS_KINDS = {"only_changed"}  # checks that already hold when the agent does nothing
+
+
+# ======================================================================================================
+# Building the data root.
+# ======================================================================================================
+
+
+def task_ids_by_split() -> dict[str, list[str]]:
+    splits: dict[str, list[str]] = {"train": [], "dev": [], "test": []}
+    for sc in SCENARIOS.values():
+        if sc.held_out:
+            splits["test"] += [f"{sc.name}_{v}" for v in range(1, TEST_VARIANTS + 1)]
+        else:
+            splits["train"] += [f"{sc.name}_{v}" for v in range(1, TRAIN_VARIANTS + 1)]
+            splits["dev"] += [f"{sc.name}_{v}" for v in range(TRAIN_VARIANTS + 1, TRAIN_VARIANTS + DEV_VARIANTS + 1)]
+    return splits
+
+
+def generate_tasks(pop: Population, seed: int) -> dict[str, tuple[Scenario, Person, Gold]]:
+    """Every task of every split: scenario, supervisor (a different person per variant) and gold."""
+    tasks = {}
+    for sc in SCENARIOS.values():
+        n_variants = TEST_VARIANTS if sc.held_out else TRAIN_VARIANTS + DEV_VARIANTS
+        sup_rng = random.Random(f"prost-{seed}-{sc.name}-supervisors")
+        supervisors = sup_rng.sample(pop.supervisors, n_variants)
+        for variant, supervisor in enumerate(supervisors, start=1):
+            rng = random.Random(f"prost-{seed}-{sc.name}-{variant}")
+            gold = sc.make(rng, pop, supervisor)
+            if not 2 <= len(gold.subtasks) <= 8:
+                raise RuntimeError(f"{sc.name}: {len(gold.subtasks)} sub-tasks, expected 2 to 8")
+            tasks[f"{sc.name}_{variant}"] = (sc, supervisor, gold)
+    return tasks
+
+
+def solution_stats(subtasks: list[dict[str, str]]) -> dict[str, int]:
+    code = "\n".join(s["code"] for s in subtasks)
+    calls = re.findall(r"apis\.(\w+)\.(\w+)\(", code)
+    return {"num_apps": len({app for app, _ in calls} - {"supervisor"}),
+            "num_apis": len(set(calls)),
+            "num_api_calls": len(calls),
+            "num_solution_code_lines": len([line for line in code.splitlines() if line.strip()])}
+
+
+def _write_ground_truth(gt_dir: Path, sc: Scenario, gold: Gold) -> None:
+    test_data = [{"requirement": c["requirement"],
+                  "label": "no_op_pass" if c["kind"] in NO_OP_PASS_KINDS else "no_op_fail"} for c in gold.checks]
+    _write_json(gt_dir / "metadata.json", {"mode": "minimal", "difficulty": sc.difficulty,
+                                           **solution_stats(gold.subtasks), "scenario": sc.name})
+    _write_json(gt_dir / "public_data.json", {})
+    _write_json(gt_dir / "private_data.json", {"checks": gold.checks})
+    _write_text(gt_dir / "answer.json", json.dumps(gold.answer) + "\n")
+    _write_json(gt_dir / "test_data.json", test_data)
+    _write_text(gt_dir / "evaluation.py", EVALUATION_PY)
+    _write_json(gt_dir / GOLD_FILE, gold.subtasks)
+
+
+def _write_task_db_changes(dbs_dir: Path, task_id: str, base_dir: Path, supervisor: Person, instruction: str) -> None:
+    """The task's starting state = base DBs + these change logs (the supervisor app's rows)."""
+    from appworld.apps import get_all_apps
+    from appworld.apps.model_lib import CachedDBHandler
+    from appworld.collections.models import ModelCollection
+
+    # Only the supervisor app changes, so only it is loaded; every other app gets an empty change log
+    # (an absent log would make AppWorld start that app from an empty database).
+    memory_home = f":memory:prostbuild-{task_id}"
+    models = ModelCollection.load(to_db_home_path=memory_home, from_db_home_path=str(base_dir),
+                                  load_apps=["supervisor"], skip_mandatory_apps=True)
+    sv = models.supervisor
+    boss = sv.Supervisor.create_save(first_name=supervisor.first_name, last_name=supervisor.last_name,
+                                     email=supervisor.email, phone_number=supervisor.phone_number,
+                                     birthday=supervisor.birthday, sex=supervisor.sex)
+    sv.Task.create_save(supervisor_id=boss.id, instruction=instruction)
+    for app in APPS:
+        sv.AccountPassword.create_save(supervisor_id=boss.id, account_name=app, password=supervisor.passwords[app])
+    models.save(str(dbs_dir), format="changes", app_names=["supervisor"], delete_if_exists=True,
+                skip_mandatory_apps=True)
+    CachedDBHandler.reset(memory_home)
+    for app in get_all_apps():
+        (dbs_dir / f"{app}.jsonl").touch()
+
+
+def _build_in_process(root: str, seed: int) -> dict:
+    """The whole build; runs in a fresh process because appworld caches APPWORLD_ROOT at import."""
+    staging = Path(root) / ".building"
+    shutil.rmtree(staging, ignore_errors=True)
+    data_dir = staging / "data"
+    base_dir = data_dir / "base_dbs"
+    base_dir.mkdir(parents=True)
+    os.environ["APPWORLD_ROOT"] = str(staging)
+    from appworld.apps import get_all_apps
+    from appworld.collections.models import ModelCollection
+    from appworld.common.utils import freeze_time
+
+    pop = make_population(seed)
+    tasks = generate_tasks(pop, seed)
+    docs = _write_api_docs(data_dir)
+    with freeze_time(SEED_TIME):
+        models = ModelCollection.load(to_db_home_path=":memory:prostbase", load_apps=get_all_apps(), create_db=True)
+        _insert_people(models, pop)
+        _insert_spotify(models, pop)
+        _insert_venmo(models, pop)
+        _insert_notes_and_todos(models, pop)
+        _insert_phone(models, pop)
+        _insert_api_docs(models, docs)
+        models.save(str(base_dir), format="full", delete_if_exists=True)
+        for task_id, (sc, supervisor, gold) in tasks.items():
+            task_dir = data_dir / "tasks" / task_id
+            _write_json(task_dir / "specs.json", {
+                "instruction": gold.instruction,
+                "supervisor": {"first_name": supervisor.first_name, "last_name": supervisor.last_name,
+                               "email": supervisor.email, "phone_number": supervisor.phone_number},
+                "datetime": NOW.isoformat(), "db_version": DB_VERSION})
+            _write_task_db_changes(task_dir / "dbs", task_id, base_dir, supervisor, gold.instruction)
+            _write_ground_truth(task_dir / "ground_truth", sc, gold)
+    for split, ids in task_ids_by_split().items():
+        _write_text(data_dir / "datasets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    final = Path(root) / "data"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(data_dir, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return world_summary(tasks)
+
+
+def world_summary(tasks: dict[str, tuple[Scenario, Person, Gold]]) -> dict:
+    splits = task_ids_by_split()
+    return {
+        "scenarios": {"train/dev": sum(not s.held_out for s in SCENARIOS.values()),
+                      "test": sum(s.held_out for s in SCENARIOS.values())},
+        "tasks": {split: len(ids) for split, ids in splits.items()},
+        "apps": sorted({app for s in SCENARIOS.values() for app in s.apps}),
+        "difficulty": dict(sorted(Counter(s.difficulty for s, _, _ in tasks.values()).items())),
+        "subtasks": dict(sorted(Counter(len(g.subtasks) for _, _, g in tasks.values()).items())),
+        "question_tasks": sum(g.answer is not None for _, _, g in tasks.values()),
+        "multi_app_tasks": sum(len(s.apps) > 1 for s, _, _ in tasks.values()),
+    }
+
+
+def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0) -> dict:
+    """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary."""
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_build_in_process, (str(root), seed))
+
+
 # ======================================================================================================
 # Reading task data (works on the mini-world and on the real benchmark).
 # ======================================================================================================
@@ -1761,7 +1820,10 @@ class _Worker:
 
     def open(self, task_id: str, timeout: int) -> dict:
         self.close()
-        self.world = self.AppWorld(task_id=task_id, experiment_name=self.experiment, timeout_seconds=timeout)
+        # Tasks without ground truth (possible in downloaded test data) open, but cannot be evaluated.
+        has_truth = (Path(self.path_store.data) / "tasks" / task_id / "ground_truth").is_dir()
+        self.world = self.AppWorld(task_id=task_id, experiment_name=self.experiment, timeout_seconds=timeout,
+                                   load_ground_truth=has_truth)
         task = self.world.task
         supervisor = {k: task.supervisor[k] for k in ("first_name", "last_name", "email", "phone_number")}
         return {"task_id": task_id, "instruction": task.instruction, "supervisor": supervisor,
@@ -1778,6 +1840,9 @@ class _Worker:
                 "passes": [p["requirement"] for p in result["passes"]],
                 "failures": [f["requirement"] for f in result["failures"]],
                 "traces": {f["requirement"]: f["trace"] for f in result["failures"]}}
+
+    def cpu_seconds(self) -> float:
+        return time.process_time()  # not frozen by AppWorld's clock freezing, unlike time.time
 
     def close(self) -> None:
         if self.world is not None:
@@ -1966,6 +2031,10 @@ class WorldSession:
         if self.lost:
             self._recover()
         return Evaluation(**self._call(self.start_timeout, "evaluate"))
+
+    def cpu_seconds(self) -> float:
+        """CPU time the worker process has used so far (for benchmarks and compute accounting)."""
+        return self._call(self.start_timeout, "cpu_seconds")
 
     def close(self) -> None:
         """Close the task and stop the worker process."""

@@ -159,6 +159,7 @@ WRONG_EDITS = {
     "reschedule": (r'priority="high"', lambda m: 'priority="medium"'),
     "birthdaygift": (r'c\["birthday"\]\[5:7\] ==', lambda m: 'c["birthday"][5:7] !='),
     "notetotasks": (r"title=item", lambda m: "title=item.upper() + '!'"),
+    "helperthanks": (r'join\(titles\)', lambda m: "join(titles[::-1] + ['Buy snacks'])"),
 }
 
 
@@ -226,6 +227,9 @@ def test_hostile_code_never_breaks_the_session(built, pool, tmp_path):
         still_works()
         out = session.execute("raise ValueError('boom')")
         assert out.error and "ValueError: boom" in out.output
+        still_works()
+        out = session.execute("hoard = bytearray(8 * 2**30)")  # beyond the worker's address-space cap
+        assert out.error and "MemoryError" in out.output
         still_works()
         out = session.execute("print('x' * 3_000_000)")
         assert len(out.output) < 2_200 and "characters truncated" in out.output
