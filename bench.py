@@ -10,6 +10,9 @@ Sections:
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
   train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
            -100, full logits), fp32 and bf16 autocast on CPU: tokens/s and peak RSS growth of both, as ratios.
+  world    the mini-world: build time (wall and CPU), then world sessions: worker start, first and later task
+           opens, execute latency (plain Python and one API call), evaluate latency, and gold-solution throughput
+           with 1 and 2 worker processes on the dev split (tasks/minute, worker CPU per task).
   rollout  agents.run_rollouts on the mini-world dev split, one task at a time vs concurrent worlds with batched
            model calls: tasks/minute, model batch sizes, share of wall time outside the model.
 """
@@ -355,6 +358,72 @@ def _best_of_rounds(runs: dict, rounds: int) -> dict:
     return best
 
 
+# ---- world -----------------------------------------------------------------------------------------------------
+
+def bench_world() -> None:
+    import os
+    import resource
+    import statistics
+
+    import world
+
+    def median_ms(samples):
+        return 1000 * statistics.median(samples)
+
+    print(f"world: load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (wall times include "
+          "other processes' load; worker CPU times do not)")
+    with tempfile.TemporaryDirectory() as tmp:
+        start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        summary = world.build_world(tmp, seed=0)  # runs in a child process, reaped before it returns
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        build_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
+        print(f"build: {time.perf_counter() - start:.1f} s wall, {build_cpu:.1f} s CPU "
+              f"for {sum(summary['tasks'].values())} tasks "
+              f"{summary['tasks']}, {summary['scenarios']} scenarios, apps {', '.join(summary['apps'])}")
+        print(f"  sub-tasks per task {summary['subtasks']}, difficulty {summary['difficulty']}, "
+              f"{summary['question_tasks']} questions, {summary['multi_app_tasks']} multi-app")
+        dev = world.load_split("dev", tmp)
+        with world.WorldSession(tmp) as session:
+            start = time.perf_counter()
+            session.start()
+            started = time.perf_counter() - start
+            start = time.perf_counter()
+            session.open(dev[0])
+            first_open = time.perf_counter() - start
+            opens, plain, api, evals = [], [], [], []
+            for task_id in dev[1:13]:
+                start = time.perf_counter()
+                session.open(task_id)
+                opens.append(time.perf_counter() - start)
+                for samples, code in ((plain, "x = sum(range(100))"), (api, "apis.supervisor.show_profile()")):
+                    for _ in range(3):
+                        start = time.perf_counter()
+                        session.execute(code)
+                        samples.append(time.perf_counter() - start)
+                start = time.perf_counter()
+                session.evaluate()
+                evals.append(time.perf_counter() - start)
+        print(f"world worker start (spawn + import appworld): {started:.2f} s; first task open {first_open:.2f} s")
+        print(f"median wall latencies: open {median_ms(opens):.0f} ms, execute (plain Python) {median_ms(plain):.1f} ms, "
+              f"execute (one API call) {median_ms(api):.1f} ms, evaluate {median_ms(evals):.0f} ms")
+
+        def gold(session, task_id):
+            codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
+            return world.run_codes(session, task_id, codes)[1].success
+
+        for n in (1, 2):
+            with world.WorldPool(n, root=tmp) as pool:
+                pool.map(lambda s, t: s.open(t), dev[:n])  # warm: each worker's first open is the slow one
+                cpu_before = sum(s.cpu_seconds() for s in pool.sessions)
+                start = time.perf_counter()
+                passed = pool.map(gold, dev)
+                seconds = time.perf_counter() - start
+                cpu = sum(s.cpu_seconds() for s in pool.sessions) - cpu_before
+            print(f"gold solutions, {n} worker(s): {len(dev)} dev tasks in {seconds:.1f} s wall "
+                  f"({60 * len(dev) / seconds:.0f} tasks/min), worker CPU {1000 * cpu / len(dev):.0f} ms/task "
+                  f"(open + every sub-task + evaluate), {sum(passed)}/{len(dev)} pass")
+
+
 # ---- rollout ----------------------------------------------------------------------------------------------------
 
 ROLLOUT_NEW_TOKENS = 32  # random models rarely stop on their own: this caps every call
@@ -422,6 +491,7 @@ SECTIONS = {
     "decode": bench_decode,
     "lora": bench_lora,
     "train": bench_train,
+    "world": bench_world,
     "rollout": bench_rollout,
 }
 
