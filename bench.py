@@ -482,7 +482,7 @@ def bench_rollout() -> None:
                     print(f"  {label:<36} {len(tasks):>5} {workers:>7} {per_minute:>9.1f} {len(calls):>11} "
                           f"{len(stats.batch_sizes):>7} {mean:>10.2f} {max(stats.batch_sizes):>4} {outside:>13.0%}")
         print("  (outside model = share of wall time not spent in engine.complete: world calls, prompt rendering, "
-              "bookkeeping; a round's world calls run in parallel threads, before the next round's generate)")
+              "bookkeeping; each round's world calls run in threads while that round's model batches generate)")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
