@@ -860,6 +860,7 @@ def single_engine_system(engine, kind: str = "multi", teacher: str | None = None
 class RunStats:
     tasks: int = 0
     seconds: float = 0.0  # wall time of the whole run
+    startup_seconds: float = 0.0  # of which starting world worker processes (0 with a pool passed in)
     model_seconds: float = 0.0  # time inside engine.complete (the main thread)
     world_seconds: float = 0.0  # time world sessions spent on requests (summed over sessions)
     batch_sizes: list[int] = field(default_factory=list)  # requests per engine.complete call
@@ -868,7 +869,8 @@ class RunStats:
         per_minute = self.tasks / self.seconds * 60 if self.seconds else 0.0
         mean_batch = sum(self.batch_sizes) / len(self.batch_sizes) if self.batch_sizes else 0.0
         outside = 1 - self.model_seconds / self.seconds if self.seconds else 0.0
-        return (f"{self.tasks} tasks in {self.seconds:.1f} s ({per_minute:.1f} tasks/minute); "
+        return (f"{self.tasks} tasks in {self.seconds:.1f} s ({per_minute:.1f} tasks/minute; "
+                f"{self.startup_seconds:.1f} s of it starting world workers); "
                 f"{len(self.batch_sizes)} model batches, mean size {mean_batch:.2f}, "
                 f"max {max(self.batch_sizes, default=0)}; {outside:.0%} of wall time outside the model")
 
@@ -935,6 +937,7 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
     own_pool = pool is None
     if own_pool:
         pool = world.WorldPool(n, root=root, **(session_options or {}))
+        stats.startup_seconds = time.perf_counter() - began
     sessions = pool.sessions[:n]  # a rollout keeps its session from open to evaluate
     try:
         with ThreadPoolExecutor(max_workers=len(sessions)) as threads:
