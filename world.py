@@ -24,6 +24,10 @@ Two halves:
 
 The same session code runs on the real benchmark when APPWORLD_ROOT points at downloaded data.
 This module never imports torch, and imports appworld only inside worker / builder processes.
+
+CLI: `python world.py build [--root DIR] [--seed N]` writes the world (default root: miniworld/);
+`python world.py check` runs every gold solution through AppWorld's evaluator; `python world.py show ID`
+prints a task's instruction and gold sub-tasks.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ NOW = datetime(2023, 6, 15, 10, 30, 0)  # "today" in every mini-world task
 SEED_TIME = datetime(2023, 6, 1, 8, 0, 0)  # base content is created at this (frozen) moment
 APPS = ("spotify", "venmo", "simple_note", "todoist", "phone")
 GOLD_FILE = "subtasks.json"  # our own file beside AppWorld's ground truth
+MARKER_FILE = "prost_miniworld.json"  # in <root>/data: says the folder is ours to replace on rebuild
 
 
 def world_root() -> Path:
@@ -651,9 +656,21 @@ APP_TITLES = {"spotify": "Spotify", "venmo": "Venmo", "simple_note": "Simple Not
 
 @dataclass
 class Gold:
+    """What a scenario returns for one task variant.
+
+    checks: one dict per evaluation requirement (`requirement` is its text), by `kind`:
+      answer        the answer given to complete_task equals `answer` (AppWorld's answer normalisation)
+      no_answer     complete_task() was called without an answer (state-change tasks)
+      added         the rows added to `model` are exactly `records` (each a dict of field values)
+      updated       the rows of `model` that changed are exactly the ids in `records`, with those values
+      removed       the rows removed from `model` are exactly `ids`
+      only_changed  no model outside `allowed` changed (passes on a no-op)
+    A field value may be a plain value or {"lines": [...]} (same non-empty lines, in order, bullets
+    optional), {"contains": text}, {"date": "YYYY-MM-DD"} or {"set": bool} (is / is not None).
+    """
     instruction: str
-    subtasks: list[dict[str, str]]
-    answer: Any = None
+    subtasks: list[dict[str, str]]  # [{"text": natural-language sub-task, "code": Python against apis}]
+    answer: Any = None  # None for state-change tasks
     checks: list[dict] = field(default_factory=list)
 
 
@@ -667,6 +684,7 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {}
+# A training scenario's variants 1-4 are in train and 5-6 in dev; a held-out scenario's 5 are all in test.
 TRAIN_VARIANTS, DEV_VARIANTS, TEST_VARIANTS = 4, 2, 5
 
 
@@ -733,7 +751,6 @@ def only_changed_check(allowed: list[str]) -> dict:
 
 def money(amount: float) -> str:
     return f"${amount:,.2f}".replace(".00", "")
-
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -1687,6 +1704,7 @@ def _build_in_process(root: str, seed: int) -> dict:
             _write_ground_truth(task_dir / "ground_truth", sc, gold)
     for split, ids in task_ids_by_split().items():
         _write_text(data_dir / "datasets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
+    _write_json(data_dir / MARKER_FILE, {"generator": "prost world.py", "seed": seed})
     final = Path(root) / "data"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(data_dir, final)
@@ -1711,6 +1729,10 @@ def world_summary(tasks: dict[str, tuple[Scenario, Person, Gold]]) -> dict:
 def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0) -> dict:
     """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary."""
     root = Path(root).resolve()
+    data = root / "data"
+    if data.is_dir() and any(data.iterdir()) and not (data / MARKER_FILE).is_file():
+        raise ValueError(f"{data} holds data that is not a prost mini-world (e.g. AppWorld's own download); "
+                         "refusing to replace it: choose another --root")
     root.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
@@ -2111,18 +2133,61 @@ class WorldPool:
         self.close()
 
 
+def check_gold(root: str | Path | None = None, splits: tuple[str, ...] = ("train", "dev", "test"),
+               workers: int = 2) -> dict[str, list[str]]:
+    """Run every gold solution sub-task by sub-task and evaluate it; returns {split: failed task ids}."""
+    def run(session: WorldSession, task_id: str) -> bool:
+        codes = [s["code"] for s in gold_subtasks(task_id, session.root)]
+        executions, evaluation = run_codes(session, task_id, codes)
+        return evaluation.success and not any(e.error for e in executions)
+
+    failed = {}
+    with WorldPool(workers, root=root) as pool:
+        for split in splits:
+            ids = load_split(split, root)
+            failed[split] = [t for t, ok in zip(ids, pool.map(run, ids)) if not ok]
+    return failed
+
+
+def show_task(task_id: str, root: str | Path | None = None) -> str:
+    """A readable view of one mini-world task: instruction, metadata and gold sub-tasks."""
+    specs = json.loads((_task_dir(task_id, root) / "specs.json").read_text())
+    lines = [f"{task_id}: {specs['instruction']}", f"supervisor: {specs['supervisor']['first_name']} "
+             f"{specs['supervisor']['last_name']}; metadata: {json.dumps(task_metadata(task_id, root))}"]
+    for index, sub in enumerate(gold_subtasks(task_id, root), start=1):
+        lines += [f"\n[{index}] {sub['text']}", sub["code"]]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="prost mini-world: build the synthetic AppWorld data root.")
+    parser = argparse.ArgumentParser(description="prost mini-world: a synthetic AppWorld data root and its checks.")
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="generate the data root (replaces <root>/data)")
+    build = sub.add_parser("build", help="generate the data root (replaces <root>/data if it is a mini-world)")
     build.add_argument("--root", default=str(DEFAULT_ROOT), help="AppWorld root to write (default: miniworld/)")
     build.add_argument("--seed", type=int, default=0, help="seed for people, content and task variants")
+    check = sub.add_parser("check", help="run every gold solution through AppWorld's evaluator")
+    check.add_argument("--root", default=None, help="AppWorld root (default: $APPWORLD_ROOT or miniworld/)")
+    check.add_argument("--split", action="append", help="split to check (repeatable; default: train, dev, test)")
+    check.add_argument("--workers", type=int, default=2, help="world worker processes")
+    show = sub.add_parser("show", help="print a task's instruction and gold sub-tasks")
+    show.add_argument("task_id", help="task id, e.g. payfriend_1")
+    show.add_argument("--root", default=None, help="AppWorld root (default: $APPWORLD_ROOT or miniworld/)")
     args = parser.parse_args(argv)
     try:
         started = time.perf_counter()
-        summary = build_world(args.root, args.seed)
-        summary["seconds"] = round(time.perf_counter() - started, 1)
-        print(json.dumps(summary, indent=2))
+        if args.command == "build":
+            summary = build_world(args.root, args.seed)
+            summary["seconds"] = round(time.perf_counter() - started, 1)
+            print(json.dumps(summary, indent=2))
+        elif args.command == "check":
+            failed = check_gold(args.root, tuple(args.split or ("train", "dev", "test")), args.workers)
+            for split, ids in failed.items():
+                print(f"{split}: {len(load_split(split, args.root)) - len(ids)}/{len(load_split(split, args.root))} "
+                      f"gold solutions pass" + (f"; failed: {', '.join(ids)}" if ids else ""))
+            print(f"[{time.perf_counter() - started:.0f} s]")
+            return 1 if any(failed.values()) else 0
+        else:
+            print(show_task(args.task_id, args.root))
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

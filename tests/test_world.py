@@ -97,6 +97,9 @@ def test_reading_errors_are_clear(built, tmp_path):
     (fake / "ground_truth").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="only in the prost mini-world"):
         world.gold_subtasks("real_1", tmp_path)
+    with pytest.raises(ValueError, match="not a prost mini-world"):  # never overwrite a real download
+        world.build_world(tmp_path)
+    assert fake.is_dir()
 
 
 # ---------------------------------------------------------------------------------------------------------
