@@ -116,26 +116,24 @@ def check_base_found(base: str, role: str, adapter: str | None) -> None:
     except (FileNotFoundError, ValueError) as e:
         where = f"the {role}'s adapter {adapter} was trained on base '{base}'" if adapter else \
             f"the {role}'s model '{base}'"
-        raise FileNotFoundError(f"{where}, which cannot be found ({e}); pass --model FOLDER_OR_ID to give "
-                                "the base") from None
+        fix = (f"restore it, or set base_model_name_or_path in {Path(adapter) / ADAPTER_CONFIG} to where it "
+               "is now") if adapter else "check the id or folder"
+        raise FileNotFoundError(f"{where}, which cannot be found ({e}); {fix}") from None
 
 
 def system_spec(agents_dir=None, single=None, model_id=None, kind="multi") -> SystemSpec:
     """Decide every role's base and adapter from the command line, and check that all of them exist."""
-    if agents_dir and single:
-        raise ValueError("give either --agents (multi-agent) or --single (single agent), not both")
+    if sum(bool(x) for x in (agents_dir, single, model_id)) != 1:
+        raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID (or --gold)")
     if agents_dir:
-        adapters = role_folders(agents_dir)
-        spec = SystemSpec("multi", {}, adapters, Path(agents_dir).resolve().name)
+        spec = SystemSpec("multi", {}, role_folders(agents_dir), Path(agents_dir).resolve().name)
     elif single:
         spec = SystemSpec("single", {}, {"single": single_folder(single)}, Path(single).resolve().name)
-    elif model_id:
-        spec = SystemSpec(kind, {}, {}, Path(str(model_id)).name)
     else:
-        raise ValueError("nothing to evaluate: give --agents CKPTS, --single CKPTS/single, --model ID or --gold")
+        spec = SystemSpec(kind, {}, {}, Path(str(model_id)).name)
     for role in spec.roles:
         adapter = spec.adapters.get(role)
-        spec.models[role] = model_id or recorded_base(adapter, role)
+        spec.models[role] = recorded_base(adapter, role) if adapter else model_id
         check_base_found(spec.models[role], role, adapter)
     return spec
 
@@ -738,10 +736,10 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--agents", default=None, help="prost.py output folder with planner/, executor/, critic/ "
                        "adapters (each records its base model)")
     which.add_argument("--single", default=None, help="single-agent adapter folder (e.g. ckpts/single)")
-    which.add_argument("--model", default=None, help="base model id or folder: alone, every role runs it without "
-                       "adapters; with --agents/--single, the base the adapters are loaded on")
+    which.add_argument("--model", default=None, help="base model id or folder that every role runs without "
+                       "adapters (the untrained baseline)")
     which.add_argument("--kind", default="multi", choices=("multi", "single"),
-                       help="with --model alone: planner/executor/critic, or the single-agent baseline")
+                       help="with --model: planner/executor/critic, or the single-agent baseline")
     which.add_argument("--gold", action="store_true", help="replay the mini-world's gold sub-tasks through the "
                        "multi-agent protocol (the protocol's upper bound; no model runs)")
     p.add_argument("--split", default="dev", help="task split (mini-world: train, dev, test; AppWorld: dev, "
@@ -771,7 +769,7 @@ def system_from_args(args) -> tuple[agents.System, str]:
     """(the loaded system, its default name)."""
     if args.gold:
         if args.agents or args.single or args.model:
-            raise ValueError("--gold replays the gold solutions; do not combine it with --agents/--single/--model")
+            raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
         return gold_system(args.root), "gold"
     spec = system_spec(args.agents, args.single, args.model, args.kind)
     device = rank_device(args.device)
