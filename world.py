@@ -665,8 +665,8 @@ class Gold:
       updated       the rows of `model` that changed are exactly the ids in `records`, with those values
       removed       the rows removed from `model` are exactly `ids`
       only_changed  no model outside `allowed` changed (passes on a no-op)
-    A field value may be a plain value or {"lines": [...]} (same non-empty lines, in order, bullets
-    optional), {"contains": text}, {"date": "YYYY-MM-DD"} or {"set": bool} (is / is not None).
+    A field value may be a plain value or {"lines": [...]} (same non-empty lines, in order, bullets or
+    numbering optional), {"contains": text}, {"date": "YYYY-MM-DD"} or {"set": bool} (is / is not None).
     """
     instruction: str
     subtasks: list[dict[str, str]]  # [{"text": natural-language sub-task, "code": Python against apis}]
@@ -1500,15 +1500,17 @@ def thank_helper(rng, pop, sup):
 EVALUATION_PY = '''\
 """Generic prost mini-world checker: every requirement is a declarative check from private_data.json."""
 import json
+import re
 
 
 def _norm_lines(text):
-    lines = [line.strip().lstrip("-*\u2022 ").strip().lower() for line in str(text).splitlines()]
+    """Non-empty lines, lower-cased, without list bullets or numbering ("- a", "* a", "1. a", "2) a")."""
+    lines = [re.sub(r"^(?:[-*\\u2022]|\\d+[.)])\\s*", "", line.strip()).lower() for line in str(text).splitlines()]
     return [line for line in lines if line]
 
 
 def _same(got, want):
-    if isinstance(want, dict) and "lines" in want:  # same non-empty lines in the same order, bullets optional
+    if isinstance(want, dict) and "lines" in want:  # same non-empty lines in the same order
         return _norm_lines(got) == [line.lower() for line in want["lines"]]
     if isinstance(want, dict) and "contains" in want:
         return str(want["contains"]).lower() in str(got).lower()

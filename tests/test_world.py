@@ -9,6 +9,7 @@ import json
 import re
 import time
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -106,13 +107,17 @@ def test_reading_errors_are_clear(built, tmp_path):
 # Gold solutions, no-ops and wrong answers, judged by AppWorld's evaluator
 
 
+@lru_cache(maxsize=1)
+def population():
+    return world.make_population(SEED)
+
+
 def plausible_wrong_answer(answer):
     if isinstance(answer, (int, float)):
         return answer + 1
     if answer.isdigit():  # a phone number: one digit off
         return answer[:-1] + str((int(answer[-1]) + 1) % 10)
-    pop = world.make_population(SEED)
-    return next(song.title for song in pop.songs if song.title != answer)  # another real song title
+    return next(song.title for song in population().songs if song.title != answer)  # another real song title
 
 
 def gold_noop_and_wrong_answer(session, task_id):
@@ -166,15 +171,28 @@ WRONG_EDITS = {
 }
 
 
-def wrong_state_change(session, task_id):
-    scenario = task_id.split("_")[0]
-    pattern, edit = WRONG_EDITS[scenario]
+# Other correct ways to do a task, also as one edit of the gold code: they must pass too.
+EQUIVALENT_EDITS = {
+    "tracklist": (r'"\\n"\.join\(song_titles\)', lambda m: '"\\n".join(f"{i}. {t}" for i, t in enumerate(song_titles, 1))'),
+    "appendnote": (r'added_content="\\n- ', lambda m: 'added_content="\\n'),  # no bullet
+    "newplaylist": (r"for song_id in recent_ids:", lambda m: "for song_id in reversed(recent_ids):"),
+    "venmosent": (r"answer=total\)", lambda m: 'answer=f"{total:.2f}")'),  # the total as text, "161.50"
+}
+
+
+def edited_gold(session, task_id, edits):
+    pattern, edit = edits[task_id.split("_")[0]]
     codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
     edited = [re.sub(pattern, edit, code) for code in codes]
-    assert edited != codes, f"the wrong edit for {scenario} matched nothing"
+    assert edited != codes, f"the edit for {task_id} matched nothing"
     session.open(task_id)
-    run_steps(session, edited)
-    return task_id, session.evaluate()
+    errors = run_steps(session, edited)
+    return task_id, errors, session.evaluate()
+
+
+def test_equivalent_solutions_pass(pool):
+    results = pool.map(lambda s, t: edited_gold(s, t, EQUIVALENT_EDITS), [f"{name}_3" for name in EQUIVALENT_EDITS])
+    assert [(t, errors, ev.failures) for t, errors, ev in results if errors or not ev.success] == []
 
 
 def skip_main_step(session, task_id):
@@ -189,8 +207,8 @@ def test_wrong_or_missing_state_changes_fail(built, pool):
     root, _ = built
     state_scenarios = sorted({t.split("_")[0] for t in all_task_ids(root) if expected_answer(root, t) is None})
     assert set(state_scenarios) == set(WRONG_EDITS)
-    wrong = pool.map(wrong_state_change, [f"{s}_1" for s in state_scenarios])
-    assert not [(t, ev.passes) for t, ev in wrong if ev.success]
+    wrong = pool.map(lambda s, t: edited_gold(s, t, WRONG_EDITS), [f"{s}_1" for s in state_scenarios])
+    assert not [(t, ev.passes) for t, _, ev in wrong if ev.success]
     missing = pool.map(skip_main_step, [f"{s}_2" for s in state_scenarios])
     assert not [(t, ev.passes) for t, ev in missing if ev.success]
 
