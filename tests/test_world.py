@@ -103,6 +103,17 @@ def test_reading_errors_are_clear(built, tmp_path):
     assert fake.is_dir()
 
 
+def test_cli_show_and_clear_errors(built, tmp_path, capsys):
+    root, _ = built
+    assert world.main(["show", "payfriend_1", "--root", str(root)]) == 0
+    shown = capsys.readouterr().out
+    assert "[1] Get my Venmo password" in shown and "apis.venmo.create_transaction(" in shown
+    (tmp_path / "data" / "base_dbs").mkdir(parents=True)  # someone else's data root
+    assert world.main(["build", "--root", str(tmp_path)]) == 2
+    assert world.main(["show", "nosuch_1", "--root", str(root)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Gold solutions, no-ops and wrong answers, judged by AppWorld's evaluator
 
