@@ -324,9 +324,8 @@ def mixed_run(session, task_id):
     codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
     if int(task_id.split("_")[1]) % 2 == 0:
         codes = codes[:-2]
-    outputs = [(e.output, e.error) for e in world.run_codes(session, task_id, codes)[0]]
-    evaluation = session.evaluate()
-    return outputs, evaluation.success, evaluation.passes, evaluation.failures
+    executions, evaluation = world.run_codes(session, task_id, codes)
+    return [(e.output, e.error) for e in executions], evaluation.success, evaluation.passes, evaluation.failures
 
 
 def test_pool_gives_the_same_results_as_sequential_runs(built, pool):
