@@ -1341,7 +1341,7 @@ def split_bill(rng, pop, sup):
     occasion = rng.choice(("Dinner at Lucia's", "Cabin weekend", "Concert tickets", "Escape room", "Bowling night"))
     return Gold(
         f"I paid {money(total)} for '{occasion}', shared equally between me and all my {plural(relationship)} "
-        f"from my phone contacts. Request each of them's share on Venmo with the note '{occasion}'.",
+        f"from my phone contacts. Request each of them their share on Venmo with the note '{occasion}'.",
         [login_step("phone"),
          contacts_step(relationship),
          step("Work out the equal share per person, me included.",
