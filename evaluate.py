@@ -277,8 +277,10 @@ def finished_timings(out: Path) -> dict[str, float]:
 
 
 def append_line(path: Path, obj: dict) -> None:
+    """Append one JSON line durably; a torn line left by a crash is ended first, so only it is lost."""
+    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
     with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(obj) + "\n")
+        f.write(("\n" if torn else "") + json.dumps(obj) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -374,6 +376,8 @@ def subtask_errors(records: list[dict]) -> dict[str, dict[str, dict]]:
                 cell[0] += 1
                 cell[1] += agents.parse_plan(call["output"]) is None
         actor = "executor" if r["system"]["kind"] == "multi" else "single"
+        for subtask in r["subtasks"]:  # a started sub-task shows its executor row even when no code ran
+            counts[subtask["index"]].setdefault(actor, [0, 0])
         for execution in r["executions"]:
             cell = counts[execution["subtask"]][actor]
             cell[0] += 1
@@ -566,6 +570,12 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def error_text(cell: dict | None) -> str:
+    if cell is None:
+        return "-"
+    return f"{cell['errors']}/{cell['n']}" + (f" ({cell['rate']:.0f}%)" if cell["n"] else "")
+
+
 def markdown_report(results: dict) -> str:
     m, t = results["metrics"], results["timing"]
     system = results["system"]
@@ -597,11 +607,11 @@ def markdown_report(results: dict) -> str:
                   "(summed over sessions)."]
     lines += ["", "## Sub-task error rates", "",
               "Per sub-task index: planner replies in neither format, executions that raised (executor or single "
-              "agent), critic failure verdicts. Cells are errors/n (%).", ""]
+              "agent), critic failure verdicts. Cells are errors/n (%); the planner's row K+1 is its FINISH decision.",
+              ""]
     roles = in_role_order({role for row in m["subtask_errors"].values() for role in row})
     lines += markdown_table(["sub-task"] + roles,
-                            [[k] + [f"{row[r]['errors']}/{row[r]['n']} ({row[r]['rate']:.0f}%)" if r in row else "-"
-                                    for r in roles] for k, row in m["subtask_errors"].items()])
+                            [[k] + [error_text(row.get(r)) for r in roles] for k, row in m["subtask_errors"].items()])
     if m["budget_stops"]:
         lines += ["", "Budget stops: " + ", ".join(f"{k} {v}" for k, v in m["budget_stops"].items()) + "."]
     return "\n".join(lines) + "\n"
@@ -716,6 +726,10 @@ def pareto_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    splits = sorted({str(r.get("split")) for r in results})
+    if len(splits) > 1:
+        print(f"note: these results come from different splits ({', '.join(splits)}); compare systems on one split",
+              file=sys.stderr)
     rows = pareto_rows(results)
     print(pareto_table(rows), end="")
     plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
