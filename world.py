@@ -467,6 +467,10 @@ def _todo_content(rng, people, pop_args) -> None:
                 done = due < NOW.date() and rng.random() < 0.4
                 tasks.append(TodoTask(len(tasks) + 1, project.id, person.id, title, due,
                                       rng.choice(("high", "medium", "low")), done, order))
+        own = [t for t in tasks if t.owner_id == person.id]
+        if not any(t.is_completed for t in own):  # everyone has finished something
+            earliest = min(own, key=lambda t: t.due_date)
+            earliest.is_completed, earliest.due_date = True, min(earliest.due_date, NOW.date() - timedelta(days=1))
     pop_args.update(projects=projects, tasks=tasks)
 
 
@@ -922,6 +926,34 @@ def trim_short_songs(rng, pop, sup):
                 completed_check()])
 
 
+@scenario("followartists", difficulty=2, apps=("spotify",), held_out=True)
+def follow_playlist_artists(rng, pop, sup):
+    following = set(pop.following[sup.id])
+    candidates = [p for p in pop.playlists_of(sup) if {pop.song(i).artist_id for i in p.song_ids} - following]
+    playlist = rng.choice(candidates)
+    new = sorted({pop.song(i).artist_id for i in playlist.song_ids} - following)
+    return Gold(
+        f"Follow on Spotify every artist of the songs in my playlist '{playlist.title}' that I am not following yet.",
+        [login_step("spotify"),
+         step(f"Find my playlist '{playlist.title}' and collect the artists of its songs.",
+              FIND_PLAYLIST + f'playlist = next(p for p in playlists if p["title"] == "{playlist.title}")\n'
+              'songs = apis.spotify.show_playlist(playlist_id=playlist["playlist_id"], access_token=spotify_token)["songs"]\n'
+              'artist_ids = sorted({artist_id for song in songs for artist_id in song["artist_ids"]})\nprint(artist_ids)'),
+         step("Collect the artists I already follow, page by page.",
+              paged("followed", "apis.spotify.show_following_artists(access_token=spotify_token, {page})")
+              + 'followed_ids = {artist["artist_id"] for artist in followed}\nprint(sorted(followed_ids))'),
+         step("Follow the playlist's artists I do not follow yet.",
+              "for artist_id in artist_ids:\n"
+              "    if artist_id not in followed_ids:\n"
+              "        apis.spotify.follow_artist(artist_id=artist_id, access_token=spotify_token)"),
+         finish_step()],
+        checks=[{"kind": "added", "model": "spotify.UserArtistFollowing",
+                 "records": [{"user_id": sup.id, "artist_id": a} for a in new],
+                 "requirement": f"exactly the artists of '{playlist.title}' not followed before are now followed"},
+                only_changed_check(["spotify.UserArtistFollowing"]),
+                completed_check()])
+
+
 # ------------------------------------------------------------------------------------------------------
 # Venmo scenarios
 # ------------------------------------------------------------------------------------------------------
@@ -1040,6 +1072,23 @@ def venmo_balance(rng, pop, sup):
          finish_step('apis.venmo.show_venmo_balance(access_token=venmo_token)["venmo_balance"]',
                      "Read my Venmo balance, report it and mark the task as complete.")],
         answer=pop.balances[sup.id],
+        checks=[answer_check()])
+
+
+@scenario("pendingowed", difficulty=2, apps=("venmo",), held_out=True)
+def pending_received_total(rng, pop, sup):
+    pending = [r for r in pop.requests_of(sup) if r.receiver_id == sup.id and r.status == "pending"]
+    return Gold(
+        rng.choice(("How much money in total are people asking me for in Venmo payment requests I have not "
+                    "answered yet?", "What is the total amount of the pending Venmo payment requests I have received?")),
+        [login_step("venmo"),
+         step("Collect the pending payment requests I have received, page by page.",
+              paged("requests", 'apis.venmo.show_received_payment_requests(status="pending", '
+                                "access_token=venmo_token, {page})")
+              + 'print([(r["sender"]["name"], r["amount"]) for r in requests])'),
+         step("Add up their amounts.", 'total = round(sum(r["amount"] for r in requests), 2)\nprint(total)'),
+         finish_step("total")],
+        answer=round(sum(r.amount for r in pending), 2),
         checks=[answer_check()])
 
 
@@ -1192,6 +1241,25 @@ def reschedule_overdue(rng, pop, sup):
                  "records": {str(t.id): {"due_date": {"date": new_day.isoformat()}, "priority": "high"} for t in overdue},
                  "requirement": f"the overdue unfinished tasks of '{project.name}' are due {new_day.isoformat()} "
                                 "with high priority, and no other task changed"},
+                only_changed_check(["todoist.Task"]),
+                completed_check()])
+
+
+@scenario("cleardone", difficulty=2, apps=("todoist",), held_out=True)
+def clear_completed(rng, pop, sup):
+    project = rng.choice([p for p in pop.projects_of(sup) if any(t.is_completed for t in pop.tasks_in(p))])
+    done = [t.id for t in pop.tasks_in(project) if t.is_completed]
+    return Gold(
+        f"Delete all the completed tasks from my Todoist project '{project.name}'.",
+        [login_step("todoist"),
+         project_tasks_step(project.name),
+         step("Delete the tasks that are completed.",
+              "for task in tasks:\n"
+              '    if task["is_completed"]:\n'
+              '        apis.todoist.delete_task(task_id=task["task_id"], access_token=todoist_token)'),
+         finish_step()],
+        checks=[{"kind": "removed", "model": "todoist.Task", "ids": done,
+                 "requirement": f"exactly the completed tasks of '{project.name}' were deleted"},
                 only_changed_check(["todoist.Task"]),
                 completed_check()])
 

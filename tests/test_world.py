@@ -178,6 +178,8 @@ WRONG_EDITS = {
     "reschedule": (r'priority="high"', lambda m: 'priority="medium"'),
     "birthdaygift": (r'c\["birthday"\]\[5:7\] ==', lambda m: 'c["birthday"][5:7] !='),
     "notetotasks": (r"title=item", lambda m: "title=item.upper() + '!'"),
+    "followartists": (r"follow_artist\(", lambda m: "unfollow_artist("),  # the opposite action
+    "cleardone": (r'if task\["is_completed"\]:', lambda m: 'if not task["is_completed"]:'),  # deleted open ones
     "helperthanks": (r'join\(titles\)', lambda m: "join(titles[::-1] + ['Buy snacks'])"),
 }
 
