@@ -19,8 +19,8 @@ Two halves:
 2. A session API. AppWorld freezes the whole process clock, allows one world per process and times out
    code with SIGALRM on the main thread, so every world runs in its own spawned worker process. The caller
    only ever sends code strings; the code runs inside AppWorld's guarded executor in the worker. A hung
-   or dead worker is killed and restarted (its earlier code is replayed to restore the state) and the call
-   is reported as a failed execution, so the caller never hangs.
+   or dead worker is killed and the call reported as a failed execution, so the caller never hangs; before
+   the next call the worker is restarted and the task's earlier code replayed to restore its state.
 
 The same session code runs on the real benchmark when APPWORLD_ROOT points at downloaded data.
 This module never imports torch, and imports appworld only inside worker / builder processes.
