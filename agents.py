@@ -70,7 +70,7 @@ def budget(default: int, help: str):
 @dataclass
 class Budgets:
     """Limits of one rollout. The field names are the names recorded in a trajectory's budget_stops."""
-    subtasks: int = budget(8, "sub-tasks the planner may start per task")
+    subtasks: int = budget(10, "sub-tasks the planner may start per task")
     executor_turns: int = budget(8, "executor replies per attempt at a sub-task (code turns plus the report)")
     critic_retries: int = budget(2, "extra executor attempts at a sub-task after the critic says failure")
     format_retries: int = budget(1, "times the planner is re-asked after a reply in neither accepted format")

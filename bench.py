@@ -427,6 +427,7 @@ def bench_world() -> None:
 # ---- rollout ----------------------------------------------------------------------------------------------------
 
 ROLLOUT_NEW_TOKENS = 32  # random models rarely stop on their own: this caps every call
+ROLLOUT_SINGLE_TURNS, ROLLOUT_CRITIC_RETRIES = 10, 1  # smaller than the defaults, to keep the section short
 ROLLOUT_WORKERS = 4
 ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (the gold teacher runs all of dev)
 
@@ -454,12 +455,14 @@ def bench_rollout() -> None:
             root = Path(tmp) / "miniworld"
             world.build_world(root)
         dev = world.load_split("dev", root=root)
-        budgets = agents.Budgets(new_tokens=ROLLOUT_NEW_TOKENS)
+        budgets = agents.Budgets(new_tokens=ROLLOUT_NEW_TOKENS, single_turns=ROLLOUT_SINGLE_TURNS,
+                                 critic_retries=ROLLOUT_CRITIC_RETRIES)
         started = time.perf_counter()
         pool = world.WorldPool(ROLLOUT_WORKERS, root=root)
         print(f"rollout: mini-world dev split ({len(dev)} tasks, {root}); {ROLLOUT_WORKERS} world worker processes "
               f"(started in {time.perf_counter() - started:.1f} s, not counted below); budgets: defaults but "
-              f"{ROLLOUT_NEW_TOKENS} new tokens per call; `tiny` preset with random weights (tokenizer trained on the "
+              f"{ROLLOUT_NEW_TOKENS} new tokens per call, {ROLLOUT_SINGLE_TURNS} single-agent turns, "
+              f"{ROLLOUT_CRITIC_RETRIES} critic retry; `tiny` preset with random weights (tokenizer trained on the "
               f"gold dev trajectories), fp32, {torch.get_num_threads()} torch threads")
         with pool:
             texts = []  # the warm-up run (every session opens its first world) also gives the tokenizer's texts
