@@ -500,7 +500,8 @@ def single_view(record: dict, task, system: dict) -> dict:
     (system kind "single") so that data.py builds single-agent examples from the same file."""
     texts = {s["index"]: s["text"] for s in record["subtasks"]}
     train = train_flags(record["calls"])
-    code_turns = [i for i, c in enumerate(record["calls"]) if c["role"] == "executor" and extract_code(c["output"])]
+    code_turns = [i for i, c in enumerate(record["calls"])
+                  if c["role"] == "executor" and extract_code(c["output"])]
     messages = [{"role": "system", "content": single_system(task)},
                 {"role": "user", "content": single_task(task)}]
     calls, seen = [], set()
@@ -517,7 +518,8 @@ def single_view(record: dict, task, system: dict) -> dict:
             turn["train"] = False
         messages = messages + [turn, {"role": "user", "content": output_turn(execution["output"])}]
     return {**record, "system": system, "calls": calls,
-            "subtasks": [{"index": s["index"], "text": s["text"], "attempts": []} for s in record["subtasks"]]}
+            "subtasks": [{"index": s["index"], "text": s["text"], "attempts": []}
+                         for s in record["subtasks"]]}
 
 
 def train_flags(calls: list[dict]) -> list[bool]:
@@ -759,8 +761,8 @@ def gold_verdict(executions: list[dict]) -> str:
     if not executions:
         return "Verdict: failure\nReason: no code ran for this sub-task."
     if executions[-1]["error"]:
-        return (f"Verdict: failure\nReason: the code raised an error ({last_line(executions[-1]['output'])}), "
-                "so the sub-task is not done.")
+        error = last_line(executions[-1]["output"])
+        return f"Verdict: failure\nReason: the code raised an error ({error}), so the sub-task is not done."
     return "Verdict: success\nReason: the code ran without errors and its output shows the sub-task done."
 
 
@@ -994,7 +996,9 @@ def teacher_system(teacher: str | None, url: str | None = None, url_model: str |
     if url:
         if not url_model:
             raise ValueError("--teacher-url needs --teacher-model (the model name the endpoint serves)")
-        count = (lambda messages: len(tokenizer.chat(messages, add_generation_prompt=True)[0])) if tokenizer else None
+        count = None
+        if tokenizer is not None:
+            count = lambda messages: len(tokenizer.chat(messages, add_generation_prompt=True)[0])  # noqa: E731
         return single_engine_system(HttpEngine(url, url_model, api_key_env, count=count),
                                     teacher=f"{url_model} @ {url}")
     if teacher == "gold":
@@ -1126,8 +1130,9 @@ def main(argv: list[str] | None = None) -> int:
             summary = collect(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                               max_batch=args.max_batch, keep_failed=args.keep_failed, limit=args.limit,
                               tokenizer=tokenizer)
-            print(f"kept {len(summary.kept)}, failed evaluation {len(summary.failed)}"
-                  f"{' (kept)' if args.keep_failed else ' (dropped)'}, already in {args.out}: {summary.skipped}")
+            fate = "kept" if args.keep_failed else "dropped"
+            print(f"kept {len(summary.kept)}, failed evaluation {len(summary.failed)} ({fate}), "
+                  f"already in {args.out}: {summary.skipped}")
             if summary.failed:
                 print("failed:", " ".join(summary.failed))
             print(summary.stats.summary())

@@ -435,15 +435,18 @@ ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (th
 def _rollout_systems(root: Path, tiny: Path) -> list:
     """(label, system) pairs: the gold teacher (no model), a random tiny model in every role, the gold planner
     with random tiny executor and critic (plans parse, so all three roles run with real prompt lengths), and
-    the single agent."""
+    the single agent. The tiny model is loaded once and warmed up (its first generate call is slow)."""
     import agents
     gold = agents.GoldEngine(root, recovery_share=0.0)
-    tiny_multi = agents.build_system("multi", {r: str(tiny) for r in agents.ROLES}, {})
+    engine = agents.LocalEngine(str(tiny))
+    warm_up = agents.ModelRequest("warm_up", "planner", [{"role": "user", "content": "Hello"}])
+    engine.complete([warm_up], None, agents.Budgets(new_tokens=4))
+    tiny_multi = agents.single_engine_system(engine)
     mixed = agents.System("multi", {**tiny_multi.roles, "planner": agents.Binding(gold)})
     return [("gold teacher (no model)", agents.single_engine_system(gold, teacher="gold")),
             ("tiny random, all roles", tiny_multi),
             ("gold planner + tiny executor/critic", mixed),
-            ("tiny random, single agent", agents.build_system("single", {"single": str(tiny)}, {}))]
+            ("tiny random, single agent", agents.single_engine_system(engine, kind="single"))]
 
 
 def bench_rollout() -> None:
