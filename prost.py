@@ -142,11 +142,30 @@ def autocast(device: torch.device, precision: str):
 # ----------------------------------------------------------------------------------------------------
 # Data.
 
-def collect_default_data() -> Path:
-    """The data used when --data is not given: build the mini-world and collect gold-teacher trajectories
-    with agents.py. That collection is wired in once agents.py exists."""
-    raise ValueError("no --data given and agents.py's default collection is unavailable; pass --data "
-                     "trajectories/train.jsonl (collected with agents.py) or any trajectory file")
+DEFAULT_DATA = Path(__file__).resolve().parent / "trajectories" / "train.jsonl"
+
+
+def collect_default_data(cluster: Cluster) -> Path:
+    """The data used when --data is not given: the mini-world's train split replayed by the gold teacher.
+
+    Rank 0 builds the mini-world if it is missing and collects into trajectories/train.jsonl; the
+    collection resumes from that file, so a second run costs only the check. Other ranks wait for it.
+    """
+    if cluster.is_main:
+        import agents  # only the default-data path needs the agents and the world
+        import world
+        if not (world.world_root() / "data" / "datasets" / "train.txt").is_file():
+            print(f"no --data: building the mini-world in {world.world_root()}")
+            world.build_world(world.world_root())
+        print(f"no --data: collecting gold-teacher trajectories of the train split into {DEFAULT_DATA}")
+        DEFAULT_DATA.parent.mkdir(parents=True, exist_ok=True)
+        summary = agents.collect(agents.teacher_system("gold"), "train", DEFAULT_DATA, agents.Budgets())
+        if summary.failed:
+            raise ValueError(f"gold-teacher trajectories failed evaluation for {', '.join(summary.failed)}; "
+                             f"rebuild the mini-world with `python world.py build`")
+    if cluster.world > 1:
+        dist.barrier()
+    return DEFAULT_DATA
 
 
 def file_sha256(path: str | Path) -> str:
@@ -557,10 +576,10 @@ class RoleData:
     plans: list[data.EpochPlan]
 
 
-def prepare_data(cfg: TrainConfig, log) -> RoleData:
+def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
     if cfg.role not in data.ROLES:
         raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
-    path = Path(cfg.data) if cfg.data else collect_default_data()
+    path = Path(cfg.data) if cfg.data else collect_default_data(cluster)
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     examples = load_role_examples(path, cfg.role, tokenizer, cfg.max_seq_len, log)
     dev = load_role_examples(cfg.dev_data, cfg.role, tokenizer, cfg.max_seq_len, log) if cfg.dev_data else []
@@ -583,7 +602,7 @@ def model_flops_utilisation(model, plan: data.EpochPlan, stats: EpochStats, peak
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     log = print if cluster.is_main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, cluster.device)
-    role_data = prepare_data(cfg, log)
+    role_data = prepare_data(cfg, log, cluster)
     examples, dev, epochs, pad_id = role_data.examples, role_data.dev, role_data.epochs, role_data.tokenizer.pad_id
 
     out_dir = Path(cfg.out) / cfg.role
@@ -646,8 +665,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=d.model, help="base model: Hugging Face id or local folder")
     p.add_argument("--role", default=d.role, help=f"role to train: one of {', '.join(data.ROLES)}")
-    p.add_argument("--data", default=d.data, help="training trajectories (JSONL); None: build the mini-world "
-                                                   "and collect gold-teacher trajectories")
+    p.add_argument("--data", default=d.data, help="training trajectories (JSONL); without it, the mini-world's "
+                   "gold-teacher trajectories, built and collected into trajectories/train.jsonl on first use")
     p.add_argument("--dev-data", default=d.dev_data, help="dev trajectories for the per-sub-task dev loss")
     p.add_argument("--out", default=d.out, help="output root; the run goes to OUT/ROLE/")
     p.add_argument("--schedule", default=d.schedule, choices=data.SCHEDULES,
