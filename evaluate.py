@@ -19,7 +19,8 @@ judge every task, and turns the trajectories into the paper's measurements:
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
-`results.json` (metrics plus per-task rows) and `report.md`, all written atomically. While a run is going,
+`results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
+written atomically; `run.json` records the system and split the folder belongs to. While a run is going,
 finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
 interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
 multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,
@@ -49,6 +50,7 @@ MULTI_ROLES = ("planner", "executor", "critic")
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a trained role (lora.py's PEFT layout)
 TRAJECTORIES = "trajectories.jsonl"
 RESULTS = "results.json"
+TIMINGS = "timing.jsonl"  # task id -> wall seconds of its rollout (measured, so kept apart from the trajectories)
 REPORT = "report.md"
 RUN_FILE = "run.json"  # which system and split the folder holds; a resume must match it
 PARTS = "parts"
@@ -265,7 +267,7 @@ def finished_records(out: Path) -> dict[str, dict]:
 def finished_timings(out: Path) -> dict[str, float]:
     """task id -> wall seconds of its rollout (the last line per task: a rerun after a crash replaces it)."""
     timings = {}
-    for path in [out / "timing.jsonl", *(timing_path(p) for p in part_paths(out))]:
+    for path in [out / TIMINGS, *(timing_path(p) for p in part_paths(out))]:
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -532,7 +534,7 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     merged = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + extra)
     timings = finished_timings(out)
     write_atomic(out / TRAJECTORIES, merged)
-    write_atomic(out / "timing.jsonl", "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
+    write_atomic(out / TIMINGS, "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
                                                 for t, s in timings.items()))
     for part in part_paths(out):  # now in the merged files
         timing_path(part).unlink(missing_ok=True)
