@@ -114,3 +114,38 @@ def llama_ckpt(tmp_path_factory):
 def sharded_ckpt(tmp_path_factory):
     """Qwen2 split over several safetensors shards (model.safetensors.index.json)."""
     return build_hf_checkpoint(tmp_path_factory.mktemp("sharded"), "qwen2", tie=False, max_shard_size="40KB", seed=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The mini-world (world.py's own generator), built once for the whole test session, and the gold-teacher
+# trajectories of its train split (agents.py), collected once. Tests that change a world build their own.
+
+@pytest.fixture(scope="session")
+def world_build(tmp_path_factory):
+    """(root, build summary) of the mini-world with seed 0."""
+    import world
+    root = tmp_path_factory.mktemp("miniworld")
+    return root, world.build_world(root, seed=0)
+
+
+@pytest.fixture(scope="session")
+def mini_world(world_build):
+    return world_build[0]
+
+
+@pytest.fixture(scope="session")
+def world_pool(mini_world):
+    """Two world sessions (worker processes) on the shared mini-world."""
+    import world
+    with world.WorldPool(2, root=mini_world) as pool:
+        yield pool
+
+
+@pytest.fixture(scope="session")
+def gold_train(mini_world, world_pool, tmp_path_factory):
+    """Gold-teacher trajectories for the whole train split: (collect summary, path)."""
+    import agents
+    out = tmp_path_factory.mktemp("gold") / "train.jsonl"
+    system = agents.teacher_system("gold", root=mini_world)
+    summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool)
+    return summary, out

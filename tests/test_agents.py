@@ -2,7 +2,8 @@
 the mini-world's gold sub-tasks (world.py), AppWorld's own evaluator, data.py's reader and example builder,
 a tokenizer built by the `tokenizers` library (conftest), and an HTTP server written here.
 
-One mini-world and one pool of world worker processes are shared by the whole file (session fixtures).
+One mini-world, one pool of world worker processes and the gold train trajectories are shared by the
+whole test session (conftest.py).
 """
 
 import http.server
@@ -21,28 +22,6 @@ import world
 TINY = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
                       new_tokens=24, context=1024)
 BUDGET_NAMES = {f for f in asdict(TINY)}
-
-
-@pytest.fixture(scope="session")
-def mini_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("agents_world")
-    world.build_world(root, seed=0)
-    return root
-
-
-@pytest.fixture(scope="session")
-def pool(mini_world):
-    with world.WorldPool(2, root=mini_world) as p:
-        yield p
-
-
-@pytest.fixture(scope="session")
-def gold_train(mini_world, pool, tmp_path_factory):
-    """Gold-teacher trajectories for the whole train split: (summary, path)."""
-    out = tmp_path_factory.mktemp("gold") / "train.jsonl"
-    system = agents.teacher_system("gold", root=mini_world)
-    summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=pool)
-    return summary, out
 
 
 @pytest.fixture(scope="session")
@@ -202,12 +181,12 @@ def check_within_budgets(record, budgets):
 
 
 @pytest.mark.parametrize("single", [False, True])
-def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, pool, tmp_path, single):
+def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, world_pool, tmp_path, single):
     kind = "single" if single else "multi"
     system = agents.build_system(kind, {r: str(tiny_model) for r in agents.ROLES}, {})
     out = tmp_path / "run.jsonl"
     dev = world.load_split("dev", root=mini_world)[:2]
-    stats = agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=pool,
+    stats = agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=world_pool,
                                 on_trajectory=lambda r: data.write_trajectory(out, r))
     records = data.read_trajectories(out)  # data.py's reader accepts them
     assert sorted(r["task_id"] for r in records) == sorted(dev) and stats.tasks == len(dev)
@@ -236,11 +215,11 @@ class Scripted:
         return replies
 
 
-def test_every_budget_stops_the_multi_agent_protocol(mini_world, pool):
+def test_every_budget_stops_the_multi_agent_protocol(mini_world, world_pool):
     system = agents.single_engine_system(Scripted())
     records = []
     task = world.load_split("dev", root=mini_world)[0]
-    agents.run_rollouts([task], system, TINY, split="dev", root=mini_world, pool=pool,
+    agents.run_rollouts([task], system, TINY, split="dev", root=mini_world, pool=world_pool,
                         on_trajectory=records.append)
     (record,) = records
     stops = [(s["budget"], s["subtask"]) for s in record["budget_stops"]]
@@ -262,14 +241,14 @@ def without_wall_times(record):
 
 
 @pytest.mark.parametrize("single", [False, True])
-def test_batched_concurrent_rollouts_equal_one_task_at_a_time(tiny_model, mini_world, pool, single):
+def test_batched_concurrent_rollouts_equal_one_task_at_a_time(tiny_model, mini_world, world_pool, single):
     kind = "single" if single else "multi"
     system = agents.build_system(kind, {r: str(tiny_model) for r in agents.ROLES}, {})
     dev = world.load_split("dev", root=mini_world)[:2]
     results = {}
     for workers in (1, 2):
         records = []
-        stats = agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=pool,
+        stats = agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=world_pool,
                                     workers=workers, on_trajectory=records.append)
         results[workers] = {r["task_id"]: without_wall_times(r) for r in records}
         if workers == 2:
@@ -322,13 +301,13 @@ def chat_server():
     server.shutdown()
 
 
-def test_openai_compatible_teacher(chat_server, mini_world, pool, tmp_path, monkeypatch):
+def test_openai_compatible_teacher(chat_server, mini_world, world_pool, tmp_path, monkeypatch):
     monkeypatch.setenv("PROST_TEST_KEY", "secret")
     system = agents.teacher_system(None, url=chat_server + "/v1", url_model="teacher-x",
                                    api_key_env="PROST_TEST_KEY")
     out = tmp_path / "http.jsonl"
     task = world.load_split("train", root=mini_world)[0]
-    summary = agents.collect(system, "train", out, TINY, root=mini_world, pool=pool, limit=1, keep_failed=True)
+    summary = agents.collect(system, "train", out, TINY, root=mini_world, pool=world_pool, limit=1, keep_failed=True)
     assert summary.failed == [task]  # the scripted teacher never calls complete_task
     multi = records_by_kind(out, "multi")[task]
     assert [c["output"] for c in multi["calls"]] == [
@@ -365,7 +344,7 @@ def test_malformed_trajectory_file_is_a_clear_cli_error(gold_train, mini_world, 
     assert f"error: {bad}:2: not valid JSON" in capsys.readouterr().err
 
 
-def test_unknown_roles_are_clear_errors(gold_train, mini_world, tmp_path, capsys, pool):
+def test_unknown_roles_are_clear_errors(gold_train, mini_world, tmp_path, capsys, world_pool):
     record = json.loads(gold_train[1].read_text().splitlines()[0])
     record["calls"][0]["role"] = "judge"
     bad = tmp_path / "roles.jsonl"
@@ -376,7 +355,7 @@ def test_unknown_roles_are_clear_errors(gold_train, mini_world, tmp_path, capsys
     system = agents.System("multi", {"planner": agents.Binding(Scripted())})  # no executor, no critic
     task = world.load_split("dev", root=mini_world)[0]
     with pytest.raises(ValueError, match="no 'executor' role"):
-        agents.run_rollouts([task], system, TINY, split="dev", root=mini_world, pool=pool)
+        agents.run_rollouts([task], system, TINY, split="dev", root=mini_world, pool=world_pool)
 
 
 def test_every_flag_has_help():
@@ -388,7 +367,7 @@ def test_every_flag_has_help():
                 assert action.help, f"{name} --{action.dest} has no help"
 
 
-def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mini_world, pool, tmp_path):
+def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mini_world, world_pool, tmp_path):
     import lora
     import torch
     base = model.Transformer.from_pretrained(tiny_model)
@@ -416,7 +395,7 @@ def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mi
     runs = {}
     for name, system in (("shared", shared), ("separate", separate), ("base", plain)):
         records = []
-        agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=pool,
+        agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=world_pool,
                             on_trajectory=records.append)
         runs[name] = {r["task_id"]: [(c["role"], c["output"]) for c in r["calls"]] for r in records}
     assert runs["shared"] == runs["separate"]

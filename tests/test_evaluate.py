@@ -2,7 +2,8 @@
 (the gold replay must pass all of them, doing nothing none of them); resumed and two-process runs must equal
 one uninterrupted process; the Pareto marks and spreads are computed by hand; bad inputs give one line.
 
-One mini-world and one pool of world worker processes are shared by the whole file.
+The mini-world is built once per test session (conftest.py); one pool of world worker processes is
+shared by the whole file.
 """
 
 import json
@@ -25,13 +26,6 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
                        new_tokens=12, context=1024)
 N_SMALL = 4  # tasks of the dev split the model-backed tests run
-
-
-@pytest.fixture(scope="module")
-def mini_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_world")
-    world.build_world(root, seed=0)
-    return root
 
 
 @pytest.fixture(scope="module")

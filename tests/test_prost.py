@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import data
 import prost
+import world
 from conftest import build_hf_checkpoint
 from model import Tokenizer, Transformer
 from test_data import synthetic_trajectory
@@ -209,7 +210,6 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(role="judge"), "unknown role 'judge'"),
         (dict(role="single"), "holds no single calls"),
         (dict(data=str(tmp_path / "missing.jsonl")), "does not exist"),
-        (dict(data=None), "no --data given"),
         (dict(data=str(bad)), f"{bad}:2: record: missing field"),
         (dict(grad_accum=0), "--grad-accum must be at least 1"),
         (dict(device="tpu"), "--device must be auto, cpu or cuda"),
@@ -218,6 +218,25 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
         assert code == 2 and err.startswith("error: ") and message in err, (flags, err)
         assert "Traceback" not in err and not (tmp_path / "ck").exists()
+
+
+def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_world, gold_train, tmp_path,
+                                                                     capsys, monkeypatch):
+    """No --data: the world is found through $APPWORLD_ROOT, the gold collection resumes in the default file
+    (already complete here, so it is left as it is) and the role trains on it: epoch 1 of the progressive
+    schedule holds exactly one planner decision per train task, its first sub-task."""
+    default = tmp_path / "trajectories" / "train.jsonl"
+    default.parent.mkdir()
+    shutil.copy(gold_train[1], default)
+    before = default.read_bytes()
+    monkeypatch.setenv("APPWORLD_ROOT", str(mini_world))
+    monkeypatch.setattr(prost, "DEFAULT_DATA", default)
+    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=1, max_seq_len=256), capsys)
+    assert code == 0, err
+    assert default.read_bytes() == before
+    [epoch] = [json.loads(line) for line in (tmp_path / "ck" / "planner" / prost.LOG_FILE).read_text().splitlines()]
+    assert epoch["max_subtask"] == 1 and epoch["examples"] == len(world.load_split("train", root=mini_world))
+    assert (tmp_path / "ck" / "planner" / "adapter_model.safetensors").is_file()
 
 
 def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path, capsys):

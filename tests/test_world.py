@@ -1,8 +1,8 @@
 """Tests for world.py: the generated mini-world is judged by AppWorld's own evaluator, and the session API
 is judged by what hostile agent code can and cannot do to it.
 
-The world is built once per test session into a temporary root (about 15 s); world sessions run in worker
-processes, two at a time.
+The world is built once per test session into a temporary root (conftest.py, about 15 s); world sessions
+run in worker processes, two at a time.
 """
 
 import json
@@ -19,16 +19,9 @@ import world
 SEED = 0
 
 
-@pytest.fixture(scope="session")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("miniworld")
-    summary = world.build_world(root, seed=SEED)
-    return root, summary
-
-
 @pytest.fixture(scope="module")
-def pool(built):
-    root, _ = built
+def pool(world_build):
+    root, _ = world_build
     with world.WorldPool(2, root=root, timeout=20) as pool:
         yield pool
 
@@ -50,8 +43,8 @@ def run_steps(session, codes):
 # The generated data root
 
 
-def test_world_has_the_required_shape(built):
-    root, summary = built
+def test_world_has_the_required_shape(world_build):
+    root, summary = world_build
     data = Path(root) / "data"
     splits = {s: world.load_split(s, root) for s in ("train", "dev", "test")}
     scenario_of = lambda task_id: task_id.split("_")[0]  # noqa: E731
@@ -86,8 +79,8 @@ def test_world_has_the_required_shape(built):
         assert len(people) == len(ids)
 
 
-def test_reading_errors_are_clear(built, tmp_path):
-    root, _ = built
+def test_reading_errors_are_clear(world_build, tmp_path):
+    root, _ = world_build
     with pytest.raises(FileNotFoundError, match="no split 'nope'"):
         world.load_split("nope", root)
     with pytest.raises(FileNotFoundError, match="unknown task"):
@@ -103,8 +96,8 @@ def test_reading_errors_are_clear(built, tmp_path):
     assert fake.is_dir()
 
 
-def test_cli_show_and_clear_errors(built, tmp_path, capsys):
-    root, _ = built
+def test_cli_show_and_clear_errors(world_build, tmp_path, capsys):
+    root, _ = world_build
     assert world.main(["show", "payfriend_1", "--root", str(root)]) == 0
     shown = capsys.readouterr().out
     assert "[1] Get my Venmo password" in shown and "apis.venmo.create_transaction(" in shown
@@ -146,10 +139,10 @@ def gold_noop_and_wrong_answer(session, task_id):
     return task_id, noop, errors, gold, wrong
 
 
-def test_every_gold_solution_passes_and_doing_nothing_fails(built, pool):
-    root, _ = built
+def test_every_gold_solution_passes_and_doing_nothing_fails(world_build, pool):
+    root, _ = world_build
     results = pool.map(gold_noop_and_wrong_answer, all_task_ids(root))
-    assert len(results) == sum(built[1]["tasks"].values())
+    assert len(results) == sum(world_build[1]["tasks"].values())
     failures = [(t, errors, gold.failures, gold.traces) for t, _, errors, gold, _ in results
                 if errors or not gold.success]
     assert not failures, failures[:3]
@@ -216,8 +209,8 @@ def skip_main_step(session, task_id):
     return task_id, session.evaluate()
 
 
-def test_wrong_or_missing_state_changes_fail(built, pool):
-    root, _ = built
+def test_wrong_or_missing_state_changes_fail(world_build, pool):
+    root, _ = world_build
     state_scenarios = sorted({t.split("_")[0] for t in all_task_ids(root) if expected_answer(root, t) is None})
     assert set(state_scenarios) == set(WRONG_EDITS)
     wrong = pool.map(lambda s, t: edited_gold(s, t, WRONG_EDITS), [f"{s}_1" for s in state_scenarios])
@@ -243,8 +236,8 @@ def tuned(session, **limits):
             setattr(session, name, value)
 
 
-def test_hostile_code_never_breaks_the_session(built, pool, tmp_path):
-    root, _ = built
+def test_hostile_code_never_breaks_the_session(world_build, pool, tmp_path):
+    root, _ = world_build
     timeout, grace = 1, 2
     session = pool.sessions[0]  # one of the pool's workers; the pool is idle between tests
     with tuned(session, timeout=timeout, grace=grace, max_output_chars=2_000):
@@ -292,7 +285,7 @@ def test_hostile_code_never_breaks_the_session(built, pool, tmp_path):
         assert session.evaluate().success
 
 
-def test_wall_budget_stops_execution(built, pool):
+def test_wall_budget_stops_execution(world_build, pool):
     session = pool.sessions[0]
     with tuned(session, budget_seconds=1.0):
         session.open("notecount_1")
@@ -303,11 +296,11 @@ def test_wall_budget_stops_execution(built, pool):
         info = session.open("notecount_2")  # a new task gets a new budget
         assert info.task_id == "notecount_2" and not session.execute("y = 2").error
     with pytest.raises(RuntimeError, match="no open task"):
-        world.WorldSession(built[0]).execute("x = 1")
+        world.WorldSession(world_build[0]).execute("x = 1")
 
 
-def test_open_reports_what_the_agent_sees(built, pool):
-    root, _ = built
+def test_open_reports_what_the_agent_sees(world_build, pool):
+    root, _ = world_build
     specs = json.loads((Path(root) / "data" / "tasks" / "contactphone_1" / "specs.json").read_text())
     session = pool.sessions[0]
     info = session.open("contactphone_1")
@@ -330,8 +323,8 @@ def mixed_run(session, task_id):
     return [(e.output, e.error) for e in executions], evaluation.success, evaluation.passes, evaluation.failures
 
 
-def test_pool_gives_the_same_results_as_sequential_runs(built, pool):
-    root, _ = built
+def test_pool_gives_the_same_results_as_sequential_runs(world_build, pool):
+    root, _ = world_build
     task_ids = ["likedartist_1", "likedartist_2", "splitbill_1", "splitbill_2", "tododue_3", "reschedule_4"]
     parallel = pool.map(mixed_run, task_ids)
     sequential = [mixed_run(pool.sessions[1], t) for t in task_ids]  # one worker, one task after another
@@ -351,8 +344,8 @@ def test_scenarios_depend_on_the_seed_only():
     assert [v[2].instruction for v in first.values()] != [v[2].instruction for v in other.values()]
 
 
-def test_rebuild_is_byte_identical(built):
-    root, _ = built
+def test_rebuild_is_byte_identical(world_build):
+    root, _ = world_build
     data = Path(root) / "data"
 
     def snapshot():
@@ -360,7 +353,7 @@ def test_rebuild_is_byte_identical(built):
         return {str(p.relative_to(data)): p.read_bytes() for p in files}
 
     before = snapshot()
-    assert world.build_world(root, seed=SEED) == built[1]
+    assert world.build_world(root, seed=SEED) == world_build[1]
     after = snapshot()
     assert after.keys() == before.keys()
     assert [name for name in before if before[name] != after[name]] == []
