@@ -476,13 +476,22 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 # ----------------------------------------------------------------------------------------------------
 # CLI: inspect a trajectory file.
 
+def trajectory_texts(records: list[dict]) -> list[str]:
+    """Every distinct non-empty line of every message and output, in order of first appearance: the corpus a
+    tokenizer for these conversations is trained on (model.py init-tiny --texts)."""
+    lines = (line for r in records for c in r["calls"] for text in [*(m["content"] for m in c["messages"]),
+             c["output"]] for line in text.splitlines() if line.strip())
+    return list(dict.fromkeys(lines))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Inspect ProST trajectory files: validate them, print the "
                                                  "progressive schedule of one role, or show an example "
                                                  "with its loss mask.")
-    parser.add_argument("command", choices=("check", "schedule", "show"),
+    parser.add_argument("command", choices=("check", "schedule", "show", "texts"),
                         help="check: validate and count; schedule: print the per-epoch plan; "
-                             "show: print one tokenised example with its targets highlighted")
+                             "show: print one tokenised example with its targets highlighted; "
+                             "texts: print every distinct line of the conversations (a tokenizer corpus)")
     parser.add_argument("path", help="trajectory JSONL file")
     parser.add_argument("--role", default="planner", choices=ROLES, help="role whose examples to build")
     parser.add_argument("--model", default="Qwen/Qwen2.5-1.5B",
@@ -500,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             calls = sum(len(r["calls"]) for r in records)
             print(f"{args.path}: {len(records)} valid trajectories, {calls} model calls")
+            return 0
+        if args.command == "texts":
+            print("\n".join(trajectory_texts(records)))
             return 0
         from model import Tokenizer
         tokenizer = Tokenizer.from_pretrained(args.model)

@@ -391,3 +391,19 @@ def test_cli_checks_and_prints_the_schedule(tmp_path, capsys):
     assert "⟦success: output matches<|im_end|>⟧" in capsys.readouterr().out
     assert data.main(["check", str(tmp_path / "nope.jsonl")]) == 2
     assert "error: trajectory file" in capsys.readouterr().err
+
+
+def test_trajectory_texts_lists_each_distinct_line_once_in_order(tmp_path, capsys):
+    records = [{"calls": [
+        {"messages": [{"role": "system", "content": "You plan."}, {"role": "user", "content": "Task: a\nb"}],
+         "output": "Sub-task: b"},
+        {"messages": [{"role": "system", "content": "You plan."}, {"role": "user", "content": "Task: a\nb"},
+                      {"role": "assistant", "content": "Sub-task: b"},
+                      {"role": "user", "content": "Report: ok\n\n  \n"}],
+         "output": "FINISH"}]}]
+    assert data.trajectory_texts(records) == ["You plan.", "Task: a", "b", "Sub-task: b", "Report: ok", "FINISH"]
+    path = tmp_path / "t.jsonl"
+    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=1, recovery_at=0))
+    assert data.main(["texts", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == len(set(lines)) and "Task finished." in lines and "You judge." in lines
