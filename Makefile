@@ -5,7 +5,18 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
-MODEL  ?=
+
+# `make demo` knobs. MODEL empty = the tiny preset (random init, tokenizer trained on the trajectories).
+# Every step resumes: the collection skips tasks already in the file, training continues a checkpoint,
+# evaluation skips finished tasks.
+MODEL       ?=
+TRAIN_TASKS ?= 12
+EVAL_TASKS  ?= 12
+TRAIN_FLAGS ?= --max-seq-len 256 --subtasks-per-epoch 2 --epochs 4 --micro-batch-size 4 --grad-accum 1 \
+               --lr 5e-3 --warmup-ratio 0.1 --no-progress
+BUDGETS     ?= --max-subtasks 4 --max-executor-turns 3 --max-critic-retries 1 --max-new-tokens 48 \
+               --max-context 1024
+BASE        := $(if $(MODEL),$(MODEL),models/tiny)
 
 .PHONY: test demo bench clean-venv
 
@@ -27,8 +38,19 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
 
+# The whole ProST pipeline on the embedded default: world -> gold trajectories -> (tiny model) -> one adapter
+# per role with the progressive schedule -> rollouts on dev (held-out variants) and test (unseen scenarios).
 demo: $(VENV)/.runtime
-	$(PY) model.py --model tiny --prompt "Hello" --max-new-tokens 16
+	$(PY) world.py build
+	$(PY) agents.py collect --teacher gold --split train --limit $(TRAIN_TASKS) --out trajectories/train.jsonl
+	$(if $(MODEL),,$(PY) data.py texts trajectories/train.jsonl > trajectories/texts.txt)
+	$(if $(MODEL),,test -f models/tiny/config.json || $(PY) model.py init-tiny --texts trajectories/texts.txt --out models/tiny)
+	for role in planner executor critic; do \
+	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl --out ckpts/demo \
+	    $(TRAIN_FLAGS) --resume || exit 1; done
+	$(PY) evaluate.py --agents ckpts/demo --split dev --limit $(EVAL_TASKS) --out results/demo-dev $(BUDGETS)
+	$(PY) evaluate.py --agents ckpts/demo --split test --limit $(EVAL_TASKS) --out results/demo-test $(BUDGETS)
+	cat results/demo-dev/report.md results/demo-test/report.md
 
 bench: $(VENV)/.test
 	$(PY) bench.py
