@@ -150,11 +150,11 @@ QWEN25_1_5B = dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, inte
                    num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
 
 
-def _best_of_interleaved(runs: dict) -> dict:
-    """Fastest of LORA_ROUNDS timings per run (each run returns its seconds); one call of every run per round,
-    so that load from other processes on a shared machine hits all of them alike. Round 0 is warm-up."""
+def _best_of_rounds(runs: dict, rounds: int) -> dict:
+    """Fastest of `rounds` timings per run (each run returns its seconds); one call of every run per round, so
+    that load from other processes on a shared machine hits all of them alike. Round 0 warms up."""
     best = {name: float("inf") for name in runs}
-    for round_ in range(LORA_ROUNDS + 1):
+    for round_ in range(rounds + 1):
         for name, run in runs.items():
             seconds = run()
             if round_:
@@ -206,10 +206,10 @@ def _bench_lora() -> None:
                 peft_model(input_ids=ids)
         return time.process_time() - start
 
-    best = _best_of_interleaved({
+    best = _best_of_rounds({
         "prost base": lambda: prost(None), "prost adapter": lambda: prost("default"),
         "prost merged": lambda: prost("default", merged=True),
-        "transformers base": lambda: with_peft(False), "PEFT adapter": lambda: with_peft(True)})
+        "transformers base": lambda: with_peft(False), "PEFT adapter": lambda: with_peft(True)}, LORA_ROUNDS)
 
     n_adapter = sum(p.numel() for p in lora.adapter_parameters(ours, "default"))
     n_base = sum(p.numel() for n, p in ours.named_parameters() if ".lora_" not in n)
@@ -345,17 +345,6 @@ def bench_train() -> None:
                       f"{peak['prost'] / peak['peft']:>6.2f}")
     finally:
         torch.set_num_threads(threads)
-
-
-def _best_of_rounds(runs: dict, rounds: int) -> dict:
-    """Fastest of `rounds` timings per run, one call of every run per round (round 0 warms up)."""
-    best = {name: float("inf") for name in runs}
-    for round_ in range(rounds + 1):
-        for name, run in runs.items():
-            seconds = run()
-            if round_:
-                best[name] = min(best[name], seconds)
-    return best
 
 
 # ---- world -----------------------------------------------------------------------------------------------------
