@@ -45,6 +45,7 @@ from pathlib import Path
 import agents
 import data
 import world
+from model import atomic_write
 
 MULTI_ROLES = ("planner", "executor", "critic")
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a trained role (lora.py's PEFT layout)
@@ -215,15 +216,6 @@ def rank_dtype(dtype: str, device: str) -> str:
 # ----------------------------------------------------------------------------------------------------
 # The output folder: identity, finished tasks, durable parts, atomic final files.
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path) -> dict:
     """What a folder's trajectories depend on; a resume with anything else would mix two systems."""
     return {"split": split, "root": str(root), "system": system.describe(budgets)}
@@ -243,7 +235,7 @@ def claim_folder(out: Path, identity: dict, ranks: Ranks) -> None:
     barrier(ranks)  # every rank has checked before rank 0 writes
     if ranks.is_main and not path.is_file():
         out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps(identity, indent=2) + "\n")
+        atomic_write(path, json.dumps(identity, indent=2) + "\n")
 
 
 def part_paths(out: Path) -> list[Path]:
@@ -533,8 +525,8 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     extra = [r for t, r in found.items() if t not in chosen]  # from an earlier run with a larger --limit
     merged = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + extra)
     timings = finished_timings(out)
-    write_atomic(out / TRAJECTORIES, merged)
-    write_atomic(out / TIMINGS, "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
+    atomic_write(out / TRAJECTORIES, merged)
+    atomic_write(out / TIMINGS, "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
                                                 for t, s in timings.items()))
     for part in part_paths(out):  # now in the merged files
         timing_path(part).unlink(missing_ok=True)
@@ -547,8 +539,8 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
                "metrics": compute_metrics(records, difficulty),
                "timing": timing_summary(records, timings, stats),
                "tasks": task_rows(records, difficulty, timings)}
-    write_atomic(out / RESULTS, json.dumps(results, indent=2) + "\n")
-    write_atomic(out / REPORT, markdown_report(results))
+    atomic_write(out / RESULTS, json.dumps(results, indent=2) + "\n")
+    atomic_write(out / REPORT, markdown_report(results))
     return results
 
 
@@ -690,10 +682,7 @@ def plot_pareto(rows: list[ParetoRow], path: Path) -> bool:
     ax.set_ylabel("TGC (%)")
     ax.set_title("Effectiveness vs efficiency")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
     plt.close(fig)
     return True
 

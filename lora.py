@@ -32,10 +32,9 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import torch
 import torch.nn as nn
@@ -43,7 +42,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, resolve_model_dir, save_pretrained
+from model import ModelConfig, Transformer, atomic_write, resolve_model_dir, save_pretrained
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -352,25 +351,11 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
     for fname in TOKENIZER_FILES:
         if (src / fname).is_file():
-            _atomic_write(dst / fname, lambda tmp, f=fname: shutil.copyfile(src / f, tmp))
+            atomic_write(dst / fname, lambda tmp, f=fname: shutil.copyfile(src / f, tmp))
 
 
 # ----------------------------------------------------------------------------------------------------
 # PEFT-format files
-
-
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    """Call write(tmp_path) on a temp file next to `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _peft_config(spec: AdapterSpec, targets: list[str], base: str | None) -> dict:
@@ -405,8 +390,8 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Pat
     targets = sorted({path.rsplit(".", 1)[-1] for path in layers})
     config = _peft_config(spec, targets, getattr(model, "name_or_path", None) or None)
     # Weights first, config last: a folder whose config is readable has the weights that go with it.
-    _atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(out_dir / ADAPTER_CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+    atomic_write(out_dir / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out_dir / ADAPTER_CONFIG, json.dumps(config, indent=2) + "\n")
     return out_dir
 
 

@@ -492,15 +492,26 @@ def _read_tensor(f, path: Path, name: str, info: dict, data_start: int) -> torch
     return raw.view(dtype).reshape(info["shape"])
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename the temp file over `path` (readers never see a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+def atomic_write(path: str | Path, content) -> None:
+    """Write `content` (str, bytes, or a function called with a temp file's path) to a temp file beside
+    `path`, flush it to disk, then rename it over `path`: readers, and a run resumed after a crash, see the
+    old file or the new one, never half of one. Every checkpoint, adapter and result file goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        write(tmp)
+        if isinstance(content, str):
+            Path(tmp).write_text(content, encoding="utf-8")
+        elif isinstance(content, bytes):
+            Path(tmp).write_bytes(content)
+        else:
+            content(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -514,8 +525,8 @@ def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
         del tensors["lm_head.weight"]
     dtype = next(iter(tensors.values())).dtype
     hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
-    _atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _atomic_write(out / "config.json", lambda p: Path(p).write_text(json.dumps(hf, indent=2) + "\n"))
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", json.dumps(hf, indent=2) + "\n")
     (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win over our file
 
 
@@ -787,9 +798,9 @@ def build_tokenizer(texts, vocab_size: int, out_dir: str | Path) -> Tokenizer:
     }
     generation_config = {"eos_token_id": [vocab[IM_END], vocab[ENDOFTEXT]], "pad_token_id": vocab[ENDOFTEXT],
                          "do_sample": False}
-    _atomic_write(out / "tokenizer.json", lambda p: tok.save(p))
+    atomic_write(out / "tokenizer.json", tok.save)
     for name, obj in (("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)):
-        _atomic_write(out / name, lambda p, obj=obj: Path(p).write_text(json.dumps(obj, indent=2) + "\n"))
+        atomic_write(out / name, json.dumps(obj, indent=2) + "\n")
     return Tokenizer.from_pretrained(out)
 
 

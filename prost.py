@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import data
 import lora
-from model import Tokenizer, Transformer, flops_per_token
+from model import Tokenizer, Transformer, atomic_write, flops_per_token
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
 STATE_FILE = "train_state.pt"
@@ -418,15 +418,6 @@ def read_checkpoint(out_dir: Path, identity: dict, resume: bool) -> dict | None:
     return None
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def rng_states(cluster: Cluster) -> list[dict]:
     """Every rank's RNG states (dropout draws differ per rank), gathered on all ranks."""
     mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -452,16 +443,16 @@ def save_checkpoint(out_dir: Path, model, optimizer, state: dict) -> None:
     rewritten from the state's history, so it never runs ahead of the checkpoint."""
     out_dir.mkdir(parents=True, exist_ok=True)
     lora.save_adapter(model, out_dir, ADAPTER)
-    atomic_write_bytes(out_dir / RUN_FILE, lambda f: f.write(json.dumps(state["run"], indent=2).encode()))
+    atomic_write(out_dir / RUN_FILE, json.dumps(state["run"], indent=2))
     state = dict(state, optimizer=optimizer.state_dict(),
                  adapter={n: p.detach().cpu() for n, p in trainable_parameters(model).items()})
-    atomic_write_bytes(out_dir / STATE_FILE, lambda f: torch.save(state, f))
+    atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
     write_log(out_dir, state["history"])
 
 
 def write_log(out_dir: Path, history: list[dict]) -> None:
     text = "".join(json.dumps(record) + "\n" for record in history)
-    atomic_write_bytes(out_dir / LOG_FILE, lambda f: f.write(text.encode()))
+    atomic_write(out_dir / LOG_FILE, text)
 
 
 def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> None:
