@@ -18,7 +18,6 @@ Sections:
 """
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile

@@ -980,7 +980,7 @@ def total_sent_to_friend(rng, pop, sup):
               paged("transactions", f'apis.venmo.show_transactions(user_email="{friend.email}", '
                                     "access_token=venmo_token, {page})") + "print(len(transactions))"),
          step("Add up the amounts of the transactions I sent to them.",
-              f'total = round(sum(t["amount"] for t in transactions if t["sender"]["email"] == profile["email"]), 2)\n'
+              'total = round(sum(t["amount"] for t in transactions if t["sender"]["email"] == profile["email"]), 2)\n'
               "print(total)"),
          finish_step("total")],
         answer=total,
