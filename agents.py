@@ -1021,11 +1021,10 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
             tokenizer=None, pool=None) -> CollectSummary:
     """Roll out the teacher on a split and append the trajectories (multi-agent and single-agent view)
     of tasks that pass evaluation to `out`. Tasks already in `out` are skipped (resume)."""
-    task_ids = world.load_split(split, root=root)
+    task_ids = world.load_split(split, root=root)[:limit]  # the split's first `limit` tasks, run or not
     done = data.completed_task_ids(out)
-    remaining = [t for t in task_ids if t not in done]
-    todo = remaining[:limit]
-    summary = CollectSummary(skipped=len(task_ids) - len(remaining))
+    todo = [t for t in task_ids if t not in done]
+    summary = CollectSummary(skipped=len(task_ids) - len(todo))
     multi = system.describe(budgets)
     single = {**multi, "kind": "single", "teacher": f"{system.teacher} (single-agent view)",
               "roles": {"single": multi["roles"]["executor"]}}
@@ -1050,7 +1049,7 @@ def run(system: System, split: str, out, budgets: Budgets, *, root=None, workers
     """Roll out a system on a split, appending every trajectory to `out` (tasks already there are
     skipped)."""
     done = data.completed_task_ids(out)
-    todo = [t for t in world.load_split(split, root=root) if t not in done][:limit]
+    todo = [t for t in world.load_split(split, root=root)[:limit] if t not in done]
     return run_rollouts(todo, system, budgets, split=split, root=root, workers=workers, max_batch=max_batch,
                         pool=pool, on_trajectory=lambda record: data.write_trajectory(out, record))
 
@@ -1068,7 +1067,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         "running tasks at once")
     parser.add_argument("--max-batch", type=int, default=16, help="most model calls batched into one "
                         "generate call")
-    parser.add_argument("--limit", type=int, default=None, help="run at most this many tasks")
+    parser.add_argument("--limit", type=int, default=None, help="only the split's first N tasks "
+                        "(a rerun with the same N adds nothing)")
     parser.add_argument("--device", default="cpu", help="torch device for local models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype for local models")

@@ -400,3 +400,13 @@ def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mi
         runs[name] = {r["task_id"]: [(c["role"], c["output"]) for c in r["calls"]] for r in records}
     assert runs["shared"] == runs["separate"]
     assert runs["shared"] != runs["base"]  # the adapters change what the roles say
+
+
+def test_collect_limit_takes_the_splits_first_tasks_and_a_rerun_adds_nothing(mini_world, world_pool, tmp_path):
+    out = tmp_path / "train.jsonl"
+    system = agents.teacher_system("gold", root=mini_world)
+    agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
+    first = out.read_bytes()
+    assert {r["task_id"] for r in data.read_trajectories(out)} == set(world.load_split("train", mini_world)[:2])
+    summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
+    assert summary.skipped == 2 and not summary.kept and out.read_bytes() == first
