@@ -14,11 +14,13 @@ TRAIN_TASKS ?= 12
 EVAL_TASKS  ?= 12
 TRAIN_FLAGS ?= --max-seq-len 256 --subtasks-per-epoch 2 --epochs 4 --micro-batch-size 4 --grad-accum 1 \
                --lr 5e-3 --warmup-ratio 0.1 --no-progress
-BUDGETS     ?= --max-subtasks 4 --max-executor-turns 3 --max-critic-retries 1 --max-new-tokens 48 \
-               --max-context 1024
+BUDGETS     ?= --max-subtasks 4 --max-executor-turns 3 --max-critic-retries 1 --max-single-turns 12 \
+               --max-new-tokens 48 --max-context 1024
+SEEDS       ?= 0 1
+STUDY_EVAL  := --split dev --limit $(EVAL_TASKS) --quiet $(BUDGETS)
 BASE        := $(if $(MODEL),$(MODEL),models/tiny)
 
-.PHONY: test demo bench clean-venv
+.PHONY: test demo study bench clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -51,6 +53,23 @@ demo: $(VENV)/.runtime
 	$(PY) evaluate.py --agents ckpts/demo --split dev --limit $(EVAL_TASKS) --out results/demo-dev $(BUDGETS)
 	$(PY) evaluate.py --agents ckpts/demo --split test --limit $(EVAL_TASKS) --out results/demo-test $(BUDGETS)
 	cat results/demo-dev/report.md results/demo-test/report.md
+
+# The paper's comparisons at toy scale, on the demo's data and model: untrained vs trained, progressive vs
+# full schedule, multi-agent vs single agent, over SEEDS; then the Pareto table (TGC vs FLOPs per task).
+study: demo
+	$(PY) evaluate.py --model $(BASE) --name untrained-multi --out results/study/untrained-multi $(STUDY_EVAL)
+	for seed in $(SEEDS); do \
+	  for schedule in progressive full; do \
+	    for role in planner executor critic; do \
+	      $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl --schedule $$schedule \
+	        --seed $$seed --out ckpts/study/$$schedule-s$$seed $(TRAIN_FLAGS) --resume || exit 1; done; \
+	    $(PY) evaluate.py --agents ckpts/study/$$schedule-s$$seed --name multi-$$schedule-s$$seed \
+	      --out results/study/multi-$$schedule-s$$seed $(STUDY_EVAL) || exit 1; done; \
+	  $(PY) prost.py --model $(BASE) --role single --data trajectories/train.jsonl --seed $$seed \
+	    --out ckpts/study/single-s$$seed $(TRAIN_FLAGS) --resume || exit 1; \
+	  $(PY) evaluate.py --single ckpts/study/single-s$$seed/single --name single-progressive-s$$seed \
+	    --out results/study/single-progressive-s$$seed $(STUDY_EVAL) || exit 1; done
+	$(PY) evaluate.py pareto results/study/*/results.json
 
 bench: $(VENV)/.test
 	$(PY) bench.py
