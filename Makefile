@@ -43,7 +43,7 @@ test: $(VENV)/.test
 # The whole ProST pipeline on the embedded default: world -> gold trajectories -> (tiny model) -> one adapter
 # per role with the progressive schedule -> rollouts on dev (held-out variants) and test (unseen scenarios).
 demo: $(VENV)/.runtime
-	$(PY) world.py build
+	$(PY) miniworld.py build
 	$(PY) agents.py collect --teacher gold --split train --limit $(TRAIN_TASKS) --out trajectories/train.jsonl
 	$(if $(MODEL),,$(PY) data.py texts trajectories/train.jsonl > trajectories/texts.txt)
 	$(if $(MODEL),,test -f models/tiny/config.json || $(PY) model.py init-tiny --texts trajectories/texts.txt --out models/tiny)

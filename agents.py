@@ -50,6 +50,7 @@ import torch
 
 import data
 import lora
+import miniworld
 import model
 import world
 
@@ -689,7 +690,7 @@ class GoldEngine:
 
     def task(self, task_id: str) -> tuple[list[dict], tuple[int, str] | None]:
         if task_id not in self._tasks:
-            subtasks = world.gold_subtasks(task_id, root=self.root)
+            subtasks = miniworld.gold_subtasks(task_id, root=self.root)
             self._tasks[task_id] = (subtasks, choose_mistake(task_id, subtasks, self.recovery_share))
         return self._tasks[task_id]
 

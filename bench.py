@@ -353,6 +353,7 @@ def bench_world() -> None:
     import resource
     import statistics
 
+    import miniworld
     import world
 
     def median_ms(samples):
@@ -362,7 +363,7 @@ def bench_world() -> None:
           "other processes' load; worker CPU times do not)")
     with tempfile.TemporaryDirectory() as tmp:
         start, children = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
-        summary = world.build_world(tmp, seed=0)  # runs in a child process, reaped before it returns
+        summary = miniworld.build_world(tmp, seed=0)  # runs in a child process, reaped before it returns
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         build_cpu = after.ru_utime + after.ru_stime - children.ru_utime - children.ru_stime
         print(f"build: {time.perf_counter() - start:.1f} s wall, {build_cpu:.1f} s CPU "
@@ -396,7 +397,7 @@ def bench_world() -> None:
               f"execute (one API call) {median_ms(api):.1f} ms, evaluate {median_ms(evals):.0f} ms")
 
         def gold(session, task_id):
-            codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
+            codes = [step["code"] for step in miniworld.gold_subtasks(task_id, session.root)]
             return world.run_codes(session, task_id, codes)[1].success
 
         for n in (1, 2):
@@ -439,12 +440,13 @@ def _rollout_systems(root: Path, tiny: Path) -> list:
 
 def bench_rollout() -> None:
     import agents
+    import miniworld
     import world
     with tempfile.TemporaryDirectory() as tmp:
         root = world.world_root()
         if not (root / "data" / "datasets" / "dev.txt").is_file():
             root = Path(tmp) / "miniworld"
-            world.build_world(root)
+            miniworld.build_world(root)
         dev = world.load_split("dev", root=root)
         budgets = agents.Budgets(new_tokens=ROLLOUT_NEW_TOKENS, single_turns=ROLLOUT_SINGLE_TURNS,
                                  critic_retries=ROLLOUT_CRITIC_RETRIES)

@@ -153,16 +153,17 @@ def collect_default_data(cluster: Cluster) -> Path:
     """
     if cluster.is_main:
         import agents  # only the default-data path needs the agents and the world
+        import miniworld
         import world
         if not (world.world_root() / "data" / "datasets" / "train.txt").is_file():
             print(f"no --data: building the mini-world in {world.world_root()}")
-            world.build_world(world.world_root())
+            miniworld.build_world(world.world_root())
         print(f"no --data: collecting gold-teacher trajectories of the train split into {DEFAULT_DATA}")
         DEFAULT_DATA.parent.mkdir(parents=True, exist_ok=True)
         summary = agents.collect(agents.teacher_system("gold"), "train", DEFAULT_DATA, agents.Budgets())
         if summary.failed:
             raise ValueError(f"gold-teacher trajectories failed evaluation for {', '.join(summary.failed)}; "
-                             f"rebuild the mini-world with `python world.py build`")
+                             f"rebuild the mini-world with `python miniworld.py build`")
     if cluster.world > 1:
         dist.barrier()
     return DEFAULT_DATA

@@ -117,15 +117,15 @@ def sharded_ckpt(tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The mini-world (world.py's own generator), built once for the whole test session, and the gold-teacher
+# The mini-world (miniworld.py's generator), built once for the whole test session, and the gold-teacher
 # trajectories of its train split (agents.py), collected once. Tests that change a world build their own.
 
 @pytest.fixture(scope="session")
 def world_build(tmp_path_factory):
     """(root, build summary) of the mini-world with seed 0."""
-    import world
+    import miniworld
     root = tmp_path_factory.mktemp("miniworld")
-    return root, world.build_world(root, seed=0)
+    return root, miniworld.build_world(root, seed=0)
 
 
 @pytest.fixture(scope="session")

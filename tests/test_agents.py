@@ -17,6 +17,7 @@ from conftest import build_chatml_tokenizer
 import agents
 import data
 import model
+import miniworld
 import world
 
 TINY = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
@@ -109,7 +110,7 @@ def test_gold_teacher_trajectories_pass_and_follow_the_gold_subtasks(gold_train,
     multi, single = records_by_kind(path, "multi"), records_by_kind(path, "single")
     assert sorted(multi) == sorted(single) == sorted(train)
     for task_id, record in multi.items():
-        gold = world.gold_subtasks(task_id, root=mini_world)
+        gold = miniworld.gold_subtasks(task_id, root=mini_world)
         assert record["evaluation"]["success"] and record["evaluation"]["failures"] == []
         assert record["budget_stops"] == []
         planner = [c["output"] for c in record["calls"] if c["role"] == "planner"]

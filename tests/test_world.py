@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+import miniworld
 import world
 
 SEED = 0
@@ -66,7 +67,7 @@ def test_world_has_the_required_shape(world_build):
         assert specs["db_version"] == "0.1.0" and specs["instruction"]
         meta = world.task_metadata(task_id, root)
         difficulties.add(meta["difficulty"])
-        gold = world.gold_subtasks(task_id, root)
+        gold = miniworld.gold_subtasks(task_id, root)
         sizes.add(len(gold))
         assert all(step["text"] and step["code"] for step in gold)
         assert "complete_task" in gold[-1]["code"]
@@ -85,25 +86,25 @@ def test_reading_errors_are_clear(world_build, tmp_path):
         world.load_split("nope", root)
     with pytest.raises(FileNotFoundError, match="unknown task"):
         world.task_metadata("nosuch_1", root)
-    with pytest.raises(FileNotFoundError, match="world.py build"):
+    with pytest.raises(FileNotFoundError, match="miniworld.py build"):
         world.load_split("train", tmp_path)
     fake = tmp_path / "data" / "tasks" / "real_1"  # a task in AppWorld's own data has no gold sub-tasks
     (fake / "ground_truth").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="only in the prost mini-world"):
-        world.gold_subtasks("real_1", tmp_path)
+        miniworld.gold_subtasks("real_1", tmp_path)
     with pytest.raises(ValueError, match="not a prost mini-world"):  # never overwrite a real download
-        world.build_world(tmp_path)
+        miniworld.build_world(tmp_path)
     assert fake.is_dir()
 
 
 def test_cli_show_and_clear_errors(world_build, tmp_path, capsys):
     root, _ = world_build
-    assert world.main(["show", "payfriend_1", "--root", str(root)]) == 0
+    assert miniworld.main(["show", "payfriend_1", "--root", str(root)]) == 0
     shown = capsys.readouterr().out
     assert "[1] Get my Venmo password" in shown and "apis.venmo.create_transaction(" in shown
     (tmp_path / "data" / "base_dbs").mkdir(parents=True)  # someone else's data root
-    assert world.main(["build", "--root", str(tmp_path)]) == 2
-    assert world.main(["show", "nosuch_1", "--root", str(root)]) == 2
+    assert miniworld.main(["build", "--root", str(tmp_path)]) == 2
+    assert miniworld.main(["show", "nosuch_1", "--root", str(root)]) == 2
     assert capsys.readouterr().err.startswith("error: ")
 
 
@@ -113,7 +114,7 @@ def test_cli_show_and_clear_errors(world_build, tmp_path, capsys):
 
 @lru_cache(maxsize=1)
 def population():
-    return world.make_population(SEED)
+    return miniworld.make_population(SEED)
 
 
 def plausible_wrong_answer(answer):
@@ -129,7 +130,7 @@ def gold_noop_and_wrong_answer(session, task_id):
     for questions, then re-answer with a plausible wrong answer and evaluate again."""
     session.open(task_id)
     noop = session.evaluate()
-    errors = run_steps(session, [step["code"] for step in world.gold_subtasks(task_id, session.root)])
+    errors = run_steps(session, [step["code"] for step in miniworld.gold_subtasks(task_id, session.root)])
     gold = session.evaluate()
     wrong = None
     answer = expected_answer(session.root, task_id)
@@ -188,7 +189,7 @@ EQUIVALENT_EDITS = {
 
 def edited_gold(session, task_id, edits):
     pattern, edit = edits[task_id.split("_")[0]]
-    codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
+    codes = [step["code"] for step in miniworld.gold_subtasks(task_id, session.root)]
     edited = [re.sub(pattern, edit, code) for code in codes]
     assert edited != codes, f"the edit for {task_id} matched nothing"
     session.open(task_id)
@@ -203,7 +204,7 @@ def test_equivalent_solutions_pass(pool):
 
 def skip_main_step(session, task_id):
     """Gold with its last state-changing step left out (every other step, complete_task included)."""
-    codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
+    codes = [step["code"] for step in miniworld.gold_subtasks(task_id, session.root)]
     session.open(task_id)
     run_steps(session, codes[:-2] + codes[-1:])
     return task_id, session.evaluate()
@@ -280,7 +281,7 @@ def test_hostile_code_never_breaks_the_session(world_build, pool, tmp_path):
         assert out.error and "died" in out.output
         still_works()
         # The gold solution still completes the task in the recovered world.
-        for step in world.gold_subtasks("payfriend_1", root):
+        for step in miniworld.gold_subtasks("payfriend_1", root):
             assert not session.execute(step["code"]).error
         assert session.evaluate().success
 
@@ -316,7 +317,7 @@ def test_open_reports_what_the_agent_sees(world_build, pool):
 
 def mixed_run(session, task_id):
     """Full gold for odd variants, gold without its last two steps for even ones."""
-    codes = [step["code"] for step in world.gold_subtasks(task_id, session.root)]
+    codes = [step["code"] for step in miniworld.gold_subtasks(task_id, session.root)]
     if int(task_id.split("_")[1]) % 2 == 0:
         codes = codes[:-2]
     executions, evaluation = world.run_codes(session, task_id, codes)
@@ -337,9 +338,9 @@ def test_pool_gives_the_same_results_as_sequential_runs(world_build, pool):
 
 
 def test_scenarios_depend_on_the_seed_only():
-    first = world.generate_tasks(world.make_population(SEED), SEED)
-    again = world.generate_tasks(world.make_population(SEED), SEED)
-    other = world.generate_tasks(world.make_population(SEED + 1), SEED + 1)
+    first = miniworld.generate_tasks(miniworld.make_population(SEED), SEED)
+    again = miniworld.generate_tasks(miniworld.make_population(SEED), SEED)
+    other = miniworld.generate_tasks(miniworld.make_population(SEED + 1), SEED + 1)
     assert {k: (v[1], v[2]) for k, v in first.items()} == {k: (v[1], v[2]) for k, v in again.items()}
     assert [v[2].instruction for v in first.values()] != [v[2].instruction for v in other.values()]
 
@@ -353,7 +354,7 @@ def test_rebuild_is_byte_identical(world_build):
         return {str(p.relative_to(data)): p.read_bytes() for p in files}
 
     before = snapshot()
-    assert world.build_world(root, seed=SEED) == world_build[1]
+    assert miniworld.build_world(root, seed=SEED) == world_build[1]
     after = snapshot()
     assert after.keys() == before.keys()
     assert [name for name in before if before[name] != after[name]] == []
