@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -501,6 +502,7 @@ def run_checks(device: torch.device, tiny: bool, world_root: str | None, only: l
             try:
                 rows += run()
             except Exception as e:  # one broken path must not hide the others' answers
+                traceback.print_exc()
                 rows.append(Row(check, "-", "FAIL", f"{type(e).__name__}: {e}"[:300]))
             print(f"[{check} done in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
     return rows

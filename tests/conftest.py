@@ -164,7 +164,7 @@ def gold_train(mini_world, world_pool, tmp_path_factory):
 # Left in the environment by a launcher (torchrun, SLURM, an IDE): a child must never join another run.
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
                       "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
-CHILD_TIMEOUT_S = 300  # about 10x what the slowest child needs on an idle 2-core machine
+CHILD_TIMEOUT_S = 600  # ~15x what the slowest child needs on 2 idle cores: a hang fails, a busy machine does not
 SHOWN_OUTPUT_CHARS = 6000
 
 
