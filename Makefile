@@ -20,7 +20,7 @@ SEEDS       ?= 0 1
 STUDY_EVAL  := --split dev --limit $(EVAL_TASKS) --quiet $(BUDGETS)
 BASE        := $(if $(MODEL),$(MODEL),models/tiny)
 
-.PHONY: test demo study bench clean-venv
+.PHONY: test demo study bench gpu-check clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -73,6 +73,12 @@ study: demo
 
 bench: $(VENV)/.test
 	$(PY) bench.py
+
+# Every CUDA path of prost at real shapes, one table, a few minutes (gpu_check.py); one line and exit 0 without
+# CUDA. No install step: the lent GPU machines have torch and transformers system-wide, no network and no
+# .venv, so this uses .venv's python when there is one and $(PYTHON) otherwise.
+gpu-check:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,4 +1,5 @@
-"""Shared test fixtures: tiny random Hugging Face checkpoints and a ChatML tokenizer, built with the oracles.
+"""Shared test fixtures: tiny random Hugging Face checkpoints and a ChatML tokenizer, built with the oracles,
+and the one way tests start child processes (`run_child`, `torchrun`).
 
 The checkpoints are made by transformers' own Qwen2ForCausalLM / LlamaForCausalLM and `save_pretrained`, and the
 tokenizer by the `tokenizers` library directly, so tests compare prost against files it did not write.
@@ -6,13 +7,17 @@ Builders are plain functions (usable from any test file) plus session-scoped fix
 """
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's flat modules (model.py, ...)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repo's flat modules (model.py, ...)
 
 CORPUS = [
     "The planner splits the task into sub-tasks; the executor writes code for each one.",
@@ -149,3 +154,79 @@ def gold_train(mini_world, world_pool, tmp_path_factory):
     system = agents.teacher_system("gold", root=mini_world)
     summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool)
     return summary, out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Child processes (CLIs, torchrun). Each runs in a session of its own under a hard time limit, with one
+# thread per process and none of the caller's process-group variables; a failure or a timeout fails the
+# test showing the command and the end of its output, and nothing it started outlives it.
+
+# Left in the environment by a launcher (torchrun, SLURM, an IDE): a child must never join another run.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
+CHILD_TIMEOUT_S = 600  # ~15x what the slowest child needs on 2 idle cores: a hang fails, a busy machine does not
+SHOWN_OUTPUT_CHARS = 6000
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a child process.
+
+    One intra-op thread per process: two ranks each spawning one thread per core on a 2-core machine run
+    their gloo heartbeats and collectives on starved cores. Gloo talks over the loopback interface rather
+    than whatever address the host name resolves to, so the machine's network setup does not matter."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.update(extra)
+    return env
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    """The command line of `torch.distributed.run` for `nproc` processes on this machine.
+
+    --standalone hosts the rendezvous store on port 0, so the OS hands each run a free port of its own: runs
+    of other tests, other checkouts or other users on the machine never meet (a fixed --master-port makes
+    the second concurrent run fail, or worse, join the first)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            script, *args]
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= SHOWN_OUTPUT_CHARS else "...\n" + text[-SHOWN_OUTPUT_CHARS:]
+
+
+def run_child(args: list[str], *, expect_rc: int | None = 0, timeout: float = CHILD_TIMEOUT_S, cwd=REPO,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `args` to completion and return it (stdout, stderr as text).
+
+    The child leads a new session, so a timeout (or the test being interrupted) kills the whole tree it
+    started, torchrun's workers and world workers included, instead of leaving them holding CPUs and ports.
+    `expect_rc=None` accepts any exit code."""
+    proc = subprocess.Popen(args, cwd=cwd, env=child_env() if env is None else env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    timed_out = False
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        _kill_session(proc)
+        out, err = proc.communicate()
+    finally:
+        _kill_session(proc)  # leftovers of a finished child, or everything on KeyboardInterrupt
+    if timed_out or (expect_rc is not None and proc.returncode != expect_rc):
+        rc = proc.returncode
+        why = (f"timed out after {timeout:.0f} s" if timed_out else
+               f"exited with {rc}" + (f" ({signal.Signals(-rc).name})" if rc < 0 and -rc in signal.valid_signals()
+                                      else "") + f", expected {expect_rc}")
+        pytest.fail(f"{why}: {' '.join(map(str, args))}\n--- stdout\n{_tail(out)}\n--- stderr\n{_tail(err)}",
+                    pytrace=False)
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -7,9 +7,6 @@ shared by the whole file.
 """
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,8 +18,8 @@ import evaluate
 import lora
 import model
 import world
+from conftest import run_child, torchrun
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
                        new_tokens=12, context=1024)
 N_SMALL = 4  # tasks of the dev split the model-backed tests run
@@ -131,14 +128,9 @@ def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
 
 def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, micro, mini_world, tmp_path):
     straight, straight_records = uninterrupted
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29627", "evaluate.py", "--model", str(micro), "--split", "dev",
-                          "--root", str(mini_world), "--limit", str(N_SMALL), "--workers", "1", "--out",
-                          str(tmp_path), "--device", "cpu", "--quiet",
-                          *[f"--max-{k.replace('_', '-')}={v}" for k, v in SMALL.__dict__.items()]],
-                         cwd=REPO, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
+    run_child(torchrun(2, "evaluate.py", "--model", str(micro), "--split", "dev", "--root", str(mini_world),
+                       "--limit", str(N_SMALL), "--workers", "1", "--out", str(tmp_path), "--device", "cpu", "--quiet",
+                       *[f"--max-{k.replace('_', '-')}={v}" for k, v in SMALL.__dict__.items()]))
     merged = json.loads((tmp_path / evaluate.RESULTS).read_text())
     assert merged["metrics"] == straight["metrics"]
     assert merged["timing"]["this_run"]["processes"] == 2

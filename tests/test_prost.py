@@ -7,9 +7,7 @@ loss, hand-computed learning rates, an uninterrupted run for resume, a single pr
 
 import json
 import math
-import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,12 +19,9 @@ from safetensors.torch import load_file
 import data
 import prost
 import world
-from conftest import build_hf_checkpoint
+from conftest import build_hf_checkpoint, run_child, torchrun
 from model import Tokenizer, Transformer
 from test_data import synthetic_trajectory
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -162,14 +157,8 @@ def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
     common = ["--model", str(base[0]), "--role", "executor", "--data", str(trajectories), "--epochs", "2",
               "--schedule", "full", "--micro-batch-size", "2", "--lr", "5e-3", "--lora-r", "4",
               "--lora-dropout", "0", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, "prost.py", *common, "--grad-accum", "2", "--out",
-                             str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
-    assert single.returncode == 0, single.stderr
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "prost.py", *common, "--grad-accum", "1", "--out", str(tmp_path / "two")],
-                         cwd=REPO, env=env, capture_output=True, text=True)
-    assert ddp.returncode == 0, ddp.stderr
+    run_child([sys.executable, "prost.py", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
+    run_child(torchrun(2, "prost.py", *common, "--grad-accum", "1", "--out", str(tmp_path / "two")))
     one, two = log_records(tmp_path / "one/executor"), log_records(tmp_path / "two/executor")
     assert [r["step"] for r in one] == [r["step"] for r in two]
     assert [r["tokens"] for r in one] == [r["tokens"] for r in two]

@@ -1,0 +1,550 @@
+"""gpu_check.py: every CUDA path of prost, checked in one command and printed as one table.
+
+ProST is meant for GPUs (Qwen2.5 on CUDA, bf16 autocast, fused AdamW, nccl data parallel), while prost is
+developed and tested on CPUs. A GPU is lent only now and then, for minutes, so this file answers everything
+in one run of at most about five minutes on one H200: `make gpu-check` (or `python gpu_check.py`).
+
+It downloads nothing and needs no weights: each model is built at a real architecture (SmolLM2-135M,
+Qwen2.5-0.5B, Qwen2.5-1.5B; config fields as in their config.json) with seeded random weights, written to a
+temporary folder and loaded back by prost's own loader. Every check runs prost's own code, never a copy of it:
+model.py's forward and `generate`, lora.py's adapters, prost.py's `build_model`, `make_optimizer`, `run_epoch`
+and `start_cluster` (under torch.distributed.run for data parallel), evaluate.py for rollouts. The checks:
+
+  logits     prost on CUDA (fp32, bf16; with a LoRA adapter) against prost on the CPU in fp32, and against
+             transformers on CUDA given the same (merged) weights
+  train      LoRA steps on the 1.5B shape at 4k tokens: bf16 autocast losses equal the fp32 losses within
+             tolerance; fused AdamW; tokens/s, MFU against the GPU's bf16 dense peak, peak memory
+  ddp        prost.py's data parallel over every visible GPU (nccl) equals one process accumulating the same
+             micro-batches (with one GPU: one process under torchrun, so no collective is exercised)
+  generate   batched greedy generation equals one prompt at a time; decode tokens/s at batch 1 and 32
+  world      a short mini-world evaluation on CUDA, only when appworld is importable
+
+It exits 1 when any check fails. Without CUDA it says so in one line and exits 0. `--device cpu --tiny`
+runs the same checks at tiny shapes on the CPU (tests/test_gpu_check.py does), so this file cannot rot
+between GPU loans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import data
+import lora
+import prost
+from model import ModelConfig, Transformer, generate, init_tiny, save_pretrained
+
+HERE = Path(__file__).resolve().parent
+
+# The architectures, as in each model's config.json (weights are random).
+SHAPES = {
+    "SmolLM2-135M": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                         max_position_embeddings=8192),
+    "Qwen2.5-0.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=32768),
+    "Qwen2.5-1.5B": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2, rms_norm_eps=1e-6,
+                         rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=32768),
+}
+# The same families at a size a CPU runs in seconds (--tiny): GQA, q/k/v bias, tied and untied heads.
+TINY_SHAPES = {
+    "tiny-llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                       rope_theta=100000.0, tie_word_embeddings=False, max_position_embeddings=1024),
+    "tiny-qwen2": dict(model_type="qwen2", vocab_size=512, hidden_size=64, intermediate_size=128,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6,
+                       rope_theta=1000000.0, tie_word_embeddings=True, max_position_embeddings=1024),
+}
+
+# TrainConfig fields the training checks set on top of Sizes; a new training feature of prost.py (activation
+# checkpointing, say) joins the check by adding its field here.
+TRAIN_FLAGS: dict = {}
+# Extra keyword arguments of model.generate, one decode measurement each (the prefix cache joins here).
+DECODE_VARIANTS: dict[str, dict] = {"": {}}
+
+
+@dataclass
+class Sizes:
+    """How big each check runs: the real shapes on a GPU, or tiny ones for a CPU test."""
+    shapes: dict
+    train_shape: str
+    ddp_shape: str
+    generate_shape: str
+    logits_batch: tuple[int, int]  # (rows, tokens)
+    train_tokens: int  # tokens per sequence; the second half are targets
+    train_steps: int  # measured steps, after one warm-up step
+    ddp_tokens: int
+    ddp_steps: int
+    generate_prompts: int  # prompts of the batched-vs-one-at-a-time check
+    generate_new: int
+    decode_batches: tuple[int, int]
+    decode_prompt: int
+    decode_new: int
+
+
+FULL = Sizes(SHAPES, "Qwen2.5-1.5B", "SmolLM2-135M", "Qwen2.5-1.5B", (2, 256), 4096, 4, 512, 3, 8, 24,
+             (1, 32), 128, 64)
+TINY = Sizes(TINY_SHAPES, "tiny-qwen2", "tiny-llama", "tiny-qwen2", (2, 32), 64, 2, 32, 2, 4, 8, (1, 4), 16, 8)
+
+# Tolerances. Errors are max |x - reference| / std(reference) over all logits.
+FP32_LOGITS_TOL = 1e-3  # fp32 on CUDA vs fp32 on the CPU (or transformers): summation order only
+BF16_VS_TRANSFORMERS = 2.0  # prost's bf16 error may be at most this multiple of transformers' bf16 error ...
+BF16_LOGITS_FLOOR = 2e-2  # ... or this, whichever is larger
+BF16_LOSS_TOL = 2e-2  # relative difference of bf16-autocast and fp32 training losses, per step
+DDP_LOSS_TOL = 1e-3  # relative difference of the data-parallel and the one-process epoch losses
+DDP_ADAPTER_TOL = 1e-3  # max |difference| of the final adapters / max |adapter|
+TIE_TOL = 1e-3  # fp32 greedy tokens may differ only where two logits are closer than this x their std
+CHILD_TIMEOUT_S = 180  # a torchrun or evaluate.py child; a hang must not eat the GPU loan
+# Variables a launcher may have left in this process's environment; a child must start its own run.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
+
+
+@dataclass
+class Row:
+    check: str
+    shape: str
+    status: str  # PASS, FAIL, SKIP or INFO (measured, nothing to compare)
+    figures: str
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models with random weights at real shapes.
+
+@torch.no_grad()
+def make_checkpoint(hf_config: dict, folder: Path, device: torch.device, seed: int) -> Path:
+    """Write a bf16 HF-layout folder of `hf_config` with seeded random weights; return the folder.
+
+    Scales keep activations of unit size through every layer (each linear N(0, 1/fan_in)) and the logits
+    varied rather than dominated by the input token (embeddings N(0, 0.02), as in Qwen's own init), so
+    greedy decoding picks content-dependent tokens and the losses are those of an untrained model."""
+    config = ModelConfig.from_hf({**hf_config, "torch_dtype": "bfloat16"})
+    with torch.device(device):  # initialising 1.5B parameters takes a GPU milliseconds, a CPU many seconds
+        model = Transformer(config)
+    g = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g, device=device))
+        elif name.endswith("bias"):
+            p.normal_(0.0, 0.1, generator=g)
+        elif name.endswith("embed_tokens.weight"):
+            p.normal_(0.0, 0.02, generator=g)
+        else:
+            p.normal_(0.0, p.shape[1] ** -0.5, generator=g)
+    save_pretrained(model.to("cpu", torch.bfloat16), folder)
+    return folder
+
+
+def random_ids(vocab: int, rows: int, tokens: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (rows, tokens), generator=torch.Generator().manual_seed(seed))  # (B, T)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def transformers_or_none():
+    return __import__("transformers") if importlib.util.find_spec("transformers") else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Logits.
+
+def logits_error(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |x - ref| / std(ref), share of positions whose top-1 token agrees)."""
+    x, ref = x.float().cpu(), ref.float().cpu()
+    return ((x - ref).abs().max() / ref.std()).item(), (x.argmax(-1) == ref.argmax(-1)).float().mean().item()
+
+
+def add_random_adapter(model, seed: int) -> None:
+    """A LoRA adapter 'check' with non-zero B (a fresh one changes nothing), active."""
+    lora.add_adapter(model, "check", r=8, alpha=16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in lora.lora_layers(model).values():
+            b = layer.lora_B["check"]
+            b.copy_(0.05 * torch.randn(b.shape, generator=g))
+    lora.set_adapter(model, "check")
+
+
+def transformers_logits(transformers, folder: Path, state: dict, ids: torch.Tensor, device, dtype):
+    """transformers' logits for `ids` with the weights `state` (HF keys)."""
+    config = transformers.AutoConfig.from_pretrained(folder)
+    with torch.device(device):  # built in fp32 whatever config.json says, so the weights load unrounded
+        hf = transformers.AutoModelForCausalLM.from_config(config).float()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"transformers model keys differ: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    hf = hf.to(dtype).eval()
+    with torch.no_grad():
+        out = hf(ids.to(device)).logits.float().cpu()
+    del hf
+    return out
+
+
+def check_logits(name: str, folder: Path, sizes: Sizes, device: torch.device) -> list[Row]:
+    rows, tokens = sizes.logits_batch
+    cpu = Transformer.from_pretrained(folder, device="cpu", dtype=torch.float32)
+    ids = random_ids(cpu.config.vocab_size, rows, tokens, seed=1)
+    add_random_adapter(cpu, seed=2)
+    adapter_dir = folder.parent / f"{name}-adapter"
+    lora.save_adapter(cpu, adapter_dir, "check")
+    with torch.no_grad():
+        ref = cpu(ids)  # (B, T, V) fp32 on the CPU: the reference
+    merged = lora.merged_state_dict(cpu)
+    del cpu
+    transformers = transformers_or_none()
+    found = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model = Transformer.from_pretrained(folder, device=device, dtype=dtype)
+        lora.load_adapter(model, adapter_dir, "check")
+        lora.set_adapter(model, "check")
+        with torch.no_grad():
+            found[dtype] = model(ids.to(device)).float().cpu()
+        del model
+    hf = {}
+    if transformers is not None:
+        hf = {dtype: transformers_logits(transformers, folder, merged, ids, device, dtype)
+              for dtype in (torch.float32, torch.bfloat16)}
+    err32, agree32 = logits_error(found[torch.float32], ref)
+    out = [Row(f"logits fp32 {device.type} vs cpu fp32", name, "PASS" if err32 <= FP32_LOGITS_TOL else "FAIL",
+               f"err {err32:.1e} (tol {FP32_LOGITS_TOL:.0e}), top-1 {agree32:.1%}")]
+    err16, agree16 = logits_error(found[torch.bfloat16], ref)
+    if transformers is None:
+        out.append(Row(f"logits bf16 {device.type} vs cpu fp32", name, "INFO",
+                       f"err {err16:.1e}, top-1 {agree16:.1%} (no transformers to compare with)"))
+        out.append(Row("logits vs transformers", name, "SKIP", "transformers is not installed"))
+        return out
+    hf_err16, hf_agree16 = logits_error(hf[torch.bfloat16], ref)
+    tol16 = max(BF16_VS_TRANSFORMERS * hf_err16, BF16_LOGITS_FLOOR)
+    out.append(Row(f"logits bf16 {device.type} vs cpu fp32", name, "PASS" if err16 <= tol16 else "FAIL",
+                   f"err {err16:.1e}, top-1 {agree16:.1%}; transformers bf16: err {hf_err16:.1e}, "
+                   f"top-1 {hf_agree16:.1%} (tol {tol16:.1e})"))
+    hf_err32, _ = logits_error(found[torch.float32], hf[torch.float32])
+    out.append(Row(f"logits fp32 vs transformers {device.type}", name,
+                   "PASS" if hf_err32 <= FP32_LOGITS_TOL else "FAIL", f"err {hf_err32:.1e} (tol {FP32_LOGITS_TOL:.0e})"))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training: prost.py's own loop, one optimizer step per run_epoch call.
+
+def synthetic_examples(vocab: int, n: int, tokens: int, seed: int) -> list[data.Example]:
+    """`n` sequences of random tokens whose second half is the target (a role's output)."""
+    ids = random_ids(vocab, n, tokens, seed)
+    mask = [0] * (tokens - tokens // 2) + [1] * (tokens // 2)
+    return [data.Example(f"synthetic-{i}", "planner", 0, 1, ids[i].tolist(), mask) for i in range(n)]
+
+
+def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> prost.TrainConfig:
+    return prost.TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
+                                       grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
+                                       schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
+
+
+def train_steps(cfg: prost.TrainConfig, cluster: prost.Cluster, precision: str, steps: list[list[data.Example]],
+                out_dir: Path):
+    """Run each entry of `steps` as one epoch of prost.run_epoch; returns (model, optimizer, stats per epoch)."""
+    model = prost.build_model(cfg, cluster.device, precision)
+    params = list(prost.trainable_parameters(model).values())
+    optimizer = prost.make_optimizer(params, cfg)
+    model.train()
+    stats, step = [], 0
+    for epoch, examples in enumerate(steps, start=1):
+        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, len(steps), cfg,
+                                  cluster, precision, 0, out_dir, epoch - 1)
+        stats.append(s)
+    return model, optimizer, stats
+
+
+def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, work: Path) -> list[Row]:
+    cfg = train_config(folder, sizes.train_tokens, 1)
+    vocab = ModelConfig.from_hf(folder).vocab_size
+    steps = [[e] for e in synthetic_examples(vocab, 1 + sizes.train_steps, sizes.train_tokens, seed=3)]
+    cluster = prost.Cluster(0, 1, device)
+    losses, measured = {}, None
+    for precision in ("bf16", "fp32"):
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        model, optimizer, stats = train_steps(cfg, cluster, precision, steps, work / f"train-{precision}")
+        losses[precision] = [s.loss_sum / s.targets for s in stats]
+        if precision == "bf16":
+            fused = bool(optimizer.defaults.get("fused"))
+            timed = stats[1:]  # the first step pays for kernel selection and allocator warm-up
+            measured = prost.EpochStats(sum(s.loss_sum for s in timed), sum(s.targets for s in timed),
+                                        sum(s.tokens for s in timed), sum(s.seconds for s in timed))
+            plan = data.EpochPlan(1, 1, len(timed), measured.tokens, measured.targets)
+            mfu = prost.model_flops_utilisation(model, plan, measured, prost.peak_flops(device, 0.0), 1)
+            memory = prost.peak_memory_gb(device)
+        del model, optimizer
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses["bf16"], losses["fp32"]))
+    flags = ", ".join(f"{k}={v}" for k, v in TRAIN_FLAGS.items()) or "no extra flags"
+    loss_row = Row(f"train bf16 autocast vs fp32, {sizes.train_tokens} tokens", name,
+                   "PASS" if worst <= BF16_LOSS_TOL else "FAIL",
+                   f"{len(steps)} steps, worst loss diff {worst:.1e} (tol {BF16_LOSS_TOL:.0e}); losses bf16 "
+                   + " ".join(f"{x:.4f}" for x in losses["bf16"]) + " fp32 " + " ".join(f"{x:.4f}" for x in losses["fp32"]))
+    fused_row = Row("train fused AdamW", name, "PASS" if fused or device.type != "cuda" else "FAIL",
+                    f"fused={fused} ({flags})")
+    speed = (f"{measured.tokens / measured.seconds:,.0f} tokens/s, "
+             + (f"MFU {mfu:.1%} of {prost.peak_flops(device, 0.0) / 1e12:.0f} TFLOP/s" if mfu is not None
+                else "MFU n/a (no peak known for this device)") + f", peak memory {memory:.1f} GB")
+    return [loss_row, fused_row, Row(f"train speed bf16, {sizes.train_tokens} tokens", name, "INFO", speed)]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data parallel: prost.py's path under torch.distributed.run against one process.
+
+def ddp_run(folder: Path, sizes: Sizes, device_flag: str, grad_accum: int, out: Path) -> None:
+    """Two epochs of `ddp_steps` optimizer steps, each of `world x grad_accum` micro-batches of one sequence;
+    rank 0 saves the epoch losses and the adapter to `out`. Runs under torchrun or alone."""
+    cluster = prost.start_cluster(device_flag)
+    try:
+        cfg = train_config(folder, sizes.ddp_tokens, grad_accum)
+        vocab = ModelConfig.from_hf(folder).vocab_size
+        n = sizes.ddp_steps * grad_accum * cluster.world
+        examples = synthetic_examples(vocab, n, sizes.ddp_tokens, seed=4)
+        precision = prost.resolve_precision("auto", cluster.device)  # bf16 autocast on CUDA, as prost.py trains
+        model, _, stats = train_steps(cfg, cluster, precision, [examples, examples], out.parent / "ddp-unused")
+        if cluster.is_main:
+            adapter = {k: p.detach().float().cpu() for k, p in prost.trainable_parameters(model).items()}
+            torch.save({"losses": [s.loss_sum / s.targets for s in stats], "adapter": adapter,
+                        "world": cluster.world}, out)
+    finally:
+        prost.stop_cluster(cluster)
+
+
+def child_env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    env.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks on a small CPU must not oversubscribe its cores
+    return env
+
+
+def run_child(args: list[str], timeout: float = CHILD_TIMEOUT_S) -> tuple[int | None, str]:
+    """(exit code or None on timeout, the end of its output). The child leads its own session, so a timeout
+    kills every process it started."""
+    proc = subprocess.Popen(args, cwd=HERE, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        rc = None
+    return rc, output[-3000:]
+
+
+def check_ddp(name: str, folder: Path, sizes: Sizes, device: torch.device, tiny: bool, work: Path) -> list[Row]:
+    world = torch.cuda.device_count() if device.type == "cuda" else 2  # 2 gloo processes on a CPU
+    one, many = work / "ddp-one.pt", work / "ddp-many.pt"
+    ddp_run(folder, sizes, device.type, world, one)
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+            str(HERE / "gpu_check.py"), "--ddp-worker", str(many), "--ddp-model", str(folder),
+            "--device", device.type] + (["--tiny"] if tiny else [])
+    start = time.perf_counter()
+    rc, output = run_child(args)
+    seconds = time.perf_counter() - start
+    label = f"ddp {'nccl' if device.type == 'cuda' else 'gloo'} x{world} vs 1 process"
+    if rc != 0 or not many.exists():
+        why = "timed out" if rc is None else f"exit code {rc}"
+        return [Row(label, name, "FAIL", f"torchrun {why}: " + " | ".join(output.strip().splitlines()[-4:]))]
+    a, b = torch.load(one), torch.load(many)
+    loss_diff = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"]))
+    scale = max(t.abs().max().item() for t in a["adapter"].values())
+    adapter_diff = max((a["adapter"][k] - b["adapter"][k]).abs().max().item() for k in a["adapter"]) / scale
+    ok = b["world"] == world and loss_diff <= DDP_LOSS_TOL and adapter_diff <= DDP_ADAPTER_TOL
+    note = "; one GPU: no collective exercised" if world == 1 else ""
+    return [Row(label, name, "PASS" if ok else "FAIL",
+                f"loss diff {loss_diff:.1e} (tol {DDP_LOSS_TOL:.0e}), adapter diff {adapter_diff:.1e} "
+                f"(tol {DDP_ADAPTER_TOL:.0e}), torchrun {seconds:.0f} s{note}")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation.
+
+def greedy_mismatches(model, prompts: list[list[int]], batched, singles) -> tuple[int, int]:
+    """(rows whose tokens differ, of them rows where the first difference is a near-tie of the two best
+    logits in the one-at-a-time run, so rounding may pick either)."""
+    differ = ties = 0
+    for prompt, b, s in zip(prompts, batched, singles):
+        if b.ids == s.ids:
+            continue
+        differ += 1
+        k = next(i for i, (x, y) in enumerate(zip(b.ids, s.ids)) if x != y)
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + s.ids[:k]], device=model.lm_head.weight.device))[0, -1].float()
+        if (logits[s.ids[k]] - logits[b.ids[k]]).abs().item() <= TIE_TOL * logits.std().item():
+            ties += 1
+    return differ, ties
+
+
+def check_generation(name: str, folder: Path, sizes: Sizes, device: torch.device) -> list[Row]:
+    out = []
+    vocab = ModelConfig.from_hf(folder).vocab_size
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(4, sizes.decode_prompt // 2, (sizes.generate_prompts,), generator=g).tolist()  # ragged
+    prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
+    for dtype, strict in ((torch.float32, True), (torch.bfloat16, False)):
+        model = Transformer.from_pretrained(folder, device=device, dtype=dtype)
+        batched = generate(model, prompts, sizes.generate_new)
+        singles = [generate(model, [p], sizes.generate_new)[0] for p in prompts]
+        differ, ties = greedy_mismatches(model, prompts, batched, singles)
+        same = sum(b.ids == s.ids for b, s in zip(batched, singles))
+        figures = (f"{same}/{len(prompts)} prompts identical over {sizes.generate_new} tokens"
+                   + (f", {ties} of {differ} differences at near-ties" if differ else ""))
+        label = f"generate batched vs one-at-a-time {str(dtype).removeprefix('torch.')}"
+        if strict:
+            out.append(Row(label, name, "PASS" if differ == ties else "FAIL", figures))
+        else:  # bf16 rounding depends on the batch's shape, so tokens may part where logits are close
+            out.append(Row(label, name, "INFO", figures))
+        if dtype == torch.bfloat16:
+            out += decode_speed(name, model, vocab, sizes, device)
+        del model
+    return out
+
+
+def decode_speed(name: str, model, vocab: int, sizes: Sizes, device: torch.device) -> list[Row]:
+    rows = []
+    for variant, kwargs in DECODE_VARIANTS.items():
+        figures = []
+        for batch in sizes.decode_batches:
+            prompts = random_ids(vocab, batch, sizes.decode_prompt, seed=6).tolist()
+            generate(model, prompts, 2, **kwargs)  # warm-up: kernels for this batch shape
+            sync(device)
+            start = time.perf_counter()
+            result = generate(model, prompts, sizes.decode_new, **kwargs)
+            sync(device)
+            seconds = time.perf_counter() - start
+            figures.append(f"batch {batch}: {sum(r.n_new for r in result) / seconds:,.0f} tokens/s")
+        label = "decode bf16" + (f" {variant}" if variant else "") + f", prompt {sizes.decode_prompt}, " \
+            f"{sizes.decode_new} new"
+        rows.append(Row(label, name, "INFO", ", ".join(figures) + " (prefill included)"))
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------
+# A short mini-world evaluation through evaluate.py (needs appworld).
+
+def check_world(device: torch.device, world_root: str | None, work: Path) -> list[Row]:
+    if importlib.util.find_spec("appworld") is None:
+        return [Row("world evaluation", "-", "SKIP", "appworld is not importable here")]
+    import agents
+    import world
+    root = Path(world_root) if world_root else work / "miniworld"
+    if not (root / "data" / "datasets" / "dev.txt").is_file():
+        world.build_world(root)
+    folder = init_tiny(work / "world-model", [agents.API_RULES], preset="micro", seed=0)
+    out = work / "world-eval"
+    start = time.perf_counter()
+    rc, output = run_child([sys.executable, str(HERE / "evaluate.py"), "--model", str(folder), "--split", "dev",
+                            "--root", str(root), "--limit", "2", "--workers", "1", "--out", str(out),
+                            "--device", str(device), "--quiet", "--max-subtasks", "2", "--max-executor-turns", "2",
+                            "--max-new-tokens", "16"])
+    seconds = time.perf_counter() - start
+    results = out / "results.json"
+    if rc != 0 or not results.exists():
+        why = "timed out" if rc is None else f"exit code {rc}"
+        return [Row("world evaluation", "micro", "FAIL", f"evaluate.py {why}: "
+                    + " | ".join(output.strip().splitlines()[-4:]))]
+    metrics = json.loads(results.read_text())["metrics"]
+    figures = ", ".join(f"{k} {metrics[k]}" for k in ("tgc", "sgc", "tasks") if k in metrics)
+    return [Row("world evaluation (random micro model)", "micro", "PASS", f"{figures}, {seconds:.0f} s")]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run.
+
+def print_table(rows: list[Row]) -> None:
+    widths = [max(len(getattr(r, f)) for r in rows + [Row("check", "shape", "status", "")])
+              for f in ("check", "shape", "status")]
+    print(f"{'check':<{widths[0]}}  {'shape':<{widths[1]}}  {'status':<{widths[2]}}  figures")
+    for r in rows:
+        print(f"{r.check:<{widths[0]}}  {r.shape:<{widths[1]}}  {r.status:<{widths[2]}}  {r.figures}")
+
+
+def run_checks(device: torch.device, tiny: bool, world_root: str | None, only: list[str]) -> list[Row]:
+    sizes = TINY if tiny else FULL
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 comparisons mean fp32 matmuls
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check-") as tmp:
+        work = Path(tmp)
+        folders = {name: make_checkpoint(cfg, work / name, device, seed=i)
+                   for i, (name, cfg) in enumerate(sizes.shapes.items())}
+        checks = {
+            "logits": lambda: [r for name, f in folders.items() for r in check_logits(name, f, sizes, device)],
+            "train": lambda: check_training(sizes.train_shape, folders[sizes.train_shape], sizes, device, work),
+            "ddp": lambda: check_ddp(sizes.ddp_shape, folders[sizes.ddp_shape], sizes, device, tiny, work),
+            "generate": lambda: check_generation(sizes.generate_shape, folders[sizes.generate_shape], sizes, device),
+            "world": lambda: check_world(device, world_root, work),
+        }
+        for check, run in checks.items():
+            if only and check not in only:
+                continue
+            start = time.perf_counter()
+            try:
+                rows += run()
+            except Exception as e:  # one broken path must not hide the others' answers
+                traceback.print_exc()
+                rows.append(Row(check, "-", "FAIL", f"{type(e).__name__}: {e}"[:300]))
+            print(f"[{check} done in {time.perf_counter() - start:.0f} s]", file=sys.stderr, flush=True)
+    return rows
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Check every CUDA path of prost at real model shapes in one run and "
+                                            "print one table (exit 1 if any check fails).")
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="where to run the checks (cpu only makes sense with --tiny, as the tests do)")
+    p.add_argument("--tiny", action="store_true", help="tiny shapes instead of the real ones (seconds on a CPU)")
+    p.add_argument("--only", nargs="*", default=[], choices=("logits", "train", "ddp", "generate", "world"),
+                   help="run only these checks")
+    p.add_argument("--world-root", default=None,
+                   help="an already built mini-world for the world check (default: build one in a temp folder)")
+    p.add_argument("--ddp-worker", default=None, help=argparse.SUPPRESS)  # internal: one torchrun rank
+    p.add_argument("--ddp-model", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.ddp_worker:
+        ddp_run(Path(args.ddp_model), TINY if args.tiny else FULL, args.device, 1, Path(args.ddp_worker))
+        return 0
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(f"gpu_check: no CUDA device visible to torch {torch.__version__}; nothing to check here "
+              f"(run `make gpu-check` on a GPU machine)")
+        return 0
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    transformers = transformers_or_none()
+    print(f"gpu_check on {name} x{torch.cuda.device_count() if device.type == 'cuda' else 1}, torch "
+          f"{torch.__version__}, transformers {transformers.__version__ if transformers else 'absent'}, "
+          f"{'tiny' if args.tiny else 'real'} shapes", flush=True)
+    start = time.perf_counter()
+    rows = run_checks(device, args.tiny, args.world_root, args.only)
+    print_table(rows)
+    failed = [r for r in rows if r.status == "FAIL"]
+    print(f"{len(rows) - len(failed)} of {len(rows)} rows without failure, {time.perf_counter() - start:.0f} s")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""gpu_check.py on the CPU: the GPU check runs between GPU loans only here, so its code must not rot.
+
+The same checks as on a GPU, at tiny shapes (--device cpu --tiny): prost against its fp32 CPU logits and
+against transformers, bf16 autocast training against fp32, two gloo processes under torchrun against one,
+batched generation against one prompt at a time, and an evaluate.py run on the mini-world. A broken path
+must turn the table red, and a machine without CUDA gets one line and exit code 0 from `make gpu-check`.
+"""
+
+import sys
+
+import torch
+
+import gpu_check
+import lora
+from conftest import REPO, child_env, run_child
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The printed table as {check: [status, ...]} (a check can have a row per shape)."""
+    rows = {}
+    for line in text.splitlines():
+        cells = line.split("  ")
+        cells = [c.strip() for c in cells if c.strip()]
+        if len(cells) >= 3 and cells[2] in ("PASS", "FAIL", "SKIP", "INFO"):
+            rows.setdefault(cells[0], []).append(cells[2])
+    return rows
+
+
+def test_every_check_passes_at_tiny_shapes_on_the_cpu(mini_world, capsys):
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--world-root", str(mini_world)])
+    out = capsys.readouterr().out
+    rows = table_rows(out)
+    assert rc == 0, out
+    expected = {
+        "logits fp32 cpu vs cpu fp32": ["PASS", "PASS"],  # one row per tiny shape
+        "logits bf16 cpu vs cpu fp32": ["PASS", "PASS"],
+        "logits fp32 vs transformers cpu": ["PASS", "PASS"],
+        "train bf16 autocast vs fp32, 64 tokens": ["PASS"],
+        "train fused AdamW": ["PASS"],
+        "train speed bf16, 64 tokens": ["INFO"],
+        "ddp gloo x2 vs 1 process": ["PASS"],
+        "generate batched vs one-at-a-time float32": ["PASS"],
+        "generate batched vs one-at-a-time bfloat16": ["INFO"],
+        "decode bf16, prompt 16, 8 new": ["INFO"],
+        "world evaluation (random micro model)": ["PASS"],
+    }
+    assert rows == expected, out
+
+
+def test_an_adapter_ignored_by_the_forward_pass_fails_against_transformers(monkeypatch, capsys):
+    """transformers gets the merged weights, so prost's logits without the adapter must disagree."""
+    def base_only(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+    monkeypatch.setattr(lora.LoRALinear, "forward", base_only)
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--only", "logits"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert table_rows(out)["logits fp32 vs transformers cpu"] == ["FAIL", "FAIL"], out
+
+
+def test_make_gpu_check_without_cuda_prints_one_line_and_exits_0():
+    no_cuda = child_env(CUDA_VISIBLE_DEVICES="")  # what a CPU-only machine looks like, even on a GPU machine
+    run = run_child(["make", "-s", "gpu-check"], cwd=REPO, env=no_cuda)
+    assert run.stdout.strip().count("\n") == 0 and "no CUDA device" in run.stdout, run.stdout
+    direct = run_child([sys.executable, "gpu_check.py", "--only", "logits"], cwd=REPO, env=no_cuda)
+    assert direct.stdout == run.stdout
