@@ -9,7 +9,7 @@ it is given a `.gguf` file (or a folder holding exactly one).
 What is here, top to bottom:
   1. opening a GGUF    `find_gguf`, `open_gguf` (one-line errors for a missing, truncated or corrupt file)
   2. config            `read_config`: the HF config.json dict from the metadata (llama and qwen2 architectures)
-  3. weights           `read_tensors`: HF-named tensors dequantized one at a time into the requested dtype,
+  3. weights           `open_weights(...).read(dtype)`: HF-named tensors dequantized one at a time into dtype,
                        with llama.cpp's q/k row permutation undone for the llama architecture
   4. tokenizer         `read_tokenizer`: a `tokenizers` byte-level BPE from the vocabulary, merges and
                        pre-tokenizer kind, plus the tokenizer_config / generation_config dicts (special tokens,
@@ -60,9 +60,15 @@ def find_gguf(path: str | Path) -> Path:
     return found[0]
 
 
-def open_gguf(path: str | Path):
-    """A `gguf.GGUFReader` over the file (memory-mapped: tensors are read only when touched)."""
+def open_gguf(path):
+    """A `gguf.GGUFReader` over the file (memory-mapped: tensors are read only when touched).
+
+    Parsing the metadata takes seconds for a 150k-token vocabulary, so the readers below also accept an open
+    reader in place of a path: open once, read config, tensors and tokenizer from it.
+    """
     import gguf
+    if isinstance(path, gguf.GGUFReader):
+        return path
     path = find_gguf(path)
     try:
         return gguf.GGUFReader(path)
@@ -105,13 +111,9 @@ def _architecture(reader) -> str:
     return arch
 
 
-def read_config(path: str | Path) -> dict:
+def read_config(path) -> dict:
     """The HF config.json dict of a GGUF model (dims from `{arch}.*` keys, vocab from `token_embd`'s rows)."""
     reader = open_gguf(path)
-    return _config(reader)
-
-
-def _config(reader) -> dict:
     arch = _architecture(reader)
     where = reader.data.filename
     key = lambda name, default=KeyError: _field(reader, f"{arch}.{name}", default)  # noqa: E731
@@ -184,37 +186,64 @@ def unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
-def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
-    """{HF name: torch shape} of every tensor, in file order, without reading tensor data."""
+def _torch_shape(t) -> tuple[int, ...]:
+    return tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first; torch wants (out, in)
+
+
+DEQUANTIZE_CHUNK = 1 << 22  # elements dequantized at once: bounds the float32 temporaries to ~16 MB
+
+
+@dataclass
+class Weights:
+    """The tensors of a GGUF file, memory-mapped, without the parsed metadata (which costs ~1 KB per vocabulary
+    entry, more than the tensors of a small model need while loading)."""
+
+    path: Path
+    config: dict  # read_config's HF config dict
+    tensors: list  # gguf.ReaderTensor: name, tensor_type, shape (fastest-first), data (memory-mapped)
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """{HF name: torch shape} of every tensor, in file order, without reading tensor data."""
+        return {hf_name(t.name, self.path): _torch_shape(t) for t in self.tensors}
+
+    def read(self, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) for every tensor, each dequantized on its own into `dtype`.
+
+        A tensor is allocated once in `dtype` and filled a block of rows at a time, so a caller that keeps each
+        result needs the finished model plus a few small float32 blocks (and the memory-mapped file's pages).
+        """
+        for t in self.tensors:
+            name = hf_name(t.name, self.path)
+            tensor = _dequantize(t, dtype, self.path)
+            if self.config["model_type"] == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
+                heads = self.config["num_attention_heads" if ".attn_q." in t.name else "num_key_value_heads"]
+                tensor = unpermute_rows(tensor, heads).contiguous()
+            yield name, tensor
+
+
+def open_weights(path) -> Weights:
+    """The config and the memory-mapped tensors of a GGUF file (a path, or an open reader); the rest of the
+    parsed metadata is dropped when the caller drops the reader."""
     reader = open_gguf(path)
-    return {hf_name(t.name, reader.data.filename): tuple(int(d) for d in reversed(t.shape)) for t in reader.tensors}
+    return Weights(Path(reader.data.filename), read_config(reader), list(reader.tensors))
 
 
-def read_tensors(path: str | Path, dtype: torch.dtype = torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every tensor of the file, each dequantized on its own into `dtype`.
-
-    One tensor is dequantized at a time (float32 from `gguf.dequantize`, then cast), so a caller that keeps
-    each result needs about the finished model plus one float32 tensor; the file itself is memory-mapped.
-    """
+def _dequantize(t, dtype: torch.dtype, where) -> torch.Tensor:
     import gguf
-    reader = open_gguf(path)
-    where = reader.data.filename
-    config = _config(reader)
-    for t in reader.tensors:
-        name = hf_name(t.name, where)
+    shape = _torch_shape(t)
+    out = torch.empty(shape, dtype=dtype)
+    rows, raw = out.view(-1, shape[-1]), t.data.reshape(-1, t.data.shape[-1])  # (R, cols), (R, bytes or cols)
+    step = max(1, DEQUANTIZE_CHUNK // shape[-1])
+    for i in range(0, rows.shape[0], step):
         try:
-            values = gguf.dequantize(t.data, t.tensor_type)  # float32 numpy, (rows, cols) for 2-D tensors
+            block = gguf.dequantize(raw[i:i + step], t.tensor_type)  # float32 numpy (step, cols)
         except NotImplementedError:
             raise ValueError(f"{where}: tensor {t.name} has type {t.tensor_type.name}, which the gguf package "
                              "cannot dequantize; use a file quantized to a supported type") from None
-        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first; torch wants (out, in)
-        if not values.flags.owndata:  # F32 data comes back as a view of the read-only memory map
-            values = values.copy()
-        tensor = torch.from_numpy(values.reshape(shape)).to(dtype)
-        if config["model_type"] == "llama" and t.name.split(".")[-2] in ("attn_q", "attn_k"):
-            heads = config["num_attention_heads"] if ".attn_q." in t.name else config["num_key_value_heads"]
-            tensor = unpermute_rows(tensor, heads).contiguous()
-        yield name, tensor
+        if not block.flags.writeable:  # F32 blocks are views of the read-only memory map
+            block = block.copy()
+        rows[i:i + step] = torch.from_numpy(block)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,7 +281,7 @@ def byte_level_pipeline(kind: str):
     raise ValueError(f"unknown pre-tokenizer kind {kind!r}; supported: {', '.join(PRE_TOKENIZER_KINDS)}")
 
 
-def read_tokenizer(path: str | Path):
+def read_tokenizer(path):
     """(tokenizers.Tokenizer, tokenizer_config dict, generation_config dict) of the GGUF's vocabulary.
 
     The two dicts hold what model.Tokenizer reads from a HF folder's tokenizer_config.json and
@@ -312,7 +341,7 @@ def _build_bpe(tokens: list[str], types: list[int], merges: list[tuple[str, str]
     return tok
 
 
-def write_tokenizer_files(path: str | Path, out_dir: str | Path) -> None:
+def write_tokenizer_files(path, out_dir: str | Path) -> None:
     """Write tokenizer.json, tokenizer_config.json and generation_config.json of a GGUF into out_dir."""
     out = Path(out_dir)
     tok, tokenizer_config, generation_config = read_tokenizer(path)
@@ -367,13 +396,15 @@ def convert(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Pa
     src, out = find_gguf(path), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
-    config = {**read_config(src), "torch_dtype": dtype}
+    reader = open_gguf(src)
+    weights = open_weights(reader)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     try:
-        write_tokenizer_files(src, tmp)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        write_safetensors(tmp / "model.safetensors", tensor_shapes(src), read_tensors(src, DTYPES[dtype]), DTYPES[dtype])
+        write_tokenizer_files(reader, tmp)
+        del reader  # the vocabulary's parsed metadata is no longer needed
+        (tmp / "config.json").write_text(json.dumps({**weights.config, "torch_dtype": dtype}, indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", weights.shapes(), weights.read(DTYPES[dtype]), DTYPES[dtype])
         _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -348,10 +348,11 @@ class Transformer(nn.Module):
         """Load a HF checkpoint folder, a hub id, or a .gguf file (or a folder holding exactly one);
         dtype None means the checkpoint's own `torch_dtype` (float32 for GGUF files)."""
         source = resolve_model_dir(name_or_path)
-        gguf = source if source.is_file() else None
-        if gguf is not None:
+        gguf = None
+        if source.is_file():
             import gguf_io
-            config = ModelConfig.from_hf(gguf_io.read_config(gguf))
+            gguf = gguf_io.open_weights(source)
+            config = ModelConfig.from_hf(gguf.config)
         else:
             config = ModelConfig.from_hf(source)
         device = torch.device(device or "cpu")
@@ -477,16 +478,15 @@ def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def load_gguf(model: Transformer, path: Path, device, dtype) -> None:
-    """Give each (meta) parameter of `model` its dequantized tensor from a GGUF file (see gguf_io.read_tensors).
+def load_gguf(model: Transformer, weights, device, dtype) -> None:
+    """Give each (meta) parameter of `model` its dequantized tensor from a GGUF file (a gguf_io.Weights).
 
-    The peak is the finished model plus one float32 tensor (and the memory-mapped file's pages).
+    The peak is the finished model plus small dequantization blocks (and the memory-mapped file's pages).
     """
-    import gguf_io
-    shapes = gguf_io.tensor_shapes(path)
-    _expected_tensors(model, shapes, str(path), "its own metadata")
-    for k, tensor in gguf_io.read_tensors(path, dtype):
-        _set_parameter(model, k, shapes[k], path.name, "its metadata", lambda: tensor.to(device=device))
+    shapes = weights.shapes()
+    _expected_tensors(model, shapes, str(weights.path), "its own metadata")
+    for k, tensor in weights.read(dtype):
+        _set_parameter(model, k, shapes[k], weights.path.name, "its metadata", lambda: tensor.to(device=device))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
