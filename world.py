@@ -1907,7 +1907,7 @@ def truncate(text: str, limit: int) -> str:
 # Agent code is untrusted. Each task runs in a fresh process forked from a privileged "zygote" (one per session,
 # with appworld imported and warmed up, that never runs agent code). The fork opens the task as root, without its
 # ground truth, closes every file it holds, then locks itself in: an empty chroot, a uid of its own that owns no
-# file, no network namespace access, Landlock, and resource limits. Only then does agent code run in it.
+# file, an empty network namespace, a seccomp filter, Landlock and resource limits. Only then does agent code run.
 # Evaluation runs in another fork of the zygote, from a snapshot of the task's database changes that the sandboxed
 # process sends back and that the evaluator checks before applying. See README "The sandbox".
 
@@ -1917,6 +1917,11 @@ SANDBOX_MAX_FILES = 64  # RLIMIT_NOFILE
 SANDBOX_CWD = "/prost-sandbox"  # the working directory inside the (empty) chroot
 SNAPSHOT_LIMIT = 256 * 2**20  # bytes: a task's database changes, as sent back for evaluation
 CHANGE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "CREATE", "DROP")  # all AppWorld's change tracker records
+WARM_UP_MODULES = (  # imported inside functions by Python or AppWorld while serving a task
+    "_strptime", "unicodedata", "encodings.idna", "decimal", "unittest.mock", "base64", "pickle", "secrets",
+    "zipfile", "difflib", "ast", "logging", "xxhash", "inflection", "pendulum", "fastapi.exceptions",
+    "fastapi.params", "cryptography.hazmat.backends", "cryptography.hazmat.primitives.hashes",
+    "cryptography.hazmat.primitives.padding", "cryptography.hazmat.primitives.ciphers")
 _LANDLOCK_SYSCALLS = (444, 445, 446)  # create_ruleset, add_rule, restrict_self: same on x86_64 and aarch64
 _CLONE_NEWNET = 0x40000000
 _PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 38, 1
@@ -2244,10 +2249,22 @@ class _Zygote:
         self._warm_up()
 
     def _warm_up(self) -> None:
-        """Open one task and run a few kinds of code in it, so that every module a task needs is imported here
-        once (a locked-in task process can import nothing new); then close every file that left open."""
+        """Import here every module a task may need (a locked-in task process can import nothing new): all
+        apps, every module AppWorld's guard lets agent code import, and those imported lazily on the way; then
+        open one task and run a few kinds of code in it. Finally close every file that left open."""
+        import importlib
+
         from appworld import AppWorld
+        from appworld.apps import get_all_apps
         from appworld.common.path_store import path_store
+        from appworld.common.safety_guard import ALLOWED_MODULE_NAMES
+
+        for name in [*ALLOWED_MODULE_NAMES, *WARM_UP_MODULES, *(f"appworld.apps.{app}.{part}"
+                                                               for app in get_all_apps() for part in ("models", "apis"))]:
+            try:
+                importlib.import_module(name)
+            except ImportError:  # not installed, or not a module in this version: agent code gets the same error
+                pass
 
         tasks = sorted(os.listdir(Path(path_store.data) / "tasks"))
         if not tasks:
@@ -2255,6 +2272,8 @@ class _Zygote:
         world = AppWorld(task_id=tasks[0], experiment_name=os.path.join(self.scratch, "warm-up"),
                          timeout_seconds=5, load_ground_truth=False)
         for code in ("x = [1]\nprint(x)", "print(apis.api_docs.show_app_descriptions())",
+                     "import datetime\nprint(datetime.datetime.strptime('2023-06-01', '%Y-%m-%d'))",
+                     "import pendulum\nprint(pendulum.now('UTC'))",
                      "apis.supervisor.show_profile()", "apis.supervisor.show_account_passwords(access_token=0)",
                      "raise ValueError('warm-up')", "import os", "def f(:\n  pass"):
             world.execute(code)
