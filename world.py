@@ -1998,20 +1998,17 @@ def _seccomp(libc) -> bool:
 
 
 def _close_databases() -> None:
-    """Close every SQLite connection to a file: AppWorld caches read-write ones to the base databases (memory-
-    mapped), which a locked-in process must not keep."""
-    import gc
-    import sqlite3
+    """Close AppWorld's cached connections to the base databases: read-write and memory-mapped, they must not
+    stay open in a locked-in process. (Asked for by path: the cache hands back what it holds.)"""
+    from appworld.apps import get_all_apps
+    from appworld.apps.model_lib import db_home_to_app_path, get_db_home_path, get_direct_cached_sqlite3_connection
 
-    from appworld.apps.model_lib import get_direct_cached_sqlite3_connection
-    for obj in gc.get_objects():
-        if isinstance(obj, sqlite3.Connection):
-            try:
-                on_disk = any(row[2] for row in obj.execute("PRAGMA database_list"))
-            except sqlite3.Error:  # closed already
-                continue
-            if on_disk:
-                obj.close()
+    base = get_db_home_path(storage_type="disk", type="base")
+    held = get_direct_cached_sqlite3_connection.cache_info().currsize
+    for app in get_all_apps() if held else []:
+        path = db_home_to_app_path(base, app, format="full")
+        if os.path.exists(path):
+            get_direct_cached_sqlite3_connection(path).close()
     get_direct_cached_sqlite3_connection.cache_clear()
 
 

@@ -80,9 +80,9 @@ def test_reading_the_answer_with_pathlib_fails(mini_world, session, unchanged_wo
 def test_the_ground_truth_is_not_in_memory(session, unchanged_world):
     code = ("import os\ngc = os.sys.modules['gc']\n"
             "worlds = [o for o in gc.get_objects() if type(o).__name__ == 'AppWorld']\n"
-            "print(len(worlds), worlds[0].task.ground_truth)")
+            "print(len(worlds) > 0, {str(w.task.ground_truth) for w in worlds})")
     out, _ = attack(session, code)
-    assert (out.output.strip(), out.error) == ("1 None", False)
+    assert (out.output.strip(), out.error) == ("True {'None'}", False)
 
 
 def test_rewriting_the_ground_truth_through_sys_modules_fails(mini_world, session, unchanged_world):
