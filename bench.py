@@ -11,8 +11,9 @@ Sections:
   train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
            -100, full logits), fp32 and bf16 autocast on CPU: tokens/s and peak RSS growth of both, as ratios.
   world    the mini-world: build time (wall and CPU), then world sessions: worker start, first and later task
-           opens, execute latency (plain Python and one API call), evaluate latency, and gold-solution throughput
-           with 1 and 2 worker processes on the dev split (tasks/minute, worker CPU per task).
+           opens (each a fresh sandboxed process), execute latency (plain Python and one API call), evaluate
+           latency (snapshot + a fresh evaluator process), and gold-solution throughput with 1 and 2 workers on
+           the dev split (tasks/minute, CPU per task of the workers and all their task and evaluator processes).
   rollout  agents.run_rollouts on the mini-world dev split, one task at a time vs concurrent worlds with batched
            model calls: tasks/minute, model batch sizes, share of wall time outside the model.
 """
@@ -392,7 +393,7 @@ def bench_world() -> None:
                 start = time.perf_counter()
                 session.evaluate()
                 evals.append(time.perf_counter() - start)
-        print(f"world worker start (spawn + import appworld): {started:.2f} s; first task open {first_open:.2f} s")
+        print(f"world worker start (spawn + import appworld + warm-up): {started:.2f} s; first task open {first_open:.2f} s")
         print(f"median wall latencies: open {median_ms(opens):.0f} ms, execute (plain Python) {median_ms(plain):.1f} ms, "
               f"execute (one API call) {median_ms(api):.1f} ms, evaluate {median_ms(evals):.0f} ms")
 
