@@ -125,7 +125,7 @@ def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_worl
 def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
     evaluate.evaluate(agents.single_engine_system(DoNothing()), SMALL, config(tmp_path, mini_world, limit=1),
                       pool=pool)
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(ValueError, match="holds a different run .*system.teacher.*--overwrite"):
         evaluate.evaluate(evaluate.gold_system(mini_world), SMALL, config(tmp_path, mini_world, limit=1), pool=pool)
 
 
