@@ -105,7 +105,8 @@ class ModelConfig:
             s = self.rope_scaling
             for key in ("factor", "low_freq_factor", "high_freq_factor"):
                 s[key] = _positive_float(f"rope_scaling.{key}", s.get(key))
-            _check_positive_int("rope_scaling.original_max_position_embeddings", s.get("original_max_position_embeddings"))
+            _check_positive_int("rope_scaling.original_max_position_embeddings",
+                                s.get("original_max_position_embeddings"))
             if s["high_freq_factor"] <= s["low_freq_factor"]:
                 raise ValueError(f"rope_scaling.high_freq_factor ({s['high_freq_factor']}) must exceed "
                                  f"low_freq_factor ({s['low_freq_factor']})")

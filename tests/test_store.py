@@ -32,17 +32,18 @@ HOLD_LOCK = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 import store
-with store.OutputLock(sys.argv[2]):
+with store.OutputLock(sys.argv[2], folder=sys.argv[3] == "folder"):
     print("locked", flush=True)
     time.sleep(120)
 """
 
 
 @contextmanager
-def lock_held_elsewhere(folder: Path):
-    """A separate process holding the lock of `folder` while the block runs; yields that process."""
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(folder)], stdout=subprocess.PIPE,
-                            text=True)
+def lock_held_elsewhere(target: Path, folder: bool = True):
+    """A separate process holding the lock of `target` (a folder, or a file) while the block runs; yields
+    that process."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(REPO), str(target), "folder" if folder else "file"],
+                            stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
         yield proc
