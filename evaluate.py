@@ -16,11 +16,16 @@ judge every task, and turns the trajectories into the paper's measurements:
     python evaluate.py --model Qwen/Qwen2.5-1.5B --split dev    # untrained base model in every role
     python evaluate.py --gold --split dev                       # replay of the mini-world's gold solutions
     python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
+                                                                # (runs must share split, --limit, budgets)
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
 `results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
-written atomically; `run.json` records the system and split the folder belongs to. While a run is going,
+written atomically (store.py). One evaluation writes a folder at a time (a second is refused, naming the
+first). `run.json` records what the trajectories depend on: split, world, each role's base model (name and
+content fingerprint) and adapter (content hash), the weight dtype and the budgets; a different system in the
+same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs are refused
+unless --allow-unfinished, and then the report names their epoch. While a run is going,
 finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
 interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
 multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,
@@ -250,6 +255,8 @@ def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool)
 def base_fingerprint(name: str) -> str:
     """A cheap content fingerprint of a base model folder (config and sampled weights; see store)."""
     import model
+    if Path(name).is_file():  # a single-file model (GGUF)
+        return store.sampled_sha256([Path(name)])
     folder = model.resolve_model_dir(name)
     return store.sampled_sha256([folder / "config.json", *sorted(folder.glob("*.safetensors")),
                                  *sorted(folder.glob("*.gguf"))])

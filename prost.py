@@ -2,8 +2,11 @@
 
 Where this sits: agents.py records teacher trajectories; data.py cuts them into per-role, per-sub-task
 examples and orders them with the progressive schedule; this file runs the hand-written training loop and
-writes `ckpts/<role>/` (a PEFT-layout adapter recording its base model, plus train_log.jsonl and the
-state needed to resume), which agents.py and evaluate.py load back.
+writes `ckpts/<role>/` (a PEFT-layout adapter recording its base model, plus train_log.jsonl, the state
+needed to resume, run.json with what defines the run, and progress.json saying which epoch of how many the
+adapter is from), which agents.py and evaluate.py load back. The folder has one writer at a time, is
+checked before any work (a file, not writable, too little space for a checkpoint), and whenever a run
+is killed it holds a state `--resume` continues (store.py).
 
     python prost.py --model Qwen/Qwen2.5-1.5B --role planner --data trajectories/train.jsonl --out ckpts
     torchrun --nproc_per_node 8 prost.py ...           # data parallel (nccl on GPUs, gloo on CPUs)
