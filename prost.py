@@ -552,7 +552,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     check_config(cfg)
     cluster = start_cluster(cfg.device)
     try:
-        need = checkpoint_bytes(cfg) if cluster.is_main else 0
+        need = checkpoint_bytes(cfg)  # on every rank: a base that cannot be found stops them all
         with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
                                     first_error=lambda error: first_error(error, cluster)):
             return _train(cfg, cluster)
