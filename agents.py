@@ -1044,7 +1044,7 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
                 for record in records:
                     if tokenizer is not None:
                         count_tokens(record, tokenizer)
-                data.write_trajectories(out, records)  # one unit: a crash keeps both views or neither
+                data.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
         summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
                                      max_batch=max_batch, on_trajectory=keep, pool=pool,
