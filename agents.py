@@ -45,6 +45,7 @@ import zlib
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import torch
 
@@ -52,6 +53,7 @@ import data
 import lora
 import miniworld
 import model
+import store
 import world
 
 ROLES = ("planner", "executor", "critic", "single")
@@ -1021,28 +1023,51 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
             max_batch: int = 16, keep_failed: bool = False, limit: int | None = None,
             tokenizer=None, pool=None) -> CollectSummary:
     """Roll out the teacher on a split and append the trajectories (multi-agent and single-agent view)
-    of tasks that pass evaluation to `out`. Tasks already in `out` are skipped (resume)."""
-    task_ids = world.load_split(split, root=root)[:limit]  # the split's first `limit` tasks, run or not
-    done = data.completed_task_ids(out)
-    todo = [t for t in task_ids if t not in done]
-    summary = CollectSummary(skipped=len(task_ids) - len(todo))
-    multi = system.describe(budgets)
-    single = {**multi, "kind": "single", "teacher": f"{system.teacher} (single-agent view)",
-              "roles": {"single": multi["roles"]["executor"]}}
+    of tasks that pass evaluation to `out`, a task's two records in one write. Tasks already in `out`
+    are skipped (resume). One collection per file at a time (store.OutputLock)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give the trajectory file to write, e.g. {out / 'train.jsonl'}")
+    store.check_writable(out.parent)
+    with store.OutputLock(out, folder=False):
+        task_ids = world.load_split(split, root=root)[:limit]  # the split's first `limit` tasks, run or not
+        done = collected_task_ids(out)
+        todo = [t for t in task_ids if t not in done]
+        summary = CollectSummary(skipped=len(task_ids) - len(todo))
+        multi = system.describe(budgets)
+        single = {**multi, "kind": "single", "teacher": f"{system.teacher} (single-agent view)",
+                  "roles": {"single": multi["roles"]["executor"]}}
 
-    def keep(records: list[dict]) -> None:
-        passed = records[0]["evaluation"]["success"]
-        (summary.kept if passed else summary.failed).append(records[0]["task_id"])
-        if passed or keep_failed:
-            for record in records:
-                if tokenizer is not None:
-                    count_tokens(record, tokenizer)
-                data.write_trajectory(out, record)
+        def keep(records: list[dict]) -> None:
+            passed = records[0]["evaluation"]["success"]
+            (summary.kept if passed else summary.failed).append(records[0]["task_id"])
+            if passed or keep_failed:
+                for record in records:
+                    if tokenizer is not None:
+                        count_tokens(record, tokenizer)
+                data.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
-    summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
-                                 max_batch=max_batch, on_trajectory=keep, pool=pool,
-                                 rollout=lambda t: teacher_rollout(t, budgets, split, multi, single))
+        summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
+                                     max_batch=max_batch, on_trajectory=keep, pool=pool,
+                                     rollout=lambda t: teacher_rollout(t, budgets, split, multi, single))
     return summary
+
+
+def collected_task_ids(out: Path) -> set[str]:
+    """Tasks whose teacher records are all in `out` (the multi-agent rollout and its single-agent view).
+    A task with only one of them (its write was torn by a crash) loses that record here and runs again."""
+    if not out.exists():
+        return set()
+    kinds: dict[str, set[str]] = {}
+    for record in data.read_trajectories(out):
+        if record["system"].get("teacher") is not None:
+            kinds.setdefault(record["task_id"], set()).add(record["system"]["kind"])
+    partial = {t for t, k in kinds.items() if k != {"multi", "single"}}
+    if partial:
+        store.drop_lines(out, lambda r: isinstance(r, dict) and r.get("task_id") in partial)
+        print(f"{out}: {len(partial)} task(s) had only part of their records (an interrupted write); "
+              f"running them again: {', '.join(sorted(partial))}", file=sys.stderr)
+    return data.completed_task_ids(out)
 
 
 def run(system: System, split: str, out, budgets: Budgets, *, root=None, workers: int = 4,

@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from store import append_lines, parse_line
 
 SCHEMA_VERSION = 1
 ROLES = ("planner", "executor", "critic", "single")
@@ -170,58 +171,20 @@ def validate_trajectory(record) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Reading and appending trajectory files.
 
-def _parse_line(line: str):
-    """The JSON object on a line, or None if the line is not valid JSON."""
-    try:
-        return json.loads(line)
-    except json.JSONDecodeError:
-        return None
-
-
-def repair_torn_tail(path: str | Path) -> int:
-    """Make the file end on a complete line before appending; return the bytes dropped.
-
-    A crash in the middle of a write leaves a last line without its newline. If that tail still parses
-    as a JSON object it was complete and only gets its newline back; otherwise it is cut off.
-    """
-    path = Path(path)
-    if not path.exists() or path.stat().st_size == 0:
-        return 0
-    with open(path, "rb+") as f:
-        data = f.read()
-        if data.endswith(b"\n"):
-            return 0
-        start = data.rfind(b"\n") + 1  # 0 when the torn line is the only one
-        tail = data[start:]
-        if isinstance(_parse_line(tail.decode("utf-8", errors="replace")), dict):
-            f.write(b"\n")
-            dropped = 0
-        else:
-            f.truncate(start)
-            dropped = len(tail)
-        f.flush()
-        os.fsync(f.fileno())
-    return dropped
-
-
 def write_trajectory(path: str | Path, record: dict) -> None:
-    """Validate a record and append it as one line, durably (flush + fsync) so a crashed collection can
-    resume: a torn last line left by an earlier crash is repaired first."""
-    try:
-        validate_trajectory(record)
-    except ValueError as e:
-        raise ValueError(f"trajectory for task {record.get('task_id', '?')!r} is malformed: {e}") from None
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    dropped = repair_torn_tail(path)
-    if dropped:
-        print(f"{path}: dropped a torn last line ({dropped} bytes) left by an interrupted write",
-              file=sys.stderr)
-    line = json.dumps(record, ensure_ascii=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)  # one write of a whole line: a crash can only tear the end of the file
-        f.flush()
-        os.fsync(f.fileno())
+    """Validate a record and append it as one line, durably (see write_trajectories)."""
+    write_trajectories(path, [record])
+
+
+def write_trajectories(path: str | Path, records: list[dict]) -> None:
+    """Validate records and append them in one durable write (store.append_lines: flush + fsync, a torn
+    last line left by an earlier crash repaired first), so a crashed collection can resume."""
+    for record in records:
+        try:
+            validate_trajectory(record)
+        except ValueError as e:
+            raise ValueError(f"trajectory for task {record.get('task_id', '?')!r} is malformed: {e}") from None
+    append_lines(path, records)
 
 
 def read_trajectories(path: str | Path) -> list[dict]:
@@ -240,7 +203,7 @@ def read_trajectories(path: str | Path) -> list[dict]:
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        record = _parse_line(line)
+        record = parse_line(line)
         is_torn_tail = number == len(lines) and not text.endswith("\n")
         if record is None and is_torn_tail:
             print(f"{path}:{number}: skipping a torn last line (an interrupted write)", file=sys.stderr)

@@ -16,11 +16,16 @@ judge every task, and turns the trajectories into the paper's measurements:
     python evaluate.py --model Qwen/Qwen2.5-1.5B --split dev    # untrained base model in every role
     python evaluate.py --gold --split dev                       # replay of the mini-world's gold solutions
     python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
+                                                                # (runs must share split, --limit, budgets)
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
 `results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
-written atomically; `run.json` records the system and split the folder belongs to. While a run is going,
+written atomically (store.py). One evaluation writes a folder at a time (a second is refused, naming the
+first). `run.json` records what the trajectories depend on: split, world, each role's base model (name and
+content fingerprint) and adapter (content hash), the weight dtype and the budgets; a different system in the
+same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs are refused
+unless --allow-unfinished, and then the report names their epoch. While a run is going,
 finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
 interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
 multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,
@@ -45,7 +50,8 @@ from pathlib import Path
 import agents
 import data
 import world
-from model import atomic_write
+import store
+from store import atomic_write
 
 MULTI_ROLES = ("planner", "executor", "critic")
 ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a trained role (lora.py's PEFT layout)
@@ -214,28 +220,93 @@ def rank_dtype(dtype: str, device: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The output folder: identity, finished tasks, durable parts, atomic final files.
+# The output folder: lock, identity, finished tasks, durable parts, atomic final files.
 
-def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path) -> dict:
-    """What a folder's trajectories depend on; a resume with anything else would mix two systems."""
-    return {"split": split, "root": str(root), "system": system.describe(budgets)}
+def adapter_provenance(folder: str, role: str, allow_unfinished: bool) -> dict:
+    """The adapter's content hash and how far the prost.py run that wrote it got. An adapter of an
+    unfinished run (stopped early, diverged, or its files changed after the run's last checkpoint) is
+    refused unless `allow_unfinished`; a folder without a training record (a PEFT adapter made elsewhere)
+    is taken as it is."""
+    import lora
+    if not (Path(folder) / lora.ADAPTER_WEIGHTS).is_file():
+        raise FileNotFoundError(f"the {role}'s adapter folder {folder} has no {lora.ADAPTER_WEIGHTS}")
+    sha = store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
+    progress = store.read_progress(folder)
+    if progress is None:
+        return {"sha256": sha, "training": None, "unfinished": None}
+    epoch, epochs = progress["epoch"], progress["epochs"]
+    unfinished = None
+    if progress["adapter_sha256"] != sha:
+        unfinished = (f"its files are not those of the run's last checkpoint (epoch {epoch} of {epochs}): a "
+                      "checkpoint write was interrupted")
+    elif not progress["finished"]:
+        unfinished = f"its training run stopped after epoch {epoch} of {epochs}" + (
+            f" ({progress['stopped']})" if progress.get("stopped") else "")
+    if unfinished and not allow_unfinished:
+        raise ValueError(f"the {role}'s adapter {folder} is from an unfinished training run: {unfinished}; finish "
+                         "it with `prost.py ... --resume`, or pass --allow-unfinished to evaluate it anyway")
+    return {"sha256": sha, "training": {"epoch": epoch, "epochs": epochs}, "unfinished": unfinished}
 
 
-def claim_folder(out: Path, identity: dict, ranks: Ranks) -> None:
-    """Record the run's identity in OUT/run.json, or check that an existing folder holds the same run."""
-    path = out / RUN_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        if saved != identity:
-            changed = [k for k in ("split", "root", "system") if saved.get(k) != identity.get(k)]
-            raise ValueError(f"{out} holds the evaluation of another run (different {', '.join(changed)}); "
-                             "choose another --out or remove that folder")
-    elif out.exists() and any(p.name != PARTS for p in out.iterdir()):
-        raise ValueError(f"{out} is not empty and holds no evaluation; choose another --out")
+def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool) -> dict[str, dict]:
+    return {role: adapter_provenance(folder, role, allow_unfinished) for role, folder in adapters.items() if folder}
+
+
+def base_fingerprint(name: str) -> str:
+    """A cheap content fingerprint of a base model folder (config and sampled weights; see store)."""
+    import model
+    if Path(name).is_file():  # a single-file model (GGUF)
+        return store.sampled_sha256([Path(name)])
+    folder = model.resolve_model_dir(name)
+    return store.sampled_sha256([folder / "config.json", *sorted(folder.glob("*.safetensors")),
+                                 *sorted(folder.glob("*.gguf"))])
+
+
+def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path,
+                 provenance: dict[str, dict]) -> dict:
+    """What a folder's trajectories depend on: the split and world, the system (each role's base model by name
+    and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
+    anything else would mix two systems. Not included: --limit (a task's trajectory does not depend on it;
+    results.json records it) and --workers / --max-batch."""
+    loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "model")}
+    return {"split": split, "root": str(root), "system": system.describe(budgets),
+            "adapters": {role: p["sha256"] for role, p in provenance.items()},
+            "bases": {e.name: base_fingerprint(e.name) for e in loaded.values()},
+            "dtype": {role: str(next(e.model.parameters()).dtype).removeprefix("torch.")
+                      for role, e in loaded.items()}}
+
+
+def folder_lock(out: Path, ranks: Ranks):
+    """OUT checked and locked by rank 0 for the whole run (re-entrant); every rank fails if it cannot be."""
+    return store.exclusive_output(out, is_main=ranks.is_main,
+                                  first_error=lambda e: next((x for x in gather(ranks, e) if x), None))
+
+
+OUTPUTS = (TRAJECTORIES, RESULTS, REPORT, TIMINGS, RUN_FILE)
+
+
+def claim_folder(out: Path, identity: dict, ranks: Ranks, overwrite: bool = False) -> None:
+    """Record the run's identity in OUT/run.json, or check that an existing folder holds the same run.
+    With `overwrite`, an earlier evaluation in the folder is discarded and this one starts from scratch."""
+    saved = store.read_identity(out)
+    foreign = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, PARTS) and not store.bookkeeping(p)] \
+        if out.is_dir() else []
+    if foreign and saved is None:
+        raise ValueError(f"{out} is not empty and holds no evaluation ({', '.join(sorted(foreign)[:3])}); "
+                         "choose another --out")
+    if saved is not None and not overwrite:
+        store.check_identity(out, saved, identity, "use a new --out, or pass --overwrite to replace that "
+                             "evaluation")
     barrier(ranks)  # every rank has checked before rank 0 writes
-    if ranks.is_main and not path.is_file():
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, json.dumps(identity, indent=2) + "\n")
+    if ranks.is_main:
+        if overwrite:
+            for name in OUTPUTS:
+                (out / name).unlink(missing_ok=True)
+            for part in (out / PARTS).glob("*") if (out / PARTS).is_dir() else []:
+                part.unlink()
+        if store.read_identity(out) is None:
+            store.write_identity(out, identity)
+    barrier(ranks)
 
 
 def part_paths(out: Path) -> list[Path]:
@@ -262,21 +333,10 @@ def finished_timings(out: Path) -> dict[str, float]:
     for path in [out / TIMINGS, *(timing_path(p) for p in part_paths(out))]:
         if path.is_file():
             for line in path.read_text(encoding="utf-8").splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a torn last line from a crash
-                timings[row["task_id"]] = row["wall_seconds"]
+                row = store.parse_line(line)
+                if row is not None:  # None: a torn last line from a crash
+                    timings[row["task_id"]] = row["wall_seconds"]
     return timings
-
-
-def append_line(path: Path, obj: dict) -> None:
-    """Append one JSON line durably; a torn line left by a crash is ended first, so only it is lost."""
-    torn = path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n")
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(("\n" if torn else "") + json.dumps(obj) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -309,7 +369,7 @@ def roll_out_shard(task_ids: list[str], system: agents.System, budgets: agents.B
 
     def keep(record: dict) -> None:
         task_id = record["task_id"]
-        append_line(timing_path(part), {"task_id": task_id, "wall_seconds": round(timings[task_id], 4)})
+        store.append_lines(timing_path(part), [{"task_id": task_id, "wall_seconds": round(timings[task_id], 4)}])
         data.write_trajectory(part, record)
         finished.append(task_id)
         if progress:
@@ -467,6 +527,8 @@ class EvalConfig:
     limit: int | None = None
     stop_after: int | None = None  # stop after this many finished tasks, as if interrupted
     quiet: bool = False
+    overwrite: bool = False  # discard an earlier evaluation in `out` (of this or another system)
+    allow_unfinished: bool = False  # evaluate adapters of unfinished training runs (the report says so)
 
 
 def split_tasks(split: str, root, limit: int | None) -> list[str]:
@@ -487,34 +549,39 @@ def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *,
     root = Path(cfg.root or world.world_root()).resolve()
     task_ids = split_tasks(cfg.split, root, cfg.limit)
     out = Path(cfg.out)
-    claim_folder(out, run_identity(system, budgets, cfg.split, root), ranks)
-    done = finished_records(out)
-    barrier(ranks)  # every rank has read the same finished set before anyone appends to it
-    todo = [t for t in task_ids if t not in done]
-    mine = todo[ranks.rank::ranks.world]
-    log = (lambda *a: None) if cfg.quiet or not ranks.is_main else print
-    log(f"{cfg.split}: {len(task_ids)} tasks, {len(task_ids) - len(todo)} already evaluated in {out}, "
-        f"{len(todo)} to run" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
-    progress = None if cfg.quiet else (lambda i, n, r: log(
-        f"  [{i}/{n}] {r['task_id']}: {'pass' if passed(r) else 'fail'}"))
-    stats, stopped = agents.RunStats(), None
-    try:
-        stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{ranks.rank}.jsonl",
-                               workers=cfg.workers, max_batch=cfg.max_batch, pool=pool, stop_after=cfg.stop_after,
-                               progress=progress)
-    except StopEvaluation as e:
-        stopped = str(e)
-    all_stats = gather(ranks, stats)
-    stops = [s for s in gather(ranks, stopped) if s]
-    barrier(ranks)
-    if not ranks.is_main:
-        return None
-    if stops:
-        raise StopEvaluation(f"{stops[0]}; rerun the same command to resume")
-    return finish(out, task_ids, cfg, system.describe(budgets), all_stats, root)
+    adapters = {role: b.adapter_path for role, b in system.roles.items()}
+    provenance = adapters_provenance(adapters, cfg.allow_unfinished)
+    identity = run_identity(system, budgets, cfg.split, root, provenance)
+    with folder_lock(out, ranks):
+        claim_folder(out, identity, ranks, cfg.overwrite)
+        done = finished_records(out)
+        barrier(ranks)  # every rank has read the same finished set before anyone appends to it
+        todo = [t for t in task_ids if t not in done]
+        mine = todo[ranks.rank::ranks.world]
+        log = (lambda *a: None) if cfg.quiet or not ranks.is_main else print
+        log(f"{cfg.split}: {len(task_ids)} tasks, {len(task_ids) - len(todo)} already evaluated in {out}, "
+            f"{len(todo)} to run" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
+        progress = None if cfg.quiet else (lambda i, n, r: log(
+            f"  [{i}/{n}] {r['task_id']}: {'pass' if passed(r) else 'fail'}"))
+        stats, stopped = agents.RunStats(), None
+        try:
+            stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{ranks.rank}.jsonl",
+                                   workers=cfg.workers, max_batch=cfg.max_batch, pool=pool, stop_after=cfg.stop_after,
+                                   progress=progress)
+        except StopEvaluation as e:
+            stopped = str(e)
+        all_stats = gather(ranks, stats)
+        stops = [s for s in gather(ranks, stopped) if s]
+        barrier(ranks)
+        if not ranks.is_main:
+            return None
+        if stops:
+            raise StopEvaluation(f"{stops[0]}; rerun the same command to resume")
+        return finish(out, task_ids, cfg, system.describe(budgets), all_stats, root, provenance)
 
 
-def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats: list, root: Path) -> dict:
+def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats: list, root: Path,
+           provenance: dict[str, dict]) -> dict:
     """Merge the parts into trajectories.jsonl (split order), compute the metrics, write results and report."""
     found = finished_records(out)
     missing = [t for t in task_ids if t not in found]
@@ -534,8 +601,8 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
         (out / PARTS).rmdir()
     difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
-    results = {"name": cfg.name or out.name, "split": cfg.split, "root": str(root),
-               "system": system,
+    results = {"name": cfg.name or out.name, "split": cfg.split, "limit": cfg.limit, "root": str(root),
+               "system": system, "adapters": provenance,
                "metrics": compute_metrics(records, difficulty),
                "timing": timing_summary(records, timings, stats),
                "tasks": task_rows(records, difficulty, timings)}
@@ -570,15 +637,29 @@ def error_text(cell: dict | None) -> str:
     return f"{cell['errors']}/{cell['n']}" + (f" ({cell['rate']:.0f}%)" if cell["n"] else "")
 
 
+def training_text(provenance: dict | None) -> str:
+    if not provenance:
+        return "-"
+    if provenance["training"] is None:
+        return "not by prost.py"
+    t = provenance["training"]
+    return f"epoch {t['epoch']} of {t['epochs']}" + (" **(unfinished)**" if provenance["unfinished"] else "")
+
+
 def markdown_report(results: dict) -> str:
     m, t = results["metrics"], results["timing"]
     system = results["system"]
     lines = [f"# Evaluation: {results['name']}", "",
              f"Split `{results['split']}` of the world at `{results['root']}`; system kind `{system['kind']}`"
              + (f" (teacher `{system['teacher']}`)" if system.get("teacher") else "") + ".", ""]
-    lines += markdown_table(["role", "model", "adapter"],
-                            [[role, f"`{b['model']}`", f"`{b['adapter']}`" if b["adapter"] else "(base)"]
-                             for role, b in system["roles"].items()])
+    adapters = results.get("adapters", {})
+    lines += markdown_table(["role", "model", "adapter", "adapter sha256", "trained"],
+                            [[role, f"`{b['model']}`", f"`{b['adapter']}`" if b["adapter"] else "(base)",
+                              f"`{adapters[role]['sha256'][:12]}`" if role in adapters else "-",
+                              training_text(adapters.get(role))] for role, b in system["roles"].items()])
+    unfinished = [f"the {role}'s ({p['unfinished']})" for role, p in adapters.items() if p["unfinished"]]
+    if unfinished:
+        lines += ["", f"**Unfinished training** (evaluated with --allow-unfinished): {'; '.join(unfinished)}."]
     lines += ["", "## Effectiveness", "",
               f"- **TGC {m['tgc']:.1f}** ({m['passed']}/{m['tasks']} tasks pass every evaluation test)",
               f"- **SGC {m['sgc']:.1f}** ({m['scenarios_passed']}/{m['scenarios']} scenarios with all tasks passing)",
@@ -704,6 +785,25 @@ def load_results(paths: list[str]) -> list[dict]:
     return results
 
 
+# What must be equal for two runs to share a Pareto table: the tasks they were scored on and the budgets they
+# ran under (a larger --max-new-tokens buys TGC with FLOPs; that is a different operating point, not a
+# better system).
+COMPARED = {"split": lambda r: r.get("split"), "limit": lambda r: r.get("limit"),
+            "budgets": lambda r: (r.get("system") or {}).get("budgets"),
+            "tasks": lambda r: [t["task_id"] for t in r["tasks"]] if "tasks" in r else None}
+
+
+def check_comparable(results: list[dict], paths: list[str]) -> None:
+    """Refuse runs with different splits, limits, budgets or task lists, naming the first field that differs."""
+    for field, value in COMPARED.items():
+        first = value(results[0])
+        for r, path in zip(results[1:], paths[1:]):
+            if value(r) != first:
+                what = "the task ids" if field == "tasks" else f"{json.dumps(first)} vs {json.dumps(value(r))}"
+                raise ValueError(f"{paths[0]} and {path} differ in {field} ({what}); a Pareto table compares "
+                                 "systems on the same split, --limit and budgets")
+
+
 def pareto_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
                                 "evaluations, Pareto-optimal systems marked; seeds of one system (names ending "
@@ -717,10 +817,11 @@ def pareto_main(argv: list[str]) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    splits = sorted({str(r.get("split")) for r in results})
-    if len(splits) > 1:
-        print(f"note: these results come from different splits ({', '.join(splits)}); compare systems on one split",
-              file=sys.stderr)
+    try:
+        check_comparable(results, args.results)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     rows = pareto_rows(results)
     print(pareto_table(rows), end="")
     plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
@@ -763,6 +864,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weight dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    p.add_argument("--overwrite", action="store_true", help="discard the evaluation already in --out (of this "
+                   "or another system) and start from scratch; without it a changed system is refused")
+    p.add_argument("--allow-unfinished", action="store_true", help="evaluate adapters whose training run did not "
+                   "finish (stopped early or diverged); the report names their epoch")
     defaults = agents.Budgets()
     for f in fields(agents.Budgets):
         p.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int, default=getattr(defaults, f.name),
@@ -770,15 +875,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def system_from_args(args) -> tuple[agents.System, str]:
-    """(the loaded system, its default name)."""
+def planned_system(args) -> tuple[SystemSpec | None, str]:
+    """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
+    an unfinished training run is refused here, before any model loads."""
     if args.gold:
         if args.agents or args.single or args.model:
             raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
-        return gold_system(args.root), "gold"
+        return None, "gold"
     spec = system_spec(args.agents, args.single, args.model, args.kind)
+    adapters_provenance(spec.adapters, args.allow_unfinished)
+    return spec, spec.label
+
+
+def load_planned(spec: SystemSpec | None, args) -> agents.System:
+    if spec is None:
+        return gold_system(args.root)
     device = rank_device(args.device)
-    return load_system(spec, device, rank_dtype(args.dtype, device)), spec.label
+    return load_system(spec, device, rank_dtype(args.dtype, device))
 
 
 def summary_line(results: dict) -> str:
@@ -797,19 +910,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         budgets = agents.budgets_from(args)
         split_tasks(args.split, args.root, args.limit)  # an unknown split fails before any model loads
-        system, label = system_from_args(args)
+        spec, label = planned_system(args)
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
-                         stop_after=args.stop_after, quiet=args.quiet)
-        results = evaluate(system, budgets, cfg, ranks=ranks)
+                         stop_after=args.stop_after, quiet=args.quiet, overwrite=args.overwrite,
+                         allow_unfinished=args.allow_unfinished)
+        with folder_lock(Path(cfg.out), ranks):  # a folder in use is refused before any model loads
+            results = evaluate(load_planned(spec, args), budgets, cfg, ranks=ranks)
         if results is not None:
             print(summary_line(results))
             print(f"wrote {Path(cfg.out) / RESULTS}, {Path(cfg.out) / REPORT}, {Path(cfg.out) / TRAJECTORIES}")
     except StopEvaluation as e:
         print(str(e), file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk or a vanished folder mid-run
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

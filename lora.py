@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, atomic_write, resolve_model_dir, save_pretrained
+from model import ModelConfig, Transformer, resolve_model_dir, save_pretrained
+from store import atomic_write
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -449,6 +450,7 @@ def _read_adapter_tensors(in_dir: Path, r: int) -> dict[str, tuple[torch.Tensor,
         raw = load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
+    check_finite(raw, str(path))
     halves: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in raw.items():
         m = PEFT_KEY.match(key)
@@ -467,6 +469,16 @@ def _read_adapter_tensors(in_dir: Path, r: int) -> dict[str, tuple[torch.Tensor,
     if not pairs:
         raise ValueError(f"{path} holds no LoRA tensors")
     return pairs
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Refuse weights holding NaN or inf (a diverged or corrupted run): loaded, they would silently turn
+    every output of the role into garbage."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{where}: tensor {key} holds {bad} non-finite value(s) (NaN or inf); this adapter "
+                             "is unusable: retrain it or resume from an earlier checkpoint")
 
 
 def _check_shapes(model: nn.Module, pairs: dict, in_dir: Path) -> None:

@@ -2,8 +2,8 @@
 
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
-`Tokenizer.chat` and decoded with this file's greedy `generate`. Nothing here imports another prost file except
-gguf_io.py (its GGUF reader, imported lazily when a .gguf file is loaded).
+`Tokenizer.chat` and decoded with this file's greedy `generate`. The only prost files it imports are store.py
+(stdlib only, for atomic file writes) and gguf_io.py (its GGUF reader, imported lazily when a .gguf file is loaded).
 
 What is here, top to bottom:
   1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from store import atomic_write  # stdlib-only leaf: the one place files are written atomically
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -48,6 +48,11 @@ from torch import nn
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 ROPE_TYPES = ("default", "llama3")
+# Every number the network uses, by the check it must pass (ModelConfig.validate).
+POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "max_position_embeddings")
+POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
+FLAGS = ("attention_bias", "mlp_bias", "tie_word_embeddings")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -62,7 +67,7 @@ class ModelConfig:
     num_hidden_layers: int
     num_attention_heads: int
     num_key_value_heads: int
-    head_dim: int
+    head_dim: int | None  # None: hidden_size / num_attention_heads
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # None, or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
@@ -74,6 +79,45 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every value the network uses, so that a bad config fails here with the field's name rather
+        than as a shape error deep in the model, or (zero theta, negative eps) as silently wrong numbers."""
+        for name in POSITIVE_INTS:
+            _check_positive_int(name, getattr(self, name))
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
+                                 f"({self.num_attention_heads}), or give head_dim")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _check_positive_int("head_dim", self.head_dim)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even, since RoPE rotates pairs of dimensions (got {self.head_dim})")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
+        for name in POSITIVE_FLOATS:
+            setattr(self, name, _positive_float(name, getattr(self, name)))
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false (got {_shown(getattr(self, name))})")
+        if self.rope_scaling is not None:
+            s = self.rope_scaling
+            for key in ("factor", "low_freq_factor", "high_freq_factor"):
+                s[key] = _positive_float(f"rope_scaling.{key}", s.get(key))
+            _check_positive_int("rope_scaling.original_max_position_embeddings",
+                                s.get("original_max_position_embeddings"))
+            if s["high_freq_factor"] <= s["low_freq_factor"]:
+                raise ValueError(f"rope_scaling.high_freq_factor ({s['high_freq_factor']}) must exceed "
+                                 f"low_freq_factor ({s['low_freq_factor']})")
+        for name in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [] if value is None else [value]
+            if not all(_is_int(i) and 0 <= i for i in ids):
+                raise ValueError(f"{name} must be a token id, a list of them, or null (got {_shown(value)})")
+
     @classmethod
     def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
         """Parse a HF config: a dict, a config.json path, or a model folder containing config.json."""
@@ -84,7 +128,13 @@ class ModelConfig:
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
                 raise FileNotFoundError(f"no config.json at {path}: a model folder needs config.json + *.safetensors")
-            hf, where = json.loads(path.read_text()), str(path)
+            where = str(path)
+            try:
+                hf = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{where} is not valid JSON ({e})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{where} must hold a JSON object of config fields (got {type(hf).__name__})")
         model_type = hf.get("model_type")
         if model_type not in ARCHITECTURES:
             raise ValueError(f"unsupported model_type {model_type!r} in {where}; supported: "
@@ -99,27 +149,30 @@ class ModelConfig:
         theta, scaling = _read_rope(hf, where)
         n_heads = hf["num_attention_heads"]
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=n_heads,
-            num_key_value_heads=hf.get("num_key_value_heads") or n_heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=theta,
-            rope_scaling=scaling,
-            # transformers' Qwen2 hard-wires q/k/v bias; Llama reads the flag
-            attention_bias=True if model_type == "qwen2" else bool(hf.get("attention_bias", False)),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            max_position_embeddings=hf.get("max_position_embeddings", 32768),
-            torch_dtype=dtype if dtype in DTYPES else "float32",
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=hf.get("eos_token_id"),
-        )
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=hf["vocab_size"],
+                hidden_size=hf["hidden_size"],
+                intermediate_size=hf["intermediate_size"],
+                num_hidden_layers=hf["num_hidden_layers"],
+                num_attention_heads=n_heads,
+                num_key_value_heads=n_heads if hf.get("num_key_value_heads") is None else hf["num_key_value_heads"],
+                head_dim=hf.get("head_dim"),
+                rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+                rope_theta=theta,
+                rope_scaling=scaling,
+                # transformers' Qwen2 hard-wires q/k/v bias; Llama reads the flag
+                attention_bias=True if model_type == "qwen2" else hf.get("attention_bias", False),
+                mlp_bias=hf.get("mlp_bias", False),
+                tie_word_embeddings=hf.get("tie_word_embeddings", False),
+                max_position_embeddings=hf.get("max_position_embeddings", 32768),
+                torch_dtype=dtype if isinstance(dtype, str) and dtype in DTYPES else "float32",
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+            )
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
 
     def to_hf(self) -> dict:
         """The config.json dict for this config (readable by transformers 4.x and 5.x)."""
@@ -134,7 +187,7 @@ def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either the classic fields or transformers 5's `rope_parameters` dict."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or params)
-    theta = float(hf.get("rope_theta", params.get("rope_theta", 10000.0)))
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))  # checked by ModelConfig.validate
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type not in ROPE_TYPES:
         raise ValueError(f"unsupported RoPE type {rope_type!r} in {where}; supported: {', '.join(ROPE_TYPES)}")
@@ -145,12 +198,35 @@ def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
         raise ValueError(f"llama3 rope scaling in {where} lacks {', '.join(need)}")
     return theta, {
         "rope_type": "llama3",
-        "factor": float(scaling["factor"]),
-        "low_freq_factor": float(scaling["low_freq_factor"]),
-        "high_freq_factor": float(scaling["high_freq_factor"]),
-        "original_max_position_embeddings": int(scaling.get("original_max_position_embeddings")
-                                                or hf.get("max_position_embeddings", 8192)),
+        "factor": scaling["factor"],
+        "low_freq_factor": scaling["low_freq_factor"],
+        "high_freq_factor": scaling["high_freq_factor"],
+        "original_max_position_embeddings": scaling.get("original_max_position_embeddings")
+                                            or hf.get("max_position_embeddings", 8192),
     }
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
+
+
+def _shown(value) -> str:
+    """A config value as it reads in config.json (null, "192", ...)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"{name} must be a positive integer (got {_shown(value)})")
+
+
+def _positive_float(name: str, value) -> float:
+    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite positive number (got {_shown(value)})")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -529,29 +605,6 @@ def _read_tensor(f, path: Path, name: str, info: dict, data_start: int) -> torch
     if f.readinto(raw.numpy()) != end - begin:
         raise ValueError(f"{path} is truncated: tensor {name} is cut short; re-download or re-save it")
     return raw.view(dtype).reshape(info["shape"])
-
-
-def atomic_write(path: str | Path, content) -> None:
-    """Write `content` (str, bytes, or a function called with a temp file's path) to a temp file beside
-    `path`, flush it to disk, then rename it over `path`: readers, and a run resumed after a crash, see the
-    old file or the new one, never half of one. Every checkpoint, adapter and result file goes through here."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if isinstance(content, str):
-            Path(tmp).write_text(content, encoding="utf-8")
-        elif isinstance(content, bytes):
-            Path(tmp).write_bytes(content)
-        else:
-            content(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_pretrained(model: Transformer, out_dir: str | Path) -> None:

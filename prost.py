@@ -2,8 +2,11 @@
 
 Where this sits: agents.py records teacher trajectories; data.py cuts them into per-role, per-sub-task
 examples and orders them with the progressive schedule; this file runs the hand-written training loop and
-writes `ckpts/<role>/` (a PEFT-layout adapter recording its base model, plus train_log.jsonl and the
-state needed to resume), which agents.py and evaluate.py load back.
+writes `ckpts/<role>/` (a PEFT-layout adapter recording its base model, plus train_log.jsonl, the state
+needed to resume, run.json with what defines the run, and progress.json saying which epoch of how many the
+adapter is from), which agents.py and evaluate.py load back. The folder has one writer at a time, is
+checked before any work (a file, not writable, too little space for a checkpoint), and whenever a run
+is killed it holds a state `--resume` continues (store.py).
 
     python prost.py --model Qwen/Qwen2.5-1.5B --role planner --data trajectories/train.jsonl --out ckpts
     torchrun --nproc_per_node 8 prost.py ...           # data parallel (nccl on GPUs, gloo on CPUs)
@@ -38,12 +41,14 @@ import torch.nn.functional as F
 
 import data
 import lora
-from model import Tokenizer, Transformer, atomic_write, flops_per_token
+import store
+from model import ModelConfig, Tokenizer, Transformer, flops_per_token, resolve_model_dir
+from store import atomic_write
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
-RUN_FILE = "run.json"
+RUN_FILE = store.IDENTITY_FILE
 # Dense bf16 peak of common training GPUs, for MFU (override with --peak-tflops).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -167,14 +172,6 @@ def collect_default_data(cluster: Cluster) -> Path:
     if cluster.world > 1:
         dist.barrier()
     return DEFAULT_DATA
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def examples_fingerprint(examples: list[data.Example]) -> str:
@@ -386,36 +383,29 @@ def run_identity(cfg: TrainConfig, epochs: int, data_sha256: str, world: int) ->
     return identity
 
 
-def describe_differences(saved: dict, identity: dict) -> str:
-    differences = [f"{k}: {saved.get(k)!r} there vs {identity.get(k)!r} now"
-                   for k in sorted(set(saved) | set(identity)) if saved.get(k) != identity.get(k)]
-    return "; ".join(differences[:4])
-
-
 def read_checkpoint(out_dir: Path, identity: dict, resume: bool) -> dict | None:
     """The saved state to resume from, or None for a fresh run; refuses to mix runs in one folder.
 
-    A folder holding only files of this run but no state (a crash during the first checkpoint) starts over."""
+    A folder holding only files of this run but no state (a crash before or during the first checkpoint)
+    starts over; temp files of an interrupted write are not the run's and were cleaned when it was locked."""
+    fix = "choose another --out or remove that folder"
     state_path = out_dir / STATE_FILE
     if state_path.exists():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state["run"] != identity:
-            raise ValueError(f"{out_dir} holds a different run ({describe_differences(state['run'], identity)}); "
-                             f"choose another --out or remove that folder")
+        store.check_identity(out_dir, state["run"], identity, fix)
         if not resume:
             raise ValueError(f"{out_dir} already holds this run (epoch {state['epoch']} of "
                              f"{identity['epochs']} done); pass --resume to continue it, or choose another --out")
+        lora.check_finite(state["adapter"], str(state_path))
         return state
     if not out_dir.exists():
         return None
-    ours = {RUN_FILE, LOG_FILE, lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS}
-    if any(p.name.removesuffix(".tmp") not in ours | {STATE_FILE} for p in out_dir.iterdir()):
+    ours = {RUN_FILE, LOG_FILE, store.PROGRESS_FILE, lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS}
+    if any(p.name not in ours and not store.bookkeeping(p) for p in out_dir.iterdir()):
         raise ValueError(f"{out_dir} is not empty and holds no prost run; choose another --out")
-    if (out_dir / RUN_FILE).exists():
-        saved = json.loads((out_dir / RUN_FILE).read_text())
-        if saved != identity:
-            raise ValueError(f"{out_dir} holds a different run ({describe_differences(saved, identity)}); "
-                             f"choose another --out or remove that folder")
+    saved = store.read_identity(out_dir)
+    if saved is not None:
+        store.check_identity(out_dir, saved, identity, fix)
     return None
 
 
@@ -438,17 +428,24 @@ def restore_rng(states: list[dict], cluster: Cluster) -> None:
         torch.cuda.set_rng_state(mine["cuda"], cluster.device)
 
 
-def save_checkpoint(out_dir: Path, model, optimizer, state: dict) -> None:
-    """Adapter files first (PEFT layout, for agents.py), then the state file, which is the commit point:
-    it also holds the adapter tensors, so a crash between the two writes resumes consistently. The log is
-    rewritten from the state's history, so it never runs ahead of the checkpoint."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lora.save_adapter(model, out_dir, ADAPTER)
-    atomic_write(out_dir / RUN_FILE, json.dumps(state["run"], indent=2))
+def save_checkpoint(out_dir: Path, model, optimizer, state: dict, stopped: str | None = None) -> None:
+    """The state file first: it is the commit point, holding the adapter tensors, the optimizer and the
+    position in the run, so a crash at any later moment resumes from it. Then the log (rewritten from the
+    state's history, so it never runs ahead of the checkpoint) and the published adapter."""
     state = dict(state, optimizer=optimizer.state_dict(),
                  adapter={n: p.detach().cpu() for n, p in trainable_parameters(model).items()})
     atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
     write_log(out_dir, state["history"])
+    publish_adapter(out_dir, model, state["epoch"], state["run"]["epochs"], stopped)
+
+
+def publish_adapter(out_dir: Path, model, epoch: int, epochs: int, stopped: str | None = None) -> None:
+    """The adapter in PEFT layout (what agents.py and evaluate.py load), then progress.json tying its content
+    hash to the epoch it is from. Until progress.json is written, the hashes differ and evaluate.py knows the
+    adapter files are not (yet) those of a checkpoint."""
+    lora.save_adapter(model, out_dir, ADAPTER)
+    store.write_progress(out_dir, epoch=epoch, epochs=epochs, stopped=stopped,
+                         adapter_sha256=store.files_sha256(out_dir, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS]))
 
 
 def write_log(out_dir: Path, history: list[dict]) -> None:
@@ -536,6 +533,8 @@ def describe_epoch(record: dict, epochs: int) -> str:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    if cfg.role not in data.ROLES:
+        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
     positive = ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -548,13 +547,34 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) training as configured; returns the per-epoch log records."""
+    """Run (or resume) training as configured; returns the per-epoch log records. OUT/ROLE is checked
+    (a file, not writable, too little space for a checkpoint) and locked against a second run before any
+    data is read."""
     check_config(cfg)
     cluster = start_cluster(cfg.device)
     try:
-        return _train(cfg, cluster)
+        need = checkpoint_bytes(cfg)  # on every rank: a base that cannot be found stops them all
+        with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
+                                    first_error=lambda error: first_error(error, cluster)):
+            return _train(cfg, cluster)
     finally:
         stop_cluster(cluster)
+
+
+def first_error(error: str | None, cluster: Cluster) -> str | None:
+    """The first rank's error message, on every rank (so all stop together)."""
+    if cluster.world == 1:
+        return error
+    errors = [None] * cluster.world
+    dist.all_gather_object(errors, error)
+    return next((e for e in errors if e), None)
+
+
+def checkpoint_bytes(cfg: TrainConfig) -> int:
+    """About what one checkpoint takes on disk: the fp32 adapter in the PEFT file and again in the state
+    file, AdamW's two fp32 moments, and 1 MiB for the log, RNG states and JSON files."""
+    config = ModelConfig.from_hf(resolve_model_dir(cfg.model))
+    return 4 * 4 * lora.count_adapter_parameters(config, cfg.lora_r) + (1 << 20)
 
 
 @dataclass
@@ -569,8 +589,6 @@ class RoleData:
 
 
 def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
-    if cfg.role not in data.ROLES:
-        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
     path = Path(cfg.data) if cfg.data else collect_default_data(cluster)
     tokenizer = Tokenizer.from_pretrained(cfg.model)
     examples = load_role_examples(path, cfg.role, tokenizer, cfg.max_seq_len, log)
@@ -598,7 +616,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     examples, dev, epochs, pad_id = role_data.examples, role_data.dev, role_data.epochs, role_data.tokenizer.pad_id
 
     out_dir = Path(cfg.out) / cfg.role
-    identity = run_identity(cfg, epochs, file_sha256(role_data.path), cluster.world)
+    identity = run_identity(cfg, epochs, store.file_sha256(role_data.path), cluster.world)
     saved = read_checkpoint(out_dir, identity, cfg.resume)
     fingerprint = examples_fingerprint(examples)
     if saved is not None and saved["data_order"]["examples_sha256"] != fingerprint:
@@ -606,6 +624,9 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
                          f"started (tokenizer changed?); choose another --out")
     if cluster.world > 1:
         dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    if cluster.is_main and saved is None:
+        store.write_identity(out_dir, identity)
+        store.write_progress(out_dir, epoch=0, epochs=epochs, adapter_sha256=None)
 
     model = build_model(cfg, cluster.device, precision)
     params = list(trainable_parameters(model).values())
@@ -617,8 +638,9 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         restore_checkpoint(saved, model, optimizer, cluster)
         history, step, start_epoch = saved["history"], saved["step"], saved["epoch"] + 1
         log(f"resuming {out_dir} after epoch {saved['epoch']} (step {step})")
-        if cluster.is_main:
+        if cluster.is_main:  # the log and adapter may lag the state if a crash came right after it
             write_log(out_dir, history)
+            publish_adapter(out_dir, model, saved["epoch"], epochs)
     total_steps = count_steps(examples, epochs, cfg, cluster.world)
     peak = peak_flops(cluster.device, cfg.peak_tflops)
     if start_epoch > epochs:
@@ -626,8 +648,16 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     model.train()
     for epoch in range(start_epoch, epochs + 1):
         plan = role_data.plans[epoch - 1]
-        stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
-                                cluster, precision, pad_id, out_dir, len(history))
+        try:
+            stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
+                                    cluster, precision, pad_id, out_dir, len(history))
+        except TrainingDiverged:
+            if cluster.is_main and history:  # the published adapter stays that of the last good epoch
+                progress = store.read_progress(out_dir)
+                store.write_progress(out_dir, epoch=len(history), epochs=epochs,
+                                     adapter_sha256=progress["adapter_sha256"],
+                                     stopped=f"diverged: non-finite loss or gradient in epoch {epoch}")
+            raise
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
         mfu = model_flops_utilisation(model, plan, stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
@@ -639,9 +669,11 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
                                "warmup_steps": math.ceil(cfg.warmup_ratio * total_steps)},
                  "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
                  "rng": rng_states(cluster), "history": history}
+        stopping = bool(cfg.stop_after) and epoch == cfg.stop_after and epoch < epochs
         if cluster.is_main:
-            save_checkpoint(out_dir, model, optimizer, state)
-        if cfg.stop_after and epoch == cfg.stop_after and epoch < epochs:
+            save_checkpoint(out_dir, model, optimizer, state,
+                            stopped=f"stopped by --stop-after {epoch}" if stopping else None)
+        if stopping:
             log(f"stopping after epoch {epoch} as asked; continue with --resume")
             break
     return history
@@ -697,8 +729,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # e.g. the disk filled up during a checkpoint: the last complete one is intact
+        print(f"error: {e}; fix that and continue with --resume (the last complete checkpoint is kept)",
+              file=sys.stderr)
         return 2
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)

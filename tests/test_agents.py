@@ -18,6 +18,7 @@ import agents
 import data
 import model
 import miniworld
+import store
 import world
 
 TINY = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
@@ -411,3 +412,32 @@ def test_collect_limit_takes_the_splits_first_tasks_and_a_rerun_adds_nothing(min
     assert {r["task_id"] for r in data.read_trajectories(out)} == set(world.load_split("train", mini_world)[:2])
     summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
     assert summary.skipped == 2 and not summary.kept and out.read_bytes() == first
+
+
+def test_collect_writes_a_tasks_records_as_one_unit_and_reruns_a_task_left_incomplete(mini_world, world_pool,
+                                                                                        gold_train, tmp_path):
+    """A crash that tore the second of a task's two records leaves only its multi-agent record: the resumed
+    collection drops it and runs the task again, keeping the complete tasks byte for byte."""
+    lines = gold_train[1].read_text().splitlines(keepends=True)
+    first, second = world.load_split("train", mini_world)[:2]
+    records = [json.loads(line) for line in lines]
+    complete = [line for line, r in zip(lines, records) if r["task_id"] == first]
+    partial = next(line for line, r in zip(lines, records) if r["task_id"] == second and r["system"]["kind"] == "multi")
+    out = tmp_path / "train.jsonl"
+    out.write_text("".join(complete) + partial + partial[: len(partial) // 2])  # plus a torn copy at the end
+    system = agents.teacher_system("gold", root=mini_world)
+    summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
+    assert summary.skipped == 1 and summary.kept == [second]
+    assert out.read_text().startswith("".join(complete))
+    kinds = [(r["task_id"], r["system"]["kind"]) for r in data.read_trajectories(out)]
+    assert kinds == [(first, "multi"), (first, "single"), (second, "multi"), (second, "single")]
+
+
+def test_collect_refuses_a_file_another_collection_is_writing(mini_world, world_pool, tmp_path):
+    from test_store import lock_held_elsewhere
+    out = tmp_path / "train.jsonl"
+    with lock_held_elsewhere(out, folder=False) as proc:
+        with pytest.raises(store.OutputBusy, match=f"{out} is in use by process {proc.pid}"):
+            agents.collect(agents.teacher_system("gold", root=mini_world), "train", out, agents.Budgets(),
+                           root=mini_world, pool=world_pool, limit=1)
+    assert not out.exists()

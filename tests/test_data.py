@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import store
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic trajectories.
@@ -142,7 +143,7 @@ def test_torn_last_line_is_skipped_then_repaired(tmp_path, capsys):
 def test_complete_last_line_without_newline_is_kept(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(synthetic_trajectory("a")))
-    assert data.repair_torn_tail(path) == 0
+    assert store.repair_torn_tail(path) == 0
     data.write_trajectory(path, synthetic_trajectory("b"))
     assert [r["task_id"] for r in data.read_trajectories(path)] == ["a", "b"]
 

@@ -7,10 +7,12 @@ shared by the whole file.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import agents
 import data
@@ -122,7 +124,7 @@ def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_worl
 def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
     evaluate.evaluate(agents.single_engine_system(DoNothing()), SMALL, config(tmp_path, mini_world, limit=1),
                       pool=pool)
-    with pytest.raises(ValueError, match="another run"):
+    with pytest.raises(ValueError, match="holds a different run .*system.teacher.*--overwrite"):
         evaluate.evaluate(evaluate.gold_system(mini_world), SMALL, config(tmp_path, mini_world, limit=1), pool=pool)
 
 
@@ -166,13 +168,57 @@ def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool
         r: str(tmp_path / "ckpts" / r) for r in evaluate.MULTI_ROLES}
 
 
+def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro, mini_world, pool, tmp_path):
+    """Retraining into the same ckpts/ must not reuse the old system's trajectories."""
+    write_role_adapters(micro, tmp_path / "ckpts")
+    spec = evaluate.system_spec(agents_dir=tmp_path / "ckpts")
+    cfg = config(tmp_path / "out", mini_world, limit=1)
+    first = evaluate.evaluate(evaluate.load_system(spec, "cpu", "float32"), SMALL, cfg, pool=pool)
+    weights = tmp_path / "ckpts" / "planner" / lora.ADAPTER_WEIGHTS
+    tensors = load_file(weights)
+    save_file({k: v * 2 for k, v in tensors.items()}, weights)  # "retrained" in place
+    changed = evaluate.load_system(spec, "cpu", "float32")
+    with pytest.raises(ValueError, match=r"out holds a different run \(adapters.planner: .* there vs .* now\); "
+                                         r"use a new --out, or pass --overwrite"):
+        evaluate.evaluate(changed, SMALL, cfg, pool=pool)
+    assert json.loads((tmp_path / "out" / evaluate.RESULTS).read_text()) == first  # untouched
+    again = evaluate.evaluate(changed, SMALL, config(tmp_path / "out", mini_world, limit=1, overwrite=True), pool=pool)
+    assert again["timing"]["this_run"]["tasks"] == 1  # run again, not reused
+    assert again["adapters"]["planner"]["sha256"] != first["adapters"]["planner"]["sha256"]
+    assert again["adapters"]["executor"] == first["adapters"]["executor"]
+    other_dtype = evaluate.load_system(spec, "cpu", "bfloat16")
+    with pytest.raises(ValueError, match=r"dtype.planner: \"float32\" there vs \"bfloat16\" now"):
+        evaluate.evaluate(other_dtype, SMALL, cfg, pool=pool)
+
+
+def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_world, tmp_path, capsys):
+    import prost
+    from test_data import synthetic_trajectory
+    trajectories = tmp_path / "train.jsonl"
+    data.write_trajectories(trajectories, [synthetic_trajectory("a", n_subtasks=2)])
+    prost.train(prost.TrainConfig(model=str(micro), role="planner", data=str(trajectories), out=str(tmp_path / "ck"),
+                                  epochs=2, stop_after=1, micro_batch_size=2, grad_accum=1, max_seq_len=256,
+                                  lora_r=2, progress=False))
+    for role in ("executor", "critic"):
+        shutil.copytree(tmp_path / "ck" / "planner", tmp_path / "ck" / role)
+    argv = ["--agents", str(tmp_path / "ck"), "--root", str(mini_world), "--limit", "1", "--workers", "1",
+            "--out", str(tmp_path / "out"), "--quiet", *[f"--max-{k.replace('_', '-')}={v}" for k, v in
+                                                         SMALL.__dict__.items()]]
+    err = one_error_line(argv, capsys)
+    assert "the planner's adapter" in err and "stopped after epoch 1 of 2 (stopped by --stop-after 1)" in err
+    assert "--allow-unfinished" in err and not (tmp_path / "out").exists()
+    assert evaluate.main([*argv, "--allow-unfinished"]) == 0
+    report = (tmp_path / "out" / evaluate.REPORT).read_text()
+    assert report.count("epoch 1 of 2 **(unfinished)**") == 3 and "**Unfinished training**" in report
+
+
 # ----------------------------------------------------------------------------------------------------
 # The Pareto table, on a hand-built example.
 
-def results_file(folder: Path, name: str, tgc: float, sgc: float, flops: float) -> str:
+def results_file(folder: Path, name: str, tgc: float, sgc: float, flops: float, **fields) -> str:
     folder.mkdir(parents=True)
     (folder / evaluate.RESULTS).write_text(json.dumps(
-        {"name": name, "metrics": {"tgc": tgc, "sgc": sgc, "flops_per_task": flops}}))
+        {"name": name, "metrics": {"tgc": tgc, "sgc": sgc, "flops_per_task": flops}, **fields}))
     return str(folder / evaluate.RESULTS)
 
 
@@ -191,6 +237,22 @@ def test_pareto_marks_the_right_systems(tmp_path, capsys):
     # mean and sample standard deviation over the two seeds: sqrt(((40-42)^2 + (44-42)^2) / 1) = 2.83
     assert rows["small-multi"][1:4] == ["2", "42.0 ± 2.8", "25.0 ± 7.1"]
     assert list(rows) == ["cheapest", "small-multi", "same-cost-worse", "wasteful", "large-single"]
+
+
+@pytest.mark.parametrize("field, a, b, shown", [
+    ("split", "dev", "test", '"dev" vs "test"'),
+    ("limit", 12, None, "12 vs null"),
+    ("system", {"budgets": {"new_tokens": 48}}, {"budgets": {"new_tokens": 96}},
+     '{"new_tokens": 48} vs {"new_tokens": 96}'),
+    ("tasks", [{"task_id": "x_1"}], [{"task_id": "y_1"}], "the task ids"),
+])
+def test_pareto_refuses_runs_with_different_splits_limits_budgets_or_tasks(tmp_path, capsys, field, a, b, shown):
+    same = dict(split="dev", limit=12, system={"budgets": {"new_tokens": 48}}, tasks=[{"task_id": "x_1"}])
+    one = results_file(tmp_path / "a", "one", 50.0, 30.0, 1e15, **{**same, field: a})
+    two = results_file(tmp_path / "b", "two", 40.0, 20.0, 1e13, **{**same, field: b})
+    err = one_error_line(["pareto", one, two], capsys)
+    assert f"{one} and {two} differ in {'budgets' if field == 'system' else field}" in err and shown in err
+    assert "no pareto" not in capsys.readouterr().out.lower()
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ References are independent of lora.py: the LoRA formula written out by hand with
 import copy
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -434,6 +435,19 @@ def test_load_adapter_missing_files(hf_dir, saved_adapter, tmp_path):
         lora.load_adapter(model, saved_adapter, "a")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         lora.adapter_base(saved_adapter)
+    assert lora.adapter_names(model) == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_load_adapter_refuses_non_finite_weights_naming_the_tensor(hf_dir, saved_adapter, bad):
+    path = saved_adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = sorted(tensors)[2]
+    tensors[key][1, 0] = bad
+    save_file(tensors, path)
+    model = load_ours(hf_dir)
+    with pytest.raises(ValueError, match=f"tensor {re.escape(key)} holds 1 non-finite value"):
+        lora.load_adapter(model, saved_adapter, "a")
     assert lora.adapter_names(model) == []
 
 

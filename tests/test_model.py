@@ -279,6 +279,57 @@ def test_bad_config(tmp_path, qwen2_ckpt):
         M.Transformer.from_pretrained(folder)
 
 
+@pytest.mark.parametrize("change, message", [
+    ({"hidden_size": "192"}, 'hidden_size must be a positive integer (got "192")'),
+    ({"num_attention_heads": -4}, "num_attention_heads must be a positive integer (got -4)"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads must be a positive integer (got -2)"),
+    ({"num_hidden_layers": None}, "num_hidden_layers must be a positive integer (got null)"),
+    ({"vocab_size": 320.0}, "vocab_size must be a positive integer (got 320.0)"),
+    ({"intermediate_size": True}, "intermediate_size must be a positive integer (got true)"),
+    ({"num_key_value_heads": 3}, "num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
+    ({"hidden_size": 66}, "hidden_size (66) must be a multiple of num_attention_heads (4)"),
+    ({"head_dim": 15}, "head_dim must be even"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "rope_theta must be a finite positive number (got 0)"),
+    ({"rope_theta": "1e6"}, 'rope_theta must be a finite positive number (got "1e6")'),
+    ({"rms_norm_eps": -1e-6}, "rms_norm_eps must be a finite positive number (got -1e-06)"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer (got 0)"),
+    ({"tie_word_embeddings": "false"}, 'tie_word_embeddings must be true or false (got "false")'),
+    ({"eos_token_id": "2"}, "eos_token_id must be a token id"),
+])
+def test_every_config_value_is_validated_with_a_one_line_error_naming_the_field(tmp_path, qwen2_ckpt, change,
+                                                                                  message):
+    folder = copy_ckpt(qwen2_ckpt[0], tmp_path / "m")
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("rope_theta", None)  # so that rope_parameters is what is read
+    path.write_text(json.dumps({**cfg, **change}))
+    with pytest.raises(ValueError) as error:
+        M.Transformer.from_pretrained(folder)
+    text = str(error.value)
+    assert text.startswith(f"{path}: ") and message in text and "\n" not in text
+
+
+def test_a_config_that_is_not_a_json_object_is_refused(tmp_path, qwen2_ckpt):
+    folder = copy_ckpt(qwen2_ckpt[0], tmp_path / "m")
+    (folder / "config.json").write_text(json.dumps([1, 2]))
+    with pytest.raises(ValueError, match="config.json must hold a JSON object of config fields .got list."):
+        M.Transformer.from_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        M.Transformer.from_pretrained(folder)
+
+
+def test_a_llama3_rope_scaling_with_bad_factors_is_refused(tmp_path, llama_ckpt):
+    folder = copy_ckpt(llama_ckpt[0], tmp_path / "m")
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    scaling = cfg.get("rope_parameters") or cfg["rope_scaling"]
+    key = "rope_parameters" if "rope_parameters" in cfg else "rope_scaling"
+    path.write_text(json.dumps({**cfg, key: {**scaling, "factor": -8.0}}))
+    with pytest.raises(ValueError, match="rope_scaling.factor must be a finite positive number .got -8.0."):
+        M.Transformer.from_pretrained(folder)
+
+
 def test_truncated_safetensors(tmp_path, qwen2_ckpt):
     folder = copy_ckpt(qwen2_ckpt[0], tmp_path / "m")
     data = (folder / "model.safetensors").read_bytes()
