@@ -2,7 +2,7 @@
 
 ProST is meant for GPUs (Qwen2.5 on CUDA, bf16 autocast, fused AdamW, nccl data parallel), while prost is
 developed and tested on CPUs. A GPU is lent only now and then, for minutes, so this file answers everything
-in one run of at most about five minutes on one H200: `make gpu-check` (or `python gpu_check.py`).
+in one run sized to take at most five minutes on one H200 (not yet timed on one): `make gpu-check`.
 
 It downloads nothing and needs no weights: each model is built at a real architecture (SmolLM2-135M,
 Qwen2.5-0.5B, Qwen2.5-1.5B; config fields as in their config.json) with seeded random weights, written to a
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -266,9 +267,11 @@ def train_steps(cfg: prost.TrainConfig, cluster: prost.Cluster, precision: str, 
     params = list(prost.trainable_parameters(model).values())
     optimizer = prost.make_optimizer(params, cfg)
     model.train()
+    per_step = cfg.grad_accum * cluster.world
+    total = sum(math.ceil(math.ceil(len(e) / cfg.micro_batch_size) / per_step) for e in steps)  # for the LR
     stats, step = [], 0
     for epoch, examples in enumerate(steps, start=1):
-        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, len(steps), cfg,
+        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, total, cfg,
                                   cluster, precision, 0, out_dir, epoch - 1)
         stats.append(s)
     return model, optimizer, stats
