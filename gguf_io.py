@@ -92,7 +92,7 @@ def _field(reader, key: str, default=KeyError):
 def _as_float(x: float) -> float:
     """A float32 metadata value as the decimal it was written from (9.999999747e-06 -> 1e-05)."""
     import numpy as np
-    return float(repr(np.float32(x)).removeprefix("np.float32(").removesuffix(")"))
+    return float(str(np.float32(x)))  # str gives the shortest decimal that round-trips in float32
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,8 +118,9 @@ def read_config(path) -> dict:
     where = reader.data.filename
     key = lambda name, default=KeyError: _field(reader, f"{arch}.{name}", default)  # noqa: E731
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors or key("rope.scaling.type", "none") not in ("none", "linear") \
-            or (key("rope.scaling.type", "none") == "linear" and key("rope.scaling.factor", 1.0) != 1.0):
+    scaling = key("rope.scaling.type", "none")
+    no_op_scaling = scaling == "none" or (scaling == "linear" and key("rope.scaling.factor", 1.0) == 1.0)
+    if "rope_freqs.weight" in tensors or not no_op_scaling:
         raise ValueError(f"{where} uses RoPE scaling, which prost does not read from GGUF files; "
                          "convert the model from its Hugging Face folder instead")
     if "token_embd.weight" not in tensors:
@@ -356,7 +357,6 @@ def write_tokenizer_files(path, out_dir: str | Path) -> None:
 
 HF_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 SAFETENSORS_CODES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors, dtype: torch.dtype) -> None:
@@ -385,14 +385,14 @@ def write_safetensors(path: Path, shapes: dict[str, tuple[int, ...]], tensors, d
         os.fsync(f.fileno())
 
 
-def convert(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def convert(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write a GGUF model as a plain HF folder (HF_FILES) that transformers and every prost command load.
 
     Everything is written into a temporary folder beside out_dir that is renamed to out_dir last, so an
     interrupted conversion never leaves a folder that looks complete.
     """
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in SAFETENSORS_CODES:
+        raise ValueError(f"cannot write {dtype} weights; use float32, bfloat16 or float16")
     src, out = find_gguf(path), Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty folder; choose a new output folder")
@@ -403,8 +403,9 @@ def convert(path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Pa
     try:
         write_tokenizer_files(reader, tmp)
         del reader  # the vocabulary's parsed metadata is no longer needed
-        (tmp / "config.json").write_text(json.dumps({**weights.config, "torch_dtype": dtype}, indent=2) + "\n")
-        write_safetensors(tmp / "model.safetensors", weights.shapes(), weights.read(DTYPES[dtype]), DTYPES[dtype])
+        config = {**weights.config, "torch_dtype": str(dtype).removeprefix("torch.")}
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", weights.shapes(), weights.read(dtype), dtype)
         _make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -350,6 +351,12 @@ def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
 
 
 def _copy_tokenizer_files(src: Path, dst: Path) -> None:
+    if src.is_file():  # a GGUF base: its tokenizer files are built from the file's vocabulary, then copied
+        import gguf_io
+        with tempfile.TemporaryDirectory() as tmp:
+            gguf_io.write_tokenizer_files(src, tmp)
+            _copy_tokenizer_files(Path(tmp), dst)
+        return
     for fname in TOKENIZER_FILES:
         if (src / fname).is_file():
             atomic_write(dst / fname, lambda tmp, f=fname: shutil.copyfile(src / f, tmp))

@@ -982,7 +982,7 @@ def _convert_main(argv) -> None:
     ap.add_argument("--dtype", choices=list(DTYPES), default="float32",
                     help="dtype of the dequantized weights (default: float32, the exact dequantized values)")
     args = ap.parse_args(argv)
-    print(gguf_io.convert(args.gguf, args.out, args.dtype))
+    print(gguf_io.convert(args.gguf, args.out, DTYPES[args.dtype]))
 
 
 def _fetch_main(argv) -> None:

@@ -481,3 +481,27 @@ def test_unknown_pre_tokenizer_kind(gguf_dir, qwen2_ckpt):
     path = write_gguf(folder, gguf_dir / "pre.gguf", Q.Q8_0, pre="deepseek-coder")
     with pytest.raises(ValueError, match="pre-tokenizer kind 'deepseek-coder', which prost does not know"):
         M.Tokenizer.from_pretrained(path)
+
+
+def test_lora_export_on_a_gguf_base_writes_the_tokenizer_transformers_loads(gguf_dir, qwen2_ckpt, tmp_path):
+    """An adapter trained on a .gguf base exports a merged folder with the GGUF's tokenizer and template."""
+    import lora
+    import transformers
+    folder, _ = qwen2_ckpt
+    path = write_gguf(folder, gguf_dir / "lora-base.gguf", Q.Q8_0)
+    base = M.Transformer.from_pretrained(path)
+    lora.apply_lora(base, r=4, alpha=8, name="planner")
+    with torch.no_grad():
+        for p in lora.adapter_parameters(base, "planner"):
+            p.normal_(0.0, 0.1)  # a trained-looking adapter (a fresh one changes nothing)
+    lora.set_adapter(base, "planner")
+    lora.save_adapter(base, tmp_path / "adapter", "planner")
+    out = lora.export_adapter_merged(tmp_path / "adapter", tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(hf(IDS).logits, base(IDS), atol=2e-4, rtol=1e-4)
+    ours = M.Tokenizer.from_pretrained(out)
+    messages = [{"role": "user", "content": "hi"}]
+    assert ours.chat(messages, add_generation_prompt=True) == M.Tokenizer.from_pretrained(path).chat(
+        messages, add_generation_prompt=True)
+    assert ours.default_system is not None
