@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 import data
 import lora
-from model import Tokenizer, Transformer, atomic_write, flops_per_token
+from model import Tokenizer, Transformer, atomic_write, train_flops
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
 STATE_FILE = "train_state.pt"
@@ -348,12 +348,6 @@ def peak_flops(device: torch.device, override_tflops: float) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_flops_per_token(config, mean_len: float) -> float:
-    """LoRA training ~ 4N per token (forward 2N + gradients w.r.t. activations 2N; the weight gradients of
-    the frozen base are never computed), plus attention over the mean causal context (half a sequence)."""
-    return 2.0 * flops_per_token(config, context_len=int(mean_len / 2))
-
-
 @torch.no_grad()
 def dev_losses(model, examples: list[data.Example], cfg: TrainConfig, pad_id: int, cluster: Cluster,
                precision: str) -> dict[int, float]:
@@ -576,18 +570,22 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
     dev = load_role_examples(cfg.dev_data, cfg.role, tokenizer, cfg.max_seq_len, log) if cfg.dev_data else []
     max_subtask = max(e.subtask for e in examples)
     epochs = cfg.epochs or data.epochs_to_cover(max_subtask, cfg.subtasks_per_epoch) + 1
+    data.check_coverage(max_subtask, epochs, cfg.subtasks_per_epoch, cfg.schedule)
     plans = data.plan_schedule(examples, epochs, cfg.subtasks_per_epoch, cfg.schedule)
     log(f"{cfg.role}: {len(examples)} examples from {path}, sub-task indices 1..{max_subtask}")
     log(data.format_schedule(plans, cfg.schedule, cfg.subtasks_per_epoch))
     return RoleData(path, tokenizer, examples, dev, epochs, plans)
 
 
-def model_flops_utilisation(model, plan: data.EpochPlan, stats: EpochStats, peak: float | None,
-                            world: int) -> float | None:
+def model_flops_utilisation(model, examples: list[data.Example], epoch: int, cfg: TrainConfig,
+                            stats: EpochStats, peak: float | None, world: int) -> float | None:
+    """FLOPs the epoch's examples need (model.train_flops: padding not counted, the vocabulary projection
+    only at targets) per second, as a share of the devices' peak."""
     if not peak:
         return None
-    achieved = train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens / stats.seconds
-    return achieved / (peak * world)
+    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
+    needed = sum(train_flops(model.config, examples[i].n_tokens, examples[i].n_targets) for i in chosen)
+    return needed / stats.seconds / (peak * world)
 
 
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
@@ -628,7 +626,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
                                 cluster, precision, pad_id, out_dir, len(history))
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
-        mfu = model_flops_utilisation(model, plan, stats, peak, cluster.world)
+        mfu = model_flops_utilisation(model, examples, epoch, cfg, stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
                               peak_memory_gb(cluster.device))
         history.append(record)
@@ -670,7 +668,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="micro-batches per optimizer step and process (global batch = this x micro x processes)")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
-                   help="longer examples are truncated from the left of their context (and reported)")
+                   help="longer examples are fitted by shortening old outputs, oldest first, as rollouts do "
+                        "(and reported); set it to the evaluation's --max-context to train on what roles see")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of --lr")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps warming up")

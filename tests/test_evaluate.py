@@ -72,6 +72,7 @@ def test_gold_replay_scores_100_on_the_dev_split(mini_world, pool, tmp_path):
     m = results["metrics"]
     assert (m["tasks"], m["passed"], m["tgc"]) == (len(dev), len(dev), 100.0)
     assert m["scenarios"] == len({t.split("_")[0] for t in dev}) and m["sgc"] == 100.0
+    assert m["scenarios_left_out"] == 0
     records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
     assert [r["task_id"] for r in records] == dev  # merged in split order
     assert all(r["evaluation"]["passes"] and not r["evaluation"]["failures"] for r in records)
@@ -91,6 +92,64 @@ def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
     records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
     assert all(r["evaluation"]["failures"] and not r["executions"] for r in records)
     assert m["subtask_errors"] == {"1": {"planner": {"n": len(records), "errors": 0, "rate": 0.0}}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics on hand-built trajectories.
+
+def hand_record(task_id, passed, planner, subtasks):
+    """A multi-agent record. planner: {k: [reply, ...]}; subtasks: [[(raised per execution, report, verdict)
+    per attempt]]. Conversations are one call each except the planner's (enough for the metrics)."""
+    calls, executions, rows, critic = [], [], [], 0
+    messages = [{"role": "system", "content": "plan"}, {"role": "user", "content": "Task"}]
+    for k, replies in planner.items():
+        for reply in replies:
+            calls.append({"role": "planner", "conversation": 0, "subtask": k, "messages": list(messages),
+                          "output": reply, "prompt_tokens": 1, "new_tokens": 1, "flops": 1.0, "seconds": 0.0,
+                          "train": True})
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "next"}]
+    for k, attempts in enumerate(subtasks, start=1):
+        rows.append({"index": k, "text": f"step {k}", "attempts": []})
+        for a, (raised, report, verdict) in enumerate(attempts, start=1):
+            executions += [{"subtask": k, "attempt": a, "code": "x", "output": "", "error": e} for e in raised]
+            rows[-1]["attempts"].append({"report": report, "verdict": verdict, "reason": ""})
+            calls.append({"role": "critic", "conversation": critic, "subtask": k,
+                          "messages": [{"role": "user", "content": "judge"}], "output": f"Verdict: {verdict}",
+                          "prompt_tokens": 1, "new_tokens": 1, "flops": 1.0, "seconds": 0.0, "train": True})
+            critic += 1
+    record = {"schema": data.SCHEMA_VERSION, "task_id": task_id, "split": "dev",
+              "system": {"kind": "multi", "teacher": None, "roles": {}, "budgets": {}}, "instruction": "Task",
+              "calls": calls, "executions": executions, "subtasks": rows,
+              "evaluation": {"success": passed, "passes": [], "failures": [], "num_tests": 1}, "budget_stops": []}
+    data.validate_trajectory(record)
+    return record
+
+
+def test_subtask_error_rates_count_subtasks_per_role_by_hand():
+    no_report = agents.NO_REPORT + "the executor ran out of turns)"
+    a = hand_record("a_1", True, {1: ["chatter", "Sub-task: one"], 2: ["Sub-task: two"], 3: ["FINISH"]}, [
+        [([True], "failed", "failure"), ([False, False], "done", "success")],  # a failed attempt, then a good one
+        [([False], "done", "failure")]])  # the task passed, so this failure verdict is wrong
+    b = hand_record("b_1", False, {1: ["Sub-task: one"], 2: ["Sub-task: two"], 3: ["hmm", "what"]}, [
+        [([False], no_report, "success")],  # no report: the executor erred; the outcome is unknown
+        [([False, True], "done", "success")]])  # the last execution raised: executor and critic erred
+    errors = evaluate.subtask_errors([a, b])
+    cell = evaluate.error_cell
+    assert errors == {
+        "1": {"planner": cell(2, 0), "executor": cell(2, 1), "critic": cell(1, 0)},
+        "2": {"planner": cell(2, 0), "executor": cell(2, 1), "critic": cell(2, 2)},
+        "3": {"planner": cell(2, 1)}}
+    assert errors["2"]["critic"]["rate"] == 100.0 and errors["1"]["executor"]["rate"] == 50.0
+
+
+def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
+    split = ["s1_1", "s1_2", "s2_1", "s2_2", "s3_1", "s3_2"]
+    ran = [hand_record("s1_1", True, {1: ["FINISH"]}, []), hand_record("s1_2", True, {1: ["FINISH"]}, []),
+           hand_record("s2_1", True, {1: ["FINISH"]}, []), hand_record("s2_2", False, {1: ["FINISH"]}, []),
+           hand_record("s3_1", True, {1: ["FINISH"]}, [])]  # s3_2 is beyond --limit
+    m = evaluate.goal_completion(ran, split)
+    assert (m["tasks"], m["passed"], m["tgc"]) == (5, 4, 80.0)
+    assert (m["scenarios"], m["scenarios_passed"], m["scenarios_left_out"], m["sgc"]) == (2, 1, 1, 50.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -148,16 +207,16 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
 # ----------------------------------------------------------------------------------------------------
 # Rebuilding a system from prost.py's output folder.
 
-def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES) -> None:
+def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES, dropout=0.0, scale=0.02) -> None:
     """A PEFT-layout adapter per role on the same base, each with its own non-zero weights."""
     net = model.Transformer.from_pretrained(base)
     for i, role in enumerate(roles):
-        lora.add_adapter(net, role, r=2, alpha=4, dropout=0.0, targets=("q_proj", "v_proj"))
+        lora.add_adapter(net, role, r=2, alpha=4, dropout=dropout, targets=("q_proj", "v_proj"))
         torch.manual_seed(i)
         with torch.no_grad():
             for layer in lora.lora_layers(net).values():
                 if role in layer.lora_B:
-                    layer.lora_B[role].normal_(0, 0.02)
+                    layer.lora_B[role].normal_(0, scale)
         lora.save_adapter(net, out / role, role)
 
 
@@ -172,6 +231,21 @@ def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool
     results = evaluate.evaluate(system, SMALL, config(tmp_path / "out", mini_world, limit=1), pool=pool)
     assert {r: b["adapter"] for r, b in results["system"]["roles"].items()} == {
         r: str(tmp_path / "ckpts" / r) for r in evaluate.MULTI_ROLES}
+
+
+def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micro, mini_world, pool, tmp_path):
+    """Adapters saved with dropout 0.5 (what prost.py records) and large weights, loaded exactly as
+    evaluate.py loads them: no module may be in training mode, and two runs give the same trajectories."""
+    write_role_adapters(micro, tmp_path / "ckpts", dropout=0.5, scale=0.5)
+    system = evaluate.load_system(evaluate.system_spec(agents_dir=tmp_path / "ckpts"), "cpu", "float32")
+    engine = system.roles["planner"].engine
+    assert lora.lora_layers(engine.model) and not [n for n, m in engine.model.named_modules() if m.training]
+    runs = [evaluate.evaluate(system, SMALL, config(tmp_path / f"run{i}", mini_world, limit=2, workers=1), pool=pool)
+            for i in (1, 2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+    first, second = (without_timing(data.read_trajectories(tmp_path / f"run{i}" / evaluate.TRAJECTORIES))
+                     for i in (1, 2))
+    assert first == second
 
 
 # ----------------------------------------------------------------------------------------------------

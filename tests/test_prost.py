@@ -213,6 +213,9 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(data=str(bad)), f"{bad}:2: record: missing field"),
         (dict(grad_accum=0), "--grad-accum must be at least 1"),
         (dict(device="tpu"), "--device must be auto, cpu or cuda"),
+        # the planner's indices are 1..4 (4 = FINISH): 3 epochs of one new sub-task would never train FINISH
+        (dict(epochs=3), "reach sub-task 3 of 4, so sub-tasks 4..4 would never be trained; use --epochs 4"),
+        (dict(epochs=1, subtasks_per_epoch=3), "reach sub-task 3 of 4"),
     ]
     for flags, message in cases:
         code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
@@ -231,7 +234,8 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
     before = default.read_bytes()
     monkeypatch.setenv("APPWORLD_ROOT", str(mini_world))
     monkeypatch.setattr(prost, "DEFAULT_DATA", default)
-    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=1, max_seq_len=256), capsys)
+    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=0, stop_after=1, max_seq_len=256),
+                        capsys)
     assert code == 0, err
     assert default.read_bytes() == before
     [epoch] = [json.loads(line) for line in (tmp_path / "ck" / "planner" / prost.LOG_FILE).read_text().splitlines()]
@@ -240,12 +244,12 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
 
 
 def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4))
     state = tmp_path / "planner" / prost.STATE_FILE
     before = state.read_bytes()
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, lr=1e-3), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4, lr=1e-3), capsys)
     assert code == 2 and "holds a different run (lr: 0.005 there vs 0.001 now)" in err
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4), capsys)
     assert code == 2 and "already holds this run (epoch 1 of 1 done); pass --resume" in err
     assert state.read_bytes() == before
     stray = tmp_path / "other" / "planner"
@@ -257,12 +261,12 @@ def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path,
     # A crash inside the first checkpoint leaves this run's files but no state: the run starts over.
     crashed = tmp_path / "crashed" / "planner"
     shutil.copytree(tmp_path / "planner", crashed, ignore=shutil.ignore_patterns(prost.STATE_FILE))
-    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1))) == 1
+    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1, subtasks_per_epoch=4))) == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
                                                                    monkeypatch):
-    good = prost.train(config(base, trajectories, tmp_path, epochs=3, stop_after=1))
+    good = prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after=1))
     adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
     real = prost.target_token_losses
 
@@ -271,7 +275,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajecto
         return losses * float("nan"), rows
 
     monkeypatch.setattr(prost, "target_token_losses", poisoned)
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, resume=True), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, resume=True), capsys)
     assert code == 1
     assert "non-finite loss or gradient at epoch 2, step 1" in err and "last good checkpoint (epoch 1)" in err
     kept = adapter_tensors(tmp_path / "planner")
