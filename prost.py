@@ -57,6 +57,7 @@ class TrainConfig:
     dev_data: str | None = None
     out: str = "ckpts"
     schedule: str = "progressive"
+    lr_schedule: str = "cosine"  # cosine: one warmup + cosine over the run; per-stage: restarted per stage
     subtasks_per_epoch: int = 1
     epochs: int = 0  # 0: until every sub-task is in, plus one epoch on everything
     micro_batch_size: int = 4
@@ -295,14 +296,37 @@ def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[
     return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
 
 
-def count_steps(examples, epochs: int, cfg: TrainConfig, world: int) -> int:
-    """Optimizer steps of the whole run, known up front because batch counts do not depend on shuffling."""
+LR_SCHEDULES = ("cosine", "per-stage")
+
+
+def epoch_step_counts(examples, epochs: int, cfg: TrainConfig, world: int) -> list[int]:
+    """Optimizer steps of each epoch, known up front because batch counts do not depend on shuffling."""
     per_step = cfg.grad_accum * world
-    total = 0
+    counts = []
     for epoch in range(1, epochs + 1):
         n = len(data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule))
-        total += math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step)
-    return total
+        counts.append(math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step))
+    return counts
+
+
+def lr_stages(step_counts: list[int], plans: list[data.EpochPlan], lr_schedule: str) -> list[tuple[int, int]]:
+    """(first step, steps) of each learning-rate cycle. cosine: one cycle over the whole run. per-stage: a new
+    cycle (warmup, then cosine decay) each epoch in which the curriculum adds sub-tasks, so the sub-tasks that
+    enter last are not trained only near the minimum learning rate."""
+    stages, start = [], 0
+    for epoch, (n, plan) in enumerate(zip(step_counts, plans)):
+        new_stage = epoch == 0 or (lr_schedule == "per-stage" and plan.max_subtask > plans[epoch - 1].max_subtask)
+        if new_stage:
+            stages.append((start, 0))
+        stages[-1] = (stages[-1][0], stages[-1][1] + n)
+        start += n
+    return stages
+
+
+def stage_learning_rate(step: int, stages: list[tuple[int, int]], cfg: TrainConfig) -> float:
+    """LR of 0-based optimizer step `step`: warmup and cosine decay within its cycle."""
+    first, length = next((a, n) for a, n in reversed(stages) if a <= step)
+    return learning_rate(step - first, length, math.ceil(cfg.warmup_ratio * length), cfg.lr, cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -470,12 +494,11 @@ class EpochStats:
     seconds: float
 
 
-def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, total_steps: int,
+def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, stages: list[tuple[int, int]],
               cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
               last_good: int) -> tuple[EpochStats, int]:
     """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
     steps = optimizer_steps(epoch_micro_batches(examples, epoch, cfg), cfg.grad_accum * cluster.world)
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
     bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
     loss_total, targets_total, my_tokens = 0.0, 0, 0
     start = time.perf_counter()
@@ -493,7 +516,7 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
                 f"non-finite loss or gradient at epoch {epoch}, step {i + 1}; the step was not applied. "
                 + (f"The last good checkpoint (epoch {last_good}) is in {out_dir}; " if last_good else
                    "No checkpoint was written; ") + "lower --lr or inspect the data, then run again")
-        lr = learning_rate(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        lr = stage_learning_rate(step, stages, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -529,6 +552,8 @@ def describe_epoch(record: dict, epochs: int) -> str:
 
 
 def check_config(cfg: TrainConfig) -> None:
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule})")
     positive = ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -616,14 +641,14 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         log(f"resuming {out_dir} after epoch {saved['epoch']} (step {step})")
         if cluster.is_main:
             write_log(out_dir, history)
-    total_steps = count_steps(examples, epochs, cfg, cluster.world)
+    stages = lr_stages(epoch_step_counts(examples, epochs, cfg, cluster.world), role_data.plans, cfg.lr_schedule)
     peak = peak_flops(cluster.device, cfg.peak_tflops)
     if start_epoch > epochs:
         log(f"{out_dir} already finished all {epochs} epochs")
     model.train()
     for epoch in range(start_epoch, epochs + 1):
         plan = role_data.plans[epoch - 1]
-        stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
+        stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, stages, cfg,
                                 cluster, precision, pad_id, out_dir, len(history))
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
         mfu = model_flops_utilisation(model, examples, epoch, cfg, stats, peak, cluster.world)
@@ -632,8 +657,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         history.append(record)
         log(describe_epoch(record, epochs))
         state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
-                 "scheduler": {"step": step, "total_steps": total_steps,
-                               "warmup_steps": math.ceil(cfg.warmup_ratio * total_steps)},
+                 "scheduler": {"step": step, "lr_stages": stages},
                  "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
                  "rng": rng_states(cluster), "history": history}
         if cluster.is_main:
@@ -671,6 +695,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
                    help="longer examples are fitted by shortening old outputs, oldest first, as rollouts do "
                         "(and reported); set it to the evaluation's --max-context to train on what roles see")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                   help="cosine: one warmup and cosine decay over the whole run; per-stage: warmup and decay "
+                        "restarted each epoch in which the progressive schedule adds sub-tasks")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of --lr")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps warming up")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on adapter matrices")

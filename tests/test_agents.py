@@ -38,6 +38,13 @@ def tiny_model(gold_train, tmp_path_factory):
     return model.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_preset_model(gold_train, tmp_path_factory):
+    """The demo's tiny preset (4096 positions, so the executor's long system prompt fits), random init."""
+    texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
+    return model.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)
+
+
 def records_by_kind(path, kind):
     return {r["task_id"]: r for r in data.read_trajectories(path) if r["system"]["kind"] == kind}
 
@@ -150,8 +157,8 @@ def scripted_reply(prompt: str) -> str:
     return "Done: printed twice." if done >= 2 else f"```python\nprint('{'xy'[done]}' * 200)\n```"
 
 
-def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_model, mini_world, world_pool,
-                                                                        monkeypatch):
+def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_preset_model, mini_world,
+                                                                        world_pool, monkeypatch):
     """A LocalEngine rollout whose context budget forces fitting (the executor's second output pushes its
     first one out). model.generate is replaced by a script that keeps every prompt it is given: those token
     ids are what the model saw, and each call's training example must hold them in front of its output."""
@@ -167,7 +174,7 @@ def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_mod
         return out
 
     monkeypatch.setattr(model, "generate", scripted_generate)
-    system = agents.build_system("multi", {r: str(tiny_model) for r in agents.ROLES}, {})
+    system = agents.build_system("multi", {r: str(tiny_preset_model) for r in agents.ROLES}, {})
     engine = system.roles["planner"].engine
     task = world.load_split("dev", root=mini_world)[:1]
 
@@ -178,7 +185,7 @@ def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_mod
                             on_trajectory=records.append)
         return records[0]
 
-    roomy = roll_out(agents.Budgets(new_tokens=64, context=1024))
+    roomy = roll_out(agents.Budgets(new_tokens=64, context=4096))
     executor = [c for c in roomy["calls"] if c["role"] == "executor" and c["conversation"] == 0]
     assert not any("more characters]" in m["content"] for c in roomy["calls"] for m in c["messages"])
     # one token less than the executor's report prompt: fitting must shorten its first output there

@@ -85,6 +85,24 @@ def test_learning_rate_warmup_then_cosine_by_hand():
     assert lr[10] == pytest.approx(0.1)
 
 
+def test_per_stage_schedule_restarts_warmup_and_decay_when_subtasks_enter():
+    plans = [data.EpochPlan(e, k, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
+    counts = [2, 3, 4, 5]  # optimizer steps per epoch
+    assert prost.lr_stages(counts, plans, "cosine") == [(0, 14)]
+    assert prost.lr_stages(counts, plans, "per-stage") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing
+    cfg = prost.TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_ratio=0.25)
+    stages = [(0, 2), (2, 3), (5, 9)]
+    lrs = [prost.stage_learning_rate(s, stages, cfg) for s in range(14)]
+
+    def cosine(progress):
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    # by hand: each cycle warms up for ceil(0.25 n) steps (1, 1, 3), then decays over the rest of it
+    expected = [1.0, cosine(0)] + [1.0, cosine(0), cosine(1 / 2)] + [1 / 3, 2 / 3, 1.0] + [
+        cosine(i / 6) for i in range(6)]
+    assert lrs == pytest.approx(expected)
+
+
 def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
     """One micro-batch of 8 and four of 2 give the same gradient of the mean token loss (padding differs)."""
     ckpt, _ = base
