@@ -551,6 +551,7 @@ class LocalEngine:
                  ) -> list[ModelReply]:
         if self.adapters:
             lora.set_adapter(self.model, adapter)
+        adapter_weights = sum(p.numel() for p in lora.adapter_parameters(self.model, adapter)) if adapter else 0
         limit = min(budgets.context, self.model.config.max_position_embeddings) - budgets.new_tokens
         fitted = [data.fit_messages(r.messages, self.count, limit) for r in requests]
         runnable = [i for i, m in enumerate(fitted) if m is not None]
@@ -565,7 +566,8 @@ class LocalEngine:
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
-                                    model.generate_flops(self.model.config, g.n_prompt, g.n_new), share, g.stop_reason)
+                                    model.generate_flops(self.model.config, g.n_prompt, g.n_new, adapter_weights),
+                                    share, g.stop_reason)
         return replies
 
 

@@ -605,11 +605,12 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
 def model_flops_utilisation(model, examples: list[data.Example], epoch: int, cfg: TrainConfig,
                             stats: EpochStats, peak: float | None, world: int) -> float | None:
     """FLOPs the epoch's examples need (model.train_flops: padding not counted, the vocabulary projection
-    only at targets) per second, as a share of the devices' peak."""
+    only at targets, the adapter included) per second, as a share of the devices' peak."""
     if not peak:
         return None
     chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
-    needed = sum(train_flops(model.config, examples[i].n_tokens, examples[i].n_targets) for i in chosen)
+    adapter = sum(p.numel() for p in trainable_parameters(model).values())
+    needed = sum(train_flops(model.config, examples[i].n_tokens, examples[i].n_targets, adapter) for i in chosen)
     return needed / stats.seconds / (peak * world)
 
 

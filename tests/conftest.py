@@ -149,3 +149,13 @@ def gold_train(mini_world, world_pool, tmp_path_factory):
     system = agents.teacher_system("gold", root=mini_world)
     summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool)
     return summary, out
+
+
+@pytest.fixture(scope="session")
+def tiny_preset_model(gold_train, tmp_path_factory):
+    """The demo's base: the tiny preset (4096 positions), random init, its tokenizer trained on the gold
+    train trajectories' text as `make demo` does (data.py texts, then model.py init-tiny)."""
+    import data
+    import model
+    texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
+    return model.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)

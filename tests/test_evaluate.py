@@ -6,8 +6,10 @@ The mini-world is built once per test session (conftest.py); one pool of world w
 shared by the whole file.
 """
 
+import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,14 +67,31 @@ class DoNothing:
 # ----------------------------------------------------------------------------------------------------
 # Effectiveness bounds, judged by AppWorld's own evaluator.
 
-def test_gold_replay_scores_100_on_the_dev_split(mini_world, pool, tmp_path):
-    results = evaluate.evaluate(evaluate.gold_system(mini_world), agents.Budgets(), config(tmp_path, mini_world),
-                                pool=pool)
+def makefile_budgets() -> tuple[agents.Budgets, int]:
+    """The budgets `make demo` evaluates under (BUDGETS in the Makefile, parsed by agents.py's own flags) and
+    the number of tasks it evaluates (EVAL_TASKS)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    flags = re.search(r"^BUDGETS\s*\?=(.*)$", text, re.M).group(1).split()
+    parser = argparse.ArgumentParser()
+    agents.add_common_flags(parser)
+    budgets = agents.budgets_from(parser.parse_args(["--split", "dev", "--out", "x", *flags]))
+    return budgets, int(re.search(r"^EVAL_TASKS\s*\?=\s*(\d+)", text, re.M).group(1))
+
+
+def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_world, pool, tiny_preset_model,
+                                                                         tmp_path):
+    """The demo's budgets admit every task: the gold solutions, replayed through the protocol under the
+    Makefile's budgets, pass AppWorld's evaluator on the whole dev split (the demo runs its first
+    EVAL_TASKS), and with the demo's tokenizer every gold prompt fits the context budget without fitting and
+    every gold reply fits the new-token budget, so a model that learned them could reproduce them."""
+    budgets, n_demo = makefile_budgets()
+    assert budgets.subtasks >= 8 and n_demo <= len(world.load_split("dev", root=mini_world))
+    results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
     dev = world.load_split("dev", root=mini_world)
     m = results["metrics"]
     assert (m["tasks"], m["passed"], m["tgc"]) == (len(dev), len(dev), 100.0)
     assert m["scenarios"] == len({t.split("_")[0] for t in dev}) and m["sgc"] == 100.0
-    assert m["scenarios_left_out"] == 0
+    assert m["scenarios_left_out"] == 0 and m["budget_stops"] == {}
     records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
     assert [r["task_id"] for r in records] == dev  # merged in split order
     assert all(r["evaluation"]["passes"] and not r["evaluation"]["failures"] for r in records)
@@ -82,6 +101,12 @@ def test_gold_replay_scores_100_on_the_dev_split(mini_world, pool, tmp_path):
     # the gold code never raises and the gold critic never fails it
     assert all(cell["errors"] == 0 for row in m["subtask_errors"].values() for cell in row.values())
     assert (tmp_path / evaluate.REPORT).read_text().count("TGC 100.0") == 1
+    tokenizer = model.Tokenizer.from_pretrained(tiny_preset_model)
+    for r in records:
+        for call in r["calls"]:
+            prompt = len(tokenizer.chat(call["messages"], add_generation_prompt=True)[0])
+            reply = len(tokenizer.encode(call["output"])) + 1  # and the end-of-turn token
+            assert prompt <= budgets.context - budgets.new_tokens and reply <= budgets.new_tokens, call["output"]
 
 
 def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
