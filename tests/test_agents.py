@@ -38,13 +38,6 @@ def tiny_model(gold_train, tmp_path_factory):
     return model.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
 
 
-@pytest.fixture(scope="session")
-def tiny_preset_model(gold_train, tmp_path_factory):
-    """The demo's tiny preset (4096 positions, so the executor's long system prompt fits), random init."""
-    texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
-    return model.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)
-
-
 def records_by_kind(path, kind):
     return {r["task_id"]: r for r in data.read_trajectories(path) if r["system"]["kind"] == kind}
 
@@ -258,6 +251,8 @@ def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, 
         assert all({s["budget"] for s in r["budget_stops"]} & {"single_turns", "context"} for r in records)
     else:  # random text is no plan: the planner's format budget ends every rollout
         assert all(r["budget_stops"][-1]["budget"] == "format_retries" for r in records)
+        # and every re-asked planner reply is recorded as no training target
+        assert all(not c["train"] for r in records for c in r["calls"] if c["role"] == "planner")
 
 
 class Scripted:
@@ -290,6 +285,9 @@ def test_every_budget_stops_the_multi_agent_protocol(mini_world, world_pool):
     assert all(a["verdict"] == "failure" and "unparseable" in a["reason"]
                for s in record["subtasks"] for a in s["attempts"])
     assert len(record["executions"]) == 8 and not any(e["error"] for e in record["executions"])
+    # unparseable verdicts are recorded but never learned; the well-formed replies are targets
+    assert {c["role"]: c["train"] for c in record["calls"]} == {"planner": True, "executor": True, "critic": False}
+    assert [c["train"] for c in record["calls"] if c["role"] == "critic"] == [False] * 4
     data.validate_trajectory(record)
 
 
