@@ -268,7 +268,7 @@ class ModelRequest:
 @dataclass
 class ModelReply:
     text: str
-    messages: list[dict] | None  # what the model saw (old outputs maybe truncated); None = did not fit
+    messages: list[dict] | None  # what the model saw (old outputs maybe shortened); None = did not fit
     prompt_tokens: int = 0
     new_tokens: int = 0
     flops: float = 0.0

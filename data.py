@@ -7,7 +7,7 @@ progressive sub-task schedule, and batches them. The pipeline is
     trajectory lines --read_trajectories--> records --build_examples--> Examples (ids + loss mask)
         --epoch_example_indices (the curriculum)--> plan_batches --> collate --> (ids, mask) tensors
 
-The trajectory format (schema version 1) is owned here and documented in `validate_trajectory`.
+The trajectory format (schema version 2) is owned here and documented in `validate_trajectory`.
 Sub-task indices are 1-based; the planner's "task finished" decision carries index K + 1.
 
 How an example is cut from a trajectory. A *conversation* is the calls sharing (role, conversation id);
