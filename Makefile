@@ -12,10 +12,15 @@ PIP    := $(VENV)/bin/pip
 MODEL       ?=
 TRAIN_TASKS ?= 12
 EVAL_TASKS  ?= 12
-TRAIN_FLAGS ?= --max-seq-len 256 --subtasks-per-epoch 2 --epochs 4 --micro-batch-size 4 --grad-accum 1 \
+# BUDGETS admit every task of the mini-world: its gold solutions have at most 8 sub-tasks, and with the tiny
+# preset's tokenizer their longest reply is under 300 tokens and their longest prompt under 1500
+# (tests/test_evaluate.py replays them under these budgets). --max-seq-len equals --max-context, so every
+# role is trained on the prompts it is given at evaluation (data.fit_messages never has to cut them). Without
+# --epochs, training lasts until the schedule has reached every sub-task (FINISH included), plus one epoch.
+TRAIN_FLAGS ?= --max-seq-len 2048 --subtasks-per-epoch 2 --micro-batch-size 4 --grad-accum 1 \
                --lr 5e-3 --warmup-ratio 0.1 --no-progress
-BUDGETS     ?= --max-subtasks 4 --max-executor-turns 3 --max-critic-retries 1 --max-single-turns 12 \
-               --max-new-tokens 48 --max-context 1024
+BUDGETS     ?= --max-subtasks 8 --max-executor-turns 3 --max-critic-retries 1 --max-single-turns 12 \
+               --max-new-tokens 320 --max-context 2048
 SEEDS       ?= 0 1
 STUDY_EVAL  := --split dev --limit $(EVAL_TASKS) --quiet $(BUDGETS)
 BASE        := $(if $(MODEL),$(MODEL),models/tiny)

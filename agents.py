@@ -59,7 +59,7 @@ import world
 ROLES = ("planner", "executor", "critic", "single")
 FINISH = "FINISH"
 CODE_STOP = ("```\n",)  # a code block's closing fence; the opening one is "```python\n", never "```\n"
-TRUNCATED_KEEP = 120  # characters an old output keeps when the context is too long
+NO_REPORT = "(no report: "  # how an executor attempt that ended without a report is recorded
 CRITIC_OUTPUT_CHARS = 1500  # the critic's prompt is one user turn, so its outputs are shortened up front
 
 
@@ -79,8 +79,8 @@ class Budgets:
     format_retries: int = budget(1, "times the planner is re-asked after a reply in neither accepted format")
     single_turns: int = budget(40, "single-agent replies per task (AppWorld's ReAct agents use 40 steps)")
     new_tokens: int = budget(400, "new tokens per model call (a 'new_tokens' stop means a reply was cut)")
-    context: int = budget(4096, "context length per call (prompt + new tokens); older outputs are truncated "
-                                "to fit")
+    context: int = budget(4096, "context length per call (prompt + new tokens); older outputs are shortened "
+                                "to fit (data.fit_messages)")
 
 
 BUDGET_HELP = {f.name: f.metadata["help"] for f in fields(Budgets)}
@@ -161,8 +161,8 @@ def critic_system(task) -> str:
 
 
 def critic_task(task, subtask: str, executions: list[dict], report: str) -> str:
-    steps = "\n".join(f"```python\n{e['code']}\n```\n{output_turn(shorten(e['output'], CRITIC_OUTPUT_CHARS))}"
-                      for e in executions)
+    steps = "\n".join(f"```python\n{e['code']}\n```\n"
+                      f"{output_turn(data.shorten(e['output'], CRITIC_OUTPUT_CHARS))}" for e in executions)
     return (f"Task: {task.instruction}\nSub-task: {subtask}\nCode and outputs:\n{steps or '(no code ran)'}\n"
             f"Report: {report}")
 
@@ -225,7 +225,7 @@ def parse_verdict(text: str) -> tuple[str, str]:
     """(verdict, reason) from a critic reply; an unparseable reply is a failure that says so."""
     verdict = VERDICT_RE.search(text)
     if verdict is None:
-        return "failure", f"unparseable critic reply: {shorten(text.strip(), 100)!r}"
+        return "failure", f"unparseable critic reply: {data.shorten(text.strip(), 100)!r}"
     reason = REASON_RE.search(text, verdict.end())
     return verdict.group(1).lower(), (reason.group(1).strip() if reason else "")
 
@@ -233,12 +233,6 @@ def parse_verdict(text: str) -> tuple[str, str]:
 def completes_task(code: str, error: bool) -> bool:
     """Whether an execution finished the task: it called complete_task and did not fail."""
     return "supervisor.complete_task(" in code and not error
-
-
-def shorten(text: str, limit: int) -> str:
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]} [... {len(text) - limit} more characters]"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -277,13 +271,18 @@ class ModelRequest:
 @dataclass
 class ModelReply:
     text: str
-    messages: list[dict] | None  # what the model saw (old outputs maybe truncated); None = did not fit
+    messages: list[dict] | None  # what the model saw (old outputs maybe shortened); None = did not fit
     prompt_tokens: int = 0
     new_tokens: int = 0
     flops: float = 0.0
     seconds: float = 0.0
     stop_reason: str = "stop_id"  # "length" means the new-token budget cut the reply
     train: bool = True  # False marks a teacher's deliberate mistake (never a training target)
+
+    @property
+    def is_target(self) -> bool:
+        """Whether the output may be learned: not a marked mistake, not cut by the new-token budget."""
+        return self.train and self.stop_reason != "length"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,7 +319,12 @@ class Recorder:
         self.record["calls"].append({
             "role": conv.role, "conversation": conv.id, "subtask": subtask, "messages": reply.messages,
             "output": reply.text, "prompt_tokens": reply.prompt_tokens, "new_tokens": reply.new_tokens,
-            "flops": reply.flops, "seconds": reply.seconds})
+            "flops": reply.flops, "seconds": reply.seconds, "train": reply.is_target})
+
+    def not_a_target(self) -> None:
+        """The last call's output failed the protocol's format (a re-asked planner reply, an unparseable
+        verdict, a single-agent reply without code): recorded, never learned."""
+        self.record["calls"][-1]["train"] = False
 
     def add_execution(self, subtask: int, attempt: int, code: str, result) -> dict:
         execution = {"subtask": subtask, "attempt": attempt, "code": code, "output": result.output,
@@ -359,10 +363,7 @@ def record_reply(rec: Recorder, conv: Conversation, subtask: int, reply: ModelRe
         rec.stop("context", subtask)
         return None
     rec.add_call(conv, subtask, reply)
-    turn = {"role": "assistant", "content": reply.text}
-    if not reply.train:
-        turn["train"] = False
-    conv.messages.append(turn)
+    conv.messages.append({"role": "assistant", "content": reply.text})
     if reply.stop_reason == "length":
         rec.stop("new_tokens", subtask)
     return reply.text
@@ -409,6 +410,7 @@ def plan_next(rec: Recorder, planner: Conversation, k: int, budgets: Budgets):
         decision = parse_plan(text)
         if decision is not None:
             return decision
+        rec.not_a_target()
         if retry < budgets.format_retries:
             planner.add_user(PLANNER_FORMAT_REMINDER)
     rec.stop("format_retries", k)
@@ -440,7 +442,7 @@ def executor_attempt(rec: Recorder, conv: Conversation, k: int, attempt: int, bu
     for _ in range(budgets.executor_turns):
         text = yield from ask(rec, conv, k, attempt, executions, CODE_STOP)
         if text is None:
-            return "(no report: the context budget ran out)", executions
+            return f"{NO_REPORT}the context budget ran out)", executions
         code = extract_code(text)
         if code is None:
             return text.strip() or "(empty report)", executions
@@ -448,7 +450,7 @@ def executor_attempt(rec: Recorder, conv: Conversation, k: int, attempt: int, bu
         executions.append(rec.add_execution(k, attempt, code, result))
         conv.add_user(output_turn(result.output))
     rec.stop("executor_turns", k)
-    return "(no report: the executor ran out of turns)", executions
+    return f"{NO_REPORT}the executor ran out of turns)", executions
 
 
 def critique(rec: Recorder, task, k: int, attempt: int, text: str, executions: list[dict], report: str):
@@ -459,6 +461,8 @@ def critique(rec: Recorder, task, k: int, attempt: int, text: str, executions: l
     reply = yield from ask(rec, conv, k, attempt, executions)
     if reply is None:
         return "failure", "the critic's prompt did not fit the context budget"
+    if VERDICT_RE.search(reply) is None:
+        rec.not_a_target()
     return parse_verdict(reply)
 
 
@@ -483,6 +487,7 @@ def single_agent_rollout(task_id: str, budgets: Budgets, split: str, system: dic
             break
         code = extract_code(text)
         if code is None:
+            rec.not_a_target()
             conv.add_user(SINGLE_CODE_REMINDER)
             continue
         result = yield ExecRequest(code)
@@ -502,7 +507,6 @@ def single_view(record: dict, task, system: dict) -> dict:
     "Sub-task: <text>". Deliberate mistakes stay marked train: false. Returned as a record of its own
     (system kind "single") so that data.py builds single-agent examples from the same file."""
     texts = {s["index"]: s["text"] for s in record["subtasks"]}
-    train = train_flags(record["calls"])
     code_turns = [i for i, c in enumerate(record["calls"])
                   if c["role"] == "executor" and extract_code(c["output"])]
     messages = [{"role": "system", "content": single_system(task)},
@@ -515,53 +519,17 @@ def single_view(record: dict, task, system: dict) -> dict:
             seen.add(k)
             output = f"Sub-task: {texts[k]}\n{output}"
         calls.append({"role": "single", "conversation": 0, "subtask": k, "messages": list(messages),
-                      "output": output, "prompt_tokens": 0, "new_tokens": 0, "flops": 0.0, "seconds": 0.0})
-        turn = {"role": "assistant", "content": output}
-        if not train[i]:
-            turn["train"] = False
-        messages = messages + [turn, {"role": "user", "content": output_turn(execution["output"])}]
+                      "output": output, "prompt_tokens": 0, "new_tokens": 0, "flops": 0.0, "seconds": 0.0,
+                      "train": record["calls"][i]["train"]})
+        messages = messages + [{"role": "assistant", "content": output},
+                               {"role": "user", "content": output_turn(execution["output"])}]
     return {**record, "system": system, "calls": calls,
             "subtasks": [{"index": s["index"], "text": s["text"], "attempts": []}
                          for s in record["subtasks"]]}
 
 
-def train_flags(calls: list[dict]) -> list[bool]:
-    """Per call: False when a later call of its conversation shows its output marked train: false."""
-    flags = [True] * len(calls)
-    for members in data.group_conversations(calls).values():
-        marks = [m.get("train", True) for m in calls[members[-1]]["messages"] if m["role"] == "assistant"]
-        for index, mark in zip(members, marks):
-            flags[index] = mark
-    return flags
-
-
 # ----------------------------------------------------------------------------------------------------
 # Engines: what answers model requests. Each has complete(requests, adapter, budgets) -> replies.
-
-def fit_context(messages: list[dict], count, limit: int) -> list[dict] | None:
-    """The messages with old user turns (execution outputs, reports) shortened, oldest first, until
-    `count(messages) <= limit`; None if even that is not enough. The system prompt, the first user turn
-    (the task) and every assistant turn are kept whole (data.py relies on assistant turns)."""
-    if count(messages) <= limit:
-        return messages
-    fitted = list(messages)
-    first_user = next(i for i, m in enumerate(fitted) if m["role"] == "user")
-    for i, message in enumerate(fitted):
-        if message["role"] != "user" or i == first_user or len(message["content"]) <= TRUNCATED_KEEP:
-            continue
-        fitted[i] = {"role": "user", "content": shorten(message["content"], TRUNCATED_KEEP)}
-        if count(fitted) <= limit:
-            return fitted
-    return None
-
-
-def call_flops(config, n_prompt: int, n_new: int) -> float:
-    """Forward FLOPs of one call: the prompt's prefill plus a decode step per new token but the last.
-    model.flops_per_token is affine in the context length, so the sum over positions equals the
-    count at the mean context length times the number of positions."""
-    positions = n_prompt + max(n_new - 1, 0)
-    return positions * model.flops_per_token(config, context_len=(positions + 1) / 2)
-
 
 class LocalEngine:
     """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters."""
@@ -576,6 +544,7 @@ class LocalEngine:
 
     def load_adapter(self, folder: str, name: str) -> None:
         lora.load_adapter(self.model, folder, name)
+        self.model.eval()  # the adapter's new modules start in training mode: inference never uses dropout
         self.adapters[name] = str(folder)
 
     def count(self, messages: list[dict]) -> int:
@@ -585,8 +554,9 @@ class LocalEngine:
                  ) -> list[ModelReply]:
         if self.adapters:
             lora.set_adapter(self.model, adapter)
+        adapter_weights = sum(p.numel() for p in lora.adapter_parameters(self.model, adapter)) if adapter else 0
         limit = min(budgets.context, self.model.config.max_position_embeddings) - budgets.new_tokens
-        fitted = [fit_context(r.messages, self.count, limit) for r in requests]
+        fitted = [data.fit_messages(r.messages, self.count, limit) for r in requests]
         runnable = [i for i, m in enumerate(fitted) if m is not None]
         replies = [ModelReply("", None) for _ in requests]
         if not runnable:
@@ -599,7 +569,8 @@ class LocalEngine:
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
-                                    call_flops(self.model.config, g.n_prompt, g.n_new), share, g.stop_reason)
+                                    model.generate_flops(self.model.config, g.n_prompt, g.n_new, adapter_weights),
+                                    share, g.stop_reason)
         return replies
 
 
@@ -623,7 +594,7 @@ class HttpEngine:
         return [self.complete_one(r, budgets) for r in requests]
 
     def complete_one(self, request: ModelRequest, budgets: Budgets) -> ModelReply:
-        messages = fit_context(request.messages, self.count, budgets.context - budgets.new_tokens)
+        messages = data.fit_messages(request.messages, self.count, budgets.context - budgets.new_tokens)
         if messages is None:
             return ModelReply("", None)
         body = {"model": self.model_name, "temperature": 0, "max_tokens": budgets.new_tokens,
@@ -756,7 +727,7 @@ def gold_report(executions: list[dict]) -> str:
     if names:
         parts.append(f"Variables: {', '.join(dict.fromkeys(names))}.")
     if last["output"].strip():
-        parts.append(f"Output: {shorten(last['output'].strip(), 200)}")
+        parts.append(f"Output: {data.shorten(last['output'].strip(), 200)}")
     return " ".join(parts)
 
 
@@ -771,7 +742,7 @@ def gold_verdict(executions: list[dict]) -> str:
 
 def last_line(text: str) -> str:
     lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    return shorten(lines[-1], 200) if lines else "(no output)"
+    return data.shorten(lines[-1], 200) if lines else "(no output)"
 
 
 API_CALL_RE = re.compile(r"apis\.(\w+)\.(\w+)\(")

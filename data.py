@@ -7,16 +7,25 @@ progressive sub-task schedule, and batches them. The pipeline is
     trajectory lines --read_trajectories--> records --build_examples--> Examples (ids + loss mask)
         --epoch_example_indices (the curriculum)--> plan_batches --> collate --> (ids, mask) tensors
 
-The trajectory format (schema version 1) is owned here and documented in `validate_trajectory`.
+The trajectory format (schema version 2) is owned here and documented in `validate_trajectory`.
 Sub-task indices are 1-based; the planner's "task finished" decision carries index K + 1.
 
 How an example is cut from a trajectory. A *conversation* is the calls sharing (role, conversation id);
 each call sees the previous call's messages, that call's output as an assistant turn, and new user turns,
-so the i-th assistant turn of any call is the output of the conversation's i-th call. The example for
-(role, conversation, k) is the last call of that conversation with sub-task k, rendered as its messages
-plus its output; the targets (mask = 1) are the assistant turns produced by that conversation's calls
-with sub-task k, except turns the teacher marked `"train": false` (deliberate mistakes shown so a role
-learns to recover, never to imitate). The mask itself comes from `Tokenizer.chat` while rendering.
+so the i-th assistant turn of any call is the output of the conversation's i-th call. Every call says
+whether its output is a training target (`"train"`): format failures, replies cut by the token budget and
+a teacher's deliberate mistakes are not, wherever they sit in the conversation. The example for
+(role, conversation, k) is the last target call of that conversation with sub-task k, rendered as the
+messages it saw plus its output; the targets (mask = 1) are the outputs of that conversation's target
+calls with sub-task k. The mask itself comes from `Tokenizer.chat` while rendering.
+
+One context-fitting rule (`fit_messages`) serves rollouts and training alike: it keeps the system prompt,
+the task (first user turn), every assistant turn and the newest turn whole, and shortens the other user
+turns (execution outputs, reports) oldest first. A call records the fitted messages the model saw, and an
+example is made of a call's recorded messages, so a trained role sees exactly the prompts it will be given
+(an earlier target whose recorded prompt is not a prefix of the later call's, because fitting shortened
+something in between, gets an example of its own). Examples longer than max_seq_len are fitted by the same
+rule, and reported.
 
 The curriculum (the paper's progressive sub-task training): with K the largest sub-task index, epoch e
 (1-based) trains on the examples with sub-task index <= s(e) = min(K, e * step); `full` trains on all of
@@ -36,7 +45,7 @@ import torch
 
 from store import append_lines, parse_line
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: calls carry their own training-target flag ("train")
 ROLES = ("planner", "executor", "critic", "single")
 MULTI_AGENT_ROLES = ("planner", "executor", "critic")
 MESSAGE_ROLES = ("system", "user", "assistant")
@@ -51,7 +60,8 @@ TRAJECTORY_FIELDS = {"schema": "int", "task_id": "str", "split": "str", "system"
 SYSTEM_FIELDS = {"kind": "str", "teacher": "str|null", "roles": "dict", "budgets": "dict"}
 ROLE_MODEL_FIELDS = {"model": "str", "adapter": "str|null"}
 CALL_FIELDS = {"role": "str", "conversation": "int", "subtask": "int", "messages": "list", "output": "str",
-               "prompt_tokens": "int", "new_tokens": "int", "flops": "number", "seconds": "number"}
+               "prompt_tokens": "int", "new_tokens": "int", "flops": "number", "seconds": "number",
+               "train": "bool"}
 MESSAGE_FIELDS = {"role": "str", "content": "str"}
 EXECUTION_FIELDS = {"subtask": "int", "attempt": "int", "code": "str", "output": "str", "error": "bool"}
 SUBTASK_FIELDS = {"index": "int", "text": "str", "attempts": "list"}
@@ -90,11 +100,8 @@ def _check_message(message, where: str) -> None:
     _check_fields(message, MESSAGE_FIELDS, where)
     _check_role(message["role"], MESSAGE_ROLES, f"{where}.role")
     if "train" in message:
-        if not isinstance(message["train"], bool):
-            raise ValueError(f"{where}.train: expected bool, got {json.dumps(message['train'])}")
-        if message["role"] != "assistant":
-            raise ValueError(f"{where}.train: only assistant turns can be marked (this is a "
-                             f"{message['role']} turn)")
+        raise ValueError(f"{where}.train: training-target flags belong to calls (calls[i].train), not to "
+                         "messages")
 
 
 def _check_call(call, index: int, allowed_roles: tuple[str, ...]) -> None:
@@ -135,11 +142,11 @@ def _check_conversation(calls: list[dict], key: tuple[str, int], members: list[i
 
 
 def validate_trajectory(record) -> None:
-    """Raise ValueError naming the first problem in a trajectory record (schema version 1)."""
+    """Raise ValueError naming the first problem in a trajectory record (schema version 2)."""
     _check_fields(record, {"schema": "int"}, "record")
     if record["schema"] != SCHEMA_VERSION:
         raise ValueError(f"schema: unsupported version {record['schema']} (this data.py reads version "
-                         f"{SCHEMA_VERSION})")
+                         f"{SCHEMA_VERSION}); collect the trajectories again with agents.py")
     _check_fields(record, TRAJECTORY_FIELDS, "record")
     system = record["system"]
     _check_fields(system, SYSTEM_FIELDS, "system")
@@ -256,77 +263,118 @@ class Example:
 class BuildReport:
     """What build_examples had to change, so nothing is altered silently."""
     max_seq_len: int
-    truncated: list[tuple[str, int]] = field(default_factory=list)  # (example name, original length)
-    lost_targets: list[tuple[str, int]] = field(default_factory=list)  # (example name, target tokens lost)
+    fitted: list[tuple[str, int]] = field(default_factory=list)  # (example name, length before fitting)
+    dropped: list[tuple[str, int]] = field(default_factory=list)  # (example name, length): did not fit
 
     def lines(self) -> list[str]:
         out = []
-        if self.truncated:
-            longest = max(n for _, n in self.truncated)
-            shown = "; ".join(f"{name} ({n} tokens)" for name, n in self.truncated[:3])
-            out.append(f"{len(self.truncated)} example(s) longer than max_seq_len {self.max_seq_len} "
-                       f"(longest {longest} tokens) were truncated from the left of their context: {shown}"
-                       + (" ..." if len(self.truncated) > 3 else ""))
-        for name, lost in self.lost_targets:
-            out.append(f"{name}: its targets alone exceed max_seq_len {self.max_seq_len}; kept the "
-                       f"rightmost {self.max_seq_len} tokens, losing {lost} target tokens")
+        for what, rows in (("were fitted (old outputs shortened, oldest first)", self.fitted),
+                           ("could not be fitted even with every old output shortened, and were dropped",
+                            self.dropped)):
+            if rows:
+                shown = "; ".join(f"{name} ({n} tokens)" for name, n in rows[:3])
+                out.append(f"{len(rows)} example(s) longer than max_seq_len {self.max_seq_len} {what}: "
+                           f"{shown}" + (" ..." if len(rows) > 3 else ""))
         return out
 
 
-def example_messages(calls: list[dict], members: list[int], subtask: int) -> list[dict] | None:
-    """The messages of the (role, conversation, sub-task) example, with `"train": False` on every
-    assistant turn that is not a target; None if the conversation has no call for that sub-task."""
-    produced_here = [j for j, i in enumerate(members) if calls[i]["subtask"] == subtask]
-    if not produced_here:
-        return None
-    last = members[produced_here[-1]]
-    messages = [dict(m) for m in calls[last]["messages"]] + [
-        {"role": "assistant", "content": calls[last]["output"]}]
-    turn = 0  # assistant turn t is the output of the conversation's t-th call
-    for message in messages:
-        if message["role"] != "assistant":
+# ----------------------------------------------------------------------------------------------------
+# The one context-fitting rule (rollouts and training examples).
+
+TRUNCATED_KEEP = 120  # characters a shortened old output keeps
+
+
+def shorten(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [... {len(text) - limit} more characters]"
+
+
+def fit_messages(messages: list[dict], count, limit: int) -> list[dict] | None:
+    """The messages with old user turns (execution outputs, reports, feedback) shortened to TRUNCATED_KEEP
+    characters, oldest first, until `count(messages) <= limit`; None if even that is not enough.
+
+    Never shortened: the system prompt, the first user turn (the task), every assistant turn (a role's
+    outputs are repeated verbatim, which build_examples relies on) and the newest turn. agents.py's engines
+    fit every prompt with this before the model sees it, and build_examples fits examples longer than
+    max_seq_len with it, so training and rollouts cut a long conversation the same way."""
+    if count(messages) <= limit:
+        return messages
+    fitted = list(messages)
+    first_user = next((i for i, m in enumerate(fitted) if m["role"] == "user"), None)
+    for i, message in enumerate(fitted[:-1]):
+        if message["role"] != "user" or i == first_user or len(message["content"]) <= TRUNCATED_KEEP:
             continue
-        if turn in produced_here and message.get("train", True):
-            message.pop("train", None)
-        else:
+        fitted[i] = {**message, "content": shorten(message["content"], TRUNCATED_KEEP)}
+        if count(fitted) <= limit:
+            return fitted
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Per-role, per-sub-task examples.
+
+def seen_with_output(call: dict) -> list[dict]:
+    """The messages a call saw followed by its output: the conversation as it stood after the call."""
+    return [*call["messages"], {"role": "assistant", "content": call["output"]}]
+
+
+def example_groups(calls: list[dict], members: list[int], subtask: int) -> list[tuple[int, list[int]]]:
+    """[(last call, target calls)] of the (conversation, sub-task) examples, in conversation order.
+
+    Normally one: the last target call, holding every target of the sub-task. A target call whose prompt
+    and output are not a prefix of that call's messages (fitting shortened an old turn in between) would
+    be trained on a prompt it never saw, so it ends an example of its own."""
+    targets = [i for i in members if calls[i]["subtask"] == subtask and calls[i]["train"]]
+    groups: list[tuple[int, list[int]]] = []
+    for i in reversed(targets):
+        if groups:
+            last, held = groups[-1]
+            seen = seen_with_output(calls[i])
+            if calls[last]["messages"][:len(seen)] == seen:
+                held.insert(0, i)
+                continue
+        groups.append((i, [i]))
+    return groups[::-1]
+
+
+def example_messages(calls: list[dict], members: list[int], last: int, targets: list[int]) -> list[dict]:
+    """The messages of the example ending at call `last`, with `"train": False` (Tokenizer.chat's mask
+    flag) on every assistant turn that is not the output of one of `targets`."""
+    messages = [dict(m) for m in seen_with_output(calls[last])]
+    outputs = iter(members)  # assistant turn t is the output of the conversation's t-th call
+    for message in messages:
+        if message["role"] == "assistant" and next(outputs) not in targets:
             message["train"] = False
-        turn += 1
     return messages
-
-
-def truncate_left(ids: list[int], mask: list[int], max_len: int) -> tuple[list[int], list[int], int]:
-    """Keep the rightmost max_len tokens; return (ids, mask, target tokens lost).
-
-    Targets sit at the end of the conversation, so cutting from the left removes context first. The
-    first kept token has nothing before it to predict it from, so it cannot be a target."""
-    if len(ids) <= max_len:
-        return ids, mask, 0
-    ids, kept_mask = ids[-max_len:], list(mask[-max_len:])
-    kept_mask[0] = 0
-    return ids, kept_mask, sum(mask) - sum(kept_mask)
 
 
 def build_examples(records: list[dict], role: str, tokenizer, max_seq_len: int
                    ) -> tuple[list[Example], BuildReport]:
-    """Every (conversation, sub-task) example of `role` in the records, rendered with its loss mask."""
+    """Every (conversation, sub-task) example of `role` in the records, rendered with its loss mask;
+    examples longer than max_seq_len are fitted with fit_messages (dropped if they cannot be)."""
     if role not in ROLES:
         raise ValueError(f"unknown role '{role}' (expected one of {', '.join(ROLES)})")
     examples, report = [], BuildReport(max_seq_len)
+    count = lambda messages: len(tokenizer.chat(messages)[0])  # noqa: E731
     for record in records:
         calls = record["calls"]
         for (call_role, conv), members in group_conversations(calls).items():
             if call_role != role:
                 continue
             for subtask in sorted({calls[i]["subtask"] for i in members}):
-                messages = example_messages(calls, members, subtask)
-                ids, mask = tokenizer.chat(messages)
-                example = Example(record["task_id"], role, conv, subtask, list(ids), [int(m) for m in mask])
-                if example.n_tokens > max_seq_len:
-                    report.truncated.append((example.name, example.n_tokens))
-                    example.ids, example.mask, lost = truncate_left(example.ids, example.mask, max_seq_len)
-                    if lost:
-                        report.lost_targets.append((example.name, lost))
-                examples.append(example)
+                for last, targets in example_groups(calls, members, subtask):
+                    messages = example_messages(calls, members, last, targets)
+                    ids, mask = tokenizer.chat(messages)
+                    example = Example(record["task_id"], role, conv, subtask, list(ids), [int(m) for m in mask])
+                    if example.n_tokens > max_seq_len:
+                        fitted = fit_messages(messages, count, max_seq_len)
+                        (report.fitted if fitted else report.dropped).append((example.name, example.n_tokens))
+                        if fitted is None:
+                            continue
+                        ids, mask = tokenizer.chat(fitted)
+                        example.ids, example.mask = list(ids), [int(m) for m in mask]
+                    examples.append(example)
     return examples, report
 
 
@@ -359,6 +407,18 @@ def subtasks_in_epoch(epoch: int, max_subtask: int, step: int = 1, schedule: str
 def epochs_to_cover(max_subtask: int, step: int = 1) -> int:
     """The first epoch at which the progressive schedule trains on every sub-task."""
     return math.ceil(max_subtask / step)
+
+
+def check_coverage(max_subtask: int, epochs: int, step: int = 1, schedule: str = "progressive") -> None:
+    """Refuse a schedule that would leave sub-task indices untrained (for the planner the highest index is
+    its FINISH decision): the progressive schedule needs ceil(K / step) epochs to reach index K."""
+    needed = 1 if schedule == "full" else epochs_to_cover(max_subtask, step)
+    if epochs < needed:
+        reached = subtasks_in_epoch(epochs, max_subtask, step, schedule)
+        raise ValueError(f"{epochs} epoch(s) of the {schedule} schedule with {step} new sub-task(s) per epoch "
+                         f"reach sub-task {reached} of {max_subtask}, so sub-tasks {reached + 1}..{max_subtask} "
+                         f"would never be trained; use --epochs {needed} or more (or 0 for {needed} + 1), or "
+                         f"--subtasks-per-epoch {math.ceil(max_subtask / max(epochs, 1))}")
 
 
 def epoch_example_indices(examples: list[Example], epoch: int, step: int = 1,
@@ -459,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--role", default="planner", choices=ROLES, help="role whose examples to build")
     parser.add_argument("--model", default="Qwen/Qwen2.5-1.5B",
                         help="model id or folder whose tokenizer renders the examples")
-    parser.add_argument("--max-seq-len", type=int, default=4096, help="longer examples are left-truncated")
+    parser.add_argument("--max-seq-len", type=int, default=4096,
+                        help="longer examples are fitted by shortening old outputs (fit_messages)")
     parser.add_argument("--schedule", default="progressive", choices=SCHEDULES, help="curriculum kind")
     parser.add_argument("--subtasks-per-epoch", type=int, default=1,
                         help="sub-task indices introduced per epoch by the progressive schedule")
@@ -490,6 +551,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         max_subtask = max(e.subtask for e in examples)
         epochs = args.epochs or epochs_to_cover(max_subtask, args.subtasks_per_epoch) + 1
+        check_coverage(max_subtask, epochs, args.subtasks_per_epoch, args.schedule)
         plans = plan_schedule(examples, epochs, args.subtasks_per_epoch, args.schedule)
         print(format_schedule(plans, args.schedule, args.subtasks_per_epoch))
         return 0

@@ -6,10 +6,11 @@ split with agents.py's scheduler (many worlds at once, model calls batched), let
 judge every task, and turns the trajectories into the paper's measurements:
 
     TGC   task goal completion: % of tasks whose every evaluation test passes
-    SGC   scenario goal completion: % of scenarios (task id prefix before the "_") whose tasks all pass
-    per-difficulty TGC, the sub-task error rate by sub-task index and role (planner replies in neither
-    format, executor code that raised, critic failure verdicts), tokens and FLOPs per task per role, and
-    wall time per task.
+    SGC   scenario goal completion: % of scenarios (task id prefix before the "_") whose tasks all pass,
+          over the scenarios with every variant of the split in the run
+    per-difficulty TGC, the sub-task error rate by sub-task index and role (the share of sub-tasks at that
+    index where the role erred; definitions in `subtask_errors`), tokens and FLOPs per task per role
+    (model.forward_flops: what each call ran), and wall time per task.
 
     python evaluate.py --agents ckpts/ --split dev              # planner/executor/critic from ckpts/<role>/
     python evaluate.py --single ckpts/single --split dev        # the single-agent baseline
@@ -400,15 +401,21 @@ def scenario_of(task_id: str) -> str:
     return task_id.split("_")[0]
 
 
-def goal_completion(records: list[dict]) -> dict:
-    """TGC and SGC in percent, with their counts."""
-    scenarios: dict[str, bool] = {}
+def goal_completion(records: list[dict], split_task_ids: list[str]) -> dict:
+    """TGC and SGC in percent, with their counts. A scenario counts towards SGC only when every one of its
+    variants in the split is in the run (with --limit some are not); those left out are counted."""
+    variants: dict[str, int] = defaultdict(int)
+    for task_id in split_task_ids:
+        variants[scenario_of(task_id)] += 1
+    ran: dict[str, list[bool]] = defaultdict(list)
     for r in records:
-        scenarios[scenario_of(r["task_id"])] = scenarios.get(scenario_of(r["task_id"]), True) and passed(r)
+        ran[scenario_of(r["task_id"])].append(passed(r))
+    complete = {s: all(outcomes) for s, outcomes in ran.items() if len(outcomes) == variants[s]}
     n_passed = sum(passed(r) for r in records)
     return {"tasks": len(records), "passed": n_passed, "tgc": percent(n_passed, len(records)),
-            "scenarios": len(scenarios), "scenarios_passed": sum(scenarios.values()),
-            "sgc": percent(sum(scenarios.values()), len(scenarios))}
+            "scenarios": len(complete), "scenarios_passed": sum(complete.values()),
+            "scenarios_left_out": len(ran) - len(complete),
+            "sgc": percent(sum(complete.values()), len(complete))}
 
 
 def tgc_by_difficulty(records: list[dict], difficulty: dict[str, object]) -> dict[str, dict]:
@@ -420,27 +427,51 @@ def tgc_by_difficulty(records: list[dict], difficulty: dict[str, object]) -> dic
 
 
 def subtask_errors(records: list[dict]) -> dict[str, dict[str, dict]]:
-    """{sub-task index: {role: {"n", "errors", "rate"}}}: for the planner, decisions in neither format; for
-    the executor (and the single agent), executions that raised; for the critic, failure verdicts."""
+    """{sub-task index k: {role: {"n", "errors", "rate"}}}: of the n sub-tasks at index k where the role's
+    work can be judged, the share where it erred. One unit (sub-tasks) for every role:
+
+        planner   the decision before sub-task k (at K + 1: FINISH) got no valid reply within its retries
+        executor  the sub-task's final attempt ended without a report, or its last execution raised
+        single    the sub-task's last execution raised, or no code ran for it
+        critic    one of its verdicts on the sub-task's attempts contradicts the known outcome: failure when
+                  the attempt's last execution raised, success when the task passed AppWorld's evaluation
+                  and it was the sub-task's final attempt; attempts with neither are not judged, and a
+                  sub-task with no judged verdict is not counted
+    """
     counts: dict[int, dict[str, list[int]]] = defaultdict(lambda: defaultdict(lambda: [0, 0]))
+
+    def tally(k: int, role: str, erred: bool) -> None:
+        counts[k][role][0] += 1
+        counts[k][role][1] += erred
+
     for r in records:
+        replies: dict[int, list[bool]] = defaultdict(list)  # planner decision k -> valid reply per call
         for call in r["calls"]:
             if call["role"] == "planner":
-                cell = counts[call["subtask"]]["planner"]
-                cell[0] += 1
-                cell[1] += agents.parse_plan(call["output"]) is None
-        actor = "executor" if r["system"]["kind"] == "multi" else "single"
-        for subtask in r["subtasks"]:  # a started sub-task shows its executor row even when no code ran
-            counts[subtask["index"]].setdefault(actor, [0, 0])
-        for execution in r["executions"]:
-            cell = counts[execution["subtask"]][actor]
-            cell[0] += 1
-            cell[1] += execution["error"]
+                replies[call["subtask"]].append(agents.parse_plan(call["output"]) is not None)
+        for k, valid in replies.items():
+            tally(k, "planner", not any(valid))
+        if r["system"]["kind"] == "single":
+            for subtask in r["subtasks"]:
+                runs = [e for e in r["executions"] if e["subtask"] == subtask["index"]]
+                tally(subtask["index"], "single", not runs or runs[-1]["error"])
+            continue
+        critic_conversations = {c["conversation"] for c in r["calls"] if c["role"] == "critic"}
+        judged = 0  # critic conversation ids count attempts in order, one per attempt
         for subtask in r["subtasks"]:
-            for attempt in subtask["attempts"]:
-                cell = counts[subtask["index"]]["critic"]
-                cell[0] += 1
-                cell[1] += attempt["verdict"] == "failure"
+            k, attempts = subtask["index"], subtask["attempts"]
+            critic_errors = []
+            for a, attempt in enumerate(attempts, start=1):
+                runs = [e for e in r["executions"] if e["subtask"] == k and e["attempt"] == a]
+                raised = bool(runs) and runs[-1]["error"]
+                if a == len(attempts):
+                    tally(k, "executor", attempt["report"].startswith(agents.NO_REPORT) or raised)
+                truth = "failure" if raised else ("success" if a == len(attempts) and passed(r) else None)
+                if truth is not None and judged in critic_conversations:
+                    critic_errors.append(attempt["verdict"] != truth)
+                judged += 1
+            if critic_errors:
+                tally(k, "critic", any(critic_errors))
     return {str(k): {role: error_cell(*roles[role]) for role in in_role_order(roles)}
             for k, roles in sorted(counts.items())}
 
@@ -476,11 +507,11 @@ def budget_stops(records: list[dict]) -> dict[str, int]:
     return dict(sorted(stops.items()))
 
 
-def compute_metrics(records: list[dict], difficulty: dict[str, object]) -> dict:
-    """Everything the report shows that depends only on the trajectories (so resume and sharding cannot
-    change it)."""
+def compute_metrics(records: list[dict], difficulty: dict[str, object], split_task_ids: list[str]) -> dict:
+    """Everything the report shows that depends only on the trajectories and the split (so resume and
+    sharding cannot change it)."""
     costs = role_costs(records)
-    return {**goal_completion(records),
+    return {**goal_completion(records, split_task_ids),
             "by_difficulty": tgc_by_difficulty(records, difficulty),
             "subtask_errors": subtask_errors(records),
             "roles": costs,
@@ -603,7 +634,7 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
     results = {"name": cfg.name or out.name, "split": cfg.split, "limit": cfg.limit, "root": str(root),
                "system": system, "adapters": provenance,
-               "metrics": compute_metrics(records, difficulty),
+               "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
                "timing": timing_summary(records, timings, stats),
                "tasks": task_rows(records, difficulty, timings)}
     atomic_write(out / RESULTS, json.dumps(results, indent=2) + "\n")
@@ -662,12 +693,16 @@ def markdown_report(results: dict) -> str:
         lines += ["", f"**Unfinished training** (evaluated with --allow-unfinished): {'; '.join(unfinished)}."]
     lines += ["", "## Effectiveness", "",
               f"- **TGC {m['tgc']:.1f}** ({m['passed']}/{m['tasks']} tasks pass every evaluation test)",
-              f"- **SGC {m['sgc']:.1f}** ({m['scenarios_passed']}/{m['scenarios']} scenarios with all tasks passing)",
+              f"- **SGC {m['sgc']:.1f}** ({m['scenarios_passed']}/{m['scenarios']} scenarios with all tasks passing)"
+              + (f"; {m['scenarios_left_out']} scenario(s) with only some variants in this run are left out"
+                 if m["scenarios_left_out"] else ""),
               ""]
     lines += markdown_table(["difficulty", "tasks", "TGC"],
                             [[d, v["tasks"], f"{v['tgc']:.1f}"] for d, v in m["by_difficulty"].items()])
     lines += ["", "## Efficiency", "",
-              f"- FLOPs per task: **{fmt_flops(m['flops_per_task'])}** (forward passes of every model call)",
+              f"- FLOPs per task: **{fmt_flops(m['flops_per_task'])}** (what every model call ran: prefill and decode "
+              "matmuls, attention over the actual context, the vocabulary projection only where logits were "
+              "computed; model.forward_flops)",
               f"- tokens per task: {m['tokens_per_task']:.0f}",
               f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
               f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
@@ -681,8 +716,11 @@ def markdown_report(results: dict) -> str:
                   f"process(es); model {run['model_seconds']:.1f} s, world sessions {run['world_seconds']:.1f} s "
                   "(summed over sessions)."]
     lines += ["", "## Sub-task error rates", "",
-              "Per sub-task index: planner replies in neither format, executions that raised (executor or single "
-              "agent), critic failure verdicts. Cells are errors/n (%); the planner's row K+1 is its FINISH decision.",
+              "Per sub-task index, errors/n (%) where n counts sub-tasks: planner, no valid decision within its "
+              "format retries (row K+1 is its FINISH decision); executor, the final attempt ended without a report "
+              "or with its last execution raising; single agent, the sub-task's last execution raised or none ran; "
+              "critic, a verdict contradicts the known outcome (an execution that raised, or a passed task's final "
+              "attempts), sub-tasks with no known outcome not counted.",
               ""]
     roles = in_role_order({role for row in m["subtask_errors"].values() for role in row})
     lines += markdown_table(["sub-task"] + roles,

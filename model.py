@@ -14,7 +14,8 @@ What is here, top to bottom:
                        meta device (no second copy)
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
   5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings
-  6. FLOPs, tiny preset  `flops_per_token`, `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
+  6. FLOPs, tiny preset  `forward_flops` (the one counting rule), `generate_flops`, `train_flops`;
+                       `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
   7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`,
                        `python model.py convert IN.gguf OUT/`, `python model.py fetch NAME` (see gguf_io.py)
 
@@ -832,15 +833,44 @@ def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings) -> tuple
 # 6. FLOPs, tokenizer training, the tiny preset
 # ----------------------------------------------------------------------------------------------------------------
 
-def flops_per_token(config: ModelConfig, context_len: int = 0) -> float:
-    """Forward FLOPs for one token: 2 per weight of every matmul (lm_head included, the embedding lookup not),
-    plus attention scores and weighted values against `context_len` cached positions."""
+def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: int = 0,
+                  adapter_weights: int = 0) -> float:
+    """FLOPs of one forward pass over `n_positions` new positions that follow `past` cached ones, with the
+    vocabulary projection at `n_logits` of them. This is prost's one FLOP-counting rule:
+
+        2 x (weights of every projection in every layer) per position        (q, k, v, o, gate, up, down)
+      + 2 x adapter_weights per position                                     (unmerged LoRA A and B matrices)
+      + 4 x n_layers x (n_heads x head_dim) x (keys attended) per position     (q.k scores, then weights.v)
+      + 2 x hidden_size x vocab_size per position whose logits are computed    (lm_head)
+
+    A multiply-add is 2 FLOPs; attention is causal, so absolute position p attends to p + 1 keys; norms,
+    RoPE, softmax and the embedding lookup are left out (each well under 1%). Padding in a batch is not
+    counted: this is the work the call needs, whatever it was batched with."""
     d, hd, L = config.hidden_size, config.head_dim, config.num_hidden_layers
     q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
     per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * config.intermediate_size
-    matmul = L * per_layer + d * config.vocab_size
-    attention = L * 2 * (2 * q_dim * context_len)  # q.k over context_len keys, then weights.v
-    return float(2 * matmul + attention)
+    keys = n_positions * past + n_positions * (n_positions + 1) // 2  # sum of p + 1 over the new positions
+    return float(2 * (L * per_layer + adapter_weights) * n_positions + 4 * L * q_dim * keys
+                 + 2 * d * config.vocab_size * n_logits)
+
+
+def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, adapter_weights: int = 0) -> float:
+    """FLOPs of one `generate` call that produced n_new tokens from an n_prompt-token prompt: the prefill
+    (logits at its last position only) and one single-position decode step per new token but the last
+    (the last one is never fed back). Summed, that is one pass over n_prompt + n_new - 1 positions with
+    logits at n_new of them."""
+    n_logits = max(n_new, 1)  # the prefill computes the first token's logits even when none is kept
+    return forward_flops(config, n_prompt + n_logits - 1, n_logits, adapter_weights=adapter_weights)
+
+
+def train_flops(config: ModelConfig, n_tokens: int, n_targets: int, adapter_weights: int = 0) -> float:
+    """FLOPs of one LoRA training step on one sequence: the forward pass over its first n_tokens - 1
+    positions with the vocabulary projection at the n_targets target positions only (prost.py's loss), a
+    backward pass of the same size for the gradients with respect to activations (the frozen base's weight
+    gradients are never computed), and the adapter's own weight gradients (2 per adapter weight and position)."""
+    positions = n_tokens - 1
+    return 2 * forward_flops(config, positions, n_targets, adapter_weights=adapter_weights) \
+        + 2.0 * adapter_weights * positions
 
 
 @dataclass

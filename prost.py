@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import data
 import lora
 import store
-from model import ModelConfig, Tokenizer, Transformer, flops_per_token, resolve_model_dir
+from model import ModelConfig, Tokenizer, Transformer, resolve_model_dir, train_flops
 from store import atomic_write
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
@@ -62,6 +62,7 @@ class TrainConfig:
     dev_data: str | None = None
     out: str = "ckpts"
     schedule: str = "progressive"
+    lr_schedule: str = "cosine"  # cosine: one warmup + cosine over the run; per-stage: restarted per stage
     subtasks_per_epoch: int = 1
     epochs: int = 0  # 0: until every sub-task is in, plus one epoch on everything
     micro_batch_size: int = 4
@@ -293,14 +294,37 @@ def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[
     return [micro_batches[i:i + per_step] for i in range(0, len(micro_batches), per_step)]
 
 
-def count_steps(examples, epochs: int, cfg: TrainConfig, world: int) -> int:
-    """Optimizer steps of the whole run, known up front because batch counts do not depend on shuffling."""
+LR_SCHEDULES = ("cosine", "per-stage")
+
+
+def epoch_step_counts(examples, epochs: int, cfg: TrainConfig, world: int) -> list[int]:
+    """Optimizer steps of each epoch, known up front because batch counts do not depend on shuffling."""
     per_step = cfg.grad_accum * world
-    total = 0
+    counts = []
     for epoch in range(1, epochs + 1):
         n = len(data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule))
-        total += math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step)
-    return total
+        counts.append(math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step))
+    return counts
+
+
+def lr_stages(step_counts: list[int], plans: list[data.EpochPlan], lr_schedule: str) -> list[tuple[int, int]]:
+    """(first step, steps) of each learning-rate cycle. cosine: one cycle over the whole run. per-stage: a new
+    cycle (warmup, then cosine decay) each epoch in which the curriculum adds sub-tasks, so the sub-tasks that
+    enter last are not trained only near the minimum learning rate."""
+    stages, start = [], 0
+    for epoch, (n, plan) in enumerate(zip(step_counts, plans)):
+        new_stage = epoch == 0 or (lr_schedule == "per-stage" and plan.max_subtask > plans[epoch - 1].max_subtask)
+        if new_stage:
+            stages.append((start, 0))
+        stages[-1] = (stages[-1][0], stages[-1][1] + n)
+        start += n
+    return stages
+
+
+def stage_learning_rate(step: int, stages: list[tuple[int, int]], cfg: TrainConfig) -> float:
+    """LR of 0-based optimizer step `step`: warmup and cosine decay within its cycle."""
+    first, length = next((a, n) for a, n in reversed(stages) if a <= step)
+    return learning_rate(step - first, length, math.ceil(cfg.warmup_ratio * length), cfg.lr, cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -344,12 +368,6 @@ def peak_flops(device: torch.device, override_tflops: float) -> float | None:
         return override_tflops * 1e12
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
-
-
-def train_flops_per_token(config, mean_len: float) -> float:
-    """LoRA training ~ 4N per token (forward 2N + gradients w.r.t. activations 2N; the weight gradients of
-    the frozen base are never computed), plus attention over the mean causal context (half a sequence)."""
-    return 2.0 * flops_per_token(config, context_len=int(mean_len / 2))
 
 
 @torch.no_grad()
@@ -474,12 +492,11 @@ class EpochStats:
     seconds: float
 
 
-def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, total_steps: int,
+def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, stages: list[tuple[int, int]],
               cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
               last_good: int) -> tuple[EpochStats, int]:
     """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
     steps = optimizer_steps(epoch_micro_batches(examples, epoch, cfg), cfg.grad_accum * cluster.world)
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
     bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
     loss_total, targets_total, my_tokens = 0.0, 0, 0
     start = time.perf_counter()
@@ -497,7 +514,7 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
                 f"non-finite loss or gradient at epoch {epoch}, step {i + 1}; the step was not applied. "
                 + (f"The last good checkpoint (epoch {last_good}) is in {out_dir}; " if last_good else
                    "No checkpoint was written; ") + "lower --lr or inspect the data, then run again")
-        lr = learning_rate(step, total_steps, warmup, cfg.lr, cfg.min_lr_ratio)
+        lr = stage_learning_rate(step, stages, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()
@@ -535,6 +552,8 @@ def describe_epoch(record: dict, epochs: int) -> str:
 def check_config(cfg: TrainConfig) -> None:
     if cfg.role not in data.ROLES:
         raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule})")
     positive = ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r")
     for name in positive:
         if getattr(cfg, name) < 1:
@@ -595,18 +614,23 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
     dev = load_role_examples(cfg.dev_data, cfg.role, tokenizer, cfg.max_seq_len, log) if cfg.dev_data else []
     max_subtask = max(e.subtask for e in examples)
     epochs = cfg.epochs or data.epochs_to_cover(max_subtask, cfg.subtasks_per_epoch) + 1
+    data.check_coverage(max_subtask, epochs, cfg.subtasks_per_epoch, cfg.schedule)
     plans = data.plan_schedule(examples, epochs, cfg.subtasks_per_epoch, cfg.schedule)
     log(f"{cfg.role}: {len(examples)} examples from {path}, sub-task indices 1..{max_subtask}")
     log(data.format_schedule(plans, cfg.schedule, cfg.subtasks_per_epoch))
     return RoleData(path, tokenizer, examples, dev, epochs, plans)
 
 
-def model_flops_utilisation(model, plan: data.EpochPlan, stats: EpochStats, peak: float | None,
-                            world: int) -> float | None:
+def model_flops_utilisation(model, examples: list[data.Example], epoch: int, cfg: TrainConfig,
+                            stats: EpochStats, peak: float | None, world: int) -> float | None:
+    """FLOPs the epoch's examples need (model.train_flops: padding not counted, the vocabulary projection
+    only at targets, the adapter included) per second, as a share of the devices' peak."""
     if not peak:
         return None
-    achieved = train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens / stats.seconds
-    return achieved / (peak * world)
+    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
+    adapter = sum(p.numel() for p in trainable_parameters(model).values())
+    needed = sum(train_flops(model.config, examples[i].n_tokens, examples[i].n_targets, adapter) for i in chosen)
+    return needed / stats.seconds / (peak * world)
 
 
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
@@ -641,7 +665,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         if cluster.is_main:  # the log and adapter may lag the state if a crash came right after it
             write_log(out_dir, history)
             publish_adapter(out_dir, model, saved["epoch"], epochs)
-    total_steps = count_steps(examples, epochs, cfg, cluster.world)
+    stages = lr_stages(epoch_step_counts(examples, epochs, cfg, cluster.world), role_data.plans, cfg.lr_schedule)
     peak = peak_flops(cluster.device, cfg.peak_tflops)
     if start_epoch > epochs:
         log(f"{out_dir} already finished all {epochs} epochs")
@@ -649,7 +673,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     for epoch in range(start_epoch, epochs + 1):
         plan = role_data.plans[epoch - 1]
         try:
-            stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
+            stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, stages, cfg,
                                     cluster, precision, pad_id, out_dir, len(history))
         except TrainingDiverged:
             if cluster.is_main and history:  # the published adapter stays that of the last good epoch
@@ -659,14 +683,13 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
                                      stopped=f"diverged: non-finite loss or gradient in epoch {epoch}")
             raise
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
-        mfu = model_flops_utilisation(model, plan, stats, peak, cluster.world)
+        mfu = model_flops_utilisation(model, examples, epoch, cfg, stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
                               peak_memory_gb(cluster.device))
         history.append(record)
         log(describe_epoch(record, epochs))
         state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
-                 "scheduler": {"step": step, "total_steps": total_steps,
-                               "warmup_steps": math.ceil(cfg.warmup_ratio * total_steps)},
+                 "scheduler": {"step": step, "lr_stages": stages},
                  "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
                  "rng": rng_states(cluster), "history": history}
         stopping = bool(cfg.stop_after) and epoch == cfg.stop_after and epoch < epochs
@@ -703,8 +726,12 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--grad-accum", type=int, default=d.grad_accum,
                    help="micro-batches per optimizer step and process (global batch = this x micro x processes)")
     p.add_argument("--max-seq-len", type=int, default=d.max_seq_len,
-                   help="longer examples are truncated from the left of their context (and reported)")
+                   help="longer examples are fitted by shortening old outputs, oldest first, as rollouts do "
+                        "(and reported); set it to the evaluation's --max-context to train on what roles see")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES,
+                   help="cosine: one warmup and cosine decay over the whole run; per-stage: warmup and decay "
+                        "restarted each epoch in which the progressive schedule adds sub-tasks")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final LR as a fraction of --lr")
     p.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio, help="fraction of steps warming up")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on adapter matrices")

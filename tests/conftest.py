@@ -230,3 +230,11 @@ def _kill_session(proc: subprocess.Popen) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+@pytest.fixture(scope="session")
+def tiny_preset_model(gold_train, tmp_path_factory):
+    """The demo's base: the tiny preset (4096 positions), random init, its tokenizer trained on the gold
+    train trajectories' text as `make demo` does (data.py texts, then model.py init-tiny)."""
+    import data
+    import model
+    texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
+    return model.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)

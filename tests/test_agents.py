@@ -49,7 +49,7 @@ def target_text(tokenizer, example):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Parsers and context fitting (hand-written cases).
+# Parsers (hand-written cases).
 
 def test_planner_decisions_parse_and_malformed_ones_are_none():
     assert agents.parse_plan("Sub-task: Log in to Spotify.") == "Log in to Spotify."
@@ -73,23 +73,6 @@ def test_code_blocks_python_py_unclosed_and_none():
     assert agents.extract_code("```python\nprint(apis.spotify.login(") == "print(apis.spotify.login("
     assert agents.extract_code("Done: 9 songs.") is None
     assert agents.extract_code("```\nprint(1)\n```") is None  # only python / py blocks run
-
-
-def test_fit_context_truncates_old_outputs_first_and_keeps_assistant_turns():
-    messages = [{"role": "system", "content": "s" * 50}, {"role": "user", "content": "task " * 40},
-                {"role": "assistant", "content": "a" * 300}, {"role": "user", "content": "o" * 400},
-                {"role": "assistant", "content": "b" * 300}, {"role": "user", "content": "p" * 400}]
-
-    def count(ms):
-        return sum(len(m["content"]) for m in ms)
-
-    assert agents.fit_context(messages, count, 10_000) is messages
-    fitted = agents.fit_context(messages, count, count(messages) - 200)
-    assert fitted[3]["content"].startswith("o" * agents.TRUNCATED_KEEP) and "more characters" in fitted[3]["content"]
-    assert fitted[5] == messages[5]  # only as much as needed, oldest first
-    assert [m for m in fitted if m["role"] != "user"] == [m for m in messages if m["role"] != "user"]
-    assert fitted[1] == messages[1]  # the task itself is never shortened
-    assert agents.fit_context(messages, count, 700) is None  # assistant turns alone do not fit
 
 
 def test_mistakes_are_realistic_and_fail_at_the_first_api_call():
@@ -158,6 +141,76 @@ def test_gold_trajectories_rerender_into_every_role(gold_train, chat_tokenizer):
     assert "complete_task" in target_text(chat_tokenizer, last)
 
 
+def scripted_reply(prompt: str) -> str:
+    """What a well-behaved model answers, read off the prompt it was given: the planner plans two sub-tasks
+    and finishes, the executor prints a long output twice and then reports, the critic approves."""
+    if "You are the planner" in prompt:
+        return "Sub-task: print a long line" if prompt.count("Report:") < 2 else "FINISH"
+    if "You are the critic" in prompt:
+        return "Verdict: success\nReason: it printed."
+    done = prompt.count("Output:")
+    return "Done: printed twice." if done >= 2 else f"```python\nprint('{'xy'[done]}' * 200)\n```"
+
+
+def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_preset_model, mini_world,
+                                                                        world_pool, monkeypatch):
+    """A LocalEngine rollout whose context budget forces fitting (the executor's second output pushes its
+    first one out). model.generate is replaced by a script that keeps every prompt it is given: those token
+    ids are what the model saw, and each call's training example must hold them in front of its output."""
+    seen = []
+
+    def scripted_generate(net, prompts, max_new_tokens, stop_ids=(), tokenizer=None, stop_strings=(), **kw):
+        out = []
+        for prompt in prompts:
+            seen.append(list(prompt))
+            text = scripted_reply(tokenizer.decode(prompt))
+            ids = tokenizer.encode(text)
+            out.append(model.Generation(ids, text, len(prompt), len(ids), "stop_string"))
+        return out
+
+    monkeypatch.setattr(model, "generate", scripted_generate)
+    system = agents.build_system("multi", {r: str(tiny_preset_model) for r in agents.ROLES}, {})
+    engine = system.roles["planner"].engine
+    task = world.load_split("dev", root=mini_world)[:1]
+
+    def roll_out(budgets):
+        seen.clear()
+        records = []
+        agents.run_rollouts(task, system, budgets, split="dev", root=mini_world, pool=world_pool,
+                            on_trajectory=records.append)
+        return records[0]
+
+    roomy = roll_out(agents.Budgets(new_tokens=64, context=4096))
+    executor = [c for c in roomy["calls"] if c["role"] == "executor" and c["conversation"] == 0]
+    assert not any("more characters]" in m["content"] for c in roomy["calls"] for m in c["messages"])
+    # one token less than the executor's report prompt: fitting must shorten its first output there
+    budgets = agents.Budgets(new_tokens=64, context=executor[2]["prompt_tokens"] - 1 + 64)
+    record = roll_out(budgets)
+    data.validate_trajectory(record)
+    calls = record["calls"]
+    assert [c["role"] for c in calls].count("executor") == 6 and not record["budget_stops"]
+    assert any("more characters]" in m["content"] for c in calls for m in c["messages"])  # fitting happened
+    prompts = [engine.tokenizer.chat(c["messages"], add_generation_prompt=True)[0] for c in calls]
+    assert prompts == seen  # the recorded messages are exactly what was tokenized for the model
+    assert [c["prompt_tokens"] for c in calls] == [len(p) for p in prompts]
+    by_conversation = {}
+    for role in ("planner", "executor", "critic"):
+        examples, report = data.build_examples([record], role, engine.tokenizer, budgets.context)
+        assert not report.lines()
+        for e in examples:
+            by_conversation.setdefault((role, e.conversation, e.subtask), []).append(e)
+    checked = 0
+    for call, prompt in zip(calls, prompts):
+        assert call["train"]
+        output = engine.tokenizer.chat([{"role": "assistant", "content": call["output"]}])
+        n_out = sum(output[1])  # its target tokens (the reply and <|im_end|>)
+        holders = [e for e in by_conversation[(call["role"], call["conversation"], call["subtask"])]
+                   if e.ids[:len(prompt)] == prompt and all(e.mask[len(prompt):len(prompt) + n_out])]
+        assert len(holders) == 1, call
+        checked += 1
+    assert checked == len(calls) == len(seen)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Rollouts with a tiny random model.
 
@@ -200,6 +253,8 @@ def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, 
         assert all({s["budget"] for s in r["budget_stops"]} & {"single_turns", "context"} for r in records)
     else:  # random text is no plan: the planner's format budget ends every rollout
         assert all(r["budget_stops"][-1]["budget"] == "format_retries" for r in records)
+        # and every re-asked planner reply is recorded as no training target
+        assert all(not c["train"] for r in records for c in r["calls"] if c["role"] == "planner")
 
 
 class Scripted:
@@ -232,6 +287,9 @@ def test_every_budget_stops_the_multi_agent_protocol(mini_world, world_pool):
     assert all(a["verdict"] == "failure" and "unparseable" in a["reason"]
                for s in record["subtasks"] for a in s["attempts"])
     assert len(record["executions"]) == 8 and not any(e["error"] for e in record["executions"])
+    # unparseable verdicts are recorded but never learned; the well-formed replies are targets
+    assert {c["role"]: c["train"] for c in record["calls"]} == {"planner": True, "executor": True, "critic": False}
+    assert [c["train"] for c in record["calls"] if c["role"] == "critic"] == [False] * 4
     data.validate_trajectory(record)
 
 

@@ -25,11 +25,8 @@ def conversation_calls(role, conv, system, first_user, turns):
         calls.append({"role": role, "conversation": conv, "subtask": subtask,
                       "messages": [dict(m) for m in messages], "output": output,
                       "prompt_tokens": 10 * len(messages), "new_tokens": len(output), "flops": 1.0e6,
-                      "seconds": 0.01})
-        turn = {"role": "assistant", "content": output}
-        if not train:
-            turn["train"] = False
-        messages.append(turn)
+                      "seconds": 0.01, "train": train})
+        messages.append({"role": "assistant", "content": output})
         if reply is not None:
             messages.append({"role": "user", "content": reply})
     return calls
@@ -66,7 +63,7 @@ def synthetic_trajectory(task_id="t1", n_subtasks=3, recovery_at=2, words=1):
                                         [(k, verdict, None, True)])
             critic_conv += 1
         subtasks.append({"index": k, "text": f"step {k}", "attempts": attempts})
-    return {"schema": 1, "task_id": task_id, "split": "train",
+    return {"schema": 2, "task_id": task_id, "split": "train",
             "system": {"kind": "multi", "teacher": "gold",
                        "roles": {r: {"model": "gold", "adapter": None} for r in data.MULTI_AGENT_ROLES},
                        "budgets": {"subtasks": 10}},
@@ -153,7 +150,7 @@ def write_lines(path, records):
 
 
 @pytest.mark.parametrize("corrupt, message", [
-    (lambda r: r.update(schema=2), "schema: unsupported version 2"),
+    (lambda r: r.update(schema=1), "schema: unsupported version 1"),
     (lambda r: r.pop("instruction"), "record: missing field 'instruction'"),
     (lambda r: r["calls"][1].update(role="planer"), "calls[1].role: unknown role 'planer'"),
     (lambda r: r["system"]["roles"].update(single={"model": "m", "adapter": None}),
@@ -162,7 +159,8 @@ def write_lines(path, records):
     (lambda r: r["calls"][0].update(new_tokens=True), "calls[0].new_tokens: expected int"),
     (lambda r: r["calls"][2]["messages"][2].update(content="edited"), "assistant turn 1 differs"),
     (lambda r: r["calls"][2]["messages"].pop(2), "has 1 assistant turns but is call 3"),
-    (lambda r: r["calls"][0]["messages"][0].update(train=False), "only assistant turns can be marked"),
+    (lambda r: r["calls"][2]["messages"][2].update(train=False), "flags belong to calls"),
+    (lambda r: r["calls"][0].pop("train"), "calls[0]: missing field 'train'"),
     (lambda r: r["subtasks"][0]["attempts"][0].update(verdict="maybe"), "expected 'success' or 'failure'"),
 ])
 def test_reader_names_file_line_and_problem(tmp_path, corrupt, message):
@@ -270,23 +268,113 @@ def test_unknown_role_for_examples():
         data.build_examples([synthetic_trajectory()], "judge", CharTokenizer(), 100)
 
 
-def test_long_examples_are_truncated_from_the_left_and_reported():
-    full, _ = examples_of("planner")
-    longest = max(full, key=lambda e: e.n_tokens)
-    limit = longest.n_tokens - 10
-    examples, report = examples_of("planner", max_seq_len=limit)
-    assert len(examples) == len(full)  # nothing dropped
-    cut = next(e for e in examples if e.subtask == longest.subtask)
-    assert cut.ids == longest.ids[-limit:] and cut.mask == longest.mask[-limit:]
-    assert cut.n_targets == longest.n_targets
-    (line,) = report.lines()
-    assert "truncated from the left" in line and f"({longest.n_tokens} tokens)" in line
+def test_fit_messages_shortens_old_outputs_oldest_first_and_keeps_the_rest_whole():
+    messages = [{"role": "system", "content": "s" * 50}, {"role": "user", "content": "task " * 40},
+                {"role": "assistant", "content": "a" * 300}, {"role": "user", "content": "o" * 400},
+                {"role": "assistant", "content": "b" * 300}, {"role": "user", "content": "p" * 400},
+                {"role": "assistant", "content": "c" * 300}, {"role": "user", "content": "q" * 400}]
 
-    tiny, report = examples_of("planner", max_seq_len=5)  # targets alone no longer fit
-    assert all(e.n_tokens <= 5 and e.mask[0] == 0 for e in tiny)
-    # The last 5 tokens are 3 characters + <|im_end|> + "\n"; the first kept one cannot be a target.
-    assert tiny[0].ids == full[0].ids[-5:] and tiny[0].n_targets == 3
-    assert sum("losing" in line for line in report.lines()) == len(full)
+    def count(ms):
+        return sum(len(m["content"]) for m in ms)
+
+    assert data.fit_messages(messages, count, 10_000) is messages
+    short_o = "o" * 120 + " [... 280 more characters]"  # data.TRUNCATED_KEEP = 120, written out by hand
+    fitted = data.fit_messages(messages, count, count(messages) - 200)
+    assert fitted == messages[:3] + [{"role": "user", "content": short_o}] + messages[4:]  # only the oldest
+    fitted = data.fit_messages(messages, count, count(messages) - 400)
+    assert fitted[3]["content"] == short_o and fitted[5]["content"] == "p" * 120 + " [... 280 more characters]"
+    assert fitted[7] == messages[7]  # the newest turn is never shortened, even when that means no fit
+    assert data.fit_messages(messages, count, count(fitted) - 1) is None
+    assert fitted[:3] == messages[:3] and fitted[4] == messages[4] and fitted[6] == messages[6]
+
+
+def long_report_trajectory():
+    """A planner conversation whose reports are long (300 characters), for fitting tests."""
+    turns = [(k, f"Sub-task: step {k}", f"Report {k}: " + "r" * 300, True) for k in (1, 2, 3)]
+    record = synthetic_trajectory(n_subtasks=3, recovery_at=0)
+    record["calls"] = [c for c in record["calls"] if c["role"] != "planner"] + conversation_calls(
+        "planner", 0, "You plan.", "Task t1", turns + [(4, "FINISH", None, True)])
+    return record
+
+
+def test_long_examples_are_fitted_by_the_rollout_rule_and_reported():
+    record = long_report_trajectory()
+    tok = CharTokenizer()
+    full, _ = data.build_examples([record], "planner", tok, 10_000)
+    finish = full[-1]  # the FINISH decision sees all three long reports
+    limit = finish.n_tokens - 150  # shortening the oldest report (310 -> 146 characters) is enough
+    examples, report = data.build_examples([record], "planner", tok, limit)
+    short = "Report 1: " + "r" * 110 + " [... 190 more characters]"
+    expected = [{"role": "system", "content": "You plan."}, {"role": "user", "content": "Task t1"}]
+    for k in (1, 2, 3):
+        expected += [{"role": "assistant", "content": f"Sub-task: step {k}", "train": False},
+                     {"role": "user", "content": short if k == 1 else f"Report {k}: " + "r" * 300}]
+    expected.append({"role": "assistant", "content": "FINISH"})
+    assert (examples[-1].ids, examples[-1].mask) == tok.chat(expected)
+    assert [e.ids for e in examples[:-1]] == [e.ids for e in full[:-1]]  # the short ones are untouched
+    (line,) = report.lines()
+    assert line.startswith("1 example(s) longer than max_seq_len") and "fitted" in line
+    assert f"sub-task 4 ({finish.n_tokens} tokens)" in line
+
+    examples, report = data.build_examples([record], "planner", tok, full[0].n_tokens)
+    # only the first decision fits: the others keep the newest report (300 characters) whole
+    assert [e.ids for e in examples] == [full[0].ids] and len(report.dropped) == 3
+    assert report.lines()[-1].startswith("3 example(s)") and "dropped" in report.lines()[-1]
+
+
+def test_a_reasked_planner_reply_is_not_a_target():
+    turns = [(1, "I think we should look at the profile", "Reply with exactly one line.", False),
+             (1, "Sub-task: look at the profile", "Report 1: done.", True), (2, "FINISH", None, True)]
+    record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
+    record["calls"] = [c for c in record["calls"] if c["role"] != "planner"] + conversation_calls(
+        "planner", 0, "You plan.", "Task t1", turns)
+    data.validate_trajectory(record)
+    examples, _ = examples_of("planner", [record])
+    tok = CharTokenizer()
+    assert [e.subtask for e in examples] == [1, 2]
+    assert target_texts(tok, examples[0]) == ["Sub-task: look at the profile<|im_end|>"]
+    assert "I think we should" in tok.decode(examples[0].ids)  # still the context it was re-asked in
+
+
+def test_a_mistaken_last_turn_is_not_a_target():
+    turns = [(1, "```python\nprint(1)\n```", "Error: it failed", True),
+             (1, "Done: the sub-task is complete.", None, False)]  # a premature report ends the conversation
+    record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
+    record["calls"] = [c for c in record["calls"] if c["role"] != "executor"] + conversation_calls(
+        "executor", 1, "You execute.", "Do sub-task 1", turns)
+    (example,), _ = examples_of("executor", [record])
+    tok = CharTokenizer()
+    assert target_texts(tok, example) == ["```python\nprint(1)\n```<|im_end|>"]
+    assert "Done" not in tok.decode(example.ids)
+    only_mistakes = conversation_calls("executor", 1, "You execute.", "Do 1", [(1, "wrong", None, False)])
+    record["calls"] = [c for c in record["calls"] if c["role"] != "executor"] + only_mistakes
+    assert examples_of("executor", [record])[0] == []  # nothing to learn, no example
+
+
+def test_a_target_whose_prompt_was_fitted_differently_gets_its_own_example():
+    """Four calls of one sub-task; when the fourth ran, the context was fitted by shortening the first
+    output turn, which calls 2 and 3 had seen whole: their targets must be trained on the prompts they saw,
+    not on the fourth call's view, so the sub-task yields two examples."""
+    codes = [f"```python\nprint({v})\n```" for v in "abc"]
+    calls = conversation_calls("executor", 1, "You execute.", "Do sub-task 1",
+                               [(1, codes[0], "x" * 300, True), (1, codes[1], "y", True), (1, codes[2], "z", True),
+                                (1, "Done.", None, True)])
+    calls[3]["messages"][3] = {"role": "user", "content": data.shorten("x" * 300, data.TRUNCATED_KEEP)}
+    record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
+    record["calls"] = [c for c in record["calls"] if c["role"] != "executor"] + calls
+    data.validate_trajectory(record)
+    examples, _ = examples_of("executor", [record])
+    tok = CharTokenizer()
+    assert [(e.conversation, e.subtask) for e in examples] == [(1, 1), (1, 1)]
+    assert target_texts(tok, examples[0]) == [c + "<|im_end|>" for c in codes]
+    assert target_texts(tok, examples[1]) == ["Done.<|im_end|>"]
+    for example, targets in zip(examples, [(0, 1, 2), (3,)]):
+        for i in targets:  # every target follows exactly the prompt its call saw
+            prompt = tok.chat(calls[i]["messages"])[0] + [1] + tok.encode("assistant\n")
+            output = tok.encode(calls[i]["output"]) + [2]
+            at = len(prompt)
+            assert example.ids[:at] == prompt and example.ids[at:at + len(output)] == output
+            assert example.mask[at:at + len(output)] == [1] * len(output)
 
 
 def test_format_example_highlights_targets():
@@ -320,6 +408,9 @@ def test_progressive_and_full_schedules_on_synthetic_set():
     assert schedule_sets(examples, 2, 1, "full") == [[a1, a2, a3, b1, b2, b3, b4]] * 2
     assert [data.subtasks_in_epoch(e, 4, 1) for e in (1, 2, 3, 4, 5, 9)] == [1, 2, 3, 4, 4, 4]
     assert data.epochs_to_cover(4, 1) == 4 and data.epochs_to_cover(4, 3) == 2
+    data.check_coverage(4, 4, 1), data.check_coverage(4, 2, 3), data.check_coverage(4, 1, 1, "full")
+    with pytest.raises(ValueError, match=r"reach sub-task 3 of 4, .* use --epochs 4 or more .* --subtasks-per-epoch 2"):
+        data.check_coverage(4, 3, 1)  # K = 4 is the FINISH decision: it would never be trained
 
     plans = data.plan_schedule(examples, 2, 1, "progressive")
     first = [e for e in examples if e.subtask == 1]
@@ -388,6 +479,8 @@ def test_cli_checks_and_prints_the_schedule(tmp_path, capsys):
     rows = capsys.readouterr().out.splitlines()
     assert [row.split()[:3] for row in rows[2:]] == [["1", "1..1", "1"], ["2", "1..2", "2"], ["3", "1..3", "3"],
                                                       ["4", "1..3", "3"]]
+    assert data.main(["schedule", str(path), "--role", "planner", "--model", str(tokenizer_dir), "--epochs", "2"]) == 2
+    assert "reach sub-task 2 of 3, so sub-tasks 3..3 would never be trained; use --epochs 3" in capsys.readouterr().err
     assert data.main(["show", str(path), "--role", "critic", "--model", str(tokenizer_dir)]) == 0
     assert "⟦success: output matches<|im_end|>⟧" in capsys.readouterr().out
     assert data.main(["check", str(tmp_path / "nope.jsonl")]) == 2

@@ -6,7 +6,9 @@ The mini-world is built once per test session (conftest.py); one pool of world w
 shared by the whole file.
 """
 
+import argparse
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,7 +22,7 @@ import evaluate
 import lora
 import model
 import world
-from conftest import run_child, torchrun
+from conftest import REPO, run_child, torchrun
 
 SMALL = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
                        new_tokens=12, context=1024)
@@ -64,13 +66,31 @@ class DoNothing:
 # ----------------------------------------------------------------------------------------------------
 # Effectiveness bounds, judged by AppWorld's own evaluator.
 
-def test_gold_replay_scores_100_on_the_dev_split(mini_world, pool, tmp_path):
-    results = evaluate.evaluate(evaluate.gold_system(mini_world), agents.Budgets(), config(tmp_path, mini_world),
-                                pool=pool)
+def makefile_budgets() -> tuple[agents.Budgets, int]:
+    """The budgets `make demo` evaluates under (BUDGETS in the Makefile, parsed by agents.py's own flags) and
+    the number of tasks it evaluates (EVAL_TASKS)."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    flags = re.search(r"^BUDGETS\s*\?=(.*)$", text, re.M).group(1).split()
+    parser = argparse.ArgumentParser()
+    agents.add_common_flags(parser)
+    budgets = agents.budgets_from(parser.parse_args(["--split", "dev", "--out", "x", *flags]))
+    return budgets, int(re.search(r"^EVAL_TASKS\s*\?=\s*(\d+)", text, re.M).group(1))
+
+
+def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_world, pool, tiny_preset_model,
+                                                                         tmp_path):
+    """The demo's budgets admit every task: the gold solutions, replayed through the protocol under the
+    Makefile's budgets, pass AppWorld's evaluator on the whole dev split (the demo runs its first
+    EVAL_TASKS), and with the demo's tokenizer every gold prompt fits the context budget without fitting and
+    every gold reply fits the new-token budget, so a model that learned them could reproduce them."""
+    budgets, n_demo = makefile_budgets()
+    assert budgets.subtasks >= 8 and n_demo <= len(world.load_split("dev", root=mini_world))
+    results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
     dev = world.load_split("dev", root=mini_world)
     m = results["metrics"]
     assert (m["tasks"], m["passed"], m["tgc"]) == (len(dev), len(dev), 100.0)
     assert m["scenarios"] == len({t.split("_")[0] for t in dev}) and m["sgc"] == 100.0
+    assert m["scenarios_left_out"] == 0 and m["budget_stops"] == {}
     records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
     assert [r["task_id"] for r in records] == dev  # merged in split order
     assert all(r["evaluation"]["passes"] and not r["evaluation"]["failures"] for r in records)
@@ -80,6 +100,12 @@ def test_gold_replay_scores_100_on_the_dev_split(mini_world, pool, tmp_path):
     # the gold code never raises and the gold critic never fails it
     assert all(cell["errors"] == 0 for row in m["subtask_errors"].values() for cell in row.values())
     assert (tmp_path / evaluate.REPORT).read_text().count("TGC 100.0") == 1
+    tokenizer = model.Tokenizer.from_pretrained(tiny_preset_model)
+    for r in records:
+        for call in r["calls"]:
+            prompt = len(tokenizer.chat(call["messages"], add_generation_prompt=True)[0])
+            reply = len(tokenizer.encode(call["output"])) + 1  # and the end-of-turn token
+            assert prompt <= budgets.context - budgets.new_tokens and reply <= budgets.new_tokens, call["output"]
 
 
 def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
@@ -90,6 +116,64 @@ def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
     records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
     assert all(r["evaluation"]["failures"] and not r["executions"] for r in records)
     assert m["subtask_errors"] == {"1": {"planner": {"n": len(records), "errors": 0, "rate": 0.0}}}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics on hand-built trajectories.
+
+def hand_record(task_id, passed, planner, subtasks):
+    """A multi-agent record. planner: {k: [reply, ...]}; subtasks: [[(raised per execution, report, verdict)
+    per attempt]]. Conversations are one call each except the planner's (enough for the metrics)."""
+    calls, executions, rows, critic = [], [], [], 0
+    messages = [{"role": "system", "content": "plan"}, {"role": "user", "content": "Task"}]
+    for k, replies in planner.items():
+        for reply in replies:
+            calls.append({"role": "planner", "conversation": 0, "subtask": k, "messages": list(messages),
+                          "output": reply, "prompt_tokens": 1, "new_tokens": 1, "flops": 1.0, "seconds": 0.0,
+                          "train": True})
+            messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "next"}]
+    for k, attempts in enumerate(subtasks, start=1):
+        rows.append({"index": k, "text": f"step {k}", "attempts": []})
+        for a, (raised, report, verdict) in enumerate(attempts, start=1):
+            executions += [{"subtask": k, "attempt": a, "code": "x", "output": "", "error": e} for e in raised]
+            rows[-1]["attempts"].append({"report": report, "verdict": verdict, "reason": ""})
+            calls.append({"role": "critic", "conversation": critic, "subtask": k,
+                          "messages": [{"role": "user", "content": "judge"}], "output": f"Verdict: {verdict}",
+                          "prompt_tokens": 1, "new_tokens": 1, "flops": 1.0, "seconds": 0.0, "train": True})
+            critic += 1
+    record = {"schema": data.SCHEMA_VERSION, "task_id": task_id, "split": "dev",
+              "system": {"kind": "multi", "teacher": None, "roles": {}, "budgets": {}}, "instruction": "Task",
+              "calls": calls, "executions": executions, "subtasks": rows,
+              "evaluation": {"success": passed, "passes": [], "failures": [], "num_tests": 1}, "budget_stops": []}
+    data.validate_trajectory(record)
+    return record
+
+
+def test_subtask_error_rates_count_subtasks_per_role_by_hand():
+    no_report = agents.NO_REPORT + "the executor ran out of turns)"
+    a = hand_record("a_1", True, {1: ["chatter", "Sub-task: one"], 2: ["Sub-task: two"], 3: ["FINISH"]}, [
+        [([True], "failed", "failure"), ([False, False], "done", "success")],  # a failed attempt, then a good one
+        [([False], "done", "failure")]])  # the task passed, so this failure verdict is wrong
+    b = hand_record("b_1", False, {1: ["Sub-task: one"], 2: ["Sub-task: two"], 3: ["hmm", "what"]}, [
+        [([False], no_report, "success")],  # no report: the executor erred; the outcome is unknown
+        [([False, True], "done", "success")]])  # the last execution raised: executor and critic erred
+    errors = evaluate.subtask_errors([a, b])
+    cell = evaluate.error_cell
+    assert errors == {
+        "1": {"planner": cell(2, 0), "executor": cell(2, 1), "critic": cell(1, 0)},
+        "2": {"planner": cell(2, 0), "executor": cell(2, 1), "critic": cell(2, 2)},
+        "3": {"planner": cell(2, 1)}}
+    assert errors["2"]["critic"]["rate"] == 100.0 and errors["1"]["executor"]["rate"] == 50.0
+
+
+def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
+    split = ["s1_1", "s1_2", "s2_1", "s2_2", "s3_1", "s3_2"]
+    ran = [hand_record("s1_1", True, {1: ["FINISH"]}, []), hand_record("s1_2", True, {1: ["FINISH"]}, []),
+           hand_record("s2_1", True, {1: ["FINISH"]}, []), hand_record("s2_2", False, {1: ["FINISH"]}, []),
+           hand_record("s3_1", True, {1: ["FINISH"]}, [])]  # s3_2 is beyond --limit
+    m = evaluate.goal_completion(ran, split)
+    assert (m["tasks"], m["passed"], m["tgc"]) == (5, 4, 80.0)
+    assert (m["scenarios"], m["scenarios_passed"], m["scenarios_left_out"], m["sgc"]) == (2, 1, 1, 50.0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -142,16 +226,16 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
 # ----------------------------------------------------------------------------------------------------
 # Rebuilding a system from prost.py's output folder.
 
-def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES) -> None:
+def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES, dropout=0.0, scale=0.02) -> None:
     """A PEFT-layout adapter per role on the same base, each with its own non-zero weights."""
     net = model.Transformer.from_pretrained(base)
     for i, role in enumerate(roles):
-        lora.add_adapter(net, role, r=2, alpha=4, dropout=0.0, targets=("q_proj", "v_proj"))
+        lora.add_adapter(net, role, r=2, alpha=4, dropout=dropout, targets=("q_proj", "v_proj"))
         torch.manual_seed(i)
         with torch.no_grad():
             for layer in lora.lora_layers(net).values():
                 if role in layer.lora_B:
-                    layer.lora_B[role].normal_(0, 0.02)
+                    layer.lora_B[role].normal_(0, scale)
         lora.save_adapter(net, out / role, role)
 
 
@@ -210,6 +294,19 @@ def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_
     assert evaluate.main([*argv, "--allow-unfinished"]) == 0
     report = (tmp_path / "out" / evaluate.REPORT).read_text()
     assert report.count("epoch 1 of 2 **(unfinished)**") == 3 and "**Unfinished training**" in report
+def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micro, mini_world, pool, tmp_path):
+    """Adapters saved with dropout 0.5 (what prost.py records) and large weights, loaded exactly as
+    evaluate.py loads them: no module may be in training mode, and two runs give the same trajectories."""
+    write_role_adapters(micro, tmp_path / "ckpts", dropout=0.5, scale=0.5)
+    system = evaluate.load_system(evaluate.system_spec(agents_dir=tmp_path / "ckpts"), "cpu", "float32")
+    engine = system.roles["planner"].engine
+    assert lora.lora_layers(engine.model) and not [n for n, m in engine.model.named_modules() if m.training]
+    runs = [evaluate.evaluate(system, SMALL, config(tmp_path / f"run{i}", mini_world, limit=2, workers=1), pool=pool)
+            for i in (1, 2)]
+    assert runs[0]["metrics"] == runs[1]["metrics"]
+    first, second = (without_timing(data.read_trajectories(tmp_path / f"run{i}" / evaluate.TRAJECTORIES))
+                     for i in (1, 2))
+    assert first == second
 
 
 # ----------------------------------------------------------------------------------------------------

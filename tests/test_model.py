@@ -386,13 +386,42 @@ def test_init_tiny_loads_in_transformers(tmp_path):
     assert tok.stop_ids == {tok.encode("<|im_end|>")[0], tok.encode("<|endoftext|>")[0]}
 
 
-def test_flops_per_token_counts_matmul_weights(qwen2_ckpt):
+def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
+    """Hand count for the tiny Qwen2 (2 layers, 4 heads x 16 dims, vocab 320), then torch's own FLOP counter
+    around `generate` confirms the matmuls: every projection at every position, lm_head only where logits
+    were computed (the prompt's last position and each decode step)."""
+    from torch.utils.flop_counter import FlopCounterMode
     folder, hf = qwen2_ckpt
-    linear = sum(m.weight.numel() for m in hf.modules() if isinstance(m, torch.nn.Linear))  # incl. lm_head
     config = M.ModelConfig.from_hf(folder)
-    assert M.flops_per_token(config) == 2 * linear
-    # per layer and context position: q.k and weights.v, 2 FLOPs per multiply-add, over 4 heads x 16 dims
-    assert M.flops_per_token(config, context_len=10) - 2 * linear == 2 * 2 * 2 * (4 * 16) * 10
+    projections = sum(m.weight.numel() for name, m in hf.named_modules()
+                      if isinstance(m, torch.nn.Linear) and name != "lm_head")
+    lm_head = hf.lm_head.weight.numel()  # 64 x 320
+    # a 5-token prompt and 3 new tokens: positions 0..6 run (prefill 5, decode 2), position p sees p + 1 keys
+    attention = 2 * 4 * (4 * 16) * sum(range(1, 8))  # layers x (q.k + weights.v: 4 per query dim) x keys
+    assert M.generate_flops(config, 5, 3) == 2 * projections * 7 + attention + 2 * lm_head * 3
+    assert M.forward_flops(config, 2, 0, past=5) == 2 * projections * 2 + 2 * 4 * (4 * 16) * (6 + 7)
+    assert M.train_flops(config, 8, 3) == 2 * (2 * projections * 7 + attention + 2 * lm_head * 3)
+
+    ours = M.Transformer.from_pretrained(folder)
+    prompt = [5, 17, 42, 99, 7]
+    with FlopCounterMode(display=False) as counter:
+        (g,) = M.generate(ours, [prompt], 3)
+    assert g.n_new == 3  # no stop ids: all three decoded
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(n for op, n in counts.items() if "mm" in str(op) and "attention" not in str(op))
+    assert matmuls == 2 * projections * 7 + 2 * lm_head * 3
+
+    import lora  # an unmerged adapter runs its A and B matmuls at every position too
+    lora.add_adapter(ours, "a", r=2, alpha=4, targets=("q_proj", "v_proj"))
+    lora.set_adapter(ours, "a")
+    adapter = sum(p.numel() for p in lora.adapter_parameters(ours, "a"))
+    assert adapter == 2 * (2 * (64 + 64) + 2 * (64 + 32))  # layers x (q: r x (64 + 64), v: r x (64 + 32))
+    with FlopCounterMode(display=False) as counter:
+        M.generate(ours, [prompt], 3)
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(n for op, n in counts.items() if "mm" in str(op) and "attention" not in str(op))
+    assert matmuls == 2 * (projections + adapter) * 7 + 2 * lm_head * 3
+    assert M.generate_flops(config, 5, 3, adapter) - M.generate_flops(config, 5, 3) == 2 * adapter * 7
 
 
 def test_legacy_rope_fields():

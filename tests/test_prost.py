@@ -80,6 +80,24 @@ def test_learning_rate_warmup_then_cosine_by_hand():
     assert lr[10] == pytest.approx(0.1)
 
 
+def test_per_stage_schedule_restarts_warmup_and_decay_when_subtasks_enter():
+    plans = [data.EpochPlan(e, k, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
+    counts = [2, 3, 4, 5]  # optimizer steps per epoch
+    assert prost.lr_stages(counts, plans, "cosine") == [(0, 14)]
+    assert prost.lr_stages(counts, plans, "per-stage") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing
+    cfg = prost.TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_ratio=0.25)
+    stages = [(0, 2), (2, 3), (5, 9)]
+    lrs = [prost.stage_learning_rate(s, stages, cfg) for s in range(14)]
+
+    def cosine(progress):
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    # by hand: each cycle warms up for ceil(0.25 n) steps (1, 1, 3), then decays over the rest of it
+    expected = [1.0, cosine(0)] + [1.0, cosine(0), cosine(1 / 2)] + [1 / 3, 2 / 3, 1.0] + [
+        cosine(i / 6) for i in range(6)]
+    assert lrs == pytest.approx(expected)
+
+
 def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
     """One micro-batch of 8 and four of 2 give the same gradient of the mean token loss (padding differs)."""
     ckpt, _ = base
@@ -202,6 +220,9 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(data=str(bad)), f"{bad}:2: record: missing field"),
         (dict(grad_accum=0), "--grad-accum must be at least 1"),
         (dict(device="tpu"), "--device must be auto, cpu or cuda"),
+        # the planner's indices are 1..4 (4 = FINISH): 3 epochs of one new sub-task would never train FINISH
+        (dict(epochs=3), "reach sub-task 3 of 4, so sub-tasks 4..4 would never be trained; use --epochs 4"),
+        (dict(epochs=1, subtasks_per_epoch=3), "reach sub-task 3 of 4"),
     ]
     for flags, message in cases:
         code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
@@ -220,7 +241,8 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
     before = default.read_bytes()
     monkeypatch.setenv("APPWORLD_ROOT", str(mini_world))
     monkeypatch.setattr(prost, "DEFAULT_DATA", default)
-    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=1, max_seq_len=256), capsys)
+    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=0, stop_after=1, max_seq_len=256),
+                        capsys)
     assert code == 0, err
     assert default.read_bytes() == before
     [epoch] = [json.loads(line) for line in (tmp_path / "ck" / "planner" / prost.LOG_FILE).read_text().splitlines()]
@@ -229,12 +251,12 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
 
 
 def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4))
     state = tmp_path / "planner" / prost.STATE_FILE
     before = state.read_bytes()
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, lr=1e-3), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4, lr=1e-3), capsys)
     assert code == 2 and "holds a different run (lr: 0.005 there vs 0.001 now)" in err
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4), capsys)
     assert code == 2 and "already holds this run (epoch 1 of 1 done); pass --resume" in err
     assert state.read_bytes() == before
     stray = tmp_path / "other" / "planner"
@@ -246,12 +268,12 @@ def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path,
     # A crash inside the first checkpoint leaves this run's files but no state: the run starts over.
     crashed = tmp_path / "crashed" / "planner"
     shutil.copytree(tmp_path / "planner", crashed, ignore=shutil.ignore_patterns(prost.STATE_FILE))
-    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1))) == 1
+    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1, subtasks_per_epoch=4))) == 1
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
                                                                    monkeypatch):
-    good = prost.train(config(base, trajectories, tmp_path, epochs=3, stop_after=1))
+    good = prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after=1))
     adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
     real = prost.target_token_losses
 
@@ -260,7 +282,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajecto
         return losses * float("nan"), rows
 
     monkeypatch.setattr(prost, "target_token_losses", poisoned)
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, resume=True), capsys)
+    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, resume=True), capsys)
     assert code == 1
     assert "non-finite loss or gradient at epoch 2, step 1" in err and "last good checkpoint (epoch 1)" in err
     kept = adapter_tensors(tmp_path / "planner")
