@@ -277,10 +277,11 @@ class ModelReply:
     messages: list[dict] | None  # what the model saw (old outputs maybe truncated); None = did not fit
     prompt_tokens: int = 0
     new_tokens: int = 0
-    flops: float = 0.0
+    flops: float = 0.0  # forward FLOPs of the call as if nothing were cached
     seconds: float = 0.0
     stop_reason: str = "stop_id"  # "length" means the new-token budget cut the reply
     train: bool = True  # False marks a teacher's deliberate mistake (never a training target)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (not computed)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -317,7 +318,7 @@ class Recorder:
         self.record["calls"].append({
             "role": conv.role, "conversation": conv.id, "subtask": subtask, "messages": reply.messages,
             "output": reply.text, "prompt_tokens": reply.prompt_tokens, "new_tokens": reply.new_tokens,
-            "flops": reply.flops, "seconds": reply.seconds})
+            "cached_tokens": reply.cached_tokens, "flops": reply.flops, "seconds": reply.seconds})
 
     def add_execution(self, subtask: int, attempt: int, code: str, result) -> dict:
         execution = {"subtask": subtask, "attempt": attempt, "code": code, "output": result.output,
@@ -560,20 +561,35 @@ def call_flops(config, n_prompt: int, n_new: int) -> float:
     return positions * model.flops_per_token(config, context_len=(positions + 1) / 2)
 
 
-class LocalEngine:
-    """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters."""
+PREFIX_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prefix cache (SmolLM2-135M fp32: 46 KiB/token)
+DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prefix cache's reuse granularity
 
-    def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32"):
+
+class LocalEngine:
+    """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters.
+
+    A prefix cache (per adapter, `prefix_cache_tokens` tokens at most, 0 = off) lets each call compute only the
+    prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
+    prefilled in aligned chunks): a call's tokens then depend on its prompt alone, not on which calls shared its
+    batch or what the cache held, so results do not change with --workers or --max-batch (see generate).
+    """
+
+    def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False):
         self.name = str(name_or_path)
         self.model = model.Transformer.from_pretrained(name_or_path, device=device,
                                                        dtype=getattr(torch, dtype))
         self.model.eval()
         self.tokenizer = model.Tokenizer.from_pretrained(name_or_path)
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
+        self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.deterministic = deterministic
 
     def load_adapter(self, folder: str, name: str) -> None:
         lora.load_adapter(self.model, folder, name)
         self.adapters[name] = str(folder)
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # keys/values cached under this name may come from other weights
 
     def count(self, messages: list[dict]) -> int:
         return len(self.tokenizer.chat(messages, add_generation_prompt=True)[0])
@@ -590,13 +606,17 @@ class LocalEngine:
             return replies
         prompts = [self.tokenizer.chat(fitted[i], add_generation_prompt=True)[0] for i in runnable]
         start = time.perf_counter()
+        decode = lambda batch: model.generate(  # noqa: E731
+            self.model, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
+            stop_strings=requests[0].stop_strings, prefix_cache=self.prefix_cache, namespace=adapter,
+            prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None)
         with torch.no_grad():
-            generations = model.generate(self.model, prompts, budgets.new_tokens, self.tokenizer.stop_ids,
-                                         tokenizer=self.tokenizer, stop_strings=requests[0].stop_strings)
+            generations = [decode([p])[0] for p in prompts] if self.deterministic else decode(prompts)
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
-                                    call_flops(self.model.config, g.n_prompt, g.n_new), share, g.stop_reason)
+                                    call_flops(self.model.config, g.n_prompt, g.n_new), share, g.stop_reason,
+                                    cached_tokens=g.n_cached)
         return replies
 
 
@@ -829,7 +849,8 @@ class System:
 
 
 def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | None], device: str = "cpu",
-                 dtype: str = "float32", teacher: str | None = None) -> System:
+                 dtype: str = "float32", teacher: str | None = None,
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False) -> System:
     """Load each distinct base model once; roles with an adapter load it under the role's name.
     `models` maps role -> model id or folder; a role with an adapter but no model uses the adapter's
     recorded base model."""
@@ -842,7 +863,7 @@ def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | No
         if base is None:
             raise ValueError(f"no model for the {role}: give --model or --{role}-model or --{role}-adapter")
         if base not in engines:
-            engines[base] = LocalEngine(base, device, dtype)
+            engines[base] = LocalEngine(base, device, dtype, prefix_cache_tokens, deterministic)
         if adapter:
             engines[base].load_adapter(adapter, role)
         roles[role] = Binding(engines[base], role if adapter else None, str(adapter) if adapter else None)
@@ -990,7 +1011,8 @@ def count_tokens(record: dict, tokenizer) -> None:
 
 def teacher_system(teacher: str | None, url: str | None = None, url_model: str | None = None,
                    api_key_env: str = "OPENAI_API_KEY", root=None, recovery_share: float = 0.5,
-                   device: str = "cpu", dtype: str = "float32", tokenizer=None) -> System:
+                   device: str = "cpu", dtype: str = "float32", tokenizer=None, engine: dict | None = None
+                   ) -> System:
     """The system a teacher runs as: gold, a chat endpoint, or a loadable model, as every role.
     `tokenizer` (of the model being trained) measures an endpoint's prompts against the context budget."""
     if url:
@@ -1005,7 +1027,7 @@ def teacher_system(teacher: str | None, url: str | None = None, url_model: str |
         return single_engine_system(GoldEngine(root, recovery_share), teacher="gold")
     if not teacher:
         raise ValueError("give a teacher: --teacher gold, --teacher MODEL or --teacher-url URL")
-    return single_engine_system(LocalEngine(teacher, device, dtype), teacher=teacher)
+    return single_engine_system(LocalEngine(teacher, device, dtype, **(engine or {})), teacher=teacher)
 
 
 @dataclass
@@ -1072,11 +1094,33 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for local models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype for local models")
+    add_decode_flags(parser, "batched")
     defaults = Budgets()
     for f in fields(Budgets):
         parser.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int,
                             default=getattr(defaults, f.name),
                             help=f"budget: {BUDGET_HELP[f.name]} (default {getattr(defaults, f.name)})")
+
+
+def add_decode_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """Flags of how local models decode (agents.py and evaluate.py; evaluation defaults to deterministic)."""
+    parser.add_argument("--decode", choices=("batched", "deterministic"), default=default,
+                        help="batched: pending calls share one generate batch (fastest; near-ties can go either "
+                        "way depending on the batch); deterministic: every call decoded on its own, so results "
+                        f"do not depend on --workers/--max-batch (default: {default})")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=PREFIX_CACHE_TOKENS,
+                        help="tokens of keys/values kept to reuse across calls (least recently used evicted "
+                        f"first; default {PREFIX_CACHE_TOKENS})")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt from scratch (for ablations)")
+
+
+def engine_options(args) -> dict:
+    """LocalEngine keyword arguments from the decode flags."""
+    if args.prefix_cache_tokens < 1:
+        raise ValueError("--prefix-cache-tokens must be positive (use --no-prefix-cache to turn it off)")
+    return {"prefix_cache_tokens": 0 if args.no_prefix_cache else args.prefix_cache_tokens,
+            "deterministic": args.decode == "deterministic"}
 
 
 def budgets_from(args) -> Budgets:
@@ -1126,7 +1170,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "collect":
             tokenizer = model.Tokenizer.from_pretrained(args.count_with) if args.count_with else None
             system = teacher_system(args.teacher, args.teacher_url, args.teacher_model, args.api_key_env,
-                                    args.root, args.recovery_share, args.device, args.dtype, tokenizer)
+                                    args.root, args.recovery_share, args.device, args.dtype, tokenizer,
+                                    engine_options(args))
             summary = collect(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                               max_batch=args.max_batch, keep_failed=args.keep_failed, limit=args.limit,
                               tokenizer=tokenizer)
@@ -1140,7 +1185,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = "single" if args.single else "multi"
             models = {role: getattr(args, f"{role}_model") or args.model for role in ROLES}
             adapters = {role: getattr(args, f"{role}_adapter") for role in ROLES}
-            system = build_system(kind, models, adapters, args.device, args.dtype)
+            system = build_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                         max_batch=args.max_batch, limit=args.limit)
             records = [r for r in data.read_trajectories(args.out) if r["split"] == args.split]

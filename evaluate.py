@@ -141,9 +141,10 @@ def system_spec(agents_dir=None, single=None, model_id=None, kind="multi") -> Sy
     return spec
 
 
-def load_system(spec: SystemSpec, device: str, dtype: str) -> agents.System:
-    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it."""
-    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype)
+def load_system(spec: SystemSpec, device: str, dtype: str, engine: dict | None = None) -> agents.System:
+    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it;
+    `engine`: LocalEngine options (agents.engine_options)."""
+    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype, **(engine or {}))
 
 
 def gold_system(root=None) -> agents.System:
@@ -763,6 +764,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weight dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
+    agents.add_decode_flags(p, "deterministic")
     defaults = agents.Budgets()
     for f in fields(agents.Budgets):
         p.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int, default=getattr(defaults, f.name),
@@ -778,7 +780,7 @@ def system_from_args(args) -> tuple[agents.System, str]:
         return gold_system(args.root), "gold"
     spec = system_spec(args.agents, args.single, args.model, args.kind)
     device = rank_device(args.device)
-    return load_system(spec, device, rank_dtype(args.dtype, device)), spec.label
+    return load_system(spec, device, rank_dtype(args.dtype, device), agents.engine_options(args)), spec.label
 
 
 def summary_line(results: dict) -> str:
