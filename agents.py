@@ -563,6 +563,7 @@ def call_flops(config, n_prompt: int, n_new: int) -> float:
 
 PREFIX_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prefix cache (SmolLM2-135M fp32: 46 KiB/token)
 DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prefix cache's reuse granularity
+PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (model.generate's prompt_lookup)
 
 
 class LocalEngine:
@@ -572,10 +573,12 @@ class LocalEngine:
     prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
     prefilled in aligned chunks): a call's tokens then depend on its prompt alone, not on which calls shared its
     batch or what the cache held, so results do not change with --workers or --max-batch (see generate).
+    `prompt_lookup` drafts that many tokens from a lone row's own context per step (0 = off).
     """
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
-                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False):
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
+                 prompt_lookup: int = PROMPT_LOOKUP):
         self.name = str(name_or_path)
         self.model = model.Transformer.from_pretrained(name_or_path, device=device,
                                                        dtype=getattr(torch, dtype))
@@ -584,6 +587,7 @@ class LocalEngine:
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
         self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.deterministic = deterministic
+        self.prompt_lookup = prompt_lookup
 
     def load_adapter(self, folder: str, name: str) -> None:
         lora.load_adapter(self.model, folder, name)
@@ -609,7 +613,7 @@ class LocalEngine:
         decode = lambda batch: model.generate(  # noqa: E731
             self.model, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
             stop_strings=requests[0].stop_strings, prefix_cache=self.prefix_cache, namespace=adapter,
-            prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None)
+            prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
         with torch.no_grad():
             generations = [decode([p])[0] for p in prompts] if self.deterministic else decode(prompts)
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
@@ -850,7 +854,8 @@ class System:
 
 def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | None], device: str = "cpu",
                  dtype: str = "float32", teacher: str | None = None,
-                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False) -> System:
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
+                 prompt_lookup: int = PROMPT_LOOKUP) -> System:
     """Load each distinct base model once; roles with an adapter load it under the role's name.
     `models` maps role -> model id or folder; a role with an adapter but no model uses the adapter's
     recorded base model."""
@@ -863,7 +868,7 @@ def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | No
         if base is None:
             raise ValueError(f"no model for the {role}: give --model or --{role}-model or --{role}-adapter")
         if base not in engines:
-            engines[base] = LocalEngine(base, device, dtype, prefix_cache_tokens, deterministic)
+            engines[base] = LocalEngine(base, device, dtype, prefix_cache_tokens, deterministic, prompt_lookup)
         if adapter:
             engines[base].load_adapter(adapter, role)
         roles[role] = Binding(engines[base], role if adapter else None, str(adapter) if adapter else None)
@@ -1113,14 +1118,19 @@ def add_decode_flags(parser: argparse.ArgumentParser, default: str) -> None:
                         f"first; default {PREFIX_CACHE_TOKENS})")
     parser.add_argument("--no-prefix-cache", action="store_true",
                         help="recompute every prompt from scratch (for ablations)")
+    parser.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP,
+                        help="draft tokens a call decoding alone copies from its own prompt and verifies in one "
+                        f"step (0 = off; default {PROMPT_LOOKUP})")
 
 
 def engine_options(args) -> dict:
     """LocalEngine keyword arguments from the decode flags."""
     if args.prefix_cache_tokens < 1:
         raise ValueError("--prefix-cache-tokens must be positive (use --no-prefix-cache to turn it off)")
+    if args.prompt_lookup < 0:
+        raise ValueError("--prompt-lookup must be 0 (off) or positive")
     return {"prefix_cache_tokens": 0 if args.no_prefix_cache else args.prefix_cache_tokens,
-            "deterministic": args.decode == "deterministic"}
+            "deterministic": args.decode == "deterministic", "prompt_lookup": args.prompt_lookup}
 
 
 def budgets_from(args) -> Budgets:

@@ -734,6 +734,34 @@ def _common_prefix(a, b, limit: int) -> int:
 
 
 @dataclass
+class _NgramIndex:
+    """Where each 3-gram and 2-gram of a token sequence last occurred, for prompt-lookup drafts: the tokens that
+    followed the latest earlier occurrence of the sequence's last n tokens are a likely continuation (agents copy
+    names, code and values from their prompt)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens: list[int] = []
+        self.after: dict[tuple, int] = {}  # n-gram -> index of the token that followed its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for t in tokens:
+            end = len(self.tokens)  # the n-grams ending at the current last token are followed by t
+            for n in (2, 3):
+                if end >= n:
+                    self.after[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(t)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the last 3 (else 2) tokens."""
+        for n in (3, 2):
+            start = self.after.get(tuple(self.tokens[-n:])) if k > 0 and len(self.tokens) > n else None
+            if start is not None:
+                return self.tokens[start:start + k]
+        return []
+
+
+@dataclass
 class Generation:
     ids: list[int]  # new tokens, including the stop token when one ended the sequence
     text: str | None  # decoded new tokens without a final stop token; cut right after a stop string; None w/o tok
@@ -747,7 +775,7 @@ class Generation:
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
              tokenizer: Tokenizer | None = None, stop_strings=(), pad_id: int | None = None,
              prefix_cache: PrefixCache | None = None, namespace=None,
-             prefill_chunk: int | None = None) -> list[Generation]:
+             prefill_chunk: int | None = None, prompt_lookup: int = 0) -> list[Generation]:
     """Greedy continuations of a batch of token-id prompts (any lengths), one KV-cache pass for the batch.
 
     Prompts are left-padded to a common length; each row's RoPE positions start at 0 at its first real token
@@ -760,6 +788,12 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     calls. With `prefill_chunk` C, prompts are computed in chunks of C tokens aligned at position 0 and only
     whole chunks are reused or stored: a chunk's keys/values are then the same bits whether they were cached or
     computed, so (at batch 1) the tokens depend on the prompt alone, not on what the cache held.
+
+    With `prompt_lookup` k > 0, a row decoding alone (batch 1, or the last row of a batch) feeds up to k draft
+    tokens copied from its own context after the latest earlier occurrence of its last 3 (or 2) tokens, and keeps
+    the longest run of them the model itself predicts, plus its next token: greedy tokens are unchanged (up to fp
+    rounding: a step then computes several positions at once), and every accepted draft token saves one pass over
+    the weights, which bounds decoding at batch 1.
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the new tokens")
@@ -786,26 +820,40 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     texts: list[str | None] = [None] * B
     reasons: list[str | None] = [None] * B
     rows = list(range(B))  # prompt index of each batch row; finished prompts leave the batch
-    for step in range(max_new_tokens):
-        if step:
-            h = model.hidden(next_ids[:, None], cache)[:, -1]  # (rows, D)
-        next_ids = model.lm_head(h).argmax(-1)  # (rows,)
-        for b, t in zip(rows, next_ids.tolist()):
-            new[b].append(t)
-            reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings, stop_window)
-        last = step == max_new_tokens - 1
-        keep = [i for i, b in enumerate(rows) if reasons[b] is None and not last]
+    steps = [[t] for t in model.lm_head(h).argmax(-1).tolist()]  # per batch row: its new tokens this step
+    lookup = None  # the n-gram index of a lone row's tokens, for prompt-lookup drafts
+    while True:
+        for b, tokens in zip(rows, steps):
+            for t in tokens[:max_new_tokens - len(new[b])]:
+                new[b].append(t)
+                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings, stop_window)
+                if reasons[b]:
+                    break  # drafted tokens after a stop are dropped
+        finished = [reasons[b] is not None or len(new[b]) == max_new_tokens for b in rows]
         if prefix_cache is not None:
             for i, b in enumerate(rows):
-                if reasons[b] is not None or last:
+                if finished[i]:
                     _store_row(prefix_cache, namespace, cache, i, prompts[b] + new[b][:-1], len(prompts[b]),
                                prefill_chunk)
+        keep = [i for i, done in enumerate(finished) if not done]
         if not keep:
             break
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.select(index)
-            next_ids, rows = next_ids[index], [rows[i] for i in keep]
+            cache.select(torch.tensor(keep, device=device))
+            rows = [rows[i] for i in keep]
+        if len(rows) == 1 and prompt_lookup:  # a lone row: verify a draft copied from its own context
+            b = rows[0]
+            lookup = lookup or _NgramIndex(prompts[b])
+            lookup.extend(new[b][len(lookup.tokens) - len(prompts[b]):])  # its tokens so far, the last included
+            draft = lookup.draft(min(prompt_lookup, max_new_tokens - len(new[b]) - 1))
+            logits = model.lm_head(model.hidden(torch.tensor([[new[b][-1]] + draft], device=device), cache))
+            predicted = logits[0].argmax(-1).tolist()  # (1 + len(draft),) the model's token after each fed one
+            accepted = next((j for j, (d, t) in enumerate(zip(draft, predicted)) if d != t), len(draft))
+            cache.length -= len(draft) - accepted  # slots of rejected draft tokens are overwritten later
+            steps = [predicted[:accepted + 1]]
+        else:
+            last = torch.tensor([new[b][-1] for b in rows], device=device)[:, None]  # (rows, 1)
+            steps = [[t] for t in model.lm_head(model.hidden(last, cache)[:, -1]).argmax(-1).tolist()]
     out = []
     for b in range(B):
         reason = reasons[b] or "length"

@@ -215,3 +215,23 @@ def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, min
                                                                  for c in r["calls"]]} for r in records]
     assert runs[1] == runs[4]
     assert sum(len(r["calls"]) for r in runs[1][1]) > 4
+
+
+def test_prompt_lookup_drafts_keep_the_greedy_tokens_in_fewer_steps(qwen2_ckpt):
+    folder, hf = qwen2_ckpt
+    ours = M.Transformer.from_pretrained(folder)
+    g = torch.Generator().manual_seed(5)
+    steps, saved = [], 0
+    ours.lm_head.register_forward_pre_hook(lambda module, args: steps.append(1))
+    for n in (5, 8, 11, 14):
+        prompt = torch.randint(3, 320, (n,), generator=g).tolist() * 3  # repeats: drafts can come true
+        [plain] = M.generate(ours, [prompt], 60, stop_ids={2})  # transformers stops at the eos (2) too
+        steps.clear()
+        [drafted] = M.generate(ours, [prompt], 60, stop_ids={2}, prompt_lookup=4)
+        assert drafted.ids == plain.ids == hf_greedy(hf, prompt, 60)
+        saved += len(plain.ids) - len(steps)  # one lm_head call per step
+    assert saved > 0  # greedy random models fall into loops: drafts copied from the context come true
+    # rows of a batch that finish at different times (stop ids), the last one decoding alone with drafts
+    prompts = [torch.randint(3, 320, (n,), generator=g).tolist() * 2 for n in (5, 9, 13)]
+    alone = [M.generate(ours, [p], 30, stop_ids={7, 9, 11})[0].ids for p in prompts]
+    assert [x.ids for x in M.generate(ours, prompts, 30, stop_ids={7, 9, 11}, prompt_lookup=4)] == alone
