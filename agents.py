@@ -630,18 +630,23 @@ class HttpEngine:
     token counts with the tokenizer of the model being trained)."""
 
     def __init__(self, url: str, model_name: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 300,
-                 count=None):
+                 count=None, retries: int = 5, backoff: float = 1.0, concurrency: int = 16):
         self.url = chat_completions_url(url)
         self.name = f"{model_name} @ {url}"
         self.model_name = model_name
         self.api_key = os.environ.get(api_key_env, "")
         self.timeout = timeout
+        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
         # Without the trained model's tokenizer, about 4 characters per token decides what fits.
         self.count = count or (lambda messages: sum(len(m["content"]) for m in messages) // 4)
 
     def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
                  ) -> list[ModelReply]:
-        return [self.complete_one(r, budgets) for r in requests]
+        """All pending requests at once (an endpoint like vLLM batches concurrent requests), replies in order."""
+        if len(requests) <= 1:
+            return [self.complete_one(r, budgets) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.concurrency)) as threads:
+            return list(threads.map(lambda r: self.complete_one(r, budgets), requests))
 
     def complete_one(self, request: ModelRequest, budgets: Budgets) -> ModelReply:
         messages = fit_context(request.messages, self.count, budgets.context - budgets.new_tokens)
@@ -652,7 +657,7 @@ class HttpEngine:
         if request.stop_strings:
             body["stop"] = list(request.stop_strings)
         start = time.perf_counter()
-        answer = post_json(self.url, body, self.api_key, self.timeout)
+        answer = post_json(self.url, body, self.api_key, self.timeout, self.retries, self.backoff)
         try:
             choice = answer["choices"][0]
             text = choice["message"]["content"] or ""
@@ -671,18 +676,35 @@ def chat_completions_url(url: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
-def post_json(url: str, body: dict, api_key: str, timeout: float) -> dict:
+RETRY_STATUS = {429, 500, 502, 503, 504}  # rate limits and overloaded or restarting servers: worth another try
+
+
+def post_json(url: str, body: dict, api_key: str, timeout: float, retries: int = 0, backoff: float = 1.0) -> dict:
+    """POST body as JSON and parse the JSON answer. HTTP 429/5xx and failed connections are retried `retries`
+    times, waiting backoff * 2^i seconds (or the server's Retry-After, if shorter than a minute) before try i+1;
+    after the last, a ValueError says what the endpoint answered."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered HTTP {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot use the chat endpoint {url}: {e}") from None
+    for attempt in range(retries + 1):
+        wait = backoff * 2 ** attempt
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read().decode())
+        except urllib.error.HTTPError as e:
+            problem = f"{url} answered HTTP {e.code}: {e.read().decode(errors='replace')[:200]}"
+            if e.code not in RETRY_STATUS:
+                raise ValueError(problem) from None
+            after = e.headers.get("Retry-After", "")
+            wait = min(float(after), 60.0) if after.replace(".", "", 1).isdigit() else wait
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{url} answered something that is not JSON: {e}") from None
+        except (urllib.error.URLError, OSError) as e:
+            problem = f"cannot use the chat endpoint {url}: {e}"
+        if attempt < retries:
+            time.sleep(wait)
+    raise ValueError(f"{problem} (gave up after {retries + 1} attempts)")
 
 
 def close_code_block(text: str) -> str:

@@ -1,10 +1,13 @@
 """Rollout throughput features against independent references: the prefix KV cache (greedy ids equal
 transformers' generate, which recomputes every prompt; cached lengths and evictions computed by hand), and
 reproducible evaluation (a crafted near-tie that batched decoding flips and deterministic decoding does not;
-evaluate.py's metrics and trajectories equal with --workers 1 / --max-batch 1 and --workers 4 / --max-batch 16).
+evaluate.py's metrics and trajectories equal with --workers 1 / --max-batch 1 and --workers 4 / --max-batch 16),
+and the OpenAI-compatible teacher against a local server on a free port (concurrent requests, 503 retries).
 """
 
+import http.server
 import json
+import threading
 
 import pytest
 import torch
@@ -235,3 +238,69 @@ def test_prompt_lookup_drafts_keep_the_greedy_tokens_in_fewer_steps(qwen2_ckpt):
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() * 2 for n in (5, 9, 13)]
     alone = [M.generate(ours, [p], 30, stop_ids={7, 9, 11})[0].ids for p in prompts]
     assert [x.ids for x in M.generate(ours, prompts, 30, stop_ids={7, 9, 11}, prompt_lookup=4)] == alone
+
+
+# ----------------------------------------------------------------------------------------------------
+# The OpenAI-compatible teacher: concurrent requests, retries, a clear error after the last one.
+
+class FlakyHandler(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to the first `failures` tries of each request (by its user message), then an answer once all
+    `together` requests are waiting at the same time (a barrier: requests sent one by one never get past it)."""
+    failures, together, tries, barrier = 0, 1, {}, None
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        key = body["messages"][-1]["content"]
+        cls = FlakyHandler
+        cls.tries[key] = cls.tries.get(key, 0) + 1
+        if cls.tries[key] <= cls.failures:
+            return self.answer(503, {"error": "overloaded"})
+        try:
+            cls.barrier.wait(timeout=20)
+        except threading.BrokenBarrierError:
+            return self.answer(500, {"error": "requests did not arrive together"})
+        self.answer(200, {"choices": [{"message": {"content": f"echo {key}"}, "finish_reason": "stop"}]})
+
+    def answer(self, code: int, obj: dict) -> None:
+        payload = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def flaky_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)  # a free port
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def configure(failures: int, together: int) -> None:
+    FlakyHandler.failures, FlakyHandler.together, FlakyHandler.tries = failures, together, {}
+    FlakyHandler.barrier = threading.Barrier(together)
+
+
+def test_http_teacher_sends_pending_requests_together_and_retries_503(flaky_server):
+    configure(failures=2, together=4)
+    engine = agents.HttpEngine(flaky_server, "m", retries=2, backoff=0.01)
+    requests = [agents.ModelRequest("t_1", "planner", [{"role": "user", "content": f"q{i}"}]) for i in range(4)]
+    replies = engine.complete(requests, None, agents.Budgets())
+    assert [r.text for r in replies] == [f"echo q{i}" for i in range(4)]  # in order
+    assert FlakyHandler.tries == {f"q{i}": 3 for i in range(4)}  # two 503s each, then the answer
+
+
+def test_http_teacher_gives_a_clear_error_after_the_last_retry(flaky_server):
+    configure(failures=100, together=1)
+    engine = agents.HttpEngine(flaky_server, "m", retries=3, backoff=0.01)
+    request = agents.ModelRequest("t_1", "planner", [{"role": "user", "content": "q"}])
+    with pytest.raises(ValueError, match=r"answered HTTP 503: .*overloaded.*gave up after 4 attempts"):
+        engine.complete([request], None, agents.Budgets())
+    assert FlakyHandler.tries == {"q": 4}
