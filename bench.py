@@ -474,7 +474,7 @@ ROLLOUT_SINGLE_TURNS, ROLLOUT_CRITIC_RETRIES = 10, 1  # smaller than the default
 ROLLOUT_WORKERS = 4
 ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (the gold teacher runs all of dev)
 REAL_TASKS = 2  # the real model is ~100x the tiny preset's cost per token: fewer tasks, shorter conversations
-REAL_BUDGETS = dict(new_tokens=32, single_turns=4, subtasks=2, executor_turns=2, critic_retries=0, context=2048)
+REAL_BUDGETS = dict(new_tokens=24, single_turns=3, subtasks=2, executor_turns=2, critic_retries=0, context=2048)
 # (label, workers, LocalEngine options): the prefix cache off/on, 1 vs 4 worlds, and evaluation's default
 ENGINE_SETTINGS = [
     ("cache off", 1, dict(prefix_cache_tokens=0, prompt_lookup=0)),
@@ -550,14 +550,11 @@ def bench_rollout() -> None:
             tiny = M.init_tiny(Path(tmp) / "tiny", texts, preset="tiny")
             print(f"  {'system, setting':<44} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'calls/task':>10} "
                   f"{'prompt/t':>9} {'computed':>9} {'share':>6} {'new tok/s':>9} {'batch':>6} {'outside':>8}")
-            gold = agents.single_engine_system(agents.GoldEngine(root, 0.0), teacher="gold")
-            for workers in (1, ROLLOUT_WORKERS):
-                print(_rollout_row("gold teacher (no model)", dev, gold, budgets, root, pool, workers))
-            runs = [("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("all roles", "gold planner", "single agent"),
+            runs = [("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("gold planner", "single agent"),
                      ENGINE_SETTINGS)]
             if (REAL_MODEL / "config.json").is_file():  # the settings that answer the questions, to keep it short
                 runs.append((REAL_MODEL.name, REAL_MODEL, dev[:REAL_TASKS], agents.Budgets(**REAL_BUDGETS),
-                             ("single agent",), [ENGINE_SETTINGS[i] for i in (1, 2, 3, 4, 5)]))
+                             ("single agent",), [ENGINE_SETTINGS[i] for i in (2, 4, 5)]))
             for name, folder, tasks, run_budgets, kinds, settings in runs:
                 for setting, workers, options in settings:
                     for kind, system in _rollout_systems(root, folder, options, kinds):

@@ -304,3 +304,11 @@ def test_http_teacher_gives_a_clear_error_after_the_last_retry(flaky_server):
     with pytest.raises(ValueError, match=r"answered HTTP 503: .*overloaded.*gave up after 4 attempts"):
         engine.complete([request], None, agents.Budgets())
     assert FlakyHandler.tries == {"q": 4}
+
+
+def test_bad_decode_flags_give_one_clear_line(micro, mini_world, capsys):
+    for flag, value, message in (("--prefix-cache-tokens", "0", "--prefix-cache-tokens must be positive"),
+                                 ("--prompt-lookup", "-1", "--prompt-lookup must be 0 (off) or positive")):
+        code = evaluate.main(["--model", str(micro), "--root", str(mini_world), "--limit", "1", flag, value])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines() == [f"error: {message}"]
