@@ -274,10 +274,12 @@ class ModelReply:
     messages: list[dict] | None  # what the model saw (old outputs maybe shortened); None = did not fit
     prompt_tokens: int = 0
     new_tokens: int = 0
-    flops: float = 0.0
+    flops: float = 0.0  # forward FLOPs of the call as if nothing were cached
     seconds: float = 0.0
     stop_reason: str = "stop_id"  # "length" means the new-token budget cut the reply
     train: bool = True  # False marks a teacher's deliberate mistake (never a training target)
+    cached_tokens: int = 0  # prompt tokens whose keys/values came from the prefix cache (not computed)
+    flops_computed: float = 0.0  # forward FLOPs actually computed (the cached prefix left out)
 
     @property
     def is_target(self) -> bool:
@@ -319,7 +321,8 @@ class Recorder:
         self.record["calls"].append({
             "role": conv.role, "conversation": conv.id, "subtask": subtask, "messages": reply.messages,
             "output": reply.text, "prompt_tokens": reply.prompt_tokens, "new_tokens": reply.new_tokens,
-            "flops": reply.flops, "seconds": reply.seconds, "train": reply.is_target})
+            "cached_tokens": reply.cached_tokens, "flops": reply.flops,
+            "flops_computed": reply.flops_computed, "seconds": reply.seconds, "train": reply.is_target})
 
     def not_a_target(self) -> None:
         """The last call's output failed the protocol's format (a re-asked planner reply, an unparseable
@@ -531,21 +534,40 @@ def single_view(record: dict, task, system: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Engines: what answers model requests. Each has complete(requests, adapter, budgets) -> replies.
 
-class LocalEngine:
-    """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters."""
+PREFIX_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prefix cache (SmolLM2-135M fp32: 46 KiB/token)
+DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prefix cache's reuse granularity
+PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (model.generate's prompt_lookup)
 
-    def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32"):
+
+class LocalEngine:
+    """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters.
+
+    A prefix cache (per adapter, `prefix_cache_tokens` tokens at most, 0 = off) lets each call compute only the
+    prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
+    prefilled in aligned chunks): a call's tokens then depend on its prompt alone, not on which calls shared its
+    batch or what the cache held, so results do not change with --workers or --max-batch (see generate).
+    `prompt_lookup` drafts that many tokens from a lone row's own context per step (0 = off).
+    """
+
+    def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
+                 prompt_lookup: int = PROMPT_LOOKUP):
         self.name = str(name_or_path)
         self.model = model.Transformer.from_pretrained(name_or_path, device=device,
                                                        dtype=getattr(torch, dtype))
         self.model.eval()
         self.tokenizer = model.Tokenizer.from_pretrained(name_or_path)
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
+        self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
+        self.deterministic = deterministic
+        self.prompt_lookup = prompt_lookup
 
     def load_adapter(self, folder: str, name: str) -> None:
         lora.load_adapter(self.model, folder, name)
         self.model.eval()  # the adapter's new modules start in training mode: inference never uses dropout
         self.adapters[name] = str(folder)
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()  # keys/values cached under this name may come from other weights
 
     def count(self, messages: list[dict]) -> int:
         return len(self.tokenizer.chat(messages, add_generation_prompt=True)[0])
@@ -563,14 +585,19 @@ class LocalEngine:
             return replies
         prompts = [self.tokenizer.chat(fitted[i], add_generation_prompt=True)[0] for i in runnable]
         start = time.perf_counter()
+        decode = lambda batch: model.generate(  # noqa: E731
+            self.model, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
+            stop_strings=requests[0].stop_strings, prefix_cache=self.prefix_cache, namespace=adapter,
+            prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
         with torch.no_grad():
-            generations = model.generate(self.model, prompts, budgets.new_tokens, self.tokenizer.stop_ids,
-                                         tokenizer=self.tokenizer, stop_strings=requests[0].stop_strings)
+            generations = [decode([p])[0] for p in prompts] if self.deterministic else decode(prompts)
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
                                     model.generate_flops(self.model.config, g.n_prompt, g.n_new, adapter_weights),
-                                    share, g.stop_reason)
+                                    share, g.stop_reason, cached_tokens=g.n_cached,
+                                    flops_computed=model.generate_flops(self.model.config, g.n_prompt, g.n_new,
+                                                                        adapter_weights, cached=g.n_cached))
         return replies
 
 
@@ -580,18 +607,23 @@ class HttpEngine:
     token counts with the tokenizer of the model being trained)."""
 
     def __init__(self, url: str, model_name: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 300,
-                 count=None):
+                 count=None, retries: int = 5, backoff: float = 1.0, concurrency: int = 16):
         self.url = chat_completions_url(url)
         self.name = f"{model_name} @ {url}"
         self.model_name = model_name
         self.api_key = os.environ.get(api_key_env, "")
         self.timeout = timeout
+        self.retries, self.backoff, self.concurrency = retries, backoff, concurrency
         # Without the trained model's tokenizer, about 4 characters per token decides what fits.
         self.count = count or (lambda messages: sum(len(m["content"]) for m in messages) // 4)
 
     def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
                  ) -> list[ModelReply]:
-        return [self.complete_one(r, budgets) for r in requests]
+        """All pending requests at once (an endpoint like vLLM batches concurrent requests), replies in order."""
+        if len(requests) <= 1:
+            return [self.complete_one(r, budgets) for r in requests]
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.concurrency)) as threads:
+            return list(threads.map(lambda r: self.complete_one(r, budgets), requests))
 
     def complete_one(self, request: ModelRequest, budgets: Budgets) -> ModelReply:
         messages = data.fit_messages(request.messages, self.count, budgets.context - budgets.new_tokens)
@@ -602,7 +634,7 @@ class HttpEngine:
         if request.stop_strings:
             body["stop"] = list(request.stop_strings)
         start = time.perf_counter()
-        answer = post_json(self.url, body, self.api_key, self.timeout)
+        answer = post_json(self.url, body, self.api_key, self.timeout, self.retries, self.backoff)
         try:
             choice = answer["choices"][0]
             text = choice["message"]["content"] or ""
@@ -621,18 +653,35 @@ def chat_completions_url(url: str) -> str:
     return url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
 
 
-def post_json(url: str, body: dict, api_key: str, timeout: float) -> dict:
+RETRY_STATUS = {429, 500, 502, 503, 504}  # rate limits and overloaded or restarting servers: worth another try
+
+
+def post_json(url: str, body: dict, api_key: str, timeout: float, retries: int = 0, backoff: float = 1.0) -> dict:
+    """POST body as JSON and parse the JSON answer. HTTP 429/5xx and failed connections are retried `retries`
+    times, waiting backoff * 2^i seconds (or the server's Retry-After, if shorter than a minute) before try i+1;
+    after the last, a ValueError says what the endpoint answered."""
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read().decode())
-    except urllib.error.HTTPError as e:
-        raise ValueError(f"{url} answered HTTP {e.code}: {e.read().decode(errors='replace')[:200]}") from None
-    except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot use the chat endpoint {url}: {e}") from None
+    for attempt in range(retries + 1):
+        wait = backoff * 2 ** attempt
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read().decode())
+        except urllib.error.HTTPError as e:
+            problem = f"{url} answered HTTP {e.code}: {e.read().decode(errors='replace')[:200]}"
+            if e.code not in RETRY_STATUS:
+                raise ValueError(problem) from None
+            after = e.headers.get("Retry-After", "")
+            wait = min(float(after), 60.0) if after.replace(".", "", 1).isdigit() else wait
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{url} answered something that is not JSON: {e}") from None
+        except (urllib.error.URLError, OSError) as e:
+            problem = f"cannot use the chat endpoint {url}: {e}"
+        if attempt < retries:
+            time.sleep(wait)
+    raise ValueError(f"{problem} (gave up after {retries + 1} attempts)")
 
 
 def close_code_block(text: str) -> str:
@@ -803,7 +852,9 @@ class System:
 
 
 def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | None], device: str = "cpu",
-                 dtype: str = "float32", teacher: str | None = None) -> System:
+                 dtype: str = "float32", teacher: str | None = None,
+                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
+                 prompt_lookup: int = PROMPT_LOOKUP) -> System:
     """Load each distinct base model once; roles with an adapter load it under the role's name.
     `models` maps role -> model id or folder; a role with an adapter but no model uses the adapter's
     recorded base model."""
@@ -816,7 +867,7 @@ def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | No
         if base is None:
             raise ValueError(f"no model for the {role}: give --model or --{role}-model or --{role}-adapter")
         if base not in engines:
-            engines[base] = LocalEngine(base, device, dtype)
+            engines[base] = LocalEngine(base, device, dtype, prefix_cache_tokens, deterministic, prompt_lookup)
         if adapter:
             engines[base].load_adapter(adapter, role)
         roles[role] = Binding(engines[base], role if adapter else None, str(adapter) if adapter else None)
@@ -964,7 +1015,8 @@ def count_tokens(record: dict, tokenizer) -> None:
 
 def teacher_system(teacher: str | None, url: str | None = None, url_model: str | None = None,
                    api_key_env: str = "OPENAI_API_KEY", root=None, recovery_share: float = 0.5,
-                   device: str = "cpu", dtype: str = "float32", tokenizer=None) -> System:
+                   device: str = "cpu", dtype: str = "float32", tokenizer=None, engine: dict | None = None
+                   ) -> System:
     """The system a teacher runs as: gold, a chat endpoint, or a loadable model, as every role.
     `tokenizer` (of the model being trained) measures an endpoint's prompts against the context budget."""
     if url:
@@ -979,7 +1031,7 @@ def teacher_system(teacher: str | None, url: str | None = None, url_model: str |
         return single_engine_system(GoldEngine(root, recovery_share), teacher="gold")
     if not teacher:
         raise ValueError("give a teacher: --teacher gold, --teacher MODEL or --teacher-url URL")
-    return single_engine_system(LocalEngine(teacher, device, dtype), teacher=teacher)
+    return single_engine_system(LocalEngine(teacher, device, dtype, **(engine or {})), teacher=teacher)
 
 
 @dataclass
@@ -1069,11 +1121,38 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device for local models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                         help="weight dtype for local models")
+    add_decode_flags(parser, "batched")
     defaults = Budgets()
     for f in fields(Budgets):
         parser.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int,
                             default=getattr(defaults, f.name),
                             help=f"budget: {BUDGET_HELP[f.name]} (default {getattr(defaults, f.name)})")
+
+
+def add_decode_flags(parser: argparse.ArgumentParser, default: str) -> None:
+    """Flags of how local models decode (agents.py and evaluate.py; evaluation defaults to deterministic)."""
+    parser.add_argument("--decode", choices=("batched", "deterministic"), default=default,
+                        help="batched: pending calls share one generate batch (fastest; near-ties can go either "
+                        "way depending on the batch); deterministic: every call decoded on its own, so results "
+                        f"do not depend on --workers/--max-batch (default: {default})")
+    parser.add_argument("--prefix-cache-tokens", type=int, default=PREFIX_CACHE_TOKENS,
+                        help="tokens of keys/values kept to reuse across calls (least recently used evicted "
+                        f"first; default {PREFIX_CACHE_TOKENS})")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt from scratch (for ablations)")
+    parser.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP,
+                        help="draft tokens a call decoding alone copies from its own prompt and verifies in one "
+                        f"step (0 = off; default {PROMPT_LOOKUP})")
+
+
+def engine_options(args) -> dict:
+    """LocalEngine keyword arguments from the decode flags."""
+    if args.prefix_cache_tokens < 1:
+        raise ValueError("--prefix-cache-tokens must be positive (use --no-prefix-cache to turn it off)")
+    if args.prompt_lookup < 0:
+        raise ValueError("--prompt-lookup must be 0 (off) or positive")
+    return {"prefix_cache_tokens": 0 if args.no_prefix_cache else args.prefix_cache_tokens,
+            "deterministic": args.decode == "deterministic", "prompt_lookup": args.prompt_lookup}
 
 
 def budgets_from(args) -> Budgets:
@@ -1123,7 +1202,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "collect":
             tokenizer = model.Tokenizer.from_pretrained(args.count_with) if args.count_with else None
             system = teacher_system(args.teacher, args.teacher_url, args.teacher_model, args.api_key_env,
-                                    args.root, args.recovery_share, args.device, args.dtype, tokenizer)
+                                    args.root, args.recovery_share, args.device, args.dtype, tokenizer,
+                                    engine_options(args))
             summary = collect(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                               max_batch=args.max_batch, keep_failed=args.keep_failed, limit=args.limit,
                               tokenizer=tokenizer)
@@ -1137,7 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = "single" if args.single else "multi"
             models = {role: getattr(args, f"{role}_model") or args.model for role in ROLES}
             adapters = {role: getattr(args, f"{role}_adapter") for role in ROLES}
-            system = build_system(kind, models, adapters, args.device, args.dtype)
+            system = build_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                         max_batch=args.max_batch, limit=args.limit)
             records = [r for r in data.read_trajectories(args.out) if r["split"] == args.split]

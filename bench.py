@@ -4,8 +4,9 @@ Each area of prost adds one `bench_<area>()` function and one entry in SECTIONS;
 section, `python bench.py decode` only the named ones. The references are imported here, never in the product.
 
 Sections:
-  decode   model.generate vs transformers' generate, greedy, on the same random Qwen2 weights (batch 1 and 8,
-           fp32 and bf16): tokens/s of both and their ratio; then the peak memory (RSS) of loading a checkpoint.
+  decode   model.generate vs transformers' generate, greedy, on the same random Qwen2 weights and (with
+           --real-model) a real model (batch 1 and 8, fp32 and bf16; prompt-lookup drafts of both at batch 1 on the
+           real model): tokens/s and ratios; then the peak memory (RSS) of loading a checkpoint.
   lora     forward time with an active r=16 LoRA adapter on all 7 projections vs the plain base forward (prost,
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
   train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
@@ -14,8 +15,9 @@ Sections:
            opens (each a fresh sandboxed process), execute latency (plain Python and one API call), evaluate
            latency (snapshot + a fresh evaluator process), and gold-solution throughput with 1 and 2 workers on
            the dev split (tasks/minute, CPU per task of the workers and all their task and evaluator processes).
-  rollout  agents.run_rollouts on the mini-world dev split, one task at a time vs concurrent worlds with batched
-           model calls: tasks/minute, model batch sizes, share of wall time outside the model.
+  rollout  agents.run_rollouts on the mini-world dev split (tiny preset and, with --real-model, a real model):
+           prefix cache off/on, 1 vs 4 worlds, prompt-lookup, deterministic decoding: tasks/minute, prefill
+           tokens computed per task, new tokens/s, model batch sizes, share of wall time outside the model.
 """
 
 import argparse
@@ -42,7 +44,10 @@ TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, in
                   num_hidden_layers=_tiny.num_hidden_layers, num_attention_heads=_tiny.num_attention_heads,
                   num_key_value_heads=_tiny.num_key_value_heads, max_position_embeddings=4096,
                   tie_word_embeddings=True)  # the `tiny` preset the demo trains and runs
-PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 32, 32, 3
+PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 128, 64, 3
+LOOKUP = 4  # draft tokens of prompt-lookup decoding, prost's and transformers' (prompt_lookup_num_tokens)
+# A real model (an HF folder, e.g. SmolLM2-135M-Instruct) for the decode and rollout sections; --real-model.
+REAL_MODEL = HERE / "models" / "smollm2-135m"
 
 
 def _random_qwen2_checkpoint(out_dir: Path, dims: dict = DECODE_MODEL):
@@ -54,33 +59,61 @@ def _random_qwen2_checkpoint(out_dir: Path, dims: dict = DECODE_MODEL):
     return hf
 
 
-def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int) -> tuple[float, float]:
-    """Best tokens/s of (prost, transformers) over `rounds` interleaved runs, after one short warm-up each."""
+def _chat_prompt(folder: Path) -> list[int]:
+    """A real model's prompt: an executor-style chat (this project's API rules, then a task), cut to PROMPT_LEN
+    tokens at a word boundary of the system text so that it still ends with the generation prompt."""
+    import agents
+    tok = M.Tokenizer.from_pretrained(folder)
+    words = agents.API_RULES.split(" ")
+    task = {"role": "user", "content": "Task: send $20 to my roommate on venmo for yesterday's dinner."}
+    while True:
+        ids = tok.chat([{"role": "system", "content": " ".join(words)}, task], add_generation_prompt=True)[0]
+        if len(ids) <= PROMPT_LEN:
+            return ids
+        words.pop()
+
+
+def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int, prompt: list[int] | None,
+                   lookup: bool) -> dict:
+    """Best tokens/s over `rounds` interleaved runs (after a short warm-up each) of prost and transformers, and
+    with `lookup` of both with prompt-lookup drafts; 'same' says whether all of them produced the same tokens."""
     import transformers
     ours = M.Transformer.from_pretrained(folder, dtype=dtype)
     hf = hf.to(dtype)
-    vocab = hf.config.vocab_size
-    prompts = torch.randint(0, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    hf.generation_config.eos_token_id = None  # exactly NEW_TOKENS tokens from both, whatever they are
+    if prompt is None:
+        prompts = torch.randint(0, hf.config.vocab_size, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
+    else:
+        prompts = torch.tensor([prompt] * batch)
+    outputs = {}
 
-    def run_ours(n):
-        out = M.generate(ours, prompts.tolist(), n, stop_ids=())
+    def run_ours(n, k=0):
+        out = M.generate(ours, prompts.tolist(), n, stop_ids=(), prompt_lookup=k)
         assert all(g.n_new == n for g in out)
+        outputs[("prost", k)] = [g.ids for g in out]
 
-    def run_hf(n):
-        cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    def run_hf(n, k=0):
+        extra = {"prompt_lookup_num_tokens": k} if k else {}
+        cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0,
+                                            **extra)
         with torch.inference_mode():
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), generation_config=cfg)
-        assert out.shape[1] == PROMPT_LEN + n
+        assert out.shape[1] == prompts.shape[1] + n
+        outputs[("hf", k)] = out[:, prompts.shape[1]:].tolist()
 
-    best = [0.0, 0.0]
+    runs = {"prost": run_ours, "transformers": run_hf}
+    if lookup:
+        runs.update({"prost lookup": lambda n: run_ours(n, LOOKUP), "transformers lookup": lambda n: run_hf(n, LOOKUP)})
+    best = dict.fromkeys(runs, 0.0)
     for round_ in range(rounds + 1):
-        for i, run in enumerate((run_ours, run_hf)):
+        for name, run in runs.items():
             start = time.perf_counter()
             run(4 if round_ == 0 else NEW_TOKENS)  # round 0 warms up
             if round_:
-                best[i] = max(best[i], batch * NEW_TOKENS / (time.perf_counter() - start))
+                best[name] = max(best[name], batch * NEW_TOKENS / (time.perf_counter() - start))
     hf.float()
-    return best[0], best[1]
+    best["same"] = all(o == outputs[("hf", 0)] for o in outputs.values())
+    return best
 
 
 _PEAK_RSS = """
@@ -110,24 +143,46 @@ def _loading_peak(folder: Path, which: str, dtype: str) -> tuple[int, int]:
 
 
 def bench_decode() -> None:
+    import os
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared: one thread keeps timings stable under others' load
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            print(f"decode: greedy, prompt {PROMPT_LEN} tokens, {NEW_TOKENS} new tokens, same-length prompts, "
-                  f"best of {DECODE_ROUNDS} interleaved runs, {torch.get_num_threads()} thread")
-            print(f"  {'model':<14} {'dtype':<9} {'batch':>5} {'prost tok/s':>12} {'transformers tok/s':>19} "
-                  f"{'ratio':>6}")
-            for label, dims in (("tiny preset", TINY_MODEL), ("32M", DECODE_MODEL)):
-                folder = Path(tmp) / label.replace(" ", "-")
-                hf = _random_qwen2_checkpoint(folder, dims)
-                name = f"{label} {sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M"
+            print(f"decode: greedy, prompt {PROMPT_LEN} tokens (random ids for random models; a chat prompt for the real "
+                  f"model), {NEW_TOKENS} new tokens, best of {DECODE_ROUNDS} interleaved runs, "
+                  f"{torch.get_num_threads()} thread, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+                  f"'+lookup' = prompt-lookup drafts of {LOOKUP} tokens (prost's prompt_lookup, transformers' "
+                  f"prompt_lookup_num_tokens), batch 1 only")
+            print(f"  {'model':<22} {'dtype':<9} {'batch':>5} {'prost':>7} {'+lookup':>8} {'transformers':>12} "
+                  f"{'+lookup':>8} {'ratio':>6} {'+lookup/plain':>13} {'same tokens':>11}")
+            models = [("tiny preset", TINY_MODEL), ("32M", DECODE_MODEL)]
+            if (REAL_MODEL / "config.json").is_file():
+                models.append(("real", REAL_MODEL))
+            else:
+                print(f"  (no real model at {REAL_MODEL}: pass --real-model FOLDER for the SmolLM2 rows)")
+            for label, dims in models:
+                if label == "real":
+                    import transformers
+                    folder, prompt = REAL_MODEL, _chat_prompt(REAL_MODEL)
+                    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                    label = REAL_MODEL.name
+                else:
+                    folder, prompt = Path(tmp) / label.replace(" ", "-"), None
+                    hf = _random_qwen2_checkpoint(folder, dims)
+                name = f"{label} {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M"
                 for dtype in (torch.float32, torch.bfloat16):
                     for batch in (1, 8):
-                        ours, theirs = _decode_speeds(folder, hf, batch, dtype, DECODE_ROUNDS)
-                        print(f"  {name:<14} {str(dtype).removeprefix('torch.'):<9} {batch:>5} {ours:>12.1f} "
-                              f"{theirs:>19.1f} {ours / theirs:>6.2f}")
+                        lookup = batch == 1 and prompt is not None
+                        r = _decode_speeds(folder, hf, batch, dtype, DECODE_ROUNDS, prompt, lookup)
+                        cell = lambda key: f"{r[key]:.1f}" if key in r else "-"  # noqa: E731
+                        gain = f"{r['prost lookup'] / r['transformers']:.2f}" if lookup else "-"
+                        print(f"  {name:<22} {str(dtype).removeprefix('torch.'):<9} {batch:>5} {r['prost']:>7.1f} "
+                              f"{cell('prost lookup'):>8} {r['transformers']:>12.1f} {cell('transformers lookup'):>8} "
+                              f"{r['prost'] / r['transformers']:>6.2f} {gain:>13} {str(r['same']):>11}")
+            print("  ratio = prost / transformers (plain); +lookup/plain = prost with drafts / plain transformers. "
+                  "Greedy tokens are those of plain decoding up to fp rounding ('same tokens': all runs agree).")
             # loading memory: a bf16 checkpoint, loaded as bf16 (same dtype) and as fp32 (converted while loading)
+            folder = Path(tmp) / "32M"
             bf16 = Path(tmp) / "bf16"
             M.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
             size = sum(f.stat().st_size for f in bf16.glob("*.safetensors"))
@@ -420,26 +475,55 @@ ROLLOUT_NEW_TOKENS = 32  # random models rarely stop on their own: this caps eve
 ROLLOUT_SINGLE_TURNS, ROLLOUT_CRITIC_RETRIES = 10, 1  # smaller than the defaults, to keep the section short
 ROLLOUT_WORKERS = 4
 ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (the gold teacher runs all of dev)
+REAL_TASKS = 2  # the real model is ~100x the tiny preset's cost per token: fewer tasks, shorter conversations
+REAL_BUDGETS = dict(new_tokens=24, single_turns=3, subtasks=2, executor_turns=2, critic_retries=0, context=2048)
+# (label, workers, LocalEngine options): the prefix cache off/on, 1 vs 4 worlds, and evaluation's default
+ENGINE_SETTINGS = [
+    ("cache off", 1, dict(prefix_cache_tokens=0, prompt_lookup=0)),
+    ("cache on", 1, dict(prompt_lookup=0)),
+    ("cache off", ROLLOUT_WORKERS, dict(prefix_cache_tokens=0, prompt_lookup=0)),
+    ("cache on", ROLLOUT_WORKERS, dict(prompt_lookup=0)),
+    ("cache on, lookup", ROLLOUT_WORKERS, dict()),
+    ("deterministic", ROLLOUT_WORKERS, dict(deterministic=True)),
+]
 
 
-def _rollout_systems(root: Path, tiny: Path) -> list:
-    """(label, system) pairs: the gold teacher (no model), a random tiny model in every role, the gold planner
-    with random tiny executor and critic (plans parse, so all three roles run with real prompt lengths), and
-    the single agent. The tiny model is loaded once and warmed up (its first generate call is slow)."""
+def _rollout_systems(root: Path, folder: Path, options: dict, kinds: tuple) -> list:
+    """(label, system) pairs on a fresh engine of `folder` (so every setting starts with an empty prefix cache),
+    warmed up (its first generate call is slow): the model in every role, the gold planner with the model as
+    executor and critic (plans parse, so all three roles run with real prompt lengths), the single agent."""
     import agents
-    gold = agents.GoldEngine(root, recovery_share=0.0)
-    engine = agents.LocalEngine(str(tiny))
+    engine = agents.LocalEngine(str(folder), **options)
     warm_up = agents.ModelRequest("warm_up", "planner", [{"role": "user", "content": "Hello"}])
     engine.complete([warm_up], None, agents.Budgets(new_tokens=4))
-    tiny_multi = agents.single_engine_system(engine)
-    mixed = agents.System("multi", {**tiny_multi.roles, "planner": agents.Binding(gold)})
-    return [("gold teacher (no model)", agents.single_engine_system(gold, teacher="gold")),
-            ("tiny random, all roles", tiny_multi),
-            ("gold planner + tiny executor/critic", mixed),
-            ("tiny random, single agent", agents.single_engine_system(engine, kind="single"))]
+    if engine.prefix_cache is not None:
+        engine.prefix_cache.clear()
+    multi = agents.single_engine_system(engine)
+    gold = agents.GoldEngine(root, recovery_share=0.0)
+    systems = {"all roles": multi,
+               "gold planner": agents.System("multi", {**multi.roles, "planner": agents.Binding(gold)}),
+               "single agent": agents.single_engine_system(engine, kind="single")}
+    return [(kind, systems[kind]) for kind in kinds]
+
+
+def _rollout_row(label: str, tasks: list, system, budgets, root, pool, workers: int) -> str:
+    import agents
+    calls = []
+    stats = agents.run_rollouts(tasks, system, budgets, split="dev", root=root, pool=pool, workers=workers,
+                                on_trajectory=lambda r: calls.extend(r["calls"]))
+    n = stats.tasks
+    prompt = sum(c["prompt_tokens"] for c in calls) / n
+    computed = sum(c["prompt_tokens"] - c.get("cached_tokens", 0) for c in calls) / n
+    new = sum(c["new_tokens"] for c in calls)
+    mean = sum(stats.batch_sizes) / max(len(stats.batch_sizes), 1)
+    return (f"  {label:<44} {n:>5} {workers:>7} {n / stats.seconds * 60:>9.2f} {len(calls) / n:>10.1f} "
+            f"{prompt:>9.0f} {computed:>9.0f} {computed / max(prompt, 1):>6.0%} "
+            f"{new / max(stats.model_seconds, 1e-9):>9.1f} {mean:>6.2f} {1 - stats.model_seconds / stats.seconds:>8.0%}")
 
 
 def bench_rollout() -> None:
+    import os
+
     import agents
     import miniworld
     import world
@@ -454,10 +538,12 @@ def bench_rollout() -> None:
         started = time.perf_counter()
         pool = world.WorldPool(ROLLOUT_WORKERS, root=root)
         print(f"rollout: mini-world dev split ({len(dev)} tasks, {root}); {ROLLOUT_WORKERS} world worker processes "
-              f"(started in {time.perf_counter() - started:.1f} s, not counted below); budgets: defaults but "
-              f"{ROLLOUT_NEW_TOKENS} new tokens per call, {ROLLOUT_SINGLE_TURNS} single-agent turns, "
-              f"{ROLLOUT_CRITIC_RETRIES} critic retry; `tiny` preset with random weights (tokenizer trained on the "
-              f"gold dev trajectories), fp32, {torch.get_num_threads()} torch threads")
+              f"(started in {time.perf_counter() - started:.1f} s, not counted below); fp32, "
+              f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
+              f"cores. tiny: the `tiny` preset with random weights (tokenizer trained on the gold dev trajectories), "
+              f"budgets: defaults but {ROLLOUT_NEW_TOKENS} new tokens per call, {ROLLOUT_SINGLE_TURNS} single-agent "
+              f"turns, {ROLLOUT_CRITIC_RETRIES} critic retry, first {ROLLOUT_MODEL_TASKS} dev tasks; real: "
+              f"{REAL_MODEL.name} untrained, first {REAL_TASKS} dev tasks, budgets {REAL_BUDGETS}")
         with pool:
             texts = []  # the warm-up run (every session opens its first world) also gives the tokenizer's texts
             agents.run_rollouts(dev, agents.single_engine_system(agents.GoldEngine(root, 0.0)), budgets,
@@ -465,21 +551,24 @@ def bench_rollout() -> None:
                                 on_trajectory=lambda r: texts.extend(m["content"] for c in r["calls"]
                                                                      for m in c["messages"]))
             tiny = M.init_tiny(Path(tmp) / "tiny", texts, preset="tiny")
-            print(f"  {'system':<36} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'model calls':>11} {'batches':>7} "
-                  f"{'mean batch':>10} {'max':>4} {'outside model':>13}")
-            for label, system in _rollout_systems(root, tiny):
-                tasks = dev if label.startswith("gold teacher") else dev[:ROLLOUT_MODEL_TASKS]
-                for workers in (1, ROLLOUT_WORKERS):
-                    calls = []
-                    stats = agents.run_rollouts(tasks, system, budgets, split="dev", root=root, pool=pool,
-                                                workers=workers, on_trajectory=lambda r: calls.extend(r["calls"]))
-                    per_minute = stats.tasks / stats.seconds * 60
-                    mean = sum(stats.batch_sizes) / len(stats.batch_sizes)
-                    outside = 1 - stats.model_seconds / stats.seconds
-                    print(f"  {label:<36} {len(tasks):>5} {workers:>7} {per_minute:>9.1f} {len(calls):>11} "
-                          f"{len(stats.batch_sizes):>7} {mean:>10.2f} {max(stats.batch_sizes):>4} {outside:>13.0%}")
-        print("  (outside model = share of wall time not spent in engine.complete: world calls, prompt rendering, "
-              "bookkeeping; each round's world calls run in threads while that round's model batches generate)")
+            print(f"  {'system, setting':<44} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'calls/task':>10} "
+                  f"{'prompt/t':>9} {'computed':>9} {'share':>6} {'new tok/s':>9} {'batch':>6} {'outside':>8}")
+            runs = [("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("gold planner", "single agent"),
+                     ENGINE_SETTINGS)]
+            if (REAL_MODEL / "config.json").is_file():  # the settings that answer the questions, to keep it short
+                runs.append((REAL_MODEL.name, REAL_MODEL, dev[:REAL_TASKS], agents.Budgets(**REAL_BUDGETS),
+                             ("single agent",), [ENGINE_SETTINGS[i] for i in (2, 4, 5)]))
+            for name, folder, tasks, run_budgets, kinds, settings in runs:
+                for setting, workers, options in settings:
+                    for kind, system in _rollout_systems(root, folder, options, kinds):
+                        print(_rollout_row(f"{name}, {kind}, {setting}", tasks, system, run_budgets, root, pool,
+                                           workers), flush=True)
+        print("  prompt/t = prompt tokens per task (what every call would prefill without the cache); computed = "
+              "prompt tokens per task actually prefilled (share = computed / prompt); new tok/s = new tokens per "
+              "second inside engine.complete (prefill included); batch = mean requests per engine.complete; outside "
+              "= share of wall time not in engine.complete (world calls, prompt rendering, bookkeeping). lookup = "
+              "prompt-lookup drafts for rows decoding alone; deterministic = evaluate.py's default (each call alone, "
+              "chunked prefill, lookup on). Cross-adapter batching is not implemented (see the report).")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
@@ -494,10 +583,15 @@ SECTIONS = {
 
 
 def main(argv=None) -> None:
+    global REAL_MODEL
     ap = argparse.ArgumentParser(description="Benchmarks of prost against transformers/PEFT, section by section.")
     ap.add_argument("sections", nargs="*", metavar="section",
                     help=f"sections to run (default: all): {', '.join(SECTIONS)}")
+    ap.add_argument("--real-model", default=str(REAL_MODEL),
+                    help=f"HF folder of a real model (e.g. SmolLM2-135M-Instruct) for the decode and rollout sections "
+                    f"(default: {REAL_MODEL.relative_to(HERE)}; skipped when absent)")
     args = ap.parse_args(argv)
+    REAL_MODEL = Path(args.real_model)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)

@@ -148,9 +148,10 @@ def system_spec(agents_dir=None, single=None, model_id=None, kind="multi") -> Sy
     return spec
 
 
-def load_system(spec: SystemSpec, device: str, dtype: str) -> agents.System:
-    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it."""
-    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype)
+def load_system(spec: SystemSpec, device: str, dtype: str, engine: dict | None = None) -> agents.System:
+    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it;
+    `engine`: LocalEngine options (agents.engine_options)."""
+    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype, **(engine or {}))
 
 
 def gold_system(root=None) -> agents.System:
@@ -906,6 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "or another system) and start from scratch; without it a changed system is refused")
     p.add_argument("--allow-unfinished", action="store_true", help="evaluate adapters whose training run did not "
                    "finish (stopped early or diverged); the report names their epoch")
+    agents.add_decode_flags(p, "deterministic")
     defaults = agents.Budgets()
     for f in fields(agents.Budgets):
         p.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int, default=getattr(defaults, f.name),
@@ -929,7 +931,7 @@ def load_planned(spec: SystemSpec | None, args) -> agents.System:
     if spec is None:
         return gold_system(args.root)
     device = rank_device(args.device)
-    return load_system(spec, device, rank_dtype(args.dtype, device))
+    return load_system(spec, device, rank_dtype(args.dtype, device), agents.engine_options(args))
 
 
 def summary_line(results: dict) -> str:

@@ -13,7 +13,8 @@ What is here, top to bottom:
                        loaded tensor by tensor straight into the target dtype/device onto a model built on the
                        meta device (no second copy)
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
-  5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings
+  5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings;
+                       PrefixCache (keys/values of earlier prompts reused across calls, LRU, bounded in tokens)
   6. FLOPs, tiny preset  `forward_flops` (the one counting rule), `generate_flops`, `train_flops`;
                        `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
   7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`,
@@ -32,6 +33,7 @@ import math
 import re
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -299,6 +301,13 @@ class KVCache:
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.pad = self.pad[rows]
+
+    def row(self, b: int) -> "KVCache":
+        """A one-row view of row b sharing this cache's storage (prefilling rows one at a time writes here)."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [k[b:b + 1] for k in self.k], [v[b:b + 1] for v in self.v]  # (1, Hkv, max_len, d) views
+        view.pad, view.max_len, view.length = self.pad[b:b + 1], self.max_len, self.length
+        return view
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, T, d) at the next T slots; return all filled keys/values (B, Hkv, length+T, d)."""
@@ -755,6 +764,101 @@ class Tokenizer:
 # 5. Batched greedy generation
 # ----------------------------------------------------------------------------------------------------------------
 
+class PrefixCache:
+    """Keys/values of recent prompts, reused by later `generate` calls: a prompt's longest stored prefix is
+    copied instead of recomputed, so the next turn of a conversation prefills only its new tokens, and
+    conversations that start alike (same system prompt and task) share their first tokens.
+
+    Entries are keyed by a namespace (keys/values depend on the weights: agents.py uses the adapter name) and
+    their token ids. At most `max_tokens` tokens are kept in all; the least recently used entries go first.
+    """
+
+    def __init__(self, max_tokens: int):
+        if max_tokens < 1:
+            raise ValueError(f"the prefix cache needs a positive token budget, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.tokens = 0  # tokens held, summed over entries
+        # (namespace, ids) -> (keys, values): one (Hkv, n, d) tensor per layer each; order = least recent first
+        self.entries: OrderedDict[tuple, tuple[list[torch.Tensor], list[torch.Tensor]]] = OrderedDict()
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.tokens = 0
+
+    def lookup(self, namespace, ids: list[int], limit: int) -> tuple[int, tuple | None]:
+        """(n, key): the longest stored prefix of `ids` in `namespace`, at most `limit` tokens (0, None: none)."""
+        best, best_key = 0, None
+        for key in self.entries:
+            if key[0] == namespace:
+                n = _common_prefix(key[1], ids, limit)
+                if n > best:
+                    best, best_key = n, key
+        if best_key is not None:
+            self.entries.move_to_end(best_key)
+        return best, best_key
+
+    def store(self, namespace, ids: tuple[int, ...], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+        """Keep keys/values (per layer (Hkv, n, d)) of the tokens `ids`; entries they extend are dropped."""
+        n = len(ids)
+        if n == 0 or n > self.max_tokens:
+            return
+        for key in [key for key in self.entries if key[0] == namespace]:
+            other = key[1]
+            if len(other) >= n and other[:n] == ids:  # already held: an entry of which ids are a prefix
+                self.entries.move_to_end(key)
+                return
+            if ids[:len(other)] == other:  # superseded: every lookup it would serve, the new entry serves
+                self.tokens -= len(other)
+                del self.entries[key]
+        self.entries[(namespace, ids)] = (k, v)
+        self.tokens += n
+        while self.tokens > self.max_tokens:
+            (_, old), _ = self.entries.popitem(last=False)
+            self.tokens -= len(old)
+
+
+def _common_prefix(a, b, limit: int) -> int:
+    """Length of the longest common prefix of sequences a and b, at most `limit` (slice compares run in C)."""
+    lo, hi = 0, min(len(a), len(b), limit)
+    if tuple(a[:hi]) == tuple(b[:hi]):
+        return hi
+    while lo < hi - 1:  # invariant: a[:lo] == b[:lo] and a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if tuple(a[:mid]) == tuple(b[:mid]):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass
+class _NgramIndex:
+    """Where each 3-gram and 2-gram of a token sequence last occurred, for prompt-lookup drafts: the tokens that
+    followed the latest earlier occurrence of the sequence's last n tokens are a likely continuation (agents copy
+    names, code and values from their prompt)."""
+
+    def __init__(self, tokens: list[int]):
+        self.tokens: list[int] = []
+        self.after: dict[tuple, int] = {}  # n-gram -> index of the token that followed its latest occurrence
+        self.extend(tokens)
+
+    def extend(self, tokens: list[int]) -> None:
+        for t in tokens:
+            end = len(self.tokens)  # the n-grams ending at the current last token are followed by t
+            for n in (2, 3):
+                if end >= n:
+                    self.after[tuple(self.tokens[end - n:end])] = end
+            self.tokens.append(t)
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the last 3 (else 2) tokens."""
+        for n in (3, 2):
+            start = self.after.get(tuple(self.tokens[-n:])) if k > 0 and len(self.tokens) > n else None
+            if start is not None:
+                return self.tokens[start:start + k]
+        return []
+
+
 @dataclass
 class Generation:
     ids: list[int]  # new tokens, including the stop token when one ended the sequence
@@ -762,17 +866,32 @@ class Generation:
     n_prompt: int
     n_new: int
     stop_reason: str  # "stop_id" | "stop_string" | "length"
+    n_cached: int = 0  # prompt tokens whose keys/values came from the prefix cache (not computed)
 
 
 @torch.inference_mode()
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
-             tokenizer: Tokenizer | None = None, stop_strings=(), pad_id: int | None = None) -> list[Generation]:
+             tokenizer: Tokenizer | None = None, stop_strings=(), pad_id: int | None = None,
+             prefix_cache: PrefixCache | None = None, namespace=None,
+             prefill_chunk: int | None = None, prompt_lookup: int = 0) -> list[Generation]:
     """Greedy continuations of a batch of token-id prompts (any lengths), one KV-cache pass for the batch.
 
     Prompts are left-padded to a common length; each row's RoPE positions start at 0 at its first real token
     and padding slots are masked out, so every row gets the same tokens it would get alone (up to fp rounding).
     Rows stop independently on a stop id, a stop string (needs `tokenizer`) or max_new_tokens, and leave the
     batch when they do, so a long answer does not make the short ones pay for its steps.
+
+    With a `prefix_cache`, each row starts from the keys/values of its longest cached prefix (in `namespace`)
+    and only the rest of its prompt is computed; finished rows store their prompt and new tokens for later
+    calls. With `prefill_chunk` C, prompts are computed in chunks of C tokens aligned at position 0 and only
+    whole chunks are reused or stored: a chunk's keys/values are then the same bits whether they were cached or
+    computed, so (at batch 1) the tokens depend on the prompt alone, not on what the cache held.
+
+    With `prompt_lookup` k > 0, a row decoding alone (batch 1, or the last row of a batch) feeds up to k draft
+    tokens copied from its own context after the latest earlier occurrence of its last 3 (or 2) tokens, and keeps
+    the longest run of them the model itself predicts, plus its next token: greedy tokens are unchanged (up to fp
+    rounding: a step then computes several positions at once), and every accepted draft token saves one pass over
+    the weights, which bounds decoding at batch 1.
     """
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer to decode the new tokens")
@@ -784,46 +903,105 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer else 0)
     B, P = len(prompts), max(len(p) for p in prompts)
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
-    ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, pad)
+    if prefix_cache is None and prefill_chunk is None:  # the whole batch's prompts in one pass
+        ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+        h = model.hidden(ids, cache)[:, -1]  # (B, D): only the last position is needed
+        n_cached = [0] * B
+    else:  # row by row, each from its own cached prefix
+        rows = [_prefill_row(model, cache, b, prompts[b], prefix_cache, namespace, prefill_chunk) for b in range(B)]
+        cache.length = P
+        h, n_cached = torch.stack([r[0] for r in rows]), [r[1] for r in rows]  # (B, D)
+    stop_window = max((len(s) for s in stop_strings), default=0) + 8  # tokens that can hold a new stop string
 
     new: list[list[int]] = [[] for _ in range(B)]
     texts: list[str | None] = [None] * B
     reasons: list[str | None] = [None] * B
     rows = list(range(B))  # prompt index of each batch row; finished prompts leave the batch
-    step_input = ids
-    for _ in range(max_new_tokens):
-        h = model.hidden(step_input, cache)[:, -1]  # (rows, D): only the last position is needed
-        next_ids = model.lm_head(h).argmax(-1)  # (rows,)
-        for b, t in zip(rows, next_ids.tolist()):
-            new[b].append(t)
-            reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings)
-        keep = [i for i, b in enumerate(rows) if reasons[b] is None]
+    steps = [[t] for t in model.lm_head(h).argmax(-1).tolist()]  # per batch row: its new tokens this step
+    lookup = None  # the n-gram index of a lone row's tokens, for prompt-lookup drafts
+    while True:
+        for b, tokens in zip(rows, steps):
+            for t in tokens[:max_new_tokens - len(new[b])]:
+                new[b].append(t)
+                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings, stop_window)
+                if reasons[b]:
+                    break  # drafted tokens after a stop are dropped
+        finished = [reasons[b] is not None or len(new[b]) == max_new_tokens for b in rows]
+        if prefix_cache is not None:
+            for i, b in enumerate(rows):
+                if finished[i]:
+                    _store_row(prefix_cache, namespace, cache, i, prompts[b] + new[b][:-1], len(prompts[b]),
+                               prefill_chunk)
+        keep = [i for i, done in enumerate(finished) if not done]
         if not keep:
             break
         if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.select(index)
-            next_ids, rows = next_ids[index], [rows[i] for i in keep]
-        step_input = next_ids[:, None]  # (rows, 1)
+            cache.select(torch.tensor(keep, device=device))
+            rows = [rows[i] for i in keep]
+        if len(rows) == 1 and prompt_lookup:  # a lone row: verify a draft copied from its own context
+            b = rows[0]
+            lookup = lookup or _NgramIndex(prompts[b])
+            lookup.extend(new[b][len(lookup.tokens) - len(prompts[b]):])  # its tokens so far, the last included
+            draft = lookup.draft(min(prompt_lookup, max_new_tokens - len(new[b]) - 1))
+            logits = model.lm_head(model.hidden(torch.tensor([[new[b][-1]] + draft], device=device), cache))
+            predicted = logits[0].argmax(-1).tolist()  # (1 + len(draft),) the model's token after each fed one
+            accepted = next((j for j, (d, t) in enumerate(zip(draft, predicted)) if d != t), len(draft))
+            cache.length -= len(draft) - accepted  # slots of rejected draft tokens are overwritten later
+            steps = [predicted[:accepted + 1]]
+        else:
+            last = torch.tensor([new[b][-1] for b in rows], device=device)[:, None]  # (rows, 1)
+            steps = [[t] for t in model.lm_head(model.hidden(last, cache)[:, -1]).argmax(-1).tolist()]
     out = []
     for b in range(B):
         reason = reasons[b] or "length"
         text = texts[b]
         if text is None and tokenizer is not None:
             text = tokenizer.decode(new[b][:-1] if reason == "stop_id" else new[b])
-        out.append(Generation(new[b], text, len(prompts[b]), len(new[b]), reason))
+        out.append(Generation(new[b], text, len(prompts[b]), len(new[b]), reason, n_cached[b]))
     return out
 
 
-def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings) -> tuple[str | None, str | None]:
+def _prefill_row(model: Transformer, cache: KVCache, b: int, prompt: list[int], prefix_cache: PrefixCache | None,
+                 namespace, chunk: int | None) -> tuple[torch.Tensor, int]:
+    """Fill row b's slots with its prompt (cached prefix copied, the rest computed); (last hidden (D,), cached)."""
+    n, start = len(prompt), int(cache.pad[b])
+    cached, key = prefix_cache.lookup(namespace, prompt, n - 1) if prefix_cache is not None else (0, None)
+    if chunk:
+        cached = cached // chunk * chunk
+    if cached:
+        k, v = prefix_cache.entries[key]
+        for layer in range(len(cache.k)):
+            cache.k[layer][b, :, start:start + cached] = k[layer][:, :cached]
+            cache.v[layer][b, :, start:start + cached] = v[layer][:, :cached]
+    row = cache.row(b)
+    row.length = start + cached
+    ids = torch.tensor(prompt, device=cache.pad.device)[None]  # (1, n)
+    for s in range(cached, n, chunk or n):
+        h = model.hidden(ids[:, s:s + (chunk or n)], row)  # (1, T, D)
+    return h[0, -1], cached
+
+
+def _store_row(prefix_cache: PrefixCache, namespace, cache: KVCache, i: int, fed: list[int], n_prompt: int,
+               chunk: int | None) -> None:
+    """Store batch row i's keys/values of the tokens it was fed (prompt + new tokens but the last); with
+    chunked prefill only the prompt's whole chunks (decode steps compute keys/values differently)."""
+    n = n_prompt // chunk * chunk if chunk else len(fed)
+    start = int(cache.pad[i])
+    k = [layer[i, :, start:start + n].clone() for layer in cache.k]  # (Hkv, n, d) each
+    v = [layer[i, :, start:start + n].clone() for layer in cache.v]
+    prefix_cache.store(namespace, tuple(fed[:n]), k, v)
+
+
+def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings, window: int
+                ) -> tuple[str | None, str | None]:
     """(stop_reason or None, text cut after the stop string or None) for a row's new tokens so far."""
     if new[-1] in stop_ids:
         return "stop_id", None
-    if stop_strings:
-        # decoding the whole continuation each step catches stop strings split across tokens
+    # only the last `window` tokens can hold a stop string that was not there a step ago (it may span tokens)
+    if stop_strings and any(s in tokenizer.decode(new[-window:]) for s in stop_strings):
         text = tokenizer.decode(new)
-        hits = [(text.find(s) + len(s)) for s in stop_strings if s in text]
+        hits = [text.find(s) + len(s) for s in stop_strings if s in text]
         if hits:
             return "stop_string", text[:min(hits)]
     return None, None
@@ -854,13 +1032,16 @@ def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: in
                  + 2 * d * config.vocab_size * n_logits)
 
 
-def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, adapter_weights: int = 0) -> float:
+def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, adapter_weights: int = 0,
+                   cached: int = 0) -> float:
     """FLOPs of one `generate` call that produced n_new tokens from an n_prompt-token prompt: the prefill
     (logits at its last position only) and one single-position decode step per new token but the last
     (the last one is never fed back). Summed, that is one pass over n_prompt + n_new - 1 positions with
-    logits at n_new of them."""
+    logits at n_new of them. With `cached` prompt tokens taken from the prefix cache, those positions are
+    not computed, but every later position still attends to their keys."""
     n_logits = max(n_new, 1)  # the prefill computes the first token's logits even when none is kept
-    return forward_flops(config, n_prompt + n_logits - 1, n_logits, adapter_weights=adapter_weights)
+    return forward_flops(config, n_prompt - cached + n_logits - 1, n_logits, past=cached,
+                         adapter_weights=adapter_weights)
 
 
 def train_flops(config: ModelConfig, n_tokens: int, n_targets: int, adapter_weights: int = 0) -> float:
