@@ -482,7 +482,8 @@ def error_cell(n: int, errors: int) -> dict:
 
 
 def role_costs(records: list[dict]) -> dict[str, dict]:
-    """Per role, averaged over tasks: model calls, prompt and new tokens, forward FLOPs."""
+    """Per role, averaged over tasks: model calls, prompt and new tokens, forward FLOPs (as if nothing were
+    cached, and as computed with the prefix cache)."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in records:
         for call in r["calls"]:
@@ -491,6 +492,7 @@ def role_costs(records: list[dict]) -> dict[str, dict]:
             t["prompt_tokens"] += call["prompt_tokens"]
             t["new_tokens"] += call["new_tokens"]
             t["flops"] += call["flops"]
+            t["flops_computed"] += call.get("flops_computed", call["flops"])  # teachers cache nothing here
     n = max(len(records), 1)
     return {role: {f"{k}_per_task": v / n for k, v in totals[role].items()} for role in in_role_order(totals)}
 
@@ -517,6 +519,7 @@ def compute_metrics(records: list[dict], difficulty: dict[str, object], split_ta
             "subtask_errors": subtask_errors(records),
             "roles": costs,
             "flops_per_task": sum(c.get("flops_per_task", 0.0) for c in costs.values()),
+            "flops_computed_per_task": sum(c.get("flops_computed_per_task", 0.0) for c in costs.values()),
             "tokens_per_task": sum(c.get("prompt_tokens_per_task", 0.0) + c.get("new_tokens_per_task", 0.0)
                                    for c in costs.values()),
             "budget_stops": budget_stops(records)}
@@ -703,13 +706,18 @@ def markdown_report(results: dict) -> str:
     lines += ["", "## Efficiency", "",
               f"- FLOPs per task: **{fmt_flops(m['flops_per_task'])}** (what every model call ran: prefill and decode "
               "matmuls, attention over the actual context, the vocabulary projection only where logits were "
-              "computed; model.forward_flops)",
+              "computed; model.forward_flops), counted as if no prompt were cached: a property of the system and "
+              "the task, whatever the engine cached or batched. The Pareto table uses this one.",
+              f"- FLOPs per task computed: {fmt_flops(m['flops_computed_per_task'])} (the same, without the prompt "
+              "tokens whose keys and values came from the prefix cache)",
               f"- tokens per task: {m['tokens_per_task']:.0f}",
               f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
               f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
-    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task"],
+    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task",
+                             "FLOPs computed/task"],
                             [[role, f"{c['calls_per_task']:.1f}", f"{c['prompt_tokens_per_task']:.0f}",
-                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"])]
+                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"]),
+                              fmt_flops(c["flops_computed_per_task"])]
                              for role, c in m["roles"].items()])
     run = t["this_run"]
     if run["tasks"]:
