@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,6 +306,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter under two names
         # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
         self.inv_freq = rope_inv_freq(config)
+        # training only: keep each block's input and recompute the block in the backward pass
+        self.checkpoint_blocks = False
 
     def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, D) for input_ids (B, T); with a cache, the tokens continue it."""
@@ -312,8 +315,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         positions, mask = self._positions_and_mask(T, cache, x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B or 1, T, d)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if recompute:  # the same RNG state on recomputation, so dropout draws the same masks
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)

@@ -77,10 +77,14 @@ class TrainConfig:
     stop_after: int = 0  # stop after this epoch as if interrupted (0: run to the end)
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_TFLOPS
     progress: bool = True
+    share_prefixes: bool = True  # train an example that is a prefix of a longer one inside it (exact)
+    checkpoint_activations: bool = False  # recompute each decoder block in the backward pass
+    compile: bool = False  # torch.compile each decoder block
 
 
 # Fields that do not change what is trained; everything else must match to resume a run.
-NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress"}
+NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress",
+                "checkpoint_activations", "compile"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -206,6 +210,10 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str):
     model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype)
     torch.manual_seed(cfg.seed)  # every rank starts from the same adapter initialisation
     lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=ADAPTER)
+    model.checkpoint_blocks = cfg.checkpoint_activations
+    if cfg.compile:
+        for block in model.model.layers:
+            block.compile()
     return model
 
 
@@ -239,8 +247,11 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, m
 def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token, and the batch row it belongs to.
 
-    Token t + 1 is predicted from position t, so the last position is never needed as input and the
-    vocabulary projection runs only where the next token is a target."""
+    Token t + 1 is predicted from position t, so positions from the batch's last target on are never
+    needed as input (they are cut), and the vocabulary projection runs only where the next token is a
+    target."""
+    end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
+    ids, mask = ids[:, :end], mask[:, :end]
     hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
     is_target = mask[:, 1:]  # (B, T-1)
     logits = model.lm_head(hidden[is_target]).float()  # (N, V), N = target tokens in the batch
@@ -286,10 +297,17 @@ def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Epoch plans.
 
-def epoch_micro_batches(examples, epoch: int, cfg: TrainConfig) -> list[list[int]]:
-    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
-    lengths = [e.n_tokens for e in examples]
-    return data.plan_batches(chosen, lengths, cfg.micro_batch_size, cfg.seed, epoch)
+def epoch_sequences(examples, epoch: int, cfg: TrainConfig) -> list[data.Example]:
+    """What epoch `epoch` trains on: the examples the schedule admits, in data order, each one that is a
+    token prefix of a longer one folded into it (data.share_prefixes) unless --no-share-prefixes."""
+    chosen = [examples[i] for i in data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch,
+                                                              cfg.schedule)]
+    return data.share_prefixes(chosen) if cfg.share_prefixes else chosen
+
+
+def epoch_micro_batches(sequences: list[data.Example], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    lengths = [e.n_tokens for e in sequences]
+    return data.plan_batches(list(range(len(sequences))), lengths, cfg.micro_batch_size, cfg.seed, epoch)
 
 
 def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -301,7 +319,7 @@ def count_steps(examples, epochs: int, cfg: TrainConfig, world: int) -> int:
     per_step = cfg.grad_accum * world
     total = 0
     for epoch in range(1, epochs + 1):
-        n = len(data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule))
+        n = len(epoch_sequences(examples, epoch, cfg))
         total += math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step)
     return total
 
@@ -341,18 +359,35 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:
-    if device.type != "cuda":
-        return None
+    """The device's peak FLOP/s: --peak-tflops if given (any device; bench.py measures a CPU's), else the
+    GPU's dense bf16 peak by name, else None (no MFU)."""
     if override_tflops:
         return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def train_flops_per_token(config, mean_len: float) -> float:
-    """LoRA training ~ 4N per token (forward 2N + gradients w.r.t. activations 2N; the weight gradients of
-    the frozen base are never computed), plus attention over the mean causal context (half a sequence)."""
-    return 2.0 * flops_per_token(config, context_len=int(mean_len / 2))
+def sequence_train_flops(config, lora_r: int, sequence: data.Example) -> float:
+    """Model FLOPs of one training sequence as the step runs it (padding and recomputation not counted).
+
+    The inputs are the positions before the last target (target_token_losses cuts the rest). Frozen base
+    weights: forward 2 per weight and token, backward to the activations 2 more, no weight gradients, and
+    no backward at all for layer 0's q/k/v, whose input (the embeddings) needs no gradient. Causal attention:
+    each position against its own context, backward twice its forward. The vocabulary projection runs only
+    at the targets. Adapter weights: forward, weight gradients and input gradients (again none for layer
+    0's q/k/v A matrices)."""
+    n = max(i for i, m in enumerate(sequence.mask) if m) if sequence.n_targets else 0  # input positions
+    d, hd = config.hidden_size, config.head_dim
+    q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    lm_head = 2.0 * d * config.vocab_size
+    body = flops_per_token(config, 0) - lm_head  # forward matmuls per token
+    qkv0 = 2.0 * d * (q_dim + 2 * kv_dim)  # layer 0's q/k/v forward per token
+    adapter = 2.0 * lora.count_adapter_parameters(config, lora_r)  # adapter forward per token
+    attention = (flops_per_token(config, 1) - flops_per_token(config, 0)) * n * (n + 1) / 2
+    return ((2 * body - qkv0) * n + 3 * attention + 2 * lm_head * sequence.n_targets
+            + (3 * adapter - 2.0 * lora_r * d * 3) * n)
 
 
 @torch.no_grad()
@@ -475,20 +510,23 @@ class EpochStats:
     targets: int
     tokens: int
     seconds: float
+    flops: float  # model FLOPs of what ran (sequence_train_flops), all ranks
+    sequences: int  # the epoch's examples after prefix sharing
 
 
 def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, total_steps: int,
               cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
               last_good: int) -> tuple[EpochStats, int]:
     """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
-    steps = optimizer_steps(epoch_micro_batches(examples, epoch, cfg), cfg.grad_accum * cluster.world)
+    sequences = epoch_sequences(examples, epoch, cfg)
+    steps = optimizer_steps(epoch_micro_batches(sequences, epoch, cfg), cfg.grad_accum * cluster.world)
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
     bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
-    loss_total, targets_total, my_tokens = 0.0, 0, 0
+    loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
     start = time.perf_counter()
     for i, step_batches in enumerate(steps):
-        step_targets = sum(examples[j].n_targets for b in step_batches for j in b)  # all ranks
-        my_batches = [[examples[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
+        step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
+        my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
         loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
                                         cluster.device, precision)
         if cluster.world > 1:
@@ -509,18 +547,20 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
         loss_total += loss_sum.item()
         targets_total += step_targets
         my_tokens += sum(e.n_tokens for b in my_batches for e in b)
+        my_flops += sum(sequence_train_flops(model.config, cfg.lora_r, e) for b in my_batches for e in b)
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
     bar.close()
-    tokens = int(all_reduce_sum(torch.tensor([my_tokens], device=cluster.device), cluster).item())
+    totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
+                            cluster).tolist()
     seconds = time.perf_counter() - start
-    return EpochStats(loss_total, targets_total, tokens, seconds), step
+    return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
 
 
 def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats, dev: dict[int, float],
                  lr: float, mfu: float | None, memory_gb: float) -> dict:
     dev_by_subtask = {str(k): round(v, 6) for k, v in dev.items()}  # JSON keys are strings
     return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
-            "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
+            "sequences": stats.sequences, "examples_per_s": plan.n_examples / stats.seconds, "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
             "tokens": stats.tokens, "target_tokens": stats.targets,
             "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
             "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
@@ -530,7 +570,7 @@ def describe_epoch(record: dict, epochs: int) -> str:
     dev = " ".join(f"{k}:{v:.3f}" for k, v in record["dev_loss_by_subtask"].items())
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
     return (f"epoch {record['epoch']}/{epochs} (sub-tasks 1..{record['max_subtask']}, {record['examples']} "
-            f"examples): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
+            f"examples in {record['sequences']} sequences): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
             + f" | {record['tokens_per_s']:,.0f} tokens/s, {record['target_tokens_per_s']:,.0f} target "
             f"tokens/s{mfu} | peak memory {record['peak_memory_gb']:.2f} GB")
 
@@ -583,12 +623,8 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
     return RoleData(path, tokenizer, examples, dev, epochs, plans)
 
 
-def model_flops_utilisation(model, plan: data.EpochPlan, stats: EpochStats, peak: float | None,
-                            world: int) -> float | None:
-    if not peak:
-        return None
-    achieved = train_flops_per_token(model.config, plan.n_tokens / plan.n_examples) * stats.tokens / stats.seconds
-    return achieved / (peak * world)
+def model_flops_utilisation(stats: EpochStats, peak: float | None, world: int) -> float | None:
+    return stats.flops / stats.seconds / (peak * world) if peak else None
 
 
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
@@ -629,7 +665,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
         stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, total_steps, cfg,
                                 cluster, precision, pad_id, out_dir, len(history))
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
-        mfu = model_flops_utilisation(model, plan, stats, peak, cluster.world)
+        mfu = model_flops_utilisation(stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
                               peak_memory_gb(cluster.device))
         history.append(record)
@@ -690,6 +726,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="GPU peak bf16 TFLOP/s for MFU (0: look up the GPU name)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-share-prefixes", dest="share_prefixes", action="store_false",
+                   help="train every example as its own sequence, even one that is a token prefix of a longer "
+                        "example of the same conversation (the same loss terms, more tokens and steps)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep only each decoder block's input and recompute the block in the backward pass "
+                        "(less activation memory, one more forward; the same losses and gradients)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 
