@@ -8,13 +8,17 @@ state needed to resume), which agents.py and evaluate.py load back.
     python prost.py --model Qwen/Qwen2.5-1.5B --role planner --data trajectories/train.jsonl --out ckpts
     torchrun --nproc_per_node 8 prost.py ...           # data parallel (nccl on GPUs, gloo on CPUs)
 
-The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); they are
+The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); an example
+that is a token prefix of a longer one of the same conversation (a planner's earlier decisions) is trained
+inside it (data.share_prefixes: the same loss terms, its context computed once); the sequences are
 shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first), and
 `grad_accum * world_size` micro-batches form one optimizer step. Each micro-batch contributes
 sum(token losses) / (target tokens of the whole step, all ranks), so accumulation and data parallelism
 give the gradient of the mean token loss over the step whatever the split. The frozen base runs under
 bf16 autocast on CUDA while the adapter weights and the optimizer stay fp32; the vocabulary projection is
-applied only at target positions, which saves a (tokens x vocab) logits tensor per micro-batch.
+applied only at target positions, which saves a (tokens x vocab) logits tensor per micro-batch, and
+positions after a micro-batch's last target are not computed at all. --checkpoint-activations keeps only
+each decoder block's input for the backward pass and recomputes the block (less memory, the same numbers).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 import lora
@@ -44,6 +49,7 @@ ADAPTER = "default"  # the adapter's name inside the model; the folder is what a
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 RUN_FILE = "run.json"
+LOSS_CHUNK = 1024  # target tokens per recomputed piece of the vocabulary projection under checkpointing
 # Dense bf16 peak of common training GPUs, for MFU (override with --peak-tflops).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -249,15 +255,27 @@ def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[t
 
     Token t + 1 is predicted from position t, so positions from the batch's last target on are never
     needed as input (they are cut), and the vocabulary projection runs only where the next token is a
-    target."""
+    target. Under activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a
+    time, so they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
     end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
     ids, mask = ids[:, :end], mask[:, :end]
     hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
     is_target = mask[:, 1:]  # (B, T-1)
-    logits = model.lm_head(hidden[is_target]).float()  # (N, V), N = target tokens in the batch
-    losses = F.cross_entropy(logits, ids[:, 1:][is_target], reduction="none")  # (N,)
+    targets, labels = hidden[is_target], ids[:, 1:][is_target]  # (N, D), (N,): N = target tokens in the batch
+    if model.checkpoint_blocks and torch.is_grad_enabled():
+        losses = torch.cat([torch.utils.checkpoint.checkpoint(vocabulary_losses, model, targets[i:i + LOSS_CHUNK],
+                                                              labels[i:i + LOSS_CHUNK], use_reentrant=False)
+                            for i in range(0, len(labels), LOSS_CHUNK)])
+    else:
+        losses = vocabulary_losses(model, targets, labels)
     rows = is_target.nonzero()[:, 0]  # (N,)
     return losses, rows
+
+
+def vocabulary_losses(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (N,) of the next tokens `labels` (N,) predicted from final hidden states (N, D)."""
+    logits = model.lm_head(hidden).float()  # (N, V)
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,

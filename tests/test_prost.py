@@ -162,8 +162,10 @@ def test_shared_prefix_gradient_equals_the_separate_examples(base, role):
     assert all(g.abs().sum() > 0 for g in separate[1])
 
 
-def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories):
-    """With dropout on: the recomputed blocks must draw the same dropout masks as the first forward."""
+def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories, monkeypatch):
+    """With dropout on: the recomputed blocks must draw the same dropout masks as the first forward. The
+    vocabulary projection is recomputed in pieces of 7 targets."""
+    monkeypatch.setattr(prost, "LOSS_CHUNK", 7)
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
@@ -179,7 +181,7 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
     (plain_loss, plain_grads, plain_rng), (ckpt_loss, ckpt_grads, ckpt_rng) = results
     assert torch.equal(ckpt_loss, plain_loss) and torch.equal(ckpt_rng, plain_rng)
     for a, b in zip(ckpt_grads, plain_grads):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # chunked logits: another summation order
 
 
 def test_sequence_flops_count_what_the_step_runs(base, trajectories):
