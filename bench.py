@@ -411,8 +411,9 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
               f"after a warm-up; peak: RSS growth over a step in a fresh process. Load average at start "
               f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
         print(f"  measured matmul peak ({PEAK_SIZE}^3, 1 thread): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
-              f"fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s. MFU: model FLOPs of the examples (prost's count, "
-              f"the same for every row) per CPU-second over the bf16 peak.")
+              f"fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s. MFU: model FLOPs of the sequences a row trains "
+              f"(prost's count; the reference runs the same as prost's separate examples) per CPU-second over the "
+              f"bf16 peak.")
         print(f"  {'role':<9} {'system':<26} {'sequences':>9} {'tokens':>7} {'targets':>7} {'examples/s':>10} "
               f"{'target tok/s':>12} {'ratio':>6} {'MFU':>6} {'peak MiB':>9}")
         systems = {"transformers+PEFT": "peft", "prost, separate examples": "prost-separate",
@@ -423,12 +424,12 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                 steps[label], batches[label] = _train_step(which, model_dir, data_path, role)
             best = _best_of_rounds(steps, TRAIN_ROUNDS)
             examples = _train_examples(model_dir, data_path, role)
-            flops = sum(prost.sequence_train_flops(config, 16, e) for e in examples)
             targets = sum(e.n_targets for e in examples)
             for label, which in systems.items():
                 sequences = [e for b in batches[label] for e in b]
                 seconds = best[label]
                 ratio = best["transformers+PEFT"] / seconds
+                flops = sum(prost.sequence_train_flops(config, 16, e) for e in sequences)  # what this row runs
                 mfu = flops / seconds / peak[torch.bfloat16]
                 memory = _train_peak(which, model_dir, data_path, role) / 2**20
                 print(f"  {role:<9} {label:<26} {len(sequences):>9} {sum(e.n_tokens for e in sequences):>7} "
