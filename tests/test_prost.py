@@ -378,7 +378,7 @@ def test_help_documents_every_flag(capsys):
         prost.parse_args(["--help"])
     text = capsys.readouterr().out
     for name in prost.TrainConfig.__dataclass_fields__:
-        flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+        flag = "--" + ("no-" if name in ("progress", "share_prefixes") else "") + name.replace("_", "-")
         assert flag in text, flag
     assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
 
