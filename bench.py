@@ -9,8 +9,10 @@ Sections:
            real model): tokens/s and ratios; then the peak memory (RSS) of loading a checkpoint.
   lora     forward time with an active r=16 LoRA adapter on all 7 projections vs the plain base forward (prost,
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
-  train    LoRA training steps, prost's loop (loss at target positions only) vs PEFT over transformers (labels
-           -100, full logits), fp32 and bf16 autocast on CPU: tokens/s and peak RSS growth of both, as ratios.
+  train    LoRA training steps on a real model (--model FOLDER) over the gold trajectories' planner and executor
+           examples, bf16 autocast: transformers+PEFT (labels -100 off the targets) vs prost on the same micro-batches
+           vs prost with shared prefixes: examples/s, target tokens/s, MFU against this machine's measured bf16
+           matmul peak, peak RSS growth.
   world    the mini-world: build time (wall and CPU), then world sessions: worker start, first and later task
            opens (each a fresh sandboxed process), execute latency (plain Python and one API call), evaluate
            latency (snapshot + a fresh evaluator process), and gold-solution throughput with 1 and 2 workers on
@@ -47,7 +49,7 @@ TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, in
 PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 128, 64, 3
 LOOKUP = 4  # draft tokens of prompt-lookup decoding, prost's and transformers' (prompt_lookup_num_tokens)
 # A real model (an HF folder, e.g. SmolLM2-135M-Instruct) for the decode and rollout sections; --real-model.
-REAL_MODEL = HERE / "models" / "smollm2-135m"
+REAL_MODEL = HERE / "models" / "smollm2-135m-instruct"  # where `make fetch` puts it
 
 
 def _random_qwen2_checkpoint(out_dir: Path, dims: dict = DECODE_MODEL):
@@ -284,41 +286,63 @@ def _bench_lora() -> None:
 
 # ---- train ------------------------------------------------------------------------------------------------------
 
-# A vocabulary large next to the width, as in real LMs (Qwen2.5-1.5B: 151936 x 1536), so the cost of full logits shows.
-TRAIN_MODEL = dict(vocab_size=32768, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-TRAIN_MICRO, TRAIN_ROWS, TRAIN_SEQ, TRAIN_ROUNDS = 2, 4, 256, 4
-TRAIN_CASES = (("fp32", 64), ("bf16", 64), ("fp32", TRAIN_SEQ), ("bf16", TRAIN_SEQ))  # (precision, targets/row)
+# Small enough for a shared 2-core machine: the reference's activations for 4 x 1.2k tokens alone are ~9 GB.
+TRAIN_TASKS, TRAIN_MICRO, TRAIN_ROUNDS, TRAIN_ROLES = 1, 2, 1, ("planner", "executor")
+TRAIN_DATA = HERE / "trajectories" / "train.jsonl"
+PEAK_SIZE, PEAK_ROUNDS = 1024, 3
 
 
-def _train_batches(n_targets: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Micro-batches of random ids whose last `n_targets` tokens per row are targets (a role's output)."""
-    g = torch.Generator().manual_seed(3)
-    batches = []
-    for _ in range(TRAIN_MICRO):
-        ids = torch.randint(0, TRAIN_MODEL["vocab_size"], (TRAIN_ROWS, TRAIN_SEQ), generator=g)  # (B, T)
-        mask = torch.zeros(TRAIN_ROWS, TRAIN_SEQ, dtype=torch.bool)  # (B, T)
-        mask[:, -n_targets:] = True
-        batches.append((ids, mask))
-    return batches
+def matmul_peak(dtype: torch.dtype) -> float:
+    """This machine's matmul FLOP/s per CPU-second (one thread): best of a few square products, big enough to
+    reach the library's top speed. The denominator of the training MFU below."""
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype), torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
+    a @ b  # warm-up: the first call picks and prepares the kernel
+    best = float("inf")
+    for _ in range(PEAK_ROUNDS):
+        start = time.process_time()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.process_time() - start) / 4)
+    return 2 * PEAK_SIZE ** 3 / best
 
 
-def _train_step(which: str, folder: str, precision: str, n_targets: int):
-    """A function running one LoRA optimizer step (r=16, all 7 projections, fused AdamW, clipping) of prost's
-    loop or of the usual PEFT recipe, returning its CPU seconds."""
+def _train_examples(model_dir: str, data_path: str, role: str):
+    """The role's examples (every sub-task) of the first TRAIN_TASKS multi-agent gold trajectories, rendered by
+    the model's tokenizer."""
+    import data
+    records = [r for r in data.read_trajectories(data_path) if r["system"]["kind"] == "multi"][:TRAIN_TASKS]
+    return data.build_examples(records, role, M.Tokenizer.from_pretrained(model_dir), 4096)[0]
+
+
+def _micro_batches(examples, shared: bool):
+    """Micro-batches as prost's loop plans them (epoch 1, seed 0) of the examples, or of their shared-prefix
+    sequences; the reference trains the separate examples in exactly the batches of the unshared case."""
+    import data
+    sequences = data.share_prefixes(examples) if shared else examples
+    plan = data.plan_batches(list(range(len(sequences))), [e.n_tokens for e in sequences], TRAIN_MICRO, 0, 1)
+    return [[sequences[i] for i in batch] for batch in plan]
+
+
+def _train_step(which: str, model_dir: str, data_path: str, role: str):
+    """A function running one LoRA optimizer step (r=16 on prost's default targets, dropout 0.05, AdamW,
+    clipping, bf16 autocast) over all the role's examples, returning its CPU seconds; and the micro-batches."""
+    import data
     import lora
     import prost
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    batches = _train_batches(n_targets)
-    step_targets = sum(int(mask[:, 1:].sum()) for _, mask in batches)
-    if which == "prost":
-        model = M.Transformer.from_pretrained(folder, dtype=dtype)
-        lora.apply_lora(model, r=16, alpha=32)
+    examples = _train_examples(model_dir, data_path, role)
+    batches = _micro_batches(examples, shared=which == "prost")
+    pad_id = M.Tokenizer.from_pretrained(model_dir).pad_id
+    tensors = [data.collate(b, pad_id) for b in batches]
+    lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]
+    step_targets = sum(e.n_targets for e in examples)
+    if which.startswith("prost"):
+        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+        model = prost.build_model(cfg, torch.device("cpu"), "bf16")
         params = list(prost.trainable_parameters(model).values())
 
         def accumulate():
-            prost.accumulate_gradients(model, batches, step_targets, torch.device("cpu"), precision)
+            prost.accumulate_gradients(model, tensors, step_targets, torch.device("cpu"), "bf16")
     else:
         import warnings
 
@@ -326,19 +350,20 @@ def _train_step(which: str, folder: str, precision: str, n_targets: int):
         import transformers
         transformers.logging.set_verbosity_error()  # keep the table readable: no loading bars or deprecation notes
         transformers.logging.disable_progress_bar()
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32,
+            model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                             target_modules=list(lora.DEFAULT_TARGETS)))
         params = [p for p in model.parameters() if p.requires_grad]  # PEFT keeps adapters fp32 over a bf16 base
 
         def accumulate():
-            for ids, mask in batches:  # labels -100 off target; the loss is computed over full logits
+            for (ids, mask), n in zip(tensors, lengths):  # TRL's assistant-only loss: labels -100 off the targets
                 labels = ids.masked_fill(~mask, -100)
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                    loss = model(input_ids=ids, labels=labels).loss  # mean over this micro-batch's targets
-                (loss * int(mask[:, 1:].sum()) / step_targets).backward()
+                attention_mask = (torch.arange(ids.shape[1])[None] < n[:, None]).long()  # (B, T), 0 on padding
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss = model(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
+                (loss * int(mask[:, 1:].sum()) / step_targets).backward()  # the step's mean token loss
     model.train()
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
 
@@ -349,16 +374,15 @@ def _train_step(which: str, folder: str, precision: str, n_targets: int):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return time.process_time() - start
-    return step
+    return step, batches
 
 
-def _train_peak_worker(which: str, folder: str, precision: str, n_targets: int) -> None:
-    """In a fresh process: print the peak RSS growth (bytes) over two training steps, optimizer state included."""
+def _train_peak_worker(which: str, model_dir: str, data_path: str, role: str) -> None:
+    """In a fresh process: print the peak RSS growth (bytes) over a training step, optimizer state included."""
     torch.set_num_threads(1)
-    step = _train_step(which, folder, precision, n_targets)
+    step, _ = _train_step(which, model_dir, data_path, role)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: count training only
     base = _kib("VmRSS:")
-    step()
     step()
     print((_kib("VmHWM:") - base) * 1024)
 
@@ -367,37 +391,122 @@ def _kib(field: str) -> int:
     return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
 
 
-def _train_peak(which: str, folder: Path, precision: str, n_targets: int) -> int:
-    code = f"import bench; bench._train_peak_worker({which!r}, {str(folder)!r}, {precision!r}, {n_targets})"
-    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True).stdout
+def _train_peak(which: str, model_dir: str, data_path: str, role: str) -> int:
+    code = f"import bench; bench._train_peak_worker({which!r}, {model_dir!r}, {data_path!r}, {role!r})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True,
+                         timeout=3600).stdout
     return int(out.split()[-1])
 
 
-def bench_train() -> None:
+LONG_ROWS, LONG_SEQ, LONG_TARGETS = 4, 2048, 256  # a micro-batch of long executor-like examples
+
+
+def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, rows: int = LONG_ROWS) -> None:
+    """In a fresh process: one forward and backward of a rows x LONG_SEQ micro-batch whose last LONG_TARGETS
+    tokens per row are targets (bf16 autocast, r=16); print the RSS before the step and the process's peak RSS
+    (bytes), and the step's CPU seconds."""
+    import resource
+
+    import lora
+    import prost
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(4)
+    vocab = M.ModelConfig.from_hf(model_dir).vocab_size
+    ids = torch.randint(0, vocab, (rows, LONG_SEQ), generator=g)  # (B, T)
+    mask = torch.zeros(rows, LONG_SEQ, dtype=torch.bool)  # (B, T)
+    mask[:, -LONG_TARGETS:] = True
+    if which == "prost":
+        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+                                checkpoint_activations=checkpointing)
+        model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
+        before, start = _kib("VmRSS:") * 1024, time.process_time()
+        prost.accumulate_gradients(model, [(ids, mask)], int(mask[:, 1:].sum()), torch.device("cpu"), "bf16")
+    else:
+        import peft
+        import transformers
+        transformers.logging.set_verbosity_error()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        if checkpointing:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
+                                                        target_modules=list(lora.DEFAULT_TARGETS))).train()
+        before, start = _kib("VmRSS:") * 1024, time.process_time()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(~mask, -100)).loss
+        loss.backward()
+    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.process_time() - start)
+
+
+def _long_batch_peak(which: str, model_dir: str, checkpointing: bool, rows: int) -> tuple[int, int, float]:
+    code = f"import bench; bench._long_batch_peak_worker({which!r}, {model_dir!r}, {checkpointing}, {rows})"
+    out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, check=True,
+                         timeout=3600).stdout.split()
+    return int(out[-3]), int(out[-2]), float(out[-1])
+
+
+def bench_train(model_dir: str | None, data_path: str) -> None:
+    if model_dir is None:
+        print("train: skipped; it needs a real model folder: `make fetch`, or python bench.py train --real-model "
+              "FOLDER (e.g. SmolLM2-135M-Instruct as a Hugging Face folder)")
+        return
+    if not Path(data_path).is_file():
+        raise FileNotFoundError(f"{data_path} does not exist; collect it with: python agents.py collect --teacher "
+                                f"gold --split train --limit 12 --out {data_path}")
+    import os
+
+    import lora
+    import prost
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the machine is shared: one thread keeps timings stable under others' load
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "qwen2-random"
-            hf = _random_qwen2_checkpoint(folder, TRAIN_MODEL)
-            tokens = TRAIN_MICRO * TRAIN_ROWS * TRAIN_SEQ
-            print(f"train: LoRA r=16 (all 7 projections) optimizer steps, fused AdamW, clipping, on a random Qwen2 of "
-                  f"{sum(p.numel() for p in hf.parameters()) / 1e6:.1f}M params (vocab {TRAIN_MODEL['vocab_size']}); "
-                  f"a step = {TRAIN_MICRO} micro-batches of {TRAIN_ROWS} x {TRAIN_SEQ} tokens whose last 64 (a role's "
-                  f"output) or all {TRAIN_SEQ} tokens per row are targets. prost: loss at target positions only; "
-                  f"PEFT over transformers: labels -100, full logits. Speed: CPU time, best of {TRAIN_ROUNDS} "
-                  f"interleaved steps after a warm-up, 1 thread; peak: RSS growth over 2 steps in a fresh process.")
-            print(f"  {'precision':<14} {'targets':>7} {'prost tok/s':>11} {'PEFT tok/s':>10} {'ratio':>6} "
-                  f"{'prost peak MiB':>14} {'PEFT peak MiB':>13} {'ratio':>6}")
-            for precision, n_targets in TRAIN_CASES:
-                steps = {which: _train_step(which, str(folder), precision, n_targets) for which in ("prost", "peft")}
-                best = _best_of_rounds(steps, TRAIN_ROUNDS)
-                speed = {which: tokens / seconds for which, seconds in best.items()}
-                peak = {which: _train_peak(which, folder, precision, n_targets) / 2**20 for which in steps}
-                label = "bf16 autocast" if precision == "bf16" else precision
-                print(f"  {label:<14} {n_targets:>7} {speed['prost']:>11.0f} {speed['peft']:>10.0f} "
-                      f"{speed['prost'] / speed['peft']:>6.2f} {peak['prost']:>14.1f} {peak['peft']:>13.1f} "
-                      f"{peak['prost'] / peak['peft']:>6.2f}")
+        peak = {dtype: matmul_peak(dtype) for dtype in (torch.bfloat16, torch.float32)}
+        config = M.ModelConfig.from_hf(model_dir)
+        adapter_weights = lora.count_adapter_parameters(config, 16)
+        print(f"train: one LoRA optimizer step (r=16 on {', '.join(lora.DEFAULT_TARGETS)}, dropout "
+              f"0.05, AdamW, clipping, bf16 autocast) over every planner / executor example of the first "
+              f"{TRAIN_TASKS} gold trajectories in {data_path}, micro-batches of {TRAIN_MICRO} planned as prost "
+              f"does; model {model_dir}. Speed: CPU time, 1 thread, best of {TRAIN_ROUNDS} interleaved rounds "
+              f"after a warm-up; peak: RSS growth over a step in a fresh process. Load average at start "
+              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+        print(f"  measured matmul peak ({PEAK_SIZE}^3, 1 thread): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
+              f"fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s. MFU: model FLOPs of the sequences a row trains "
+              f"(prost's count; the reference runs the same as prost's separate examples) per CPU-second over the "
+              f"bf16 peak.")
+        print(f"  {'role':<9} {'system':<26} {'sequences':>9} {'tokens':>7} {'targets':>7} {'examples/s':>10} "
+              f"{'target tok/s':>12} {'ratio':>6} {'MFU':>6} {'peak MiB':>9}")
+        systems = {"transformers+PEFT": "peft", "prost, separate examples": "prost-separate",
+                   "prost, shared prefixes": "prost"}
+        for role in TRAIN_ROLES:
+            steps, batches = {}, {}
+            for label, which in systems.items():
+                steps[label], batches[label] = _train_step(which, model_dir, data_path, role)
+            best = _best_of_rounds(steps, TRAIN_ROUNDS)
+            examples = _train_examples(model_dir, data_path, role)
+            targets = sum(e.n_targets for e in examples)
+            for label, which in systems.items():
+                sequences = [e for b in batches[label] for e in b]
+                seconds = best[label]
+                ratio = best["transformers+PEFT"] / seconds
+                flops = sum(prost.sequence_train_flops(config, adapter_weights, e) for e in sequences)  # what this row runs
+                mfu = flops / seconds / peak[torch.bfloat16]
+                memory = _train_peak(which, model_dir, data_path, role) / 2**20
+                print(f"  {role:<9} {label:<26} {len(sequences):>9} {sum(e.n_tokens for e in sequences):>7} "
+                      f"{targets:>7} {len(examples) / seconds:>10.2f} {targets / seconds:>12.1f} {ratio:>6.2f} "
+                      f"{100 * mfu:>5.1f}% {memory:>9.0f}")
+        print(f"  one micro-batch of {LONG_ROWS} x {LONG_SEQ} tokens ({LONG_TARGETS} targets per row), forward and "
+              f"backward, fresh process: peak RSS (model, data and all) and CPU seconds. Without checkpointing the "
+              f"step runs on 1 row and the peak is extrapolated (model + {LONG_ROWS} x the step's growth): "
+              f"{LONG_ROWS} rows need more memory than a shared machine can lend")
+        for which, checkpointing in (("peft", True), ("peft", False), ("prost", True), ("prost", False)):
+            label = "transformers+PEFT" if which == "peft" else "prost"
+            rows = LONG_ROWS if checkpointing else 1
+            before, rss, seconds = _long_batch_peak(which, model_dir, checkpointing, rows)
+            peak = before + (rss - before) * LONG_ROWS // rows
+            how = "with" if checkpointing else "without"
+            print(f"    {label:<18} {how:<7} activation checkpointing: {peak / 2**30:5.2f} GiB"
+                  + (f" (1 row measured: {rss / 2**30:.2f} GiB)" if rows == 1 else "")
+                  + f", {seconds * LONG_ROWS / rows:6.1f} s")
+        print(f"  load average at the end {os.getloadavg()[0]:.1f}")
     finally:
         torch.set_num_threads(threads)
 
@@ -576,7 +685,7 @@ def bench_rollout() -> None:
 SECTIONS = {
     "decode": bench_decode,
     "lora": bench_lora,
-    "train": bench_train,
+    "train": lambda args: bench_train(str(REAL_MODEL) if (REAL_MODEL / "config.json").is_file() else None, args.data),
     "world": bench_world,
     "rollout": bench_rollout,
 }
@@ -588,8 +697,11 @@ def main(argv=None) -> None:
     ap.add_argument("sections", nargs="*", metavar="section",
                     help=f"sections to run (default: all): {', '.join(SECTIONS)}")
     ap.add_argument("--real-model", default=str(REAL_MODEL),
-                    help=f"HF folder of a real model (e.g. SmolLM2-135M-Instruct) for the decode and rollout sections "
-                    f"(default: {REAL_MODEL.relative_to(HERE)}; skipped when absent)")
+                    help=f"HF folder of a real model (e.g. SmolLM2-135M-Instruct from `make fetch`) for the decode, "
+                    f"train and rollout sections (default: {REAL_MODEL.relative_to(HERE)}; those rows are skipped "
+                    "when it is absent)")
+    ap.add_argument("--data", default=str(TRAIN_DATA), help="train: gold trajectories (agents.py collect --teacher "
+                    "gold --split train --limit 12)")
     args = ap.parse_args(argv)
     REAL_MODEL = Path(args.real_model)
     unknown = [s for s in args.sections if s not in SECTIONS]
@@ -598,7 +710,7 @@ def main(argv=None) -> None:
         sys.exit(2)
     for name in args.sections or SECTIONS:
         start = time.perf_counter()
-        SECTIONS[name]()
+        SECTIONS[name](args) if name == "train" else SECTIONS[name]()
         print(f"[{name}: {time.perf_counter() - start:.0f} s]\n")
 
 

@@ -38,7 +38,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -245,6 +245,7 @@ class Example:
     subtask: int
     ids: list[int]
     mask: list[int]  # 1 where the token is a target (the role's own output for sub-task k)
+    carries: int = 1  # schedule examples whose targets this sequence holds (> 1 after share_prefixes)
 
     @property
     def n_tokens(self) -> int:
@@ -429,13 +430,49 @@ def epoch_example_indices(examples: list[Example], epoch: int, step: int = 1,
     return [i for i, e in enumerate(examples) if e.subtask <= limit]
 
 
+def share_prefixes(examples: list[Example]) -> list[Example]:
+    """Fold every example that is an exact token prefix of a longer example of the same conversation into
+    that longer one: the longer sequence carries both sets of targets (the union of the masks) and the
+    prefix is dropped. Order is kept; a merged sequence stands where its longest member stood.
+
+    Why this is exact: under causal attention, position t sees only tokens 0..t, at the same RoPE
+    positions in both sequences. If A.ids == B.ids[:len(A)], each of A's positions computes the same
+    logits inside B as in A alone, so every loss term of A's targets is the same function of the weights
+    inside B, and so is its gradient. The sum of token losses over the step, and its gradient, are those
+    of the separate examples; A's context is just computed once instead of twice. The loss is a mean over
+    target tokens, so each target must still count once: A is folded only when none of its targets is a
+    target of B already (a planner's earlier decisions are context, not targets, in its later examples),
+    so the union holds exactly the target tokens of the separate examples. Examples that are not exact
+    prefixes (truncated or fitted differently) stay as they are.
+    """
+    merged = list(examples)
+    dropped: set[int] = set()
+    groups: dict[tuple[str, str, int], list[int]] = {}
+    for i, e in enumerate(examples):
+        groups.setdefault((e.task_id, e.role, e.conversation), []).append(i)
+    for members in groups.values():
+        by_length = sorted(members, key=lambda i: merged[i].n_tokens)
+        for pos, i in enumerate(by_length):
+            a = merged[i]
+            for j in by_length[pos + 1:]:
+                b = merged[j]
+                if b.ids[:a.n_tokens] == a.ids and not any(x and y for x, y in zip(a.mask, b.mask)):
+                    union = [x | y for x, y in zip(a.mask, b.mask)] + b.mask[a.n_tokens:]
+                    merged[j] = replace(b, mask=union, carries=a.carries + b.carries)
+                    dropped.add(i)
+                    break  # the longer sequence is visited later and folds on into a still longer one
+    return [e for i, e in enumerate(merged) if i not in dropped]
+
+
 @dataclass
 class EpochPlan:
     epoch: int
     max_subtask: int
     n_examples: int
-    n_tokens: int
+    n_tokens: int  # of the separate examples
     n_targets: int
+    n_sequences: int  # after share_prefixes
+    n_shared_tokens: int
 
 
 def plan_schedule(examples: list[Example], epochs: int, step: int = 1,
@@ -444,18 +481,21 @@ def plan_schedule(examples: list[Example], epochs: int, step: int = 1,
     plans = []
     for epoch in range(1, epochs + 1):
         chosen = [examples[i] for i in epoch_example_indices(examples, epoch, step, schedule)]
+        shared = share_prefixes(chosen)
         plans.append(EpochPlan(epoch, subtasks_in_epoch(epoch, max_subtask, step, schedule), len(chosen),
-                               sum(e.n_tokens for e in chosen), sum(e.n_targets for e in chosen)))
+                               sum(e.n_tokens for e in chosen), sum(e.n_targets for e in chosen),
+                               len(shared), sum(e.n_tokens for e in shared)))
     return plans
 
 
 def format_schedule(plans: list[EpochPlan], schedule: str, step: int) -> str:
     head = (f"schedule: {schedule}" + (f", {step} new sub-task(s) per epoch" if schedule == "progressive"
                                        else ", every sub-task every epoch"))
-    rows = [head, f"{'epoch':>5}  {'sub-tasks':>9}  {'examples':>8}  {'target tokens':>13}  {'all tokens':>10}"]
+    rows = [head, f"{'epoch':>5}  {'sub-tasks':>9}  {'examples':>8}  {'target tokens':>13}  {'all tokens':>10}  "
+                  f"{'shared sequences':>16}  {'shared tokens':>13}"]
     for p in plans:
         rows.append(f"{p.epoch:>5}  {'1..' + str(p.max_subtask):>9}  {p.n_examples:>8}  {p.n_targets:>13,}  "
-                    f"{p.n_tokens:>10,}")
+                    f"{p.n_tokens:>10,}  {p.n_sequences:>16}  {p.n_shared_tokens:>13,}")
     return "\n".join(rows)
 
 

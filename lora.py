@@ -19,8 +19,9 @@ adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used
 from the shell: `python lora.py ckpts/planner merged/planner`.
 
 Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
-be rounded away in bf16). The base may be bf16 or fp32. The adapter path casts its input to the adapter
-dtype and casts its result back to the dtype of the base output before the sum.
+be rounded away in bf16). The base may be bf16 or fp32. Outside autocast the adapter path casts its input
+to the adapter dtype; under autocast its matmuls run in the autocast dtype like the base's. Its result is
+cast back to the dtype of the base output before the sum.
 """
 
 from __future__ import annotations
@@ -127,7 +128,9 @@ class LoRALinear(nn.Module):
         if name is None or self.merged is not None:
             return y
         a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
-        h = x.to(a.dtype)  # (..., in) fp32
+        # Under autocast the matmuls below run in the autocast dtype whatever their inputs: a cast of the
+        # (..., in) input to fp32 first would be two wasted full-width copies.
+        h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)  # (..., in)
         if self.training and spec.dropout > 0:
             h = F.dropout(h, spec.dropout, training=True)
         # Scale the narrow (..., r) tensor, not the wide output, and add in place: y is not needed by

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from store import atomic_write  # stdlib-only leaf: the one place files are written atomically
@@ -394,6 +395,8 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight  # one Parameter under two names
         # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
         self.inv_freq = rope_inv_freq(config)
+        # training only: keep each block's input and recompute the block in the backward pass
+        self.checkpoint_blocks = False
 
     def hidden(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, D) for input_ids (B, T); with a cache, the tokens continue it."""
@@ -401,8 +404,12 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         positions, mask = self._positions_and_mask(T, cache, x.device)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B or 1, T, d)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled() and cache is None
         for block in self.model.layers:
-            x = block(x, cos, sin, mask, cache)
+            if recompute:  # the same RNG state on recomputation, so dropout draws the same masks
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
         return self.model.norm(x)
@@ -1012,7 +1019,7 @@ def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings, window: 
 # ----------------------------------------------------------------------------------------------------------------
 
 def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: int = 0,
-                  adapter_weights: int = 0) -> float:
+                  adapter_weights: int = 0, attention: bool = True) -> float:
     """FLOPs of one forward pass over `n_positions` new positions that follow `past` cached ones, with the
     vocabulary projection at `n_logits` of them. This is prost's one FLOP-counting rule:
 
@@ -1023,12 +1030,13 @@ def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: in
 
     A multiply-add is 2 FLOPs; attention is causal, so absolute position p attends to p + 1 keys; norms,
     RoPE, softmax and the embedding lookup are left out (each well under 1%). Padding in a batch is not
-    counted: this is the work the call needs, whatever it was batched with."""
+    counted: this is the work the call needs, whatever it was batched with. `attention=False` leaves the
+    attention term out (train_flops counts attention's heavier backward with it)."""
     d, hd, L = config.hidden_size, config.head_dim, config.num_hidden_layers
     q_dim, kv_dim = config.num_attention_heads * hd, config.num_key_value_heads * hd
     per_layer = d * q_dim + 2 * d * kv_dim + q_dim * d + 3 * d * config.intermediate_size
     keys = n_positions * past + n_positions * (n_positions + 1) // 2  # sum of p + 1 over the new positions
-    return float(2 * (L * per_layer + adapter_weights) * n_positions + 4 * L * q_dim * keys
+    return float(2 * (L * per_layer + adapter_weights) * n_positions + 4 * L * q_dim * keys * attention
                  + 2 * d * config.vocab_size * n_logits)
 
 
@@ -1046,12 +1054,17 @@ def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, adapter_weigh
 
 def train_flops(config: ModelConfig, n_tokens: int, n_targets: int, adapter_weights: int = 0) -> float:
     """FLOPs of one LoRA training step on one sequence: the forward pass over its first n_tokens - 1
-    positions with the vocabulary projection at the n_targets target positions only (prost.py's loss), a
-    backward pass of the same size for the gradients with respect to activations (the frozen base's weight
-    gradients are never computed), and the adapter's own weight gradients (2 per adapter weight and position)."""
+    positions with the vocabulary projection at the n_targets target positions only (prost.py's loss), and
+    the backward pass: gradients with respect to the activations (the same matmuls again; attention's
+    backward is twice its forward, four matmuls against two) and the adapter's own weight gradients (2 per
+    adapter weight and position). The frozen base's weight gradients are never computed. One piece autograd
+    also skips is counted anyway for simplicity: the gradient into the first layer's input (the embeddings
+    need none), a share of about 1 / (2 x layers) of the base's backward matmuls at most."""
     positions = n_tokens - 1
-    return 2 * forward_flops(config, positions, n_targets, adapter_weights=adapter_weights) \
-        + 2.0 * adapter_weights * positions
+    forward = forward_flops(config, positions, n_targets, adapter_weights=adapter_weights)
+    attention = forward - forward_flops(config, positions, n_targets, adapter_weights=adapter_weights,
+                                        attention=False)
+    return 2 * forward + attention + 2.0 * adapter_weights * positions
 
 
 @dataclass

@@ -11,13 +11,17 @@ is killed it holds a state `--resume` continues (store.py).
     python prost.py --model Qwen/Qwen2.5-1.5B --role planner --data trajectories/train.jsonl --out ckpts
     torchrun --nproc_per_node 8 prost.py ...           # data parallel (nccl on GPUs, gloo on CPUs)
 
-The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); they are
+The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); an example
+that is a token prefix of a longer one of the same conversation (a planner's earlier decisions) is trained
+inside it (data.share_prefixes: the same loss terms, its context computed once); the sequences are
 shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first), and
 `grad_accum * world_size` micro-batches form one optimizer step. Each micro-batch contributes
 sum(token losses) / (target tokens of the whole step, all ranks), so accumulation and data parallelism
 give the gradient of the mean token loss over the step whatever the split. The frozen base runs under
 bf16 autocast on CUDA while the adapter weights and the optimizer stay fp32; the vocabulary projection is
-applied only at target positions, which saves a (tokens x vocab) logits tensor per micro-batch.
+applied only at target positions, which saves a (tokens x vocab) logits tensor per micro-batch, and
+positions after a micro-batch's last target are not computed at all. --checkpoint-activations keeps only
+each decoder block's input for the backward pass and recomputes the block (less memory, the same numbers).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import data
 import lora
@@ -49,6 +54,7 @@ ADAPTER = "default"  # the adapter's name inside the model; the folder is what a
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 RUN_FILE = store.IDENTITY_FILE
+LOSS_CHUNK = 1024  # target tokens per recomputed piece of the vocabulary projection under checkpointing
 # Dense bf16 peak of common training GPUs, for MFU (override with --peak-tflops).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
 
@@ -83,10 +89,14 @@ class TrainConfig:
     stop_after: int = 0  # stop after this epoch as if interrupted (0: run to the end)
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_TFLOPS
     progress: bool = True
+    share_prefixes: bool = True  # train an example that is a prefix of a longer one inside it (exact)
+    checkpoint_activations: bool = False  # recompute each decoder block in the backward pass
+    compile: bool = False  # torch.compile each decoder block
 
 
 # Fields that do not change what is trained; everything else must match to resume a run.
-NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress"}
+NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress",
+                "checkpoint_activations", "compile"}
 
 
 class TrainingDiverged(RuntimeError):
@@ -204,6 +214,10 @@ def build_model(cfg: TrainConfig, device: torch.device, precision: str):
     model = Transformer.from_pretrained(cfg.model, device=device, dtype=dtype)
     torch.manual_seed(cfg.seed)  # every rank starts from the same adapter initialisation
     lora.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, name=ADAPTER)
+    model.checkpoint_blocks = cfg.checkpoint_activations
+    if cfg.compile:
+        for block in model.model.layers:
+            block.compile()
     return model
 
 
@@ -237,14 +251,29 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, m
 def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token, and the batch row it belongs to.
 
-    Token t + 1 is predicted from position t, so the last position is never needed as input and the
-    vocabulary projection runs only where the next token is a target."""
+    Token t + 1 is predicted from position t, so positions from the batch's last target on are never
+    needed as input (they are cut), and the vocabulary projection runs only where the next token is a
+    target. Under activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a
+    time, so they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
+    end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
+    ids, mask = ids[:, :end], mask[:, :end]
     hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
     is_target = mask[:, 1:]  # (B, T-1)
-    logits = model.lm_head(hidden[is_target]).float()  # (N, V), N = target tokens in the batch
-    losses = F.cross_entropy(logits, ids[:, 1:][is_target], reduction="none")  # (N,)
+    targets, labels = hidden[is_target], ids[:, 1:][is_target]  # (N, D), (N,): N = target tokens in the batch
+    if model.checkpoint_blocks and torch.is_grad_enabled():
+        losses = torch.cat([torch.utils.checkpoint.checkpoint(vocabulary_losses, model, targets[i:i + LOSS_CHUNK],
+                                                              labels[i:i + LOSS_CHUNK], use_reentrant=False)
+                            for i in range(0, len(labels), LOSS_CHUNK)])
+    else:
+        losses = vocabulary_losses(model, targets, labels)
     rows = is_target.nonzero()[:, 0]  # (N,)
     return losses, rows
+
+
+def vocabulary_losses(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (N,) of the next tokens `labels` (N,) predicted from final hidden states (N, D)."""
+    logits = model.lm_head(hidden).float()  # (N, V)
+    return F.cross_entropy(logits, labels, reduction="none")
 
 
 def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,
@@ -284,10 +313,17 @@ def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------
 # Epoch plans.
 
-def epoch_micro_batches(examples, epoch: int, cfg: TrainConfig) -> list[list[int]]:
-    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
-    lengths = [e.n_tokens for e in examples]
-    return data.plan_batches(chosen, lengths, cfg.micro_batch_size, cfg.seed, epoch)
+def epoch_sequences(examples, epoch: int, cfg: TrainConfig) -> list[data.Example]:
+    """What epoch `epoch` trains on: the examples the schedule admits, in data order, each one that is a
+    token prefix of a longer one folded into it (data.share_prefixes) unless --no-share-prefixes."""
+    chosen = [examples[i] for i in data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch,
+                                                              cfg.schedule)]
+    return data.share_prefixes(chosen) if cfg.share_prefixes else chosen
+
+
+def epoch_micro_batches(sequences: list[data.Example], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    lengths = [e.n_tokens for e in sequences]
+    return data.plan_batches(list(range(len(sequences))), lengths, cfg.micro_batch_size, cfg.seed, epoch)
 
 
 def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -302,7 +338,7 @@ def epoch_step_counts(examples, epochs: int, cfg: TrainConfig, world: int) -> li
     per_step = cfg.grad_accum * world
     counts = []
     for epoch in range(1, epochs + 1):
-        n = len(data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule))
+        n = len(epoch_sequences(examples, epoch, cfg))
         counts.append(math.ceil(math.ceil(n / cfg.micro_batch_size) / per_step))
     return counts
 
@@ -362,12 +398,22 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:
-    if device.type != "cuda":
-        return None
+    """The device's peak FLOP/s: --peak-tflops if given (any device; bench.py measures a CPU's), else the
+    GPU's dense bf16 peak by name, else None (no MFU)."""
     if override_tflops:
         return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
     name = torch.cuda.get_device_name(device)
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+
+
+def sequence_train_flops(config, adapter_weights: int, sequence: data.Example) -> float:
+    """Model FLOPs of one training sequence as the step runs it (model.train_flops, the one counting rule):
+    the positions up to its last target (target_token_losses cuts the rest), the vocabulary projection at
+    the targets only; padding and activation recomputation are not counted."""
+    last = max((i for i, m in enumerate(sequence.mask) if m), default=0)
+    return train_flops(config, last + 1, sequence.n_targets, adapter_weights)
 
 
 @torch.no_grad()
@@ -490,19 +536,23 @@ class EpochStats:
     targets: int
     tokens: int
     seconds: float
+    flops: float  # model FLOPs of what ran (sequence_train_flops), all ranks
+    sequences: int  # the epoch's examples after prefix sharing
 
 
 def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, stages: list[tuple[int, int]],
               cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
               last_good: int) -> tuple[EpochStats, int]:
     """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
-    steps = optimizer_steps(epoch_micro_batches(examples, epoch, cfg), cfg.grad_accum * cluster.world)
+    sequences = epoch_sequences(examples, epoch, cfg)
+    steps = optimizer_steps(epoch_micro_batches(sequences, epoch, cfg), cfg.grad_accum * cluster.world)
     bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
-    loss_total, targets_total, my_tokens = 0.0, 0, 0
+    loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
+    adapter_weights = sum(p.numel() for p in params)
     start = time.perf_counter()
     for i, step_batches in enumerate(steps):
-        step_targets = sum(examples[j].n_targets for b in step_batches for j in b)  # all ranks
-        my_batches = [[examples[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
+        step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
+        my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
         loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
                                         cluster.device, precision)
         if cluster.world > 1:
@@ -523,18 +573,20 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
         loss_total += loss_sum.item()
         targets_total += step_targets
         my_tokens += sum(e.n_tokens for b in my_batches for e in b)
+        my_flops += sum(sequence_train_flops(model.config, adapter_weights, e) for b in my_batches for e in b)
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
     bar.close()
-    tokens = int(all_reduce_sum(torch.tensor([my_tokens], device=cluster.device), cluster).item())
+    totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
+                            cluster).tolist()
     seconds = time.perf_counter() - start
-    return EpochStats(loss_total, targets_total, tokens, seconds), step
+    return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
 
 
 def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats, dev: dict[int, float],
                  lr: float, mfu: float | None, memory_gb: float) -> dict:
     dev_by_subtask = {str(k): round(v, 6) for k, v in dev.items()}  # JSON keys are strings
     return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
-            "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
+            "sequences": stats.sequences, "examples_per_s": plan.n_examples / stats.seconds, "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
             "tokens": stats.tokens, "target_tokens": stats.targets,
             "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
             "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
@@ -544,7 +596,7 @@ def describe_epoch(record: dict, epochs: int) -> str:
     dev = " ".join(f"{k}:{v:.3f}" for k, v in record["dev_loss_by_subtask"].items())
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
     return (f"epoch {record['epoch']}/{epochs} (sub-tasks 1..{record['max_subtask']}, {record['examples']} "
-            f"examples): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
+            f"examples in {record['sequences']} sequences): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
             + f" | {record['tokens_per_s']:,.0f} tokens/s, {record['target_tokens_per_s']:,.0f} target "
             f"tokens/s{mfu} | peak memory {record['peak_memory_gb']:.2f} GB")
 
@@ -621,16 +673,8 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster) -> RoleData:
     return RoleData(path, tokenizer, examples, dev, epochs, plans)
 
 
-def model_flops_utilisation(model, examples: list[data.Example], epoch: int, cfg: TrainConfig,
-                            stats: EpochStats, peak: float | None, world: int) -> float | None:
-    """FLOPs the epoch's examples need (model.train_flops: padding not counted, the vocabulary projection
-    only at targets, the adapter included) per second, as a share of the devices' peak."""
-    if not peak:
-        return None
-    chosen = data.epoch_example_indices(examples, epoch, cfg.subtasks_per_epoch, cfg.schedule)
-    adapter = sum(p.numel() for p in trainable_parameters(model).values())
-    needed = sum(train_flops(model.config, examples[i].n_tokens, examples[i].n_targets, adapter) for i in chosen)
-    return needed / stats.seconds / (peak * world)
+def model_flops_utilisation(stats: EpochStats, peak: float | None, world: int) -> float | None:
+    return stats.flops / stats.seconds / (peak * world) if peak else None
 
 
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
@@ -683,7 +727,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
                                      stopped=f"diverged: non-finite loss or gradient in epoch {epoch}")
             raise
         dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
-        mfu = model_flops_utilisation(model, examples, epoch, cfg, stats, peak, cluster.world)
+        mfu = model_flops_utilisation(stats, peak, cluster.world)
         record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
                               peak_memory_gb(cluster.device))
         history.append(record)
@@ -749,6 +793,13 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
                    help="GPU peak bf16 TFLOP/s for MFU (0: look up the GPU name)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("--no-share-prefixes", dest="share_prefixes", action="store_false",
+                   help="train every example as its own sequence, even one that is a token prefix of a longer "
+                        "example of the same conversation (the same loss terms, more tokens and steps)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep only each decoder block's input and recompute the block in the backward pass "
+                        "(less activation memory, one more forward; the same losses and gradients)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder block")
     return TrainConfig(**vars(p.parse_args(argv)))
 
 

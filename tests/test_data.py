@@ -501,3 +501,37 @@ def test_trajectory_texts_lists_each_distinct_line_once_in_order(tmp_path, capsy
     assert data.main(["texts", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(set(lines)) and "Task finished." in lines and "You judge." in lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# Prefix sharing.
+
+
+def test_share_prefixes_folds_a_planners_decisions_into_its_longest_example():
+    tok = CharTokenizer()
+    examples, _ = examples_of("planner", [synthetic_trajectory("a", n_subtasks=3),
+                                          synthetic_trajectory("b", n_subtasks=2)])
+    shared = data.share_prefixes(examples)
+    # one sequence per trajectory's planner conversation: its longest example, carrying every decision
+    assert [(e.task_id, e.subtask, e.carries) for e in shared] == [("a", 4, 4), ("b", 3, 3)]
+    a_examples = [e for e in examples if e.task_id == "a"]
+    assert shared[0].ids == a_examples[-1].ids
+    assert target_texts(tok, shared[0]) == [t for e in a_examples for t in target_texts(tok, e)]
+    assert sum(e.n_targets for e in shared) == sum(e.n_targets for e in examples)
+    # executors: one conversation per sub-task, nothing is a prefix of anything else
+    executor, _ = examples_of("executor")
+    assert data.share_prefixes(executor) == executor
+
+
+def test_share_prefixes_keeps_non_prefixes_and_shared_targets_apart():
+    examples, _ = examples_of("planner")
+    first, second = examples[0], examples[1]
+    cut = data.Example(first.task_id, "planner", 0, 1, first.ids[1:], [0] + first.mask[2:])  # truncated
+    other_conv = data.Example(first.task_id, "planner", 7, 1, list(first.ids), list(first.mask))
+    assert data.share_prefixes([cut, second]) == [cut, second]
+    assert data.share_prefixes([other_conv, second]) == [other_conv, second]
+    # a target of the prefix that is a target of the longer example too would count twice: kept apart
+    overlap = data.Example(first.task_id, "planner", 0, 2, list(second.ids),
+                           [x | y for x, y in zip(first.mask, second.mask)] + second.mask[first.n_tokens:])
+    assert data.share_prefixes([first, overlap]) == [first, overlap]
+    assert data.share_prefixes([first, second])[0].carries == 2

@@ -21,7 +21,7 @@ import prost
 import world
 from conftest import build_hf_checkpoint, run_child, torchrun
 from model import Tokenizer, Transformer
-from test_data import synthetic_trajectory
+from test_data import conversation_calls, synthetic_trajectory
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
@@ -126,6 +126,103 @@ def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
     assert all(g.abs().sum() > 0 for g in grads_1x8)
 
 
+def single_agent_record(task_id: str) -> dict:
+    turns = [(1, "plan: look up", "obs 1", True), (1, "```python\nx\n```", "obs 2", True),
+             (2, "wrong", "Error", False), (2, "right", "obs 3", True), (3, "finish", None, True)]
+    record = synthetic_trajectory(task_id)
+    record.update(calls=conversation_calls("single", 0, "You act.", f"Task {task_id}", turns),
+                  system={"kind": "single", "teacher": "gold", "roles": {"single": {"model": "m", "adapter": None}},
+                          "budgets": {}})
+    return record
+
+
+def random_adapter_model(ckpt, dropout=0.0):
+    """fp32 model with a randomised adapter (B starts at zero: give every adapter gradient a value)."""
+    model = prost.build_model(prost.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=dropout),
+                              torch.device("cpu"), "fp32")
+    params = list(prost.trainable_parameters(model).values())
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, 0.05)
+    return model.train(), params
+
+
+def step_gradients(model, params, micro_batches, step_targets):
+    model.zero_grad(set_to_none=True)
+    total = prost.accumulate_gradients(model, micro_batches, step_targets, torch.device("cpu"), "fp32")
+    return total, [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("role", ["planner", "single"])
+def test_shared_prefix_gradient_equals_the_separate_examples(base, role):
+    """The reference is the separate examples, one per micro-batch (no padding): the shared sequences must
+    give the same summed token loss and the same gradient of the step's mean token loss."""
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    records = ([synthetic_trajectory("a", n_subtasks=2), synthetic_trajectory("b", n_subtasks=3)]
+               if role == "planner" else [single_agent_record("a"), single_agent_record("b")])
+    examples, _ = data.build_examples(records, role, tokenizer, 10_000)
+    shared = data.share_prefixes(examples)
+    assert len(shared) == 2 < len(examples)
+    assert sum(e.n_tokens for e in shared) < sum(e.n_tokens for e in examples)
+    step_targets = sum(e.n_targets for e in examples)
+    model, params = random_adapter_model(ckpt)
+    separate = step_gradients(model, params, [data.collate([e], tokenizer.pad_id) for e in examples], step_targets)
+    together = step_gradients(model, params, [data.collate(shared, tokenizer.pad_id)], step_targets)
+    torch.testing.assert_close(together[0], separate[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(together[1], separate[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # fp32 summation order differs
+    assert all(g.abs().sum() > 0 for g in separate[1])
+
+
+def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories, monkeypatch):
+    """With dropout on: the recomputed blocks must draw the same dropout masks as the first forward. The
+    vocabulary projection is recomputed in pieces of 7 targets."""
+    monkeypatch.setattr(prost, "LOSS_CHUNK", 7)
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    batches = [data.collate(examples[i:i + 3], tokenizer.pad_id) for i in (0, 3)]
+    step_targets = sum(e.n_targets for e in examples[:6])
+    model, params = random_adapter_model(ckpt, dropout=0.2)
+    results = []
+    for checkpointing in (False, True):
+        model.checkpoint_blocks = checkpointing
+        torch.manual_seed(11)
+        results.append(step_gradients(model, params, batches, step_targets))
+        results[-1] += (torch.randn(3),)  # the RNG stream after the step must not depend on recomputation
+    (plain_loss, plain_grads, plain_rng), (ckpt_loss, ckpt_grads, ckpt_rng) = results
+    assert torch.equal(ckpt_loss, plain_loss) and torch.equal(ckpt_rng, plain_rng)
+    for a, b in zip(ckpt_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # chunked logits: another summation order
+
+
+def test_sequence_flops_count_what_the_step_runs(base, trajectories):
+    """Against torch's FlopCounterMode over a real step: every matmul the forward and backward run (counted
+    by torch, not by prost), plus causal attention counted by hand (torch counts attention as full T x T)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    example = max(examples, key=lambda e: e.n_tokens)
+    model, params = random_adapter_model(ckpt)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step_gradients(model, params, [data.collate([example], tokenizer.pad_id)], example.n_targets)
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for op, v in counts.items() if "attention" not in str(op))
+    c = model.config
+    n = max(i for i, m in enumerate(example.mask) if m)  # positions before the last target
+    attention = 3 * c.num_hidden_layers * 4 * c.num_attention_heads * c.head_dim * n * (n + 1) / 2
+    # model.train_flops also counts the gradient into layer 0's input, which autograd skips (the embeddings
+    # need none): the base q/k/v projections' and their adapters' A matrices' input gradients, by hand.
+    q_dim, kv_dim, r = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, 4
+    skipped = 2 * c.hidden_size * (q_dim + 2 * kv_dim) * n + 3 * 2 * r * c.hidden_size * n
+    adapter_weights = sum(p.numel() for p in params)
+    assert prost.sequence_train_flops(c, adapter_weights, example) == pytest.approx(matmuls + attention + skipped,
+                                                                                     rel=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Training runs.
 
@@ -150,17 +247,20 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
     assert "schedule: progressive, 1 new sub-task(s) per epoch" in out
     assert list(history[0]["dev_loss_by_subtask"]) == ["1", "2", "3", "4"]
     assert log_records(tmp_path / "planner") == json.loads(json.dumps(history))
-    micro_batches = [math.ceil(n / 2) for n in (2, 4, 6, 7, 7)]
-    assert history[-1]["step"] == sum(math.ceil(m / 2) for m in micro_batches)
+    # prefix sharing: each trajectory's planner examples are one sequence, so one micro-batch per epoch
+    assert [r["sequences"] for r in history] == [2] * 5 and history[-1]["step"] == 5
     for key in ("tokens_per_s", "target_tokens_per_s", "peak_memory_gb"):
         assert history[-1][key] > 0
     assert history[-1]["mfu"] is None  # CPU: no meaningful peak FLOP/s
 
 
-def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path):
-    """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer."""
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing):
+    """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer. The planner's
+    examples share prefixes; the interrupted run may recompute its activations, the straight one does not."""
     settings = dict(epochs=4, lora_dropout=0.1)
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
+    settings.update(checkpoint_activations=checkpointing)
     first = prost.train(config(base, trajectories, tmp_path / "split", stop_after=2, **settings))
     assert len(first) == 2 and (tmp_path / "split/planner" / prost.STATE_FILE).exists()
     resumed = prost.train(config(base, trajectories, tmp_path / "split", resume=True, **settings))
@@ -295,7 +395,7 @@ def test_help_documents_every_flag(capsys):
         prost.parse_args(["--help"])
     text = capsys.readouterr().out
     for name in prost.TrainConfig.__dataclass_fields__:
-        flag = "--no-progress" if name == "progress" else "--" + name.replace("_", "-")
+        flag = "--" + ("no-" if name in ("progress", "share_prefixes") else "") + name.replace("_", "-")
         assert flag in text, flag
     assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
 
