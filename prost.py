@@ -198,6 +198,9 @@ def load_role_examples(path: str | Path, role: str, tokenizer, max_seq_len: int,
     examples, report = data.build_examples(records, role, tokenizer, max_seq_len)
     for line in report.lines():
         log(f"{path}: {line}")
+    if not examples and report.dropped:
+        raise ValueError(f"every {role} example of {path} is longer than --max-seq-len {max_seq_len} even with its "
+                         f"old outputs shortened ({len(report.dropped)} dropped); raise --max-seq-len")
     if not examples:
         roles = sorted({c["role"] for r in records for c in r["calls"]})
         raise ValueError(f"{path} holds no {role} calls, so there is nothing to train (roles present: "

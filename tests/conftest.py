@@ -68,7 +68,8 @@ def build_chatml_tokenizer(out_dir, template=TEMPLATE_WITH_DEFAULT_SYSTEM, vocab
     return out
 
 
-def build_hf_checkpoint(out_dir, arch="qwen2", tie=True, max_shard_size=None, seed=0, vocab_size=None):
+def build_hf_checkpoint(out_dir, arch="qwen2", tie=True, max_shard_size=None, seed=0, vocab_size=None,
+                        max_positions=256):
     """A tiny random transformers model saved with save_pretrained (+ the ChatML tokenizer); returns (dir, model).
 
     Every parameter (biases and norm weights included) is randomised so that each one matters to the logits.
@@ -78,7 +79,7 @@ def build_hf_checkpoint(out_dir, arch="qwen2", tie=True, max_shard_size=None, se
     build_chatml_tokenizer(out)
     vocab_size = vocab_size or 320
     common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                   tie_word_embeddings=tie, rms_norm_eps=1e-6, eos_token_id=2, bos_token_id=None, pad_token_id=0)
     if arch == "qwen2":
         config = transformers.Qwen2Config(**common, rope_parameters={"rope_type": "default", "rope_theta": 1e6})

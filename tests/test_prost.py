@@ -312,7 +312,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
 
 def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(trajectories.read_text().splitlines()[0] + "\n{\"schema\": 1}\n")
+    bad.write_text(trajectories.read_text().splitlines()[0] + "\n{\"schema\": 2}\n")
     cases = [
         (dict(role="judge"), "unknown role 'judge'"),
         (dict(role="single"), "holds no single calls"),
@@ -323,6 +323,7 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         # the planner's indices are 1..4 (4 = FINISH): 3 epochs of one new sub-task would never train FINISH
         (dict(epochs=3), "reach sub-task 3 of 4, so sub-tasks 4..4 would never be trained; use --epochs 4"),
         (dict(epochs=1, subtasks_per_epoch=3), "reach sub-task 3 of 4"),
+        (dict(max_seq_len=8), "longer than --max-seq-len 8 even with its old outputs shortened"),
     ]
     for flags, message in cases:
         code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
@@ -341,8 +342,10 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
     before = default.read_bytes()
     monkeypatch.setenv("APPWORLD_ROOT", str(mini_world))
     monkeypatch.setattr(prost, "DEFAULT_DATA", default)
-    code, err = run_cli(cli_args(base, None, tmp_path / "ck", data=None, epochs=0, stop_after=1, max_seq_len=256),
-                        capsys)
+    # gold prompts are long for this 320-token vocabulary: a base with room for them, so none is dropped
+    long_base = build_hf_checkpoint(tmp_path / "base", "qwen2", tie=True, seed=3, max_positions=4096)
+    code, err = run_cli(cli_args(long_base, None, tmp_path / "ck", data=None, epochs=0, stop_after=1,
+                                 max_seq_len=4096), capsys)
     assert code == 0, err
     assert default.read_bytes() == before
     [epoch] = [json.loads(line) for line in (tmp_path / "ck" / "planner" / prost.LOG_FILE).read_text().splitlines()]
