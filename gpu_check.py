@@ -27,6 +27,7 @@ between GPU loans.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -74,7 +75,7 @@ TINY_SHAPES = {
 
 # TrainConfig fields the training checks set on top of Sizes; a new training feature of prost.py (activation
 # checkpointing, say) joins the check by adding its field here.
-TRAIN_FLAGS: dict = {}
+TRAIN_FLAGS: dict = {"checkpoint_activations": True}  # prost.py's flags the training checks run with
 # Extra keyword arguments of model.generate, one decode measurement each (the prefix cache joins here).
 DECODE_VARIANTS: dict[str, dict] = {"": {}}
 
@@ -268,10 +269,11 @@ def train_steps(cfg: prost.TrainConfig, cluster: prost.Cluster, precision: str, 
     optimizer = prost.make_optimizer(params, cfg)
     model.train()
     per_step = cfg.grad_accum * cluster.world
-    total = sum(math.ceil(math.ceil(len(e) / cfg.micro_batch_size) / per_step) for e in steps)  # for the LR
+    total = sum(math.ceil(math.ceil(len(e) / cfg.micro_batch_size) / per_step) for e in steps)
+    stages = [(0, total)]  # one learning-rate cycle over the run (prost.lr_stages with --lr-schedule cosine)
     stats, step = [], 0
     for epoch, examples in enumerate(steps, start=1):
-        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, total, cfg,
+        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, stages, cfg,
                                   cluster, precision, 0, out_dir, epoch - 1)
         stats.append(s)
     return model, optimizer, stats
@@ -292,10 +294,9 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
         if precision == "bf16":
             fused = bool(optimizer.defaults.get("fused"))
             timed = stats[1:]  # the first step pays for kernel selection and allocator warm-up
-            measured = prost.EpochStats(sum(s.loss_sum for s in timed), sum(s.targets for s in timed),
-                                        sum(s.tokens for s in timed), sum(s.seconds for s in timed))
-            plan = data.EpochPlan(1, 1, len(timed), measured.tokens, measured.targets)
-            mfu = prost.model_flops_utilisation(model, plan, measured, prost.peak_flops(device, 0.0), 1)
+            measured = prost.EpochStats(*(sum(getattr(s, f.name) for s in timed)
+                                          for f in dataclasses.fields(prost.EpochStats)))
+            mfu = prost.model_flops_utilisation(measured, prost.peak_flops(device, 0.0), 1)
             memory = prost.peak_memory_gb(device)
         del model, optimizer
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["bf16"], losses["fp32"]))
