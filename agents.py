@@ -56,7 +56,6 @@ import model
 import store
 import world
 
-ROLES = ("planner", "executor", "critic", "single")
 FINISH = "FINISH"
 CODE_STOP = ("```\n",)  # a code block's closing fence; the opening one is "```python\n", never "```\n"
 NO_REPORT = "(no report: "  # how an executor attempt that ended without a report is recorded
@@ -1188,7 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="base model id or folder for every role")
     r.add_argument("--single", action="store_true", help="run the single-agent ReAct baseline instead "
                    "of planner/executor/critic")
-    for role in ROLES:
+    for role in data.ROLES:
         r.add_argument(f"--{role}-model", default=None, help=f"base model for the {role} (overrides --model)")
         r.add_argument(f"--{role}-adapter", default=None, help=f"LoRA adapter folder for the {role}")
     add_common_flags(r)
@@ -1215,8 +1214,8 @@ def main(argv: list[str] | None = None) -> int:
             print(summary.stats.summary())
         else:
             kind = "single" if args.single else "multi"
-            models = {role: getattr(args, f"{role}_model") or args.model for role in ROLES}
-            adapters = {role: getattr(args, f"{role}_adapter") for role in ROLES}
+            models = {role: getattr(args, f"{role}_model") or args.model for role in data.ROLES}
+            adapters = {role: getattr(args, f"{role}_adapter") for role in data.ROLES}
             system = build_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                         max_batch=args.max_batch, limit=args.limit)

@@ -62,6 +62,9 @@ ROLE_MODEL_FIELDS = {"model": "str", "adapter": "str|null"}
 CALL_FIELDS = {"role": "str", "conversation": "int", "subtask": "int", "messages": "list", "output": "str",
                "prompt_tokens": "int", "new_tokens": "int", "flops": "number", "seconds": "number",
                "train": "bool"}
+# Fields of a call that measure the engine that served it rather than the rollout (wall time, and what the
+# prefix cache happened to hold): two runs that record the same trajectory may differ in these.
+MEASURED_CALL_FIELDS = ("seconds", "cached_tokens", "flops_computed")
 MESSAGE_FIELDS = {"role": "str", "content": "str"}
 EXECUTION_FIELDS = {"subtask": "int", "attempt": "int", "code": "str", "output": "str", "error": "bool"}
 SUBTASK_FIELDS = {"index": "int", "text": "str", "attempts": "list"}

@@ -50,12 +50,11 @@ from pathlib import Path
 
 import agents
 import data
+import lora
 import world
 import store
 from store import atomic_write
 
-MULTI_ROLES = ("planner", "executor", "critic")
-ADAPTER_CONFIG = "adapter_config.json"  # what marks a folder as a trained role (lora.py's PEFT layout)
 TRAJECTORIES = "trajectories.jsonl"
 RESULTS = "results.json"
 TIMINGS = "timing.jsonl"  # task id -> wall seconds of its rollout (measured, so kept apart from the trajectories)
@@ -78,7 +77,7 @@ class SystemSpec:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return MULTI_ROLES if self.kind == "multi" else ("single",)
+        return data.MULTI_AGENT_ROLES if self.kind == "multi" else ("single",)
 
 
 def role_folders(agents_dir: str | Path) -> dict[str, str]:
@@ -87,13 +86,13 @@ def role_folders(agents_dir: str | Path) -> dict[str, str]:
     if not root.is_dir():
         raise FileNotFoundError(f"agents folder {root} does not exist; train the roles first with "
                                 f"`python prost.py --role ROLE --out {root}`")
-    found = {role: str(root / role) for role in MULTI_ROLES if (root / role / ADAPTER_CONFIG).is_file()}
+    found = {role: str(root / role) for role in data.MULTI_AGENT_ROLES if (root / role / lora.ADAPTER_CONFIG).is_file()}
     if not found:
         raise ValueError(f"{root} holds no trained role: expected sub-folders planner/, executor/ and critic/, "
-                         f"each with {ADAPTER_CONFIG} (what `python prost.py --out {root}` writes)")
-    missing = [role for role in MULTI_ROLES if role not in found]
+                         f"each with {lora.ADAPTER_CONFIG} (what `python prost.py --out {root}` writes)")
+    missing = [role for role in data.MULTI_AGENT_ROLES if role not in found]
     if missing:
-        raise ValueError(f"{root} has no adapter for the {', '.join(missing)} (no {ADAPTER_CONFIG} in "
+        raise ValueError(f"{root} has no adapter for the {', '.join(missing)} (no {lora.ADAPTER_CONFIG} in "
                          f"{', '.join(str(root / r) for r in missing)}); train it with prost.py --role")
     return found
 
@@ -102,16 +101,15 @@ def single_folder(path: str | Path) -> str:
     """The single agent's adapter folder: PATH itself, or PATH/single (a prost.py --out root)."""
     path = Path(path)
     for candidate in (path, path / "single"):
-        if (candidate / ADAPTER_CONFIG).is_file():
+        if (candidate / lora.ADAPTER_CONFIG).is_file():
             return str(candidate)
     if not path.exists():
         raise FileNotFoundError(f"single-agent folder {path} does not exist; train it with "
                                 "`python prost.py --role single --out ckpts` (then pass ckpts/single)")
-    raise ValueError(f"{path} holds no trained single agent (no {ADAPTER_CONFIG} in it or in {path / 'single'})")
+    raise ValueError(f"{path} holds no trained single agent (no {lora.ADAPTER_CONFIG} in it or in {path / 'single'})")
 
 
 def recorded_base(adapter: str, role: str) -> str:
-    import lora
     try:
         return lora.adapter_base(adapter)
     except (ValueError, json.JSONDecodeError) as e:
@@ -126,7 +124,7 @@ def check_base_found(base: str, role: str, adapter: str | None) -> None:
     except (FileNotFoundError, ValueError) as e:
         where = f"the {role}'s adapter {adapter} was trained on base '{base}'" if adapter else \
             f"the {role}'s model '{base}'"
-        fix = (f"restore it, or set base_model_name_or_path in {Path(adapter) / ADAPTER_CONFIG} to where it "
+        fix = (f"restore it, or set base_model_name_or_path in {Path(adapter) / lora.ADAPTER_CONFIG} to where it "
                "is now") if adapter else "check the id or folder"
         raise FileNotFoundError(f"{where}, which cannot be found ({e}); {fix}") from None
 
@@ -229,7 +227,6 @@ def adapter_provenance(folder: str, role: str, allow_unfinished: bool) -> dict:
     unfinished run (stopped early, diverged, or its files changed after the run's last checkpoint) is
     refused unless `allow_unfinished`; a folder without a training record (a PEFT adapter made elsewhere)
     is taken as it is."""
-    import lora
     if not (Path(folder) / lora.ADAPTER_WEIGHTS).is_file():
         raise FileNotFoundError(f"the {role}'s adapter folder {folder} has no {lora.ADAPTER_WEIGHTS}")
     sha = store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
@@ -483,7 +480,7 @@ def error_cell(n: int, errors: int) -> dict:
 
 def role_costs(records: list[dict]) -> dict[str, dict]:
     """Per role, averaged over tasks: model calls, prompt and new tokens, forward FLOPs (as if nothing were
-    cached, and as computed with the prefix cache)."""
+    cached: what the call needs, whatever the engine held)."""
     totals: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in records:
         for call in r["calls"]:
@@ -492,14 +489,13 @@ def role_costs(records: list[dict]) -> dict[str, dict]:
             t["prompt_tokens"] += call["prompt_tokens"]
             t["new_tokens"] += call["new_tokens"]
             t["flops"] += call["flops"]
-            t["flops_computed"] += call.get("flops_computed", call["flops"])  # teachers cache nothing here
     n = max(len(records), 1)
     return {role: {f"{k}_per_task": v / n for k, v in totals[role].items()} for role in in_role_order(totals)}
 
 
 def in_role_order(roles) -> list[str]:
     """Roles in protocol order (planner, executor, critic, single), whatever order they were found in."""
-    return sorted(roles, key=lambda r: agents.ROLES.index(r) if r in agents.ROLES else len(agents.ROLES))
+    return sorted(roles, key=lambda r: data.ROLES.index(r) if r in data.ROLES else len(data.ROLES))
 
 
 def budget_stops(records: list[dict]) -> dict[str, int]:
@@ -519,7 +515,6 @@ def compute_metrics(records: list[dict], difficulty: dict[str, object], split_ta
             "subtask_errors": subtask_errors(records),
             "roles": costs,
             "flops_per_task": sum(c.get("flops_per_task", 0.0) for c in costs.values()),
-            "flops_computed_per_task": sum(c.get("flops_computed_per_task", 0.0) for c in costs.values()),
             "tokens_per_task": sum(c.get("prompt_tokens_per_task", 0.0) + c.get("new_tokens_per_task", 0.0)
                                    for c in costs.values()),
             "budget_stops": budget_stops(records)}
@@ -535,12 +530,16 @@ def task_rows(records: list[dict], difficulty: dict[str, object], timings: dict[
 
 def timing_summary(records: list[dict], timings: dict[str, float], stats: list[agents.RunStats]) -> dict:
     """Measured, not derived: wall time per task (each rollout from open to evaluation, averaged), model time
-    per task (each call's share of its batch), and where this invocation's wall time went."""
+    per task (each call's share of its batch), FLOPs per task actually computed (the prompt tokens the prefix
+    cache supplied left out: this depends on which calls the engine served before, so it is a measurement of
+    the run, not a metric of the system), and where this invocation's wall time went."""
     walls = [timings[r["task_id"]] for r in records if r["task_id"] in timings]
     model_seconds = sum(c["seconds"] for r in records for c in r["calls"])
+    computed = sum(c.get("flops_computed", c["flops"]) for r in records for c in r["calls"])  # teachers cache nothing
     run_seconds = max((s.seconds for s in stats), default=0.0)
     return {"wall_seconds_per_task": statistics.fmean(walls) if walls else None,
             "model_seconds_per_task": model_seconds / max(len(records), 1),
+            "flops_computed_per_task": computed / max(len(records), 1),
             "this_run": {"tasks": sum(s.tasks for s in stats), "seconds": run_seconds,
                          "model_seconds": sum(s.model_seconds for s in stats),
                          "world_seconds": sum(s.world_seconds for s in stats),
@@ -708,16 +707,14 @@ def markdown_report(results: dict) -> str:
               "matmuls, attention over the actual context, the vocabulary projection only where logits were "
               "computed; model.forward_flops), counted as if no prompt were cached: a property of the system and "
               "the task, whatever the engine cached or batched. The Pareto table uses this one.",
-              f"- FLOPs per task computed: {fmt_flops(m['flops_computed_per_task'])} (the same, without the prompt "
-              "tokens whose keys and values came from the prefix cache)",
+              f"- FLOPs per task computed in this run: {fmt_flops(t['flops_computed_per_task'])} (the same, without the "
+              "prompt tokens whose keys and values came from the prefix cache; a measurement, like wall time)",
               f"- tokens per task: {m['tokens_per_task']:.0f}",
               f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
               f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
-    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task",
-                             "FLOPs computed/task"],
+    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task"],
                             [[role, f"{c['calls_per_task']:.1f}", f"{c['prompt_tokens_per_task']:.0f}",
-                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"]),
-                              fmt_flops(c["flops_computed_per_task"])]
+                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"])]
                              for role, c in m["roles"].items()])
     run = t["this_run"]
     if run["tasks"]:

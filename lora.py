@@ -419,7 +419,8 @@ def read_adapter_config(in_dir: str | os.PathLike) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise ValueError(f"{path}: peft_type must be 'LORA', got {config.get('peft_type') if isinstance(config, dict) else config!r}")
+        got = config.get("peft_type") if isinstance(config, dict) else config
+        raise ValueError(f"{path}: peft_type must be 'LORA', got {got!r}")
     unsupported = {
         "bias": config.get("bias", "none") != "none",
         "fan_in_fan_out": bool(config.get("fan_in_fan_out")),

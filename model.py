@@ -1180,7 +1180,9 @@ def _init_tiny_main(argv) -> None:
                                  description="Create a random-init tiny Qwen2 model + tokenizer trained on a text file.")
     ap.add_argument("--texts", required=True, help="UTF-8 text file to train the tokenizer on (one text per line)")
     ap.add_argument("--out", required=True, help="output folder, e.g. models/tiny")
-    ap.add_argument("--preset", choices=list(PRESETS), default="tiny", help="model size preset: tiny (~4 layers x 192, for CPU training) or micro (for tests) (default: tiny)")
+    ap.add_argument("--preset", choices=list(PRESETS), default="tiny",
+                    help="model size preset: tiny (~4 layers x 192, for CPU training) or micro (for tests) "
+                    "(default: tiny)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: 0)")
     args = ap.parse_args(argv)
     path = Path(args.texts)

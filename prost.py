@@ -589,7 +589,8 @@ def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats,
                  lr: float, mfu: float | None, memory_gb: float) -> dict:
     dev_by_subtask = {str(k): round(v, 6) for k, v in dev.items()}  # JSON keys are strings
     return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
-            "sequences": stats.sequences, "examples_per_s": plan.n_examples / stats.seconds, "lr": lr, "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
+            "sequences": stats.sequences, "examples_per_s": plan.n_examples / stats.seconds, "lr": lr,
+            "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
             "tokens": stats.tokens, "target_tokens": stats.targets,
             "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
             "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
@@ -599,7 +600,8 @@ def describe_epoch(record: dict, epochs: int) -> str:
     dev = " ".join(f"{k}:{v:.3f}" for k, v in record["dev_loss_by_subtask"].items())
     mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
     return (f"epoch {record['epoch']}/{epochs} (sub-tasks 1..{record['max_subtask']}, {record['examples']} "
-            f"examples in {record['sequences']} sequences): train loss {record['train_loss']:.4f}" + (f" | dev loss by sub-task {dev}" if dev else "")
+            f"examples in {record['sequences']} sequences): train loss {record['train_loss']:.4f}"
+            + (f" | dev loss by sub-task {dev}" if dev else "")
             + f" | {record['tokens_per_s']:,.0f} tokens/s, {record['target_tokens_per_s']:,.0f} target "
             f"tokens/s{mfu} | peak memory {record['peak_memory_gb']:.2f} GB")
 

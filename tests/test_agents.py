@@ -169,7 +169,7 @@ def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_pre
         return out
 
     monkeypatch.setattr(model, "generate", scripted_generate)
-    system = agents.build_system("multi", {r: str(tiny_preset_model) for r in agents.ROLES}, {})
+    system = agents.build_system("multi", {r: str(tiny_preset_model) for r in data.ROLES}, {})
     engine = system.roles["planner"].engine
     task = world.load_split("dev", root=mini_world)[:1]
 
@@ -238,7 +238,7 @@ def check_within_budgets(record, budgets):
 @pytest.mark.parametrize("single", [False, True])
 def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, world_pool, tmp_path, single):
     kind = "single" if single else "multi"
-    system = agents.build_system(kind, {r: str(tiny_model) for r in agents.ROLES}, {})
+    system = agents.build_system(kind, {r: str(tiny_model) for r in data.ROLES}, {})
     out = tmp_path / "run.jsonl"
     dev = world.load_split("dev", root=mini_world)[:2]
     stats = agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=world_pool,
@@ -298,7 +298,7 @@ def without_wall_times(record):
     cache happened to hold (which depends on the calls served before)."""
     record = json.loads(json.dumps(record))
     for call in record["calls"]:
-        for measured in ("seconds", "cached_tokens", "flops_computed"):
+        for measured in data.MEASURED_CALL_FIELDS:
             call.pop(measured)
     return record
 
@@ -306,7 +306,7 @@ def without_wall_times(record):
 @pytest.mark.parametrize("single", [False, True])
 def test_batched_concurrent_rollouts_equal_one_task_at_a_time(tiny_model, mini_world, world_pool, single):
     kind = "single" if single else "multi"
-    system = agents.build_system(kind, {r: str(tiny_model) for r in agents.ROLES}, {})
+    system = agents.build_system(kind, {r: str(tiny_model) for r in data.ROLES}, {})
     dev = world.load_split("dev", root=mini_world)[:2]
     results = {}
     for workers in (1, 2):
@@ -442,7 +442,7 @@ def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mi
                 layer.lora_B[name].normal_(0.0, 0.5)  # a fresh adapter is a no-op; make these matter
         lora.save_adapter(base, tmp_path / name, name)
     adapters = {"executor": str(tmp_path / "a"), "critic": str(tmp_path / "b")}
-    shared = agents.build_system("multi", {r: str(tiny_model) for r in agents.ROLES}, adapters)
+    shared = agents.build_system("multi", {r: str(tiny_model) for r in data.ROLES}, adapters)
     assert shared.roles["executor"].engine is shared.roles["critic"].engine
     shared.roles["planner"] = agents.Binding(Scripted())  # plans always parse, so executor and critic run
     separate = {}  # the reference: one model instance per adapter, never switched

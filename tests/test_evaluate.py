@@ -51,8 +51,9 @@ def config(out, root, **kw) -> evaluate.EvalConfig:
 
 
 def without_timing(records: list[dict]) -> list[dict]:
-    """Trajectories with each call's measured seconds removed (the only non-deterministic field)."""
-    return [{**r, "calls": [{**c, "seconds": 0} for c in r["calls"]]} for r in records]
+    """Trajectories without the fields that measure the engine rather than the rollout."""
+    return [{**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS} for c in r["calls"]]}
+            for r in records]
 
 
 class DoNothing:
@@ -183,7 +184,7 @@ def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
 def uninterrupted(micro, mini_world, pool, tmp_path_factory):
     """The micro model in every role on the first dev tasks, one world at a time: (results, records)."""
     out = tmp_path_factory.mktemp("straight")
-    system = agents.build_system("multi", {r: str(micro) for r in evaluate.MULTI_ROLES}, {})
+    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
     results = evaluate.evaluate(system, SMALL, config(out, mini_world, limit=N_SMALL, workers=1), pool=pool)
     return results, data.read_trajectories(out / evaluate.TRAJECTORIES)
 
@@ -191,7 +192,7 @@ def uninterrupted(micro, mini_world, pool, tmp_path_factory):
 def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_world, pool, tmp_path):
     straight, straight_records = uninterrupted
     assert straight["metrics"]["flops_per_task"] > 0 and straight["metrics"]["roles"]["planner"]["calls_per_task"] >= 1
-    system = agents.build_system("multi", {r: str(micro) for r in evaluate.MULTI_ROLES}, {})
+    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
     with pytest.raises(evaluate.StopEvaluation):
         evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1, stop_after=2),
                           pool=pool)
@@ -226,7 +227,7 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
 # ----------------------------------------------------------------------------------------------------
 # Rebuilding a system from prost.py's output folder.
 
-def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES, dropout=0.0, scale=0.02) -> None:
+def write_role_adapters(base: Path, out: Path, roles=data.MULTI_AGENT_ROLES, dropout=0.0, scale=0.02) -> None:
     """A PEFT-layout adapter per role on the same base, each with its own non-zero weights."""
     net = model.Transformer.from_pretrained(base)
     for i, role in enumerate(roles):
@@ -242,14 +243,14 @@ def write_role_adapters(base: Path, out: Path, roles=evaluate.MULTI_ROLES, dropo
 def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool, tmp_path):
     write_role_adapters(micro, tmp_path / "ckpts")
     spec = evaluate.system_spec(agents_dir=tmp_path / "ckpts")
-    assert spec.models == {r: str(micro) for r in evaluate.MULTI_ROLES}  # the base each adapter recorded
+    assert spec.models == {r: str(micro) for r in data.MULTI_AGENT_ROLES}  # the base each adapter recorded
     system = evaluate.load_system(spec, "cpu", "float32")
     engines = {id(b.engine) for b in system.roles.values()}
     assert len(engines) == 1 and {r: b.adapter for r, b in system.roles.items()} == {
-        r: r for r in evaluate.MULTI_ROLES}
+        r: r for r in data.MULTI_AGENT_ROLES}
     results = evaluate.evaluate(system, SMALL, config(tmp_path / "out", mini_world, limit=1), pool=pool)
     assert {r: b["adapter"] for r, b in results["system"]["roles"].items()} == {
-        r: str(tmp_path / "ckpts" / r) for r in evaluate.MULTI_ROLES}
+        r: str(tmp_path / "ckpts" / r) for r in data.MULTI_AGENT_ROLES}
 
 
 def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro, mini_world, pool, tmp_path):
@@ -281,8 +282,8 @@ def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_
     trajectories = tmp_path / "train.jsonl"
     data.write_trajectories(trajectories, [synthetic_trajectory("a", n_subtasks=2)])
     prost.train(prost.TrainConfig(model=str(micro), role="planner", data=str(trajectories), out=str(tmp_path / "ck"),
-                                  epochs=2, stop_after=1, micro_batch_size=2, grad_accum=1, max_seq_len=256,
-                                  lora_r=2, progress=False))
+                                  epochs=2, subtasks_per_epoch=2, stop_after=1, micro_batch_size=2, grad_accum=1,
+                                  max_seq_len=256, lora_r=2, progress=False))
     for role in ("executor", "critic"):
         shutil.copytree(tmp_path / "ck" / "planner", tmp_path / "ck" / role)
     argv = ["--agents", str(tmp_path / "ck"), "--root", str(mini_world), "--limit", "1", "--workers", "1",
@@ -371,8 +372,8 @@ def test_bad_inputs_give_one_clear_line(mini_world, micro, tmp_path, capsys):
     assert "no adapter for the critic" in one_error_line(["--agents", str(tmp_path / "partial"), *common], capsys)
     moved = tmp_path / "moved_base"
     write_role_adapters(micro, tmp_path / "orphans")
-    for role in evaluate.MULTI_ROLES:  # as if the base model's folder had been moved away
-        config_path = tmp_path / "orphans" / role / evaluate.ADAPTER_CONFIG
+    for role in data.MULTI_AGENT_ROLES:  # as if the base model's folder had been moved away
+        config_path = tmp_path / "orphans" / role / lora.ADAPTER_CONFIG
         config_path.write_text(config_path.read_text().replace(json.dumps(str(micro)), json.dumps(str(moved))))
     err = one_error_line(["--agents", str(tmp_path / "orphans"), *common], capsys)
     assert "cannot be found" in err and str(moved) in err

@@ -81,7 +81,7 @@ def test_learning_rate_warmup_then_cosine_by_hand():
 
 
 def test_per_stage_schedule_restarts_warmup_and_decay_when_subtasks_enter():
-    plans = [data.EpochPlan(e, k, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
+    plans = [data.EpochPlan(e, k, 0, 0, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
     counts = [2, 3, 4, 5]  # optimizer steps per epoch
     assert prost.lr_stages(counts, plans, "cosine") == [(0, 14)]
     assert prost.lr_stages(counts, plans, "per-stage") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing

@@ -214,7 +214,7 @@ def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, min
             results = evaluate.evaluate(system, budgets, cfg, pool=pool)  # the second run finds a warm cache
             records = data.read_trajectories(out / evaluate.TRAJECTORIES)
             runs[workers] = results["metrics"], [{**r, "calls": [{k: v for k, v in c.items()
-                                                                  if k not in ("seconds", "cached_tokens")}
+                                                                  if k not in data.MEASURED_CALL_FIELDS}
                                                                  for c in r["calls"]]} for r in records]
     assert runs[1] == runs[4]
     assert sum(len(r["calls"]) for r in runs[1][1]) > 4

@@ -121,7 +121,8 @@ def prost_on_tmpfs(mount_options: str, mount_point: Path, args: list[str]) -> su
 def test_read_only_or_full_out_is_refused_before_training(base, trajectories, tmp_path, options, message):
     mount_point = tmp_path / "mnt"
     mount_point.mkdir()
-    run = prost_on_tmpfs(options, mount_point, cli_args(base, trajectories, mount_point / "ck", epochs=1))
+    run = prost_on_tmpfs(options, mount_point, cli_args(base, trajectories, mount_point / "ck", epochs=1,
+                                                        subtasks_per_epoch=4))
     assert run.returncode == 2, run.stderr
     err = run.stderr.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: --out ") and message in err, err
@@ -129,7 +130,7 @@ def test_read_only_or_full_out_is_refused_before_training(base, trajectories, tm
 
 
 def test_checkpoint_size_estimate_covers_what_a_checkpoint_takes(base, trajectories, tmp_path):
-    cfg = config(base, trajectories, tmp_path, epochs=1)
+    cfg = config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4)
     prost.train(cfg)
     written = sum(p.stat().st_size for p in (tmp_path / "planner").iterdir())
     assert written <= prost.checkpoint_bytes(cfg) <= written + (2 << 20)
@@ -155,7 +156,7 @@ sys.exit(prost.main(sys.argv[3:]))
 @pytest.mark.parametrize("killed_at", [prost.STATE_FILE, lora.ADAPTER_WEIGHTS, store.PROGRESS_FILE])
 def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, trajectories, tmp_path,
                                                                            killed_at):
-    settings = dict(epochs=1, schedule="full")
+    settings = dict(epochs=1, subtasks_per_epoch=4, schedule="full")
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
     out = tmp_path / "killed"
     run = subprocess.run([sys.executable, "-c", KILL_BEFORE_RENAME, str(REPO), killed_at,
@@ -183,7 +184,7 @@ def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, 
 # Unfinished and non-finite adapters.
 
 def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectories, tmp_path):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after=1))
     folder = str(tmp_path / "planner")
     with pytest.raises(ValueError, match=r"planner's adapter .* unfinished training run: its training run stopped "
                                          r"after epoch 1 of 3 \(stopped by --stop-after 1\).*--allow-unfinished"):
@@ -191,30 +192,30 @@ def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectorie
     provenance = evaluate.adapter_provenance(folder, "planner", allow_unfinished=True)
     assert provenance["training"] == {"epoch": 1, "epochs": 3} and "after epoch 1 of 3" in provenance["unfinished"]
     assert provenance["sha256"] == store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
-    prost.train(config(base, trajectories, tmp_path, epochs=3, resume=True))
+    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     assert evaluate.adapter_provenance(folder, "planner", allow_unfinished=False)["unfinished"] is None
 
 
 def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectories, tmp_path, monkeypatch):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after=1))
     real = prost.target_token_losses
     monkeypatch.setattr(prost, "target_token_losses", lambda m, i, k: (real(m, i, k)[0] * float("nan"),
                                                                        real(m, i, k)[1]))
     with pytest.raises(prost.TrainingDiverged):
-        prost.train(config(base, trajectories, tmp_path, epochs=3, resume=True))
+        prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     with pytest.raises(ValueError, match=r"stopped after epoch 1 of 3 \(diverged: non-finite loss or gradient "
                                          r"in epoch 2\)"):
         evaluate.adapter_provenance(str(tmp_path / "planner"), "planner", allow_unfinished=False)
 
 
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=2, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, stop_after=1))
     state_path = tmp_path / "planner" / prost.STATE_FILE
     state = torch.load(state_path, weights_only=True)
     name = sorted(state["adapter"])[3]
     state["adapter"][name][0, 0] = float("nan")
     torch.save(state, state_path)
-    assert prost.main(cli_args(base, trajectories, tmp_path, epochs=2, resume=True)) == 2
+    assert prost.main(cli_args(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, resume=True)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"tensor {name} holds 1 non-finite value(s)" in err
 
