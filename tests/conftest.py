@@ -148,6 +148,20 @@ def world_pool(mini_world):
 
 
 @pytest.fixture(scope="session")
+def micro(mini_world, tmp_path_factory):
+    """A random-init micro model whose tokenizer is trained on the protocol's own prompts and the dev split's
+    instructions (for rollouts and evaluations that need a model, not a good one)."""
+    import agents
+    import model
+    import world
+    texts = [agents.API_RULES, agents.PLANNER_FORMAT_REMINDER, agents.SINGLE_CODE_REMINDER]
+    for task_id in world.load_split("dev", root=mini_world):
+        spec = json.loads((mini_world / "data" / "tasks" / task_id / "specs.json").read_text())
+        texts.append(spec["instruction"])
+    return model.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
+
+
+@pytest.fixture(scope="session")
 def gold_train(mini_world, world_pool, tmp_path_factory):
     """Gold-teacher trajectories for the whole train split: (collect summary, path)."""
     import agents

@@ -35,15 +35,6 @@ def pool(mini_world):
         yield p
 
 
-@pytest.fixture(scope="module")
-def micro(mini_world, tmp_path_factory):
-    """A random-init micro model whose tokenizer is trained on the protocol's own prompts."""
-    texts = [agents.API_RULES, agents.PLANNER_FORMAT_REMINDER, agents.SINGLE_CODE_REMINDER]
-    for task_id in world.load_split("dev", root=mini_world):
-        spec = json.loads((mini_world / "data" / "tasks" / task_id / "specs.json").read_text())
-        texts.append(spec["instruction"])
-    return model.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
-
 
 def config(out, root, **kw) -> evaluate.EvalConfig:
     settings = dict(split="dev", out=str(out), root=str(root), workers=2, quiet=True)

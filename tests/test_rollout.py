@@ -188,15 +188,6 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     assert len(answers) == 1
 
 
-@pytest.fixture(scope="module")
-def micro(mini_world, tmp_path_factory):
-    """A random-init micro model whose tokenizer is trained on the protocol's own prompts."""
-    texts = [agents.API_RULES, agents.PLANNER_FORMAT_REMINDER, agents.SINGLE_CODE_REMINDER]
-    for task_id in world.load_split("dev", root=mini_world):
-        spec = json.loads((mini_world / "data" / "tasks" / task_id / "specs.json").read_text())
-        texts.append(spec["instruction"])
-    return M.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
-
 
 def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, mini_world, tmp_path):
     budgets = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, new_tokens=12,
