@@ -326,14 +326,18 @@ def identity_differences(saved, current, prefix: str = "") -> list[str]:
     return []
 
 
-def read_identity(folder: str | Path) -> dict | None:
-    path = Path(folder) / IDENTITY_FILE
+def read_json_record(path: Path, fix: str) -> dict | None:
+    """A record file of an output folder (None when absent); a corrupt one is a one-line error saying `fix`."""
     if not path.is_file():
         return None
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is corrupt (not JSON); remove that folder or choose another --out") from None
+        raise ValueError(f"{path} is corrupt (not JSON); {fix}") from None
+
+
+def read_identity(folder: str | Path) -> dict | None:
+    return read_json_record(Path(folder) / IDENTITY_FILE, "remove that folder or choose another --out")
 
 
 def check_identity(folder: str | Path, saved: dict, identity: dict, fix: str) -> None:
@@ -388,10 +392,4 @@ def write_progress(folder: str | Path, *, epoch: int, epochs: int, adapter_sha25
 def read_progress(folder: str | Path) -> dict | None:
     """The training progress recorded beside an adapter (None: the folder has no record, e.g. a PEFT
     adapter made elsewhere)."""
-    path = Path(folder) / PROGRESS_FILE
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{path} is corrupt (not JSON); resume the training run with --resume") from None
+    return read_json_record(Path(folder) / PROGRESS_FILE, "resume the training run with --resume")
