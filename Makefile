@@ -6,24 +6,40 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-# `make demo` knobs. MODEL empty = the tiny preset (random init, tokenizer trained on the trajectories).
-# Every step resumes: the collection skips tasks already in the file, training continues a checkpoint,
-# evaluation skips finished tasks.
-MODEL       ?=
-TRAIN_TASKS ?= 12
-EVAL_TASKS  ?= 12
-# BUDGETS admit every task of the mini-world: its gold solutions have at most 8 sub-tasks, and with the tiny
-# preset's tokenizer their longest reply is under 300 tokens and their longest prompt under 1500
-# (tests/test_evaluate.py replays them under these budgets). --max-seq-len equals --max-context, so every
-# role is trained on the prompts it is given at evaluation (data.fit_messages never has to cut them). Without
-# --epochs, training lasts until the schedule has reached every sub-task (FINISH included), plus one epoch.
-TRAIN_FLAGS ?= --max-seq-len 2048 --subtasks-per-epoch 2 --micro-batch-size 4 --grad-accum 1 \
-               --lr 5e-3 --warmup-ratio 0.1 --no-progress
+# `make demo` knobs. MODEL: a name `model.py fetch` knows (downloaded once and converted into models/NAME),
+# `tiny` (random init, tokenizer trained on the trajectories: a few-minute smoke run that cannot learn), or
+# any HF folder, hub id or .gguf file. The demo trains on every train variant of the mini-world's first
+# SCENARIOS scenarios, checks learning on their held-out dev variants, and generalisation on the first
+# TEST_SCENARIOS unseen scenarios of test. Every step resumes: the collection skips tasks already in the
+# file, training continues a checkpoint, evaluation skips finished tasks.
+MODEL          ?= smollm2-135m-instruct
+SCENARIOS      ?= 3
+TEST_SCENARIOS ?= 1
+FETCHABLE      := smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+BASE           := $(if $(filter tiny,$(MODEL)),models/tiny,$(if $(filter $(FETCHABLE),$(MODEL)),models/$(MODEL),$(MODEL)))
+# Many cheap optimizer steps suit LoRA on a small pretrained base: lr 2e-3, no adapter dropout (its RNG costs
+# more than the adapter's matmuls on a CPU), and per role the smallest micro-batch that keeps the CPU busy
+# (a planner sequence holds all of one task's decisions; critic prompts are short). bf16 is native on the
+# AVX-512/AMX CPUs we run on. The tiny preset learns from scratch and keeps fp32. --max-seq-len equals
+# --max-context, so every role is trained on the prompts it is given at evaluation (data.fit_messages never
+# has to cut them). Without --epochs, training lasts until the schedule has reached every sub-task (FINISH
+# included), plus one epoch.
+TRAIN_FLAGS ?= --max-seq-len 2048 --subtasks-per-epoch 2 --grad-accum 1 --warmup-ratio 0.1 --no-progress \
+               $(if $(filter tiny,$(MODEL)),--micro-batch-size 4 --lr 5e-3,--lr 2e-3 --lora-dropout 0 --precision bf16)
+PLANNER_FLAGS  ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 1 --epochs 6)
+EXECUTOR_FLAGS ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 2)
+CRITIC_FLAGS   ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 4 --epochs 5)
+# Every training task gets one mistake-and-recovery sub-task from the gold teacher, so the critic sees failures.
+COLLECT_FLAGS  ?= --recovery-share 1.0
+# BUDGETS admit every task of the mini-world: its gold solutions have at most 8 sub-tasks, and their longest
+# reply is under 300 tokens and their longest prompt under 1500 (tests/test_evaluate.py replays them under
+# these budgets).
 BUDGETS     ?= --max-subtasks 8 --max-executor-turns 3 --max-critic-retries 1 --max-single-turns 12 \
                --max-new-tokens 320 --max-context 2048
 SEEDS       ?= 0 1
-STUDY_EVAL  := --split dev --limit $(EVAL_TASKS) --quiet $(BUDGETS)
-BASE        := $(if $(MODEL),$(MODEL),models/tiny)
+DEV         := --split dev --scenarios $(SCENARIOS)
+TEST        := --split test --scenarios $(TEST_SCENARIOS)
+STUDY_EVAL  := $(DEV) --quiet $(BUDGETS)
 
 # `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
 FETCH       ?= smollm2-135m-instruct
@@ -56,19 +72,29 @@ test-real: $(VENV)/.test
 fetch: $(VENV)/.runtime
 	$(PY) model.py fetch $(FETCH)
 
-# The whole ProST pipeline on the embedded default: world -> gold trajectories -> (tiny model) -> one adapter
-# per role with the progressive schedule -> rollouts on dev (held-out variants) and test (unseen scenarios).
+# The whole ProST pipeline on the embedded default: world -> gold trajectories -> base model -> one adapter per
+# role with the progressive schedule -> rollouts of the untrained base (zero-shot), the trained system and the
+# gold replay (the ceiling under the same budgets) on dev (held-out variants) and test (unseen scenarios).
 demo: $(VENV)/.runtime
 	$(PY) miniworld.py build
-	$(PY) agents.py collect --teacher gold --split train --limit $(TRAIN_TASKS) --out trajectories/train.jsonl
-	$(if $(MODEL),,$(PY) data.py texts trajectories/train.jsonl > trajectories/texts.txt)
-	$(if $(MODEL),,test -f models/tiny/config.json || $(PY) model.py init-tiny --texts trajectories/texts.txt --out models/tiny)
-	for role in planner executor critic; do \
-	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl --out ckpts/demo \
-	    $(TRAIN_FLAGS) --resume || exit 1; done
-	$(PY) evaluate.py --agents ckpts/demo --split dev --limit $(EVAL_TASKS) --out results/demo-dev $(BUDGETS)
-	$(PY) evaluate.py --agents ckpts/demo --split test --limit $(EVAL_TASKS) --out results/demo-test $(BUDGETS)
-	cat results/demo-dev/report.md results/demo-test/report.md
+	$(PY) agents.py collect --teacher gold --split train --scenarios $(SCENARIOS) $(COLLECT_FLAGS) \
+	  --out trajectories/train.jsonl
+	$(if $(filter $(FETCHABLE),$(MODEL)),$(PY) model.py fetch $(MODEL))
+	$(if $(filter tiny,$(MODEL)),$(PY) data.py texts trajectories/train.jsonl > trajectories/texts.txt)
+	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || $(PY) model.py init-tiny --texts trajectories/texts.txt --out models/tiny)
+	$(PY) prost.py --model $(BASE) --role planner --data trajectories/train.jsonl --out ckpts/demo --resume \
+	  $(TRAIN_FLAGS) $(PLANNER_FLAGS)
+	$(PY) prost.py --model $(BASE) --role executor --data trajectories/train.jsonl --out ckpts/demo --resume \
+	  $(TRAIN_FLAGS) $(EXECUTOR_FLAGS)
+	$(PY) prost.py --model $(BASE) --role critic --data trajectories/train.jsonl --out ckpts/demo --resume \
+	  $(TRAIN_FLAGS) $(CRITIC_FLAGS)
+	for split in dev test; do \
+	  if [ $$split = dev ]; then flags="$(DEV)"; else flags="$(TEST)"; fi; \
+	  $(PY) evaluate.py --model $(BASE) --name zero-shot $$flags --out results/demo/$$split/zero-shot --quiet $(BUDGETS) && \
+	  $(PY) evaluate.py --agents ckpts/demo --name trained $$flags --out results/demo/$$split/trained $(BUDGETS) && \
+	  $(PY) evaluate.py --gold --name gold $$flags --out results/demo/$$split/gold --quiet $(BUDGETS) || exit 1; done
+	$(PY) evaluate.py compare results/demo/*/zero-shot/results.json results/demo/*/trained/results.json \
+	  results/demo/*/gold/results.json | tee results/demo/table.md
 
 # The paper's comparisons at toy scale, on the demo's data and model: untrained vs trained, progressive vs
 # full schedule, multi-agent vs single agent, over SEEDS; then the Pareto table (TGC vs FLOPs per task).
@@ -77,8 +103,10 @@ study: demo
 	for seed in $(SEEDS); do \
 	  for schedule in progressive full; do \
 	    for role in planner executor critic; do \
+	      case $$role in planner) flags="$(PLANNER_FLAGS)";; executor) flags="$(EXECUTOR_FLAGS)";; \
+	        *) flags="$(CRITIC_FLAGS)";; esac; \
 	      $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl --schedule $$schedule \
-	        --seed $$seed --out ckpts/study/$$schedule-s$$seed $(TRAIN_FLAGS) --resume || exit 1; done; \
+	        --seed $$seed --out ckpts/study/$$schedule-s$$seed $(TRAIN_FLAGS) $$flags --resume || exit 1; done; \
 	    $(PY) evaluate.py --agents ckpts/study/$$schedule-s$$seed --name multi-$$schedule-s$$seed \
 	      --out results/study/multi-$$schedule-s$$seed $(STUDY_EVAL) || exit 1; done; \
 	  $(PY) prost.py --model $(BASE) --role single --data trajectories/train.jsonl --seed $$seed \

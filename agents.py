@@ -1043,7 +1043,7 @@ class CollectSummary:
 
 def collect(system: System, split: str, out, budgets: Budgets, *, root=None, workers: int = 4,
             max_batch: int = 16, keep_failed: bool = False, limit: int | None = None,
-            tokenizer=None, pool=None) -> CollectSummary:
+            scenarios: int | None = None, tokenizer=None, pool=None) -> CollectSummary:
     """Roll out the teacher on a split and append the trajectories (multi-agent and single-agent view)
     of tasks that pass evaluation to `out`, a task's two records in one write. Tasks already in `out`
     are skipped (resume). One collection per file at a time (store.OutputLock)."""
@@ -1052,7 +1052,7 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
         raise ValueError(f"--out {out} is a folder; give the trajectory file to write, e.g. {out / 'train.jsonl'}")
     store.check_writable(out.parent)
     with store.OutputLock(out, folder=False):
-        task_ids = world.load_split(split, root=root)[:limit]  # the split's first `limit` tasks, run or not
+        task_ids = world.select_tasks(split, root, scenarios=scenarios, limit=limit)  # run or not
         done = collected_task_ids(out)
         todo = [t for t in task_ids if t not in done]
         summary = CollectSummary(skipped=len(task_ids) - len(todo))
@@ -1093,11 +1093,11 @@ def collected_task_ids(out: Path) -> set[str]:
 
 
 def run(system: System, split: str, out, budgets: Budgets, *, root=None, workers: int = 4,
-        max_batch: int = 16, limit: int | None = None, pool=None) -> RunStats:
+        max_batch: int = 16, limit: int | None = None, scenarios: int | None = None, pool=None) -> RunStats:
     """Roll out a system on a split, appending every trajectory to `out` (tasks already there are
     skipped)."""
     done = data.completed_task_ids(out)
-    todo = [t for t in world.load_split(split, root=root)[:limit] if t not in done]
+    todo = [t for t in world.select_tasks(split, root, scenarios=scenarios, limit=limit) if t not in done]
     return run_rollouts(todo, system, budgets, split=split, root=root, workers=workers, max_batch=max_batch,
                         pool=pool, on_trajectory=lambda record: data.write_trajectory(out, record))
 
@@ -1115,7 +1115,9 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
                         "running tasks at once")
     parser.add_argument("--max-batch", type=int, default=16, help="most model calls batched into one "
                         "generate call")
-    parser.add_argument("--limit", type=int, default=None, help="only the split's first N tasks "
+    parser.add_argument("--scenarios", type=int, default=None, help="only the split's first N scenarios "
+                        "(all their variants)")
+    parser.add_argument("--limit", type=int, default=None, help="only the split's first N tasks (after --scenarios) "
                         "(a rerun with the same N adds nothing)")
     parser.add_argument("--device", default="cpu", help="torch device for local models")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
@@ -1205,7 +1207,7 @@ def main(argv: list[str] | None = None) -> int:
                                     engine_options(args))
             summary = collect(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                               max_batch=args.max_batch, keep_failed=args.keep_failed, limit=args.limit,
-                              tokenizer=tokenizer)
+                              scenarios=args.scenarios, tokenizer=tokenizer)
             fate = "kept" if args.keep_failed else "dropped"
             print(f"kept {len(summary.kept)}, failed evaluation {len(summary.failed)} ({fate}), "
                   f"already in {args.out}: {summary.skipped}")
@@ -1218,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
             adapters = {role: getattr(args, f"{role}_adapter") for role in data.ROLES}
             system = build_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
-                        max_batch=args.max_batch, limit=args.limit)
+                        max_batch=args.max_batch, limit=args.limit, scenarios=args.scenarios)
             records = [r for r in data.read_trajectories(args.out) if r["split"] == args.split]
             passed = sum(r["evaluation"]["success"] for r in records if r["evaluation"])
             print(f"{passed}/{len(records)} tasks of {args.split} in {args.out} pass evaluation")

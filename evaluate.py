@@ -18,6 +18,7 @@ judge every task, and turns the trajectories into the paper's measurements:
     python evaluate.py --gold --split dev                       # replay of the mini-world's gold solutions
     python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
                                                                 # (runs must share split, --limit, budgets)
+    python evaluate.py compare results/demo/*/*/results.json    # systems x splits: TGC, SGC, FLOPs per task
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
@@ -397,20 +398,15 @@ def passed(record: dict) -> bool:
     return bool(record["evaluation"] and record["evaluation"]["success"])
 
 
-def scenario_of(task_id: str) -> str:
-    """AppWorld's scenario id: the task id before its underscore (a scenario's variants share it)."""
-    return task_id.split("_")[0]
-
-
 def goal_completion(records: list[dict], split_task_ids: list[str]) -> dict:
     """TGC and SGC in percent, with their counts. A scenario counts towards SGC only when every one of its
     variants in the split is in the run (with --limit some are not); those left out are counted."""
     variants: dict[str, int] = defaultdict(int)
     for task_id in split_task_ids:
-        variants[scenario_of(task_id)] += 1
+        variants[world.scenario_of(task_id)] += 1
     ran: dict[str, list[bool]] = defaultdict(list)
     for r in records:
-        ran[scenario_of(r["task_id"])].append(passed(r))
+        ran[world.scenario_of(r["task_id"])].append(passed(r))
     complete = {s: all(outcomes) for s, outcomes in ran.items() if len(outcomes) == variants[s]}
     n_passed = sum(passed(r) for r in records)
     return {"tasks": len(records), "passed": n_passed, "tgc": percent(n_passed, len(records)),
@@ -562,21 +558,11 @@ class EvalConfig:
     workers: int = 4
     max_batch: int = 16
     limit: int | None = None
+    scenarios: int | None = None  # only the split's first N scenarios (all their variants)
     stop_after: int | None = None  # stop after this many finished tasks, as if interrupted
     quiet: bool = False
     overwrite: bool = False  # discard an earlier evaluation in `out` (of this or another system)
     allow_unfinished: bool = False  # evaluate adapters of unfinished training runs (the report says so)
-
-
-def split_tasks(split: str, root, limit: int | None) -> list[str]:
-    task_ids = world.load_split(split, root=root)
-    if limit is not None:
-        if limit < 1:
-            raise ValueError("--limit must be at least 1")
-        task_ids = task_ids[:limit]
-    if not task_ids:
-        raise ValueError(f"split {split!r} has no tasks")
-    return task_ids
 
 
 def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *, pool=None,
@@ -584,7 +570,7 @@ def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *,
     """Evaluate (or finish evaluating) `system` on cfg.split into cfg.out; returns results on rank 0."""
     ranks = ranks or Ranks()
     root = Path(cfg.root or world.world_root()).resolve()
-    task_ids = split_tasks(cfg.split, root, cfg.limit)
+    task_ids = world.select_tasks(cfg.split, root, scenarios=cfg.scenarios, limit=cfg.limit)
     out = Path(cfg.out)
     adapters = {role: b.adapter_path for role, b in system.roles.items()}
     provenance = adapters_provenance(adapters, cfg.allow_unfinished)
@@ -638,7 +624,7 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
         (out / PARTS).rmdir()
     difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
-    results = {"name": cfg.name or out.name, "split": cfg.split, "limit": cfg.limit, "root": str(root),
+    results = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit, "root": str(root),
                "system": system, "adapters": provenance,
                "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
                "timing": timing_summary(records, timings, stats),
@@ -835,7 +821,8 @@ def load_results(paths: list[str]) -> list[dict]:
 # What must be equal for two runs to share a Pareto table: the tasks they were scored on and the budgets they
 # ran under (a larger --max-new-tokens buys TGC with FLOPs; that is a different operating point, not a
 # better system).
-COMPARED = {"split": lambda r: r.get("split"), "limit": lambda r: r.get("limit"),
+COMPARED = {"split": lambda r: r.get("split"), "scenarios": lambda r: r.get("scenarios"),
+            "limit": lambda r: r.get("limit"),
             "budgets": lambda r: (r.get("system") or {}).get("budgets"),
             "tasks": lambda r: [t["task_id"] for t in r["tasks"]] if "tasks" in r else None}
 
@@ -848,7 +835,7 @@ def check_comparable(results: list[dict], paths: list[str]) -> None:
             if value(r) != first:
                 what = "the task ids" if field == "tasks" else f"{json.dumps(first)} vs {json.dumps(value(r))}"
                 raise ValueError(f"{paths[0]} and {path} differ in {field} ({what}); a Pareto table compares "
-                                 "systems on the same split, --limit and budgets")
+                                 "systems on the same split, --scenarios, --limit and budgets")
 
 
 def pareto_main(argv: list[str]) -> int:
@@ -874,6 +861,47 @@ def pareto_main(argv: list[str]) -> int:
     plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
     if plot_pareto(rows, plot):
         print(f"plot: {plot}")
+    return 0
+
+
+def compare_table(results: list[dict]) -> str:
+    """One row per system name, one group of columns per split (in the order first seen): the demo's
+    zero-shot vs trained vs gold table. Runs of one split must be comparable (check_comparable)."""
+    splits = list(dict.fromkeys(r["split"] for r in results))
+    systems = list(dict.fromkeys(r["name"] for r in results))
+    cells: dict[tuple[str, str], dict] = {}
+    for r in results:
+        if (r["name"], r["split"]) in cells:
+            raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
+        cells[r["name"], r["split"]] = r
+    header = ["system"] + [f"{split} {col}" for split in splits for col in ("TGC", "SGC", "FLOPs/task")]
+    rows = []
+    for name in systems:
+        row = [name]
+        for split in splits:
+            m = cells[name, split]["metrics"] if (name, split) in cells else None
+            row += (["-"] * 3 if m is None else
+                    [f"{m['tgc']:.1f} ({m['passed']}/{m['tasks']})", f"{m['sgc']:.1f} ({m['scenarios_passed']}/"
+                     f"{m['scenarios']})", fmt_flops(m["flops_per_task"])])
+        rows.append(row)
+    return "\n".join(markdown_table(header, rows)) + "\n"
+
+
+def compare_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py compare", description="TGC, SGC and FLOPs per task of "
+                                "several systems on several splits in one table (a row per --name, a column "
+                                "group per split).")
+    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
+    args = p.parse_args(argv)
+    try:
+        results = load_results(args.results)
+        for split in dict.fromkeys(r["split"] for r in results):
+            same = [(r, path) for r, path in zip(results, args.results) if r["split"] == split]
+            check_comparable([r for r, _ in same], [path for _, path in same])
+        print(compare_table(results), end="")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -904,7 +932,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "repo's miniworld/)")
     p.add_argument("--workers", type=int, default=4, help="world sessions (worker processes) per process")
     p.add_argument("--max-batch", type=int, default=16, help="most model calls batched into one generate call")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the split's first N tasks")
+    p.add_argument("--scenarios", type=int, default=None, help="evaluate only the split's first N scenarios "
+                   "(all their variants; on the mini-world, dev's first N are the train split's first N)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the split's first N tasks (after "
+                   "--scenarios)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N finished tasks as if interrupted "
                    "(rerun the same command to resume)")
     p.add_argument("--device", default="auto", help="torch device (auto: this rank's GPU if any, else cpu)")
@@ -953,16 +984,19 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pareto"]:
         return pareto_main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     ranks = start_ranks()
     try:
         budgets = agents.budgets_from(args)
-        split_tasks(args.split, args.root, args.limit)  # an unknown split fails before any model loads
+        # an unknown split or an empty selection fails before any model loads
+        world.select_tasks(args.split, args.root, scenarios=args.scenarios, limit=args.limit)
         spec, label = planned_system(args)
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
-                         stop_after=args.stop_after, quiet=args.quiet, overwrite=args.overwrite,
+                         scenarios=args.scenarios, stop_after=args.stop_after, quiet=args.quiet, overwrite=args.overwrite,
                          allow_unfinished=args.allow_unfinished)
         with folder_lock(Path(cfg.out), ranks):  # a folder in use is refused before any model loads
             results = evaluate(load_planned(spec, args), budgets, cfg, ranks=ranks)

@@ -71,6 +71,29 @@ def load_split(split: str, root: str | Path | None = None) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
+def scenario_of(task_id: str) -> str:
+    """AppWorld's scenario id: the task id before its underscore (a scenario's variants share it)."""
+    return task_id.split("_")[0]
+
+
+def select_tasks(split: str, root: str | Path | None = None, *, scenarios: int | None = None,
+                 limit: int | None = None) -> list[str]:
+    """A split's task ids in file order: only its first `scenarios` scenarios (all their variants), then
+    only the first `limit` of those. Whole scenarios keep SGC meaningful; the mini-world lists dev's
+    scenarios in train's order, so `scenarios=N` picks the held-out variants of the N trained on."""
+    for flag, value in (("--scenarios", scenarios), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1 (got {value})")
+    task_ids = load_split(split, root)
+    if scenarios is not None:
+        kept = list(dict.fromkeys(scenario_of(t) for t in task_ids))[:scenarios]
+        task_ids = [t for t in task_ids if scenario_of(t) in kept]
+    task_ids = task_ids[:limit]
+    if not task_ids:
+        raise ValueError(f"split {split!r} has no tasks")
+    return task_ids
+
+
 def task_dir(task_id: str, root: str | Path | None) -> Path:
     path = _data_dir(root) / "tasks" / task_id
     if not path.is_dir():

@@ -60,23 +60,23 @@ class DoNothing:
 
 def makefile_budgets() -> tuple[agents.Budgets, int]:
     """The budgets `make demo` evaluates under (BUDGETS in the Makefile, parsed by agents.py's own flags) and
-    the number of tasks it evaluates (EVAL_TASKS)."""
+    the number of training scenarios whose dev variants it evaluates (SCENARIOS)."""
     text = (REPO / "Makefile").read_text().replace("\\\n", " ")
     flags = re.search(r"^BUDGETS\s*\?=(.*)$", text, re.M).group(1).split()
     parser = argparse.ArgumentParser()
     agents.add_common_flags(parser)
     budgets = agents.budgets_from(parser.parse_args(["--split", "dev", "--out", "x", *flags]))
-    return budgets, int(re.search(r"^EVAL_TASKS\s*\?=\s*(\d+)", text, re.M).group(1))
+    return budgets, int(re.search(r"^SCENARIOS\s*\?=\s*(\d+)", text, re.M).group(1))
 
 
 def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_world, pool, tiny_preset_model,
                                                                          tmp_path):
     """The demo's budgets admit every task: the gold solutions, replayed through the protocol under the
     Makefile's budgets, pass AppWorld's evaluator on the whole dev split (the demo runs its first
-    EVAL_TASKS), and with the demo's tokenizer every gold prompt fits the context budget without fitting and
+    SCENARIOS scenarios), and with the demo's tokenizer every gold prompt fits the context budget without fitting and
     every gold reply fits the new-token budget, so a model that learned them could reproduce them."""
-    budgets, n_demo = makefile_budgets()
-    assert budgets.subtasks >= 8 and n_demo <= len(world.load_split("dev", root=mini_world))
+    budgets, n_scenarios = makefile_budgets()
+    assert budgets.subtasks >= 8 and len(world.select_tasks("dev", mini_world, scenarios=n_scenarios)) == 2 * n_scenarios
     results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
     dev = world.load_split("dev", root=mini_world)
     m = results["metrics"]
@@ -342,6 +342,29 @@ def test_pareto_refuses_runs_with_different_splits_limits_budgets_or_tasks(tmp_p
     err = one_error_line(["pareto", one, two], capsys)
     assert f"{one} and {two} differ in {'budgets' if field == 'system' else field}" in err and shown in err
     assert "no pareto" not in capsys.readouterr().out.lower()
+
+
+def test_compare_puts_systems_in_rows_and_splits_in_columns(tmp_path, capsys):
+    def run(folder, name, split, passed, tasks, flops, budgets=48):
+        metrics = {"passed": passed, "tasks": tasks, "scenarios_passed": 0, "scenarios": 1}
+        path = results_file(tmp_path / folder, name, 100.0 * passed / tasks, 0.0, flops, split=split,
+                            limit=None, system={"budgets": {"new_tokens": budgets}},
+                            tasks=[{"task_id": f"{split}_{i}"} for i in range(tasks)])
+        r = json.loads(Path(path).read_text())
+        r["metrics"].update(metrics)
+        Path(path).write_text(json.dumps(r))
+        return path
+    files = [run("z-dev", "zero-shot", "dev", 0, 4, 2e12), run("t-dev", "trained", "dev", 3, 4, 3e12),
+             run("t-test", "trained", "test", 1, 4, 5e12)]
+    assert evaluate.main(["compare", *files]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    assert cells[0] == ["system", "dev TGC", "dev SGC", "dev FLOPs/task", "test TGC", "test SGC", "test FLOPs/task"]
+    assert cells[1][:2] == ["zero-shot", "0.0 (0/4)"] and cells[1][4:] == ["-", "-", "-"]  # never ran on test
+    assert cells[2][1] == "75.0 (3/4)" and cells[2][4] == "25.0 (1/4)"
+    other = run("t2-dev", "trained-long", "dev", 4, 4, 9e12, budgets=96)  # a dev run under other budgets
+    err = one_error_line(["compare", *files, other], capsys)
+    assert "differ in budgets" in err
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ def test_world_has_the_required_shape(world_build):
     root, summary = world_build
     data = Path(root) / "data"
     splits = {s: world.load_split(s, root) for s in ("train", "dev", "test")}
-    scenario_of = lambda task_id: task_id.split("_")[0]  # noqa: E731
+    scenario_of = world.scenario_of
     train_scenarios = {scenario_of(t) for t in splits["train"]}
     assert {scenario_of(t) for t in splits["dev"]} == train_scenarios  # dev: held-out variants, same scenarios
     assert not set(splits["train"]) & set(splits["dev"])
@@ -78,6 +78,20 @@ def test_world_has_the_required_shape(world_build):
     for ids in variants.values():
         people = {json.loads((data / "tasks" / t / "specs.json").read_text())["supervisor"]["email"] for t in ids}
         assert len(people) == len(ids)
+
+
+def test_select_tasks_keeps_whole_scenarios_in_split_order(world_build):
+    root, _ = world_build
+    train, dev = world.load_split("train", root), world.load_split("dev", root)
+    first_three = list(dict.fromkeys(t.split("_")[0] for t in train))[:3]  # by hand, from the split files
+    picked = world.select_tasks("dev", root, scenarios=3)
+    assert picked == [t for t in dev if t.split("_")[0] in first_three]  # dev's held-out variants of them
+    assert len(picked) == 2 * 3  # the mini-world holds out two variants of each training scenario
+    assert world.select_tasks("train", root, scenarios=3, limit=5) == [t for t in train if t.split("_")[0] in first_three][:5]
+    assert world.select_tasks("dev", root) == dev
+    for bad in ({"scenarios": 0}, {"limit": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            world.select_tasks("dev", root, **bad)
 
 
 def test_reading_errors_are_clear(world_build, tmp_path):
