@@ -73,8 +73,9 @@ def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_wo
                                                                          tmp_path):
     """The demo's budgets admit every task: the gold solutions, replayed through the protocol under the
     Makefile's budgets, pass AppWorld's evaluator on the whole dev split (the demo runs its first
-    SCENARIOS scenarios), and with the demo's tokenizer every gold prompt fits the context budget without fitting and
-    every gold reply fits the new-token budget, so a model that learned them could reproduce them."""
+    SCENARIOS scenarios), and with the tiny preset's tokenizer every gold prompt fits the context budget
+    without fitting and every gold reply fits the new-token budget, so a model that learned them could
+    reproduce them."""
     budgets, n_scenarios = makefile_budgets()
     assert budgets.subtasks >= 8 and len(world.select_tasks("dev", mini_world, scenarios=n_scenarios)) == 2 * n_scenarios
     results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
