@@ -624,8 +624,8 @@ def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats:
     if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
         (out / PARTS).rmdir()
     difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
-    results = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit, "root": str(root),
-               "system": system, "adapters": provenance,
+    results = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit,
+               "root": str(root), "system": system, "adapters": provenance,
                "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
                "timing": timing_summary(records, timings, stats),
                "tasks": task_rows(records, difficulty, timings)}

@@ -77,7 +77,8 @@ def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_wo
     without fitting and every gold reply fits the new-token budget, so a model that learned them could
     reproduce them."""
     budgets, n_scenarios = makefile_budgets()
-    assert budgets.subtasks >= 8 and len(world.select_tasks("dev", mini_world, scenarios=n_scenarios)) == 2 * n_scenarios
+    demo_dev = world.select_tasks("dev", mini_world, scenarios=n_scenarios)
+    assert budgets.subtasks >= 8 and len(demo_dev) == 2 * n_scenarios
     results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
     dev = world.load_split("dev", root=mini_world)
     m = results["metrics"]
