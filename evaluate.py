@@ -267,8 +267,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     """What a folder's trajectories depend on: the split and world, the system (each role's base model by name
     and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
     anything else would mix two systems. The decode mode is included too: batched decoding and prompt-lookup
-    drafts can flip a near-tie, deterministic decoding cannot. Not included: --limit (a task's trajectory does
-    not depend on it; results.json records it), --workers / --max-batch and the prefix cache's size."""
+    drafts can flip a near-tie, deterministic decoding cannot. Not included: --scenarios and --limit (a task's
+    trajectory does not depend on them; results.json records them), --workers / --max-batch and the prefix cache's size."""
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "model")}
     return {"split": split, "root": str(root), "system": system.describe(budgets),
             "adapters": {role: p["sha256"] for role, p in provenance.items()},
