@@ -338,6 +338,8 @@ def ddp_run(folder: Path, sizes: Sizes, device_flag: str, grad_accum: int, out: 
 def child_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
     env.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks on a small CPU must not oversubscribe its cores
+    if Path("/sys/class/net/lo").exists():  # one machine (--standalone): gloo over loopback, whatever the host
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # name resolves to (tests/conftest.py's children do the same)
     return env
 
 
@@ -369,7 +371,9 @@ def check_ddp(name: str, folder: Path, sizes: Sizes, device: torch.device, tiny:
     label = f"ddp {'nccl' if device.type == 'cuda' else 'gloo'} x{world} vs 1 process"
     if rc != 0 or not many.exists():
         why = "timed out" if rc is None else f"exit code {rc}"
-        return [Row(label, name, "FAIL", f"torchrun {why}: " + " | ".join(output.strip().splitlines()[-4:]))]
+        lines = output.strip().splitlines()
+        errors = [line for line in lines if "Error" in line or "error:" in line][-2:]  # the cause, not the summary
+        return [Row(label, name, "FAIL", f"torchrun {why}: " + " | ".join(errors + lines[-2:]))]
     a, b = torch.load(one), torch.load(many)
     loss_diff = max(abs(x - y) / abs(x) for x, y in zip(a["losses"], b["losses"]))
     scale = max(t.abs().max().item() for t in a["adapter"].values())
