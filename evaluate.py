@@ -268,7 +268,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
     anything else would mix two systems. The decode mode is included too: batched decoding and prompt-lookup
     drafts can flip a near-tie, deterministic decoding cannot. Not included: --scenarios and --limit (a task's
-    trajectory does not depend on them; results.json records them), --workers / --max-batch and the prefix cache's size."""
+    trajectory does not depend on them; results.json records them), --workers / --max-batch and the prefix
+    cache's size."""
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "model")}
     return {"split": split, "root": str(root), "system": system.describe(budgets),
             "adapters": {role: p["sha256"] for role, p in provenance.items()},
@@ -696,8 +697,9 @@ def markdown_report(results: dict) -> str:
               "matmuls, attention over the actual context, the vocabulary projection only where logits were "
               "computed; model.forward_flops), counted as if no prompt were cached: a property of the system and "
               "the task, whatever the engine cached or batched. The Pareto table uses this one.",
-              f"- FLOPs per task computed in this run: {fmt_flops(t['flops_computed_per_task'])} (the same, without the "
-              "prompt tokens whose keys and values came from the prefix cache; a measurement, like wall time)",
+              f"- FLOPs per task computed in this run: {fmt_flops(t['flops_computed_per_task'])} (the same, "
+              "without the prompt tokens whose keys and values came from the prefix cache; a measurement, like "
+              "wall time)",
               f"- tokens per task: {m['tokens_per_task']:.0f}",
               f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
               f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
@@ -996,8 +998,8 @@ def main(argv: list[str] | None = None) -> int:
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
-                         scenarios=args.scenarios, stop_after=args.stop_after, quiet=args.quiet, overwrite=args.overwrite,
-                         allow_unfinished=args.allow_unfinished)
+                         scenarios=args.scenarios, stop_after=args.stop_after, quiet=args.quiet,
+                         overwrite=args.overwrite, allow_unfinished=args.allow_unfinished)
         with folder_lock(Path(cfg.out), ranks):  # a folder in use is refused before any model loads
             results = evaluate(load_planned(spec, args), budgets, cfg, ranks=ranks)
         if results is not None:
