@@ -539,7 +539,12 @@ PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (model.generate's
 
 
 class LocalEngine:
-    """A model loaded in this process (prost's own Transformer); roles sharing it switch adapters.
+    """A model loaded in this process (prost's own Transformer), shared by the roles that run on it.
+
+    Each role's adapter runs merged into its own copy of the weights the adapter changes (`lora.merged_copy`;
+    embeddings, norms and the vocabulary projection stay shared): a call then costs exactly the base model's
+    FLOPs, and decoding skips the adapter's narrow matmuls, about a fifth of SmolLM2-135M's decode time on a
+    CPU. The price is one copy of the adapted projections per role (SmolLM2-135M fp32: 425 MB).
 
     A prefix cache (per adapter, `prefix_cache_tokens` tokens at most, 0 = off) lets each call compute only the
     prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
@@ -557,13 +562,13 @@ class LocalEngine:
         self.model.eval()
         self.tokenizer = model.Tokenizer.from_pretrained(name_or_path)
         self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
+        self.models: dict[str | None, model.Transformer] = {None: self.model}  # adapter name -> what runs it
         self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
 
     def load_adapter(self, folder: str, name: str) -> None:
-        lora.load_adapter(self.model, folder, name)
-        self.model.eval()  # the adapter's new modules start in training mode: inference never uses dropout
+        self.models[name] = lora.merged_copy(self.model, folder, name)  # in eval mode: no adapter dropout
         self.adapters[name] = str(folder)
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys/values cached under this name may come from other weights
@@ -573,10 +578,8 @@ class LocalEngine:
 
     def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
                  ) -> list[ModelReply]:
-        if self.adapters:
-            lora.set_adapter(self.model, adapter)
-        adapter_weights = sum(p.numel() for p in lora.adapter_parameters(self.model, adapter)) if adapter else 0
-        limit = min(budgets.context, self.model.config.max_position_embeddings) - budgets.new_tokens
+        net = self.models[adapter]
+        limit = min(budgets.context, net.config.max_position_embeddings) - budgets.new_tokens
         fitted = [data.fit_messages(r.messages, self.count, limit) for r in requests]
         runnable = [i for i, m in enumerate(fitted) if m is not None]
         replies = [ModelReply("", None) for _ in requests]
@@ -585,7 +588,7 @@ class LocalEngine:
         prompts = [self.tokenizer.chat(fitted[i], add_generation_prompt=True)[0] for i in runnable]
         start = time.perf_counter()
         decode = lambda batch: model.generate(  # noqa: E731
-            self.model, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
+            net, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
             stop_strings=requests[0].stop_strings, prefix_cache=self.prefix_cache, namespace=adapter,
             prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
         with torch.no_grad():
@@ -593,10 +596,10 @@ class LocalEngine:
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
-                                    model.generate_flops(self.model.config, g.n_prompt, g.n_new, adapter_weights),
-                                    share, g.stop_reason, cached_tokens=g.n_cached,
-                                    flops_computed=model.generate_flops(self.model.config, g.n_prompt, g.n_new,
-                                                                        adapter_weights, cached=g.n_cached))
+                                    model.generate_flops(net.config, g.n_prompt, g.n_new), share, g.stop_reason,
+                                    cached_tokens=g.n_cached,
+                                    flops_computed=model.generate_flops(net.config, g.n_prompt, g.n_new,
+                                                                       cached=g.n_cached))
         return replies
 
 

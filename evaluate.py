@@ -267,7 +267,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     """What a folder's trajectories depend on: the split and world, the system (each role's base model by name
     and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
     anything else would mix two systems. The decode mode is included too: batched decoding and prompt-lookup
-    drafts can flip a near-tie, deterministic decoding cannot. Not included: --scenarios and --limit (a task's
+    drafts can flip a near-tie, deterministic decoding cannot; so is how adapters run (merged into the weights,
+    `agents.LocalEngine`: the same function as unmerged, rounded differently). Not included: --scenarios and --limit (a task's
     trajectory does not depend on them; results.json records them), --workers / --max-batch and the prefix
     cache's size."""
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "model")}
@@ -276,8 +277,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
             "bases": {e.name: base_fingerprint(e.name) for e in loaded.values()},
             "dtype": {role: str(next(e.model.parameters()).dtype).removeprefix("torch.")
                       for role, e in loaded.items()},
-            "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup}
-                       for role, e in loaded.items()}}
+            "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup,
+                              "adapters": "merged"} for role, e in loaded.items()}}
 
 
 def folder_lock(out: Path, ranks: Ranks):

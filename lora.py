@@ -12,8 +12,9 @@ forward pass selects one (switching only changes a name, never copies weights), 
 `set_adapter(model, None)` gives the plain base model.
 
 Where this file sits: `prost.py` calls `apply_lora` (adds an adapter and makes it the only trainable
-thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `load_adapter` per role
-and `adapter_base` to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
+thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `merged_copy` per role (the
+adapter folded into copies of the layers it covers, so inference runs only the base's matmuls) and
+`adapter_base` to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
 adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
 `export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder;
 from the shell: `python lora.py ckpts/planner merged/planner`.
@@ -27,6 +28,7 @@ cast back to the dtype of the base output before the sum.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -328,6 +330,27 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             w = layer.weight.detach()
             state[f"{path}.weight"] = (w.float() + layer.delta_weight(layer.active)).to(w.dtype)
     return state
+
+
+@torch.no_grad()
+def merged_copy(model: nn.Module, in_dir: str | os.PathLike, name: str) -> nn.Module:
+    """A copy of `model` (a base without adapters) that runs the adapter in `in_dir` merged into its weights.
+
+    For inference with several roles on one base: each role's forward then runs exactly the base's matmuls,
+    where an unmerged adapter adds two narrow matmuls and their glue to every wrapped layer. Only the weights
+    the adapter changes are new tensors (merged in fp32, rounded once to the base dtype); every other
+    parameter (embeddings, norms, layers the adapter does not cover) is shared with `model`, not copied.
+    """
+    if lora_layers(model):
+        raise ValueError("merged_copy needs a base model without adapters")
+    merged = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})  # new modules, shared tensors
+    load_adapter(merged, in_dir, name)
+    set_adapter(merged, name)
+    for layer in lora_layers(merged).values():
+        w = layer.weight
+        layer.weight = nn.Parameter((w.float() + layer.delta_weight(name)).to(w.dtype), requires_grad=False)
+        layer.merged = name
+    return merged.eval()
 
 
 def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:

@@ -1040,16 +1040,14 @@ def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: in
                  + 2 * d * config.vocab_size * n_logits)
 
 
-def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, adapter_weights: int = 0,
-                   cached: int = 0) -> float:
+def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, cached: int = 0) -> float:
     """FLOPs of one `generate` call that produced n_new tokens from an n_prompt-token prompt: the prefill
     (logits at its last position only) and one single-position decode step per new token but the last
     (the last one is never fed back). Summed, that is one pass over n_prompt + n_new - 1 positions with
     logits at n_new of them. With `cached` prompt tokens taken from the prefix cache, those positions are
     not computed, but every later position still attends to their keys."""
     n_logits = max(n_new, 1)  # the prefill computes the first token's logits even when none is kept
-    return forward_flops(config, n_prompt - cached + n_logits - 1, n_logits, past=cached,
-                         adapter_weights=adapter_weights)
+    return forward_flops(config, n_prompt - cached + n_logits - 1, n_logits, past=cached)
 
 
 def train_flops(config: ModelConfig, n_tokens: int, n_targets: int, adapter_weights: int = 0) -> float:

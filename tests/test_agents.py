@@ -430,7 +430,7 @@ def test_every_flag_has_help():
                 assert action.help, f"{name} --{action.dest} has no help"
 
 
-def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mini_world, world_pool, tmp_path):
+def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_engines(tiny_model, mini_world, world_pool, tmp_path):
     import lora
     import torch
     base = model.Transformer.from_pretrained(tiny_model)
@@ -445,7 +445,7 @@ def test_roles_sharing_a_base_share_one_model_and_switch_adapters(tiny_model, mi
     shared = agents.build_system("multi", {r: str(tiny_model) for r in data.ROLES}, adapters)
     assert shared.roles["executor"].engine is shared.roles["critic"].engine
     shared.roles["planner"] = agents.Binding(Scripted())  # plans always parse, so executor and critic run
-    separate = {}  # the reference: one model instance per adapter, never switched
+    separate = {}  # the reference: one engine per adapter, nothing shared
     for role in ("executor", "critic"):
         engine = agents.LocalEngine(str(tiny_model))
         engine.load_adapter(adapters[role], role)

@@ -293,8 +293,8 @@ def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micr
     evaluate.py loads them: no module may be in training mode, and two runs give the same trajectories."""
     write_role_adapters(micro, tmp_path / "ckpts", dropout=0.5, scale=0.5)
     system = evaluate.load_system(evaluate.system_spec(agents_dir=tmp_path / "ckpts"), "cpu", "float32")
-    engine = system.roles["planner"].engine
-    assert lora.lora_layers(engine.model) and not [n for n, m in engine.model.named_modules() if m.training]
+    planner = system.roles["planner"].engine.models["planner"]
+    assert lora.lora_layers(planner) and not [n for n, m in planner.named_modules() if m.training]
     runs = [evaluate.evaluate(system, SMALL, config(tmp_path / f"run{i}", mini_world, limit=2, workers=1), pool=pool)
             for i in (1, 2)]
     assert runs[0]["metrics"] == runs[1]["metrics"]

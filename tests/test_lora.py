@@ -384,6 +384,29 @@ def test_two_adapters_switch_without_copying_the_base(hf_dir, ids, tmp_path):
     assert not torch.allclose(expected["planner"], expected["executor"])
 
 
+def test_merged_copy_equals_peft_and_shares_what_the_adapter_leaves_alone(hf_dir, ids, tmp_path):
+    """What evaluation runs per role: the base with one adapter merged into copies of the layers it covers.
+    Reference: PEFT's merge_and_unload of the same adapter on the transformers model."""
+    trained = load_ours(hf_dir)
+    lora.apply_lora(trained, r=4, alpha=8, targets=("q_proj", "up_proj"), name="executor")
+    randomize_adapter(trained, "executor", seed=10)
+    lora.save_adapter(trained, tmp_path / "executor", "executor")
+    expected = hf_logits(PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "executor"))
+                         .merge_and_unload().eval(), ids)
+    base = load_ours(hf_dir)
+    base_logits, base_bytes = our_logits(base, ids), storage_bytes(base)
+    merged = lora.merged_copy(base, tmp_path / "executor", "executor")
+    torch.testing.assert_close(our_logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+    assert not [name for name, m in merged.named_modules() if m.training]
+    torch.testing.assert_close(our_logits(base, ids), base_logits, rtol=0, atol=0)  # the base is untouched
+    covered = [p.numel() for name, p in base.named_parameters() if name.endswith(("q_proj.weight", "up_proj.weight"))]
+    adapter = sum(p.numel() for p in lora.adapter_parameters(merged, "executor"))
+    together = {s.data_ptr(): s.nbytes() for m in (base, merged) for t in m.parameters() for s in [t.untyped_storage()]}
+    assert sum(together.values()) == base_bytes + 4 * (sum(covered) + adapter)  # only covered layers are copied
+    with pytest.raises(ValueError, match="without adapters"):
+        lora.merged_copy(merged, tmp_path / "executor", "executor")
+
+
 @pytest.mark.parametrize("ckpt", ["qwen2_ckpt", "llama_ckpt"])  # tied and untied lm_head
 def test_export_merged_loads_in_transformers_and_prost(ckpt, request, ids, tmp_path):
     hf_dir = request.getfixturevalue(ckpt)[0]

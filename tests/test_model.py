@@ -411,7 +411,7 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
     matmuls = sum(n for op, n in counts.items() if "mm" in str(op) and "attention" not in str(op))
     assert matmuls == 2 * projections * 7 + 2 * lm_head * 3
 
-    import lora  # an unmerged adapter runs its A and B matmuls at every position too
+    import lora  # an unmerged adapter (training) runs its A and B matmuls at every position too
     lora.add_adapter(ours, "a", r=2, alpha=4, targets=("q_proj", "v_proj"))
     lora.set_adapter(ours, "a")
     adapter = sum(p.numel() for p in lora.adapter_parameters(ours, "a"))
@@ -421,7 +421,7 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(n for op, n in counts.items() if "mm" in str(op) and "attention" not in str(op))
     assert matmuls == 2 * (projections + adapter) * 7 + 2 * lm_head * 3
-    assert M.generate_flops(config, 5, 3, adapter) - M.generate_flops(config, 5, 3) == 2 * adapter * 7
+    assert M.forward_flops(config, 7, 3, adapter_weights=adapter) - M.forward_flops(config, 7, 3) == 2 * adapter * 7
 
 
 def test_legacy_rope_fields():
