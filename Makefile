@@ -13,7 +13,7 @@ PIP    := $(VENV)/bin/pip
 # TEST_SCENARIOS unseen scenarios of test. Every step resumes: the collection skips tasks already in the
 # file, training continues a checkpoint, evaluation skips finished tasks.
 MODEL          ?= smollm2-135m-instruct
-SCENARIOS      ?= 3
+SCENARIOS      ?= 2
 TEST_SCENARIOS ?= 1
 FETCHABLE      := smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
 BASE           := $(if $(filter tiny,$(MODEL)),models/tiny,$(if $(filter $(FETCHABLE),$(MODEL)),models/$(MODEL),$(MODEL)))
