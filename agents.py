@@ -557,19 +557,17 @@ class LocalEngine:
                  prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
                  prompt_lookup: int = PROMPT_LOOKUP):
         self.name = str(name_or_path)
-        self.model = model.Transformer.from_pretrained(name_or_path, device=device,
-                                                       dtype=getattr(torch, dtype))
-        self.model.eval()
+        self.base = model.Transformer.from_pretrained(name_or_path, device=device,
+                                                      dtype=getattr(torch, dtype))
+        self.base.eval()
         self.tokenizer = model.Tokenizer.from_pretrained(name_or_path)
-        self.adapters: dict[str, str] = {}  # adapter name -> folder it was loaded from
-        self.models: dict[str | None, model.Transformer] = {None: self.model}  # adapter name -> what runs it
+        self.models: dict[str | None, model.Transformer] = {None: self.base}  # adapter name -> what runs it
         self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
 
     def load_adapter(self, folder: str, name: str) -> None:
-        self.models[name] = lora.merged_copy(self.model, folder, name)  # in eval mode: no adapter dropout
-        self.adapters[name] = str(folder)
+        self.models[name] = lora.merged_copy(self.base, folder, name)  # in eval mode: no adapter dropout
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys/values cached under this name may come from other weights
 

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import statistics
 import sys
@@ -54,6 +53,7 @@ import data
 import lora
 import world
 import store
+from cluster import Cluster, barrier, first_error, gather, start_cluster, stop_cluster
 from store import atomic_write
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -160,59 +160,7 @@ def gold_system(root=None) -> agents.System:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes: under torchrun each rank rolls out its shard; rank 0 merges.
-
-@dataclass
-class Ranks:
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_ranks() -> Ranks:
-    """Join torchrun's process group (gloo: evaluation only needs barriers and small objects, on any device)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size == 1:
-        return Ranks()
-    import torch.distributed as dist
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=DIST_TIMEOUT)
-    return Ranks(dist.get_rank(), size)
-
-
-def stop_ranks(ranks: Ranks) -> None:
-    if ranks.world > 1:
-        import torch.distributed as dist
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def barrier(ranks: Ranks) -> None:
-    if ranks.world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def gather(ranks: Ranks, obj) -> list:
-    """Every rank's `obj`, in rank order (on every rank)."""
-    if ranks.world == 1:
-        return [obj]
-    import torch.distributed as dist
-    out = [None] * ranks.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def rank_device(device: str) -> str:
-    """'auto': this rank's GPU (LOCAL_RANK) when CUDA is there, else the CPU."""
-    if device != "auto":
-        return device
-    import torch
-    return f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
-
+# Processes: under torchrun each rank rolls out its shard (cluster.py); rank 0 merges.
 
 def rank_dtype(dtype: str, device: str) -> str:
     if dtype != "auto":
@@ -267,30 +215,30 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     """What a folder's trajectories depend on: the split and world, the system (each role's base model by name
     and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
     anything else would mix two systems. The decode mode is included too: batched decoding and prompt-lookup
-    drafts can flip a near-tie, deterministic decoding cannot; so is how adapters run (merged into the weights,
-    `agents.LocalEngine`: the same function as unmerged, rounded differently). Not included: --scenarios and --limit (a task's
-    trajectory does not depend on them; results.json records them), --workers / --max-batch and the prefix
-    cache's size."""
-    loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "model")}
+    drafts can flip a near-tie, deterministic decoding cannot; so is how adapters run (merged into the
+    weights, `agents.LocalEngine`: the same function as unmerged, rounded differently). Not included:
+    --scenarios and --limit (a task's trajectory does not depend on them; results.json records them),
+    --workers / --max-batch and the prefix cache's size."""
+    loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "base")}
     return {"split": split, "root": str(root), "system": system.describe(budgets),
             "adapters": {role: p["sha256"] for role, p in provenance.items()},
             "bases": {e.name: base_fingerprint(e.name) for e in loaded.values()},
-            "dtype": {role: str(next(e.model.parameters()).dtype).removeprefix("torch.")
+            "dtype": {role: str(next(e.base.parameters()).dtype).removeprefix("torch.")
                       for role, e in loaded.items()},
             "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup,
                               "adapters": "merged"} for role, e in loaded.items()}}
 
 
-def folder_lock(out: Path, ranks: Ranks):
+def folder_lock(out: Path, cluster: Cluster):
     """OUT checked and locked by rank 0 for the whole run (re-entrant); every rank fails if it cannot be."""
-    return store.exclusive_output(out, is_main=ranks.is_main,
-                                  first_error=lambda e: next((x for x in gather(ranks, e) if x), None))
+    return store.exclusive_output(out, is_main=cluster.is_main,
+                                  first_error=lambda e: first_error(cluster, e))
 
 
 OUTPUTS = (TRAJECTORIES, RESULTS, REPORT, TIMINGS, RUN_FILE)
 
 
-def claim_folder(out: Path, identity: dict, ranks: Ranks, overwrite: bool = False) -> None:
+def claim_folder(out: Path, identity: dict, cluster: Cluster, overwrite: bool = False) -> None:
     """Record the run's identity in OUT/run.json, or check that an existing folder holds the same run.
     With `overwrite`, an earlier evaluation in the folder is discarded and this one starts from scratch."""
     saved = store.read_identity(out)
@@ -302,8 +250,8 @@ def claim_folder(out: Path, identity: dict, ranks: Ranks, overwrite: bool = Fals
     if saved is not None and not overwrite:
         store.check_identity(out, saved, identity, "use a new --out, or pass --overwrite to replace that "
                              "evaluation")
-    barrier(ranks)  # every rank has checked before rank 0 writes
-    if ranks.is_main:
+    barrier(cluster)  # every rank has checked before rank 0 writes
+    if cluster.is_main:
         if overwrite:
             for name in OUTPUTS:
                 (out / name).unlink(missing_ok=True)
@@ -311,7 +259,7 @@ def claim_folder(out: Path, identity: dict, ranks: Ranks, overwrite: bool = Fals
                 part.unlink()
         if store.read_identity(out) is None:
             store.write_identity(out, identity)
-    barrier(ranks)
+    barrier(cluster)
 
 
 def part_paths(out: Path) -> list[Path]:
@@ -568,37 +516,37 @@ class EvalConfig:
 
 
 def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *, pool=None,
-             ranks: Ranks | None = None) -> dict | None:
+             cluster: Cluster | None = None) -> dict | None:
     """Evaluate (or finish evaluating) `system` on cfg.split into cfg.out; returns results on rank 0."""
-    ranks = ranks or Ranks()
+    cluster = cluster or Cluster()
     root = Path(cfg.root or world.world_root()).resolve()
     task_ids = world.select_tasks(cfg.split, root, scenarios=cfg.scenarios, limit=cfg.limit)
     out = Path(cfg.out)
     adapters = {role: b.adapter_path for role, b in system.roles.items()}
     provenance = adapters_provenance(adapters, cfg.allow_unfinished)
     identity = run_identity(system, budgets, cfg.split, root, provenance)
-    with folder_lock(out, ranks):
-        claim_folder(out, identity, ranks, cfg.overwrite)
+    with folder_lock(out, cluster):
+        claim_folder(out, identity, cluster, cfg.overwrite)
         done = finished_records(out)
-        barrier(ranks)  # every rank has read the same finished set before anyone appends to it
+        barrier(cluster)  # every rank has read the same finished set before anyone appends to it
         todo = [t for t in task_ids if t not in done]
-        mine = todo[ranks.rank::ranks.world]
-        log = (lambda *a: None) if cfg.quiet or not ranks.is_main else print
+        mine = todo[cluster.rank::cluster.world]
+        log = (lambda *a: None) if cfg.quiet or not cluster.is_main else print
         log(f"{cfg.split}: {len(task_ids)} tasks, {len(task_ids) - len(todo)} already evaluated in {out}, "
-            f"{len(todo)} to run" + (f" on {ranks.world} processes" if ranks.world > 1 else ""))
+            f"{len(todo)} to run" + (f" on {cluster.world} processes" if cluster.world > 1 else ""))
         progress = None if cfg.quiet else (lambda i, n, r: log(
             f"  [{i}/{n}] {r['task_id']}: {'pass' if passed(r) else 'fail'}"))
         stats, stopped = agents.RunStats(), None
         try:
-            stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{ranks.rank}.jsonl",
+            stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{cluster.rank}.jsonl",
                                    workers=cfg.workers, max_batch=cfg.max_batch, pool=pool, stop_after=cfg.stop_after,
                                    progress=progress)
         except StopEvaluation as e:
             stopped = str(e)
-        all_stats = gather(ranks, stats)
-        stops = [s for s in gather(ranks, stopped) if s]
-        barrier(ranks)
-        if not ranks.is_main:
+        all_stats = gather(cluster, stats)
+        stops = [s for s in gather(cluster, stopped) if s]
+        barrier(cluster)
+        if not cluster.is_main:
             return None
         if stops:
             raise StopEvaluation(f"{stops[0]}; rerun the same command to resume")
@@ -941,7 +889,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--scenarios)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after N finished tasks as if interrupted "
                    "(rerun the same command to resume)")
-    p.add_argument("--device", default="auto", help="torch device (auto: this rank's GPU if any, else cpu)")
+    p.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else the CPU), cpu or cuda "
+                                                    "(under torchrun: the GPU of LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weight dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="print only the summary")
@@ -969,10 +918,9 @@ def planned_system(args) -> tuple[SystemSpec | None, str]:
     return spec, spec.label
 
 
-def load_planned(spec: SystemSpec | None, args) -> agents.System:
+def load_planned(spec: SystemSpec | None, args, device: str) -> agents.System:
     if spec is None:
         return gold_system(args.root)
-    device = rank_device(args.device)
     return load_system(spec, device, rank_dtype(args.dtype, device), agents.engine_options(args))
 
 
@@ -990,8 +938,10 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["compare"]:
         return compare_main(argv[1:])
     args = build_parser().parse_args(argv)
-    ranks = start_ranks()
+    cluster = None
     try:
+        # gloo on any device: evaluation only exchanges small objects; ranks wait at the end for the slowest
+        cluster = start_cluster(args.device, backend="gloo", timeout=DIST_TIMEOUT)
         budgets = agents.budgets_from(args)
         # an unknown split or an empty selection fails before any model loads
         world.select_tasks(args.split, args.root, scenarios=args.scenarios, limit=args.limit)
@@ -1001,8 +951,8 @@ def main(argv: list[str] | None = None) -> int:
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
                          scenarios=args.scenarios, stop_after=args.stop_after, quiet=args.quiet,
                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished)
-        with folder_lock(Path(cfg.out), ranks):  # a folder in use is refused before any model loads
-            results = evaluate(load_planned(spec, args), budgets, cfg, ranks=ranks)
+        with folder_lock(Path(cfg.out), cluster):  # a folder in use is refused before any model loads
+            results = evaluate(load_planned(spec, args, str(cluster.device)), budgets, cfg, cluster=cluster)
         if results is not None:
             print(summary_line(results))
             print(f"wrote {Path(cfg.out) / RESULTS}, {Path(cfg.out) / REPORT}, {Path(cfg.out) / TRAJECTORIES}")
@@ -1013,7 +963,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        stop_ranks(ranks)
+        if cluster is not None:
+            stop_cluster(cluster)
     return 0
 
 

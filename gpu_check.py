@@ -8,7 +8,7 @@ It downloads nothing and needs no weights: each model is built at a real archite
 Qwen2.5-0.5B, Qwen2.5-1.5B; config fields as in their config.json) with seeded random weights, written to a
 temporary folder and loaded back by prost's own loader. Every check runs prost's own code, never a copy of it:
 model.py's forward and `generate`, lora.py's adapters, prost.py's `build_model`, `make_optimizer`, `run_epoch`
-and `start_cluster` (under torch.distributed.run for data parallel), evaluate.py for rollouts. The checks:
+and cluster.py's `start_cluster` (under torch.distributed.run for data parallel), evaluate.py for rollouts. The checks:
 
   logits     prost on CUDA (fp32, bf16; with a LoRA adapter) against prost on the CPU in fp32, and against
              transformers on CUDA given the same (merged) weights
@@ -46,6 +46,7 @@ import torch
 import data
 import lora
 import prost
+from cluster import Cluster, start_cluster, stop_cluster
 from model import ModelConfig, Transformer, generate, init_tiny, save_pretrained
 
 HERE = Path(__file__).resolve().parent
@@ -261,7 +262,7 @@ def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> pro
                                        schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
 
 
-def train_steps(cfg: prost.TrainConfig, cluster: prost.Cluster, precision: str, steps: list[list[data.Example]],
+def train_steps(cfg: prost.TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
                 out_dir: Path):
     """Run each entry of `steps` as one epoch of prost.run_epoch; returns (model, optimizer, stats per epoch)."""
     model = prost.build_model(cfg, cluster.device, precision)
@@ -283,7 +284,7 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
     cfg = train_config(folder, sizes.train_tokens, 1)
     vocab = ModelConfig.from_hf(folder).vocab_size
     steps = [[e] for e in synthetic_examples(vocab, 1 + sizes.train_steps, sizes.train_tokens, seed=3)]
-    cluster = prost.Cluster(0, 1, device)
+    cluster = Cluster(0, 1, device)
     losses, measured = {}, None
     for precision in ("bf16", "fp32"):
         if device.type == "cuda":
@@ -319,7 +320,7 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
 def ddp_run(folder: Path, sizes: Sizes, device_flag: str, grad_accum: int, out: Path) -> None:
     """Two epochs of `ddp_steps` optimizer steps, each of `world x grad_accum` micro-batches of one sequence;
     rank 0 saves the epoch losses and the adapter to `out`. Runs under torchrun or alone."""
-    cluster = prost.start_cluster(device_flag)
+    cluster = start_cluster(device_flag)
     try:
         cfg = train_config(folder, sizes.ddp_tokens, grad_accum)
         vocab = ModelConfig.from_hf(folder).vocab_size
@@ -332,7 +333,7 @@ def ddp_run(folder: Path, sizes: Sizes, device_flag: str, grad_accum: int, out: 
             torch.save({"losses": [s.loss_sum / s.targets for s in stats], "adapter": adapter,
                         "world": cluster.world}, out)
     finally:
-        prost.stop_cluster(cluster)
+        stop_cluster(cluster)
 
 
 def child_env() -> dict[str, str]:

@@ -30,7 +30,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import random
 import resource
 import sys
@@ -47,6 +46,7 @@ import torch.utils.checkpoint
 import data
 import lora
 import store
+from cluster import Cluster, barrier, first_error, gather, start_cluster, stop_cluster
 from model import ModelConfig, Tokenizer, Transformer, resolve_model_dir, train_flops
 from store import atomic_write
 
@@ -104,42 +104,186 @@ class TrainingDiverged(RuntimeError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes, devices, precision.
+# The loop: train -> epochs (_train) -> optimizer steps (run_epoch) -> micro-batches -> loss -> backward.
+
+def train(cfg: TrainConfig) -> list[dict]:
+    """Run (or resume) training as configured; returns the per-epoch log records. OUT/ROLE is checked
+    (a file, not writable, too little space for a checkpoint) and locked against a second run before any
+    data is read."""
+    check_config(cfg)
+    cluster = start_cluster(cfg.device)
+    try:
+        need = checkpoint_bytes(cfg)  # on every rank: a base that cannot be found stops them all
+        with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
+                                    first_error=lambda error: first_error(cluster, error)):
+            return _train(cfg, cluster)
+    finally:
+        stop_cluster(cluster)
+
+
+def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
+    """The run: the role's examples and their schedule, the model with a fresh or resumed adapter, then epoch
+    after epoch of optimizer steps, each epoch ending in a checkpoint that a killed run resumes from."""
+    log = print if cluster.is_main else (lambda *a, **k: None)
+    precision = resolve_precision(cfg.precision, cluster.device)
+    role_data = prepare_data(cfg, log, cluster)
+    examples, epochs, pad_id = role_data.examples, role_data.epochs, role_data.tokenizer.pad_id
+    out_dir = Path(cfg.out) / cfg.role
+    identity, saved, fingerprint = open_run(out_dir, cfg, cluster, role_data)
+
+    model = build_model(cfg, cluster.device, precision)
+    params = list(trainable_parameters(model).values())
+    optimizer = make_optimizer(params, cfg)
+    torch.manual_seed(cfg.seed + 1 + cluster.rank)  # dropout streams differ per rank
+    random.seed(cfg.seed)
+    history, step = resume_run(saved, model, optimizer, cluster, out_dir, epochs, log)
+    stages = lr_stages(epoch_step_counts(examples, epochs, cfg, cluster.world), role_data.plans, cfg.lr_schedule)
+    peak = peak_flops(cluster.device, cfg.peak_tflops)
+
+    model.train()
+    for epoch in range(len(history) + 1, epochs + 1):
+        plan = role_data.plans[epoch - 1]  # the curriculum: the examples with sub-task index <= s(epoch)
+        try:
+            stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, stages, cfg,
+                                    cluster, precision, pad_id, out_dir, len(history))
+        except TrainingDiverged:
+            mark_diverged(out_dir, cluster, len(history), epochs, epoch)
+            raise
+        dev_loss = dev_losses(model, role_data.dev, cfg, pad_id, cluster, precision) if role_data.dev else {}
+        record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"],
+                              model_flops_utilisation(stats, peak, cluster.world), peak_memory_gb(cluster.device))
+        history.append(record)
+        log(describe_epoch(record, epochs))
+        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
+                 "scheduler": {"step": step, "lr_stages": stages},
+                 "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
+                 "rng": rng_states(cluster), "history": history}
+        stopping = bool(cfg.stop_after) and epoch == cfg.stop_after and epoch < epochs
+        if cluster.is_main:
+            save_checkpoint(out_dir, model, optimizer, state,
+                            stopped=f"stopped by --stop-after {epoch}" if stopping else None)
+        if stopping:
+            log(f"stopping after epoch {epoch} as asked; continue with --resume")
+            break
+    return history
+
 
 @dataclass
-class Cluster:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def start_cluster(device_flag: str) -> Cluster:
-    """One process per device. Under torchrun (WORLD_SIZE > 1) join the process group: nccl between
-    GPUs, gloo between CPU processes."""
-    if device_flag not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"--device must be auto, cpu or cuda (got {device_flag}); under torchrun each process "
-                         f"takes the GPU of its LOCAL_RANK")
-    if device_flag == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Cluster(rank, world, device)
+class EpochStats:
+    loss_sum: float
+    targets: int
+    tokens: int
+    seconds: float
+    flops: float  # model FLOPs of what ran (sequence_train_flops), all ranks
+    sequences: int  # the epoch's examples after prefix sharing
 
 
-def stop_cluster(cluster: Cluster) -> None:
-    if cluster.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, stages: list[tuple[int, int]],
+              cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
+              last_good: int) -> tuple[EpochStats, int]:
+    """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
+    sequences = epoch_sequences(examples, epoch, cfg)
+    steps = optimizer_steps(epoch_micro_batches(sequences, epoch, cfg), cfg.grad_accum * cluster.world)
+    bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
+    loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
+    adapter_weights = sum(p.numel() for p in params)
+    start = time.perf_counter()
+    for i, step_batches in enumerate(steps):
+        step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
+        my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
+        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
+                                        cluster.device, precision)
+        if cluster.world > 1:
+            all_reduce_gradients(params)
+            loss_sum = all_reduce_sum(loss_sum, cluster)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not torch.isfinite(torch.stack([loss_sum, grad_norm.to(loss_sum.device)])).all():
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at epoch {epoch}, step {i + 1}; the step was not applied. "
+                + (f"The last good checkpoint (epoch {last_good}) is in {out_dir}; " if last_good else
+                   "No checkpoint was written; ") + "lower --lr or inspect the data, then run again")
+        lr = stage_learning_rate(step, stages, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        loss_total += loss_sum.item()
+        targets_total += step_targets
+        my_tokens += sum(e.n_tokens for b in my_batches for e in b)
+        my_flops += sum(sequence_train_flops(model.config, adapter_weights, e) for b in my_batches for e in b)
+        bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
+    bar.close()
+    totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
+                            cluster).tolist()
+    seconds = time.perf_counter() - start
+    return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
 
+
+def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,
+                         device: torch.device, precision: str) -> torch.Tensor:
+    """Backward through each micro-batch with its loss divided by the step's total target tokens, so the
+    summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
+    total = torch.zeros((), device=device)
+    for ids, mask in micro_batches:
+        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with autocast(device, precision):
+            losses, _ = target_token_losses(model, ids, mask)
+        loss_sum = losses.sum()
+        (loss_sum / step_targets).backward()
+        total += loss_sum.detach()
+    return total
+
+
+def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of every target token, and the batch row it belongs to.
+
+    Token t + 1 is predicted from position t, so positions from the batch's last target on are never
+    needed as input (they are cut), and the vocabulary projection runs only where the next token is a
+    target. Under activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a
+    time, so they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
+    end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
+    ids, mask = ids[:, :end], mask[:, :end]
+    hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
+    is_target = mask[:, 1:]  # (B, T-1)
+    targets, labels = hidden[is_target], ids[:, 1:][is_target]  # (N, D), (N,): N = target tokens in the batch
+    if model.checkpoint_blocks and torch.is_grad_enabled():
+        losses = torch.cat([torch.utils.checkpoint.checkpoint(vocabulary_losses, model, targets[i:i + LOSS_CHUNK],
+                                                              labels[i:i + LOSS_CHUNK], use_reentrant=False)
+                            for i in range(0, len(labels), LOSS_CHUNK)])
+    else:
+        losses = vocabulary_losses(model, targets, labels)
+    rows = is_target.nonzero()[:, 0]  # (N,)
+    return losses, rows
+
+
+def vocabulary_losses(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy (N,) of the next tokens `labels` (N,) predicted from final hidden states (N, D)."""
+    logits = model.lm_head(hidden).float()  # (N, V)
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the adapter gradients over ranks in one flat buffer (a rank that got no micro-batch in the last
+    step of an epoch contributes zeros). LoRA gradients are small, so overlapping this with the backward
+    pass, as DistributedDataParallel does, would buy little."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    if cluster.world > 1:
+        dist.all_reduce(values)
+    return values
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision.
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
@@ -180,8 +324,7 @@ def collect_default_data(cluster: Cluster) -> Path:
         if summary.failed:
             raise ValueError(f"gold-teacher trajectories failed evaluation for {', '.join(summary.failed)}; "
                              f"rebuild the mini-world with `python miniworld.py build`")
-    if cluster.world > 1:
-        dist.barrier()
+    barrier(cluster)
     return DEFAULT_DATA
 
 
@@ -246,71 +389,6 @@ def learning_rate(step: int, total_steps: int, warmup_steps: int, peak: float, m
         return peak * (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return peak * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loss and gradients.
-
-def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of every target token, and the batch row it belongs to.
-
-    Token t + 1 is predicted from position t, so positions from the batch's last target on are never
-    needed as input (they are cut), and the vocabulary projection runs only where the next token is a
-    target. Under activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a
-    time, so they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
-    end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
-    ids, mask = ids[:, :end], mask[:, :end]
-    hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
-    is_target = mask[:, 1:]  # (B, T-1)
-    targets, labels = hidden[is_target], ids[:, 1:][is_target]  # (N, D), (N,): N = target tokens in the batch
-    if model.checkpoint_blocks and torch.is_grad_enabled():
-        losses = torch.cat([torch.utils.checkpoint.checkpoint(vocabulary_losses, model, targets[i:i + LOSS_CHUNK],
-                                                              labels[i:i + LOSS_CHUNK], use_reentrant=False)
-                            for i in range(0, len(labels), LOSS_CHUNK)])
-    else:
-        losses = vocabulary_losses(model, targets, labels)
-    rows = is_target.nonzero()[:, 0]  # (N,)
-    return losses, rows
-
-
-def vocabulary_losses(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy (N,) of the next tokens `labels` (N,) predicted from final hidden states (N, D)."""
-    logits = model.lm_head(hidden).float()  # (N, V)
-    return F.cross_entropy(logits, labels, reduction="none")
-
-
-def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,
-                         device: torch.device, precision: str) -> torch.Tensor:
-    """Backward through each micro-batch with its loss divided by the step's total target tokens, so the
-    summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
-    total = torch.zeros((), device=device)
-    for ids, mask in micro_batches:
-        ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-        with autocast(device, precision):
-            losses, _ = target_token_losses(model, ids, mask)
-        loss_sum = losses.sum()
-        (loss_sum / step_targets).backward()
-        total += loss_sum.detach()
-    return total
-
-
-def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
-    """Sum the adapter gradients over ranks in one flat buffer (a rank that got no micro-batch in the last
-    step of an epoch contributes zeros). LoRA gradients are small, so overlapping this with the backward
-    pass, as DistributedDataParallel does, would buy little."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    offset = 0
-    for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-        offset += p.numel()
-
-
-def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
-    if cluster.world > 1:
-        dist.all_reduce(values)
-    return values
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -480,11 +558,7 @@ def rng_states(cluster: Cluster) -> list[dict]:
     """Every rank's RNG states (dropout draws differ per rank), gathered on all ranks."""
     mine = {"torch": torch.get_rng_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state(cluster.device) if cluster.device.type == "cuda" else None}
-    if cluster.world == 1:
-        return [mine]
-    gathered = [None] * cluster.world
-    dist.all_gather_object(gathered, mine)
-    return gathered
+    return gather(cluster, mine)
 
 
 def restore_rng(states: list[dict], cluster: Cluster) -> None:
@@ -531,59 +605,7 @@ def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The run.
-
-@dataclass
-class EpochStats:
-    loss_sum: float
-    targets: int
-    tokens: int
-    seconds: float
-    flops: float  # model FLOPs of what ran (sequence_train_flops), all ranks
-    sequences: int  # the epoch's examples after prefix sharing
-
-
-def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, stages: list[tuple[int, int]],
-              cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
-              last_good: int) -> tuple[EpochStats, int]:
-    """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
-    sequences = epoch_sequences(examples, epoch, cfg)
-    steps = optimizer_steps(epoch_micro_batches(sequences, epoch, cfg), cfg.grad_accum * cluster.world)
-    bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
-    loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
-    adapter_weights = sum(p.numel() for p in params)
-    start = time.perf_counter()
-    for i, step_batches in enumerate(steps):
-        step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
-        my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
-        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
-                                        cluster.device, precision)
-        if cluster.world > 1:
-            all_reduce_gradients(params)
-            loss_sum = all_reduce_sum(loss_sum, cluster)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not torch.isfinite(torch.stack([loss_sum, grad_norm.to(loss_sum.device)])).all():
-            raise TrainingDiverged(
-                f"non-finite loss or gradient at epoch {epoch}, step {i + 1}; the step was not applied. "
-                + (f"The last good checkpoint (epoch {last_good}) is in {out_dir}; " if last_good else
-                   "No checkpoint was written; ") + "lower --lr or inspect the data, then run again")
-        lr = stage_learning_rate(step, stages, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        loss_total += loss_sum.item()
-        targets_total += step_targets
-        my_tokens += sum(e.n_tokens for b in my_batches for e in b)
-        my_flops += sum(sequence_train_flops(model.config, adapter_weights, e) for b in my_batches for e in b)
-        bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
-    bar.close()
-    totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
-                            cluster).tolist()
-    seconds = time.perf_counter() - start
-    return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
-
+# The run's bookkeeping: configuration checks, data, identity, resume, the epoch log.
 
 def epoch_record(epoch: int, step: int, plan: data.EpochPlan, stats: EpochStats, dev: dict[int, float],
                  lr: float, mfu: float | None, memory_gb: float) -> dict:
@@ -622,30 +644,6 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--max-seq-len must be at least 2, and --lr and --grad-clip positive")
 
 
-def train(cfg: TrainConfig) -> list[dict]:
-    """Run (or resume) training as configured; returns the per-epoch log records. OUT/ROLE is checked
-    (a file, not writable, too little space for a checkpoint) and locked against a second run before any
-    data is read."""
-    check_config(cfg)
-    cluster = start_cluster(cfg.device)
-    try:
-        need = checkpoint_bytes(cfg)  # on every rank: a base that cannot be found stops them all
-        with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
-                                    first_error=lambda error: first_error(error, cluster)):
-            return _train(cfg, cluster)
-    finally:
-        stop_cluster(cluster)
-
-
-def first_error(error: str | None, cluster: Cluster) -> str | None:
-    """The first rank's error message, on every rank (so all stop together)."""
-    if cluster.world == 1:
-        return error
-    errors = [None] * cluster.world
-    dist.all_gather_object(errors, error)
-    return next((e for e in errors if e), None)
-
-
 def checkpoint_bytes(cfg: TrainConfig) -> int:
     """About what one checkpoint takes on disk: the fp32 adapter in the PEFT file and again in the state
     file, AdamW's two fp32 moments, and 1 MiB for the log, RNG states and JSON files."""
@@ -682,73 +680,44 @@ def model_flops_utilisation(stats: EpochStats, peak: float | None, world: int) -
     return stats.flops / stats.seconds / (peak * world) if peak else None
 
 
-def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
-    log = print if cluster.is_main else (lambda *a, **k: None)
-    precision = resolve_precision(cfg.precision, cluster.device)
-    role_data = prepare_data(cfg, log, cluster)
-    examples, dev, epochs, pad_id = role_data.examples, role_data.dev, role_data.epochs, role_data.tokenizer.pad_id
-
-    out_dir = Path(cfg.out) / cfg.role
-    identity = run_identity(cfg, epochs, store.file_sha256(role_data.path), cluster.world)
+def open_run(out_dir: Path, cfg: TrainConfig, cluster: Cluster, role_data: RoleData) -> tuple[dict, dict | None, str]:
+    """(identity, saved state or None, examples fingerprint) of the run in out_dir; a new run records its
+    identity there. Refuses a folder holding another run, or this run's data rendered differently."""
+    identity = run_identity(cfg, role_data.epochs, store.file_sha256(role_data.path), cluster.world)
     saved = read_checkpoint(out_dir, identity, cfg.resume)
-    fingerprint = examples_fingerprint(examples)
+    fingerprint = examples_fingerprint(role_data.examples)
     if saved is not None and saved["data_order"]["examples_sha256"] != fingerprint:
         raise ValueError(f"{role_data.path} renders into different examples than when the run in {out_dir} "
                          f"started (tokenizer changed?); choose another --out")
-    if cluster.world > 1:
-        dist.barrier()  # every rank has checked the folder before rank 0 writes into it
+    barrier(cluster)  # every rank has checked the folder before rank 0 writes into it
     if cluster.is_main and saved is None:
         store.write_identity(out_dir, identity)
-        store.write_progress(out_dir, epoch=0, epochs=epochs, adapter_sha256=None)
+        store.write_progress(out_dir, epoch=0, epochs=role_data.epochs, adapter_sha256=None)
+    return identity, saved, fingerprint
 
-    model = build_model(cfg, cluster.device, precision)
-    params = list(trainable_parameters(model).values())
-    optimizer = make_optimizer(params, cfg)
-    torch.manual_seed(cfg.seed + 1 + cluster.rank)  # dropout streams differ per rank
-    random.seed(cfg.seed)
-    history, step, start_epoch = [], 0, 1
-    if saved is not None:
-        restore_checkpoint(saved, model, optimizer, cluster)
-        history, step, start_epoch = saved["history"], saved["step"], saved["epoch"] + 1
-        log(f"resuming {out_dir} after epoch {saved['epoch']} (step {step})")
-        if cluster.is_main:  # the log and adapter may lag the state if a crash came right after it
-            write_log(out_dir, history)
-            publish_adapter(out_dir, model, saved["epoch"], epochs)
-    stages = lr_stages(epoch_step_counts(examples, epochs, cfg, cluster.world), role_data.plans, cfg.lr_schedule)
-    peak = peak_flops(cluster.device, cfg.peak_tflops)
-    if start_epoch > epochs:
+
+def resume_run(saved: dict | None, model, optimizer, cluster: Cluster, out_dir: Path, epochs: int,
+               log) -> tuple[list[dict], int]:
+    """(history, optimizer steps done): empty for a fresh run; else the saved adapter, optimizer and RNG
+    states are restored, and the log and adapter files are rewritten from the state."""
+    if saved is None:
+        return [], 0
+    restore_checkpoint(saved, model, optimizer, cluster)
+    log(f"resuming {out_dir} after epoch {saved['epoch']} (step {saved['step']})")
+    if cluster.is_main:  # the log and adapter may lag the state if a crash came right after it
+        write_log(out_dir, saved["history"])
+        publish_adapter(out_dir, model, saved["epoch"], epochs)
+    if saved["epoch"] >= epochs:
         log(f"{out_dir} already finished all {epochs} epochs")
-    model.train()
-    for epoch in range(start_epoch, epochs + 1):
-        plan = role_data.plans[epoch - 1]
-        try:
-            stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, stages, cfg,
-                                    cluster, precision, pad_id, out_dir, len(history))
-        except TrainingDiverged:
-            if cluster.is_main and history:  # the published adapter stays that of the last good epoch
-                progress = store.read_progress(out_dir)
-                store.write_progress(out_dir, epoch=len(history), epochs=epochs,
-                                     adapter_sha256=progress["adapter_sha256"],
-                                     stopped=f"diverged: non-finite loss or gradient in epoch {epoch}")
-            raise
-        dev_loss = dev_losses(model, dev, cfg, pad_id, cluster, precision) if dev else {}
-        mfu = model_flops_utilisation(stats, peak, cluster.world)
-        record = epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"], mfu,
-                              peak_memory_gb(cluster.device))
-        history.append(record)
-        log(describe_epoch(record, epochs))
-        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
-                 "scheduler": {"step": step, "lr_stages": stages},
-                 "data_order": {"seed": cfg.seed, "examples_sha256": fingerprint},
-                 "rng": rng_states(cluster), "history": history}
-        stopping = bool(cfg.stop_after) and epoch == cfg.stop_after and epoch < epochs
-        if cluster.is_main:
-            save_checkpoint(out_dir, model, optimizer, state,
-                            stopped=f"stopped by --stop-after {epoch}" if stopping else None)
-        if stopping:
-            log(f"stopping after epoch {epoch} as asked; continue with --resume")
-            break
-    return history
+    return saved["history"], saved["step"]
+
+
+def mark_diverged(out_dir: Path, cluster: Cluster, good_epochs: int, epochs: int, epoch: int) -> None:
+    """progress.json says the run stopped; the published adapter stays that of the last good epoch."""
+    if cluster.is_main and good_epochs:
+        progress = store.read_progress(out_dir)
+        store.write_progress(out_dir, epoch=good_epochs, epochs=epochs, adapter_sha256=progress["adapter_sha256"],
+                             stopped=f"diverged: non-finite loss or gradient in epoch {epoch}")
 
 
 # ----------------------------------------------------------------------------------------------------

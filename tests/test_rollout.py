@@ -156,7 +156,7 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     ask = lambda messages: agents.ModelRequest("t", "planner", messages)  # noqa: E731
     batched = agents.LocalEngine(folder, prefix_cache_tokens=0)
     seen = []
-    hook = batched.model.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].clone()))
+    hook = batched.base.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].clone()))
     batched.complete([ask(prompt)], None, budgets)
     batched.complete([ask(prompt), ask(other)], None, budgets)
     hook.remove()
@@ -168,12 +168,12 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     d = (d / d.norm()).float()
     tok = batched.tokenizer
     a, b = [t for t in range(3, 300) if tok.decode([t]).isalpha()][:2]  # two tokens that read differently
-    head = -(mid / mid.norm()).float().expand(batched.model.config.vocab_size, -1).clone()
+    head = -(mid / mid.norm()).float().expand(batched.base.config.vocab_size, -1).clone()
     head[a], head[b] = 0.0, d
     assert tok.decode([a]) != tok.decode([b])
     deterministic = agents.LocalEngine(folder, deterministic=True)
     for engine in (batched, deterministic):
-        engine.model.lm_head.weight = torch.nn.Parameter(head.clone())  # untied from the embeddings
+        engine.base.lm_head.weight = torch.nn.Parameter(head.clone())  # untied from the embeddings
     first = lambda engine, requests: engine.complete(requests, None, budgets)[0].text  # noqa: E731
     # today (batched decoding): the answer depends on which other call shares the batch
     assert first(batched, [ask(prompt)]) == tok.decode([a])

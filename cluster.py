@@ -1,0 +1,78 @@
+"""Processes and devices: which rank this process is, which device it computes on, and the few collectives
+that training and evaluation share.
+
+Both `prost.py` (training one role) and `evaluate.py` (rolling out a split) run as one process per device
+under torchrun: every process joins the process group here, works on its own share (micro-batches, tasks),
+and meets the others at barriers. Alone (no torchrun), a process is rank 0 of a world of 1 and no collective
+does any communication.
+
+    torchrun --nproc_per_node 8 prost.py ...       # nccl between GPUs, gloo between CPU processes
+    torchrun --nproc_per_node 2 evaluate.py ...    # gloo: evaluation only exchanges small objects
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Cluster:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def start_cluster(device_flag: str = "auto", backend: str | None = None,
+                  timeout: timedelta | None = None) -> Cluster:
+    """This process's rank and device; under torchrun (WORLD_SIZE > 1) it joins the process group.
+
+    device_flag: auto (this rank's GPU when CUDA is there, else the CPU), cpu or cuda (this rank's GPU,
+    LOCAL_RANK). backend: None picks nccl between GPUs and gloo between CPU processes."""
+    if device_flag not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda (got {device_flag}); under torchrun each process "
+                         f"takes the GPU of its LOCAL_RANK")
+    if device_flag == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but this torch sees no CUDA device; use --device cpu")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
+                                **({"timeout": timeout} if timeout else {}))
+    return Cluster(rank, world, device)
+
+
+def stop_cluster(cluster: Cluster) -> None:
+    if cluster.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(cluster: Cluster) -> None:
+    if cluster.world > 1:
+        dist.barrier()
+
+
+def gather(cluster: Cluster, obj) -> list:
+    """Every rank's `obj` (small, picklable), in rank order, on every rank."""
+    if cluster.world == 1:
+        return [obj]
+    out = [None] * cluster.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def first_error(cluster: Cluster, error: str | None) -> str | None:
+    """The first rank's error message, on every rank, so that all ranks stop together."""
+    return next((e for e in gather(cluster, error) if e), None)
