@@ -295,10 +295,12 @@ def test_hostile_code_never_breaks_the_session(world_build, pool, tmp_path):
         out = session.execute("print(marker)")
         assert out.error and "died" in out.output
         still_works()
-        # The gold solution still completes the task in the recovered world.
-        for step in miniworld.gold_subtasks("payfriend_1", root):
-            assert not session.execute(step["code"]).error
-        assert session.evaluate().success
+    # The gold solution still completes the task in the recovered world, under the default limits: its
+    # login and payment calls are not what the 1-second timeout above tests, and on a loaded 2-core machine
+    # they can take longer than that (a fresh-clone CI run failed here so).
+    for step in miniworld.gold_subtasks("payfriend_1", root):
+        assert not session.execute(step["code"]).error
+    assert session.evaluate().success
 
 
 def test_wall_budget_stops_execution(world_build, pool):
