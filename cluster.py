@@ -4,7 +4,8 @@ that training and evaluation share.
 Both `prost.py` (training one role) and `evaluate.py` (rolling out a split) run as one process per device
 under torchrun: every process joins the process group here, works on its own share (micro-batches, tasks),
 and meets the others at barriers. Alone (no torchrun), a process is rank 0 of a world of 1 and no collective
-does any communication.
+does any communication. A process that launches runs of its own (gpu_check.py, the tests) gives them
+`child_env()`, so that they never join the launcher's group.
 
     torchrun --nproc_per_node 8 prost.py ...       # nccl between GPUs, gloo between CPU processes
     torchrun --nproc_per_node 2 evaluate.py ...    # gloo: evaluation only exchanges small objects
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -76,3 +78,21 @@ def gather(cluster: Cluster, obj) -> list:
 def first_error(cluster: Cluster, error: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together."""
     return next((e for e in gather(cluster, error) if e), None)
+
+
+# Variables a launcher (torchrun, SLURM, an IDE) may have left in this process's environment.
+LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
+                      "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child run on this machine (a torchrun launch, a CLI): it must start a run of its
+    own, never join the caller's. One intra-op thread per process, because two ranks that each spawn a thread
+    per core of a small CPU starve their own gloo heartbeats; and gloo over loopback, so the run does not
+    depend on what address the host name resolves to."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.update(extra)
+    return env

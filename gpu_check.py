@@ -46,7 +46,7 @@ import torch
 import data
 import lora
 import prost
-from cluster import Cluster, start_cluster, stop_cluster
+from cluster import Cluster, child_env, start_cluster, stop_cluster
 from model import ModelConfig, Transformer, generate, init_tiny, save_pretrained
 
 HERE = Path(__file__).resolve().parent
@@ -113,9 +113,6 @@ DDP_LOSS_TOL = 1e-3  # relative difference of the data-parallel and the one-proc
 DDP_ADAPTER_TOL = 1e-3  # max |difference| of the final adapters / max |adapter|
 TIE_TOL = 1e-3  # fp32 greedy tokens may differ only where two logits are closer than this x their std
 CHILD_TIMEOUT_S = 180  # a torchrun or evaluate.py child; a hang must not eat the GPU loan
-# Variables a launcher may have left in this process's environment; a child must start its own run.
-LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
-                      "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
 
 
 @dataclass
@@ -334,14 +331,6 @@ def ddp_run(folder: Path, sizes: Sizes, device_flag: str, grad_accum: int, out: 
                         "world": cluster.world}, out)
     finally:
         stop_cluster(cluster)
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
-    env.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks on a small CPU must not oversubscribe its cores
-    if Path("/sys/class/net/lo").exists():  # one machine (--standalone): gloo over loopback, whatever the host
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # name resolves to (tests/conftest.py's children do the same)
-    return env
 
 
 def run_child(args: list[str], timeout: float = CHILD_TIMEOUT_S) -> tuple[int | None, str]:

@@ -19,6 +19,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules (model.py, ...)
 
+from cluster import child_env  # noqa: E402  (the product's own launch environment, shared with gpu_check.py)
+
 CORPUS = [
     "The planner splits the task into sub-tasks; the executor writes code for each one.",
     "The critic reads the output and says whether the sub-task succeeded.",
@@ -172,30 +174,13 @@ def gold_train(mini_world, world_pool, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Child processes (CLIs, torchrun). Each runs in a session of its own under a hard time limit, with one
-# thread per process and none of the caller's process-group variables; a failure or a timeout fails the
-# test showing the command and the end of its output, and nothing it started outlives it.
+# Child processes (CLIs, torchrun). Each runs in a session of its own under a hard time limit, in
+# cluster.child_env's environment (one thread per process, none of the caller's launcher variables); a
+# failure or a timeout fails the test showing the command and the end of its output, and nothing it started
+# outlives it.
 
-# Left in the environment by a launcher (torchrun, SLURM, an IDE): a child must never join another run.
-LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "WORLD_SIZE",
-                      "LOCAL_WORLD_SIZE", "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "ROLE_NAME")
 CHILD_TIMEOUT_S = 600  # ~15x what the slowest child needs on 2 idle cores: a hang fails, a busy machine does not
 SHOWN_OUTPUT_CHARS = 6000
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    """The test's environment for a child process.
-
-    One intra-op thread per process: two ranks each spawning one thread per core on a 2-core machine run
-    their gloo heartbeats and collectives on starved cores. Gloo talks over the loopback interface rather
-    than whatever address the host name resolves to, so the machine's network setup does not matter."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in LAUNCHER_VARIABLES and not k.startswith("TORCHELASTIC_")}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    env.update(extra)
-    return env
 
 
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:

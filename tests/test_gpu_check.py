@@ -12,7 +12,8 @@ import torch
 
 import gpu_check
 import lora
-from conftest import REPO, child_env, run_child
+from cluster import child_env
+from conftest import REPO, run_child
 
 
 def table_rows(text: str) -> dict[str, list[str]]:
