@@ -44,7 +44,7 @@ STUDY_EVAL  := $(DEV) --quiet $(BUDGETS)
 # `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
 FETCH       ?= smollm2-135m-instruct
 
-.PHONY: test test-real fetch demo study bench gpu-check clean-venv
+.PHONY: test test-real fetch demo lr-schedules study bench gpu-check clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -95,6 +95,23 @@ demo: $(VENV)/.runtime
 	  $(PY) evaluate.py --gold --name gold $$flags --out results/demo/$$split/gold --quiet $(BUDGETS) || exit 1; done
 	$(PY) evaluate.py compare results/demo/*/zero-shot/results.json results/demo/*/trained/results.json \
 	  results/demo/*/gold/results.json | tee results/demo/table.md
+
+# Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
+# trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev
+# trajectories), then both systems on dev. Same seed and data as the demo, so the cosine adapters are the
+# demo's own.
+lr-schedules: demo
+	$(PY) agents.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
+	for schedule in cosine per-stage; do \
+	  for role in planner executor critic; do \
+	    case $$role in planner) flags="$(PLANNER_FLAGS)";; executor) flags="$(EXECUTOR_FLAGS)";; \
+	      *) flags="$(CRITIC_FLAGS)";; esac; \
+	    $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl \
+	      --dev-data trajectories/dev.jsonl --lr-schedule $$schedule --out ckpts/lr-schedules/$$schedule \
+	      $(TRAIN_FLAGS) $$flags --resume || exit 1; done; \
+	  $(PY) evaluate.py --agents ckpts/lr-schedules/$$schedule --name $$schedule \
+	    --out results/lr-schedules/$$schedule $(STUDY_EVAL) || exit 1; done
+	$(PY) evaluate.py compare results/lr-schedules/*/results.json | tee results/lr-schedules/table.md
 
 # The paper's comparisons at toy scale, on the demo's data and model: untrained vs trained, progressive vs
 # full schedule, multi-agent vs single agent, over SEEDS; then the Pareto table (TGC vs FLOPs per task).
