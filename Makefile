@@ -36,10 +36,23 @@ COLLECT_FLAGS  ?= --recovery-share 1.0
 # these budgets).
 BUDGETS     ?= --max-subtasks 8 --max-executor-turns 3 --max-critic-retries 1 --max-single-turns 12 \
                --max-new-tokens 320 --max-context 2048
-SEEDS       ?= 0 1
 DEV         := --split dev --scenarios $(SCENARIOS)
 TEST        := --split test --scenarios $(TEST_SCENARIOS)
-STUDY_EVAL  := $(DEV) --quiet $(BUDGETS)
+
+# `make study` knobs (README: The study). The multi-agent system is trained with each schedule for every seed
+# of STUDY_SEEDS (the first seed also logs its dev loss per sub-task: the learning curves); the single agent,
+# with each schedule, and the heterogeneous systems on LARGE, for the first seed. STUDY=quick: one seed, dev
+# only, no LARGE model.
+STUDY        ?= full
+STUDY_SEEDS  ?= $(if $(filter quick,$(STUDY)),0,0 1 2)
+STUDY_SPLITS ?= $(if $(filter quick,$(STUDY)),dev,dev test)
+LARGE        ?= $(if $(filter quick,$(STUDY))$(filter tiny,$(MODEL)),,qwen2.5-coder-0.5b-instruct)
+SINGLE_FLAGS ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 1 --epochs 6)
+SEED0        := $(firstword $(STUDY_SEEDS))
+# Shell snippets for the recipes: each role's flags ($$role -> $$flags), each split's (-> $$split_flags).
+ROLE_FLAGS   = case $$role in planner) flags="$(PLANNER_FLAGS)";; executor) flags="$(EXECUTOR_FLAGS)";; \
+                 critic) flags="$(CRITIC_FLAGS)";; *) flags="$(SINGLE_FLAGS)";; esac
+SPLIT_FLAGS  = if [ $$split = dev ]; then split_flags="$(DEV)"; else split_flags="$(TEST)"; fi
 
 # `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
 FETCH       ?= smollm2-135m-instruct
@@ -55,6 +68,10 @@ $(VENV)/.runtime: requirements.txt
 	  else $(PY) -c "import torch" 2>/dev/null || $(PIP) install -q torch==2.13.0; fi
 	$(PIP) install -q -r requirements.txt
 	$(VENV)/bin/appworld install
+	touch $@
+
+$(VENV)/.study: $(VENV)/.runtime requirements-study.txt
+	$(PIP) install -q -r requirements-study.txt
 	touch $@
 
 $(VENV)/.test: $(VENV)/.runtime requirements-test.txt
@@ -88,11 +105,10 @@ demo: $(VENV)/.runtime
 	  $(TRAIN_FLAGS) $(EXECUTOR_FLAGS)
 	$(PY) prost.py --model $(BASE) --role critic --data trajectories/train.jsonl --out ckpts/demo --resume \
 	  $(TRAIN_FLAGS) $(CRITIC_FLAGS)
-	for split in dev test; do \
-	  if [ $$split = dev ]; then flags="$(DEV)"; else flags="$(TEST)"; fi; \
-	  $(PY) evaluate.py --model $(BASE) --name zero-shot $$flags --out results/demo/$$split/zero-shot --quiet $(BUDGETS) && \
-	  $(PY) evaluate.py --agents ckpts/demo --name trained $$flags --out results/demo/$$split/trained $(BUDGETS) && \
-	  $(PY) evaluate.py --gold --name gold $$flags --out results/demo/$$split/gold --quiet $(BUDGETS) || exit 1; done
+	for split in dev test; do $(SPLIT_FLAGS); \
+	  $(PY) evaluate.py --model $(BASE) --name zero-shot $$split_flags --out results/demo/$$split/zero-shot --quiet $(BUDGETS) && \
+	  $(PY) evaluate.py --agents ckpts/demo --name trained $$split_flags --out results/demo/$$split/trained $(BUDGETS) && \
+	  $(PY) evaluate.py --gold --name gold $$split_flags --out results/demo/$$split/gold --quiet $(BUDGETS) || exit 1; done
 	$(PY) evaluate.py compare results/demo/*/zero-shot/results.json results/demo/*/trained/results.json \
 	  results/demo/*/gold/results.json | tee results/demo/table.md
 
@@ -103,34 +119,45 @@ demo: $(VENV)/.runtime
 lr-schedules: demo
 	$(PY) agents.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
 	for schedule in cosine per-stage; do \
-	  for role in planner executor critic; do \
-	    case $$role in planner) flags="$(PLANNER_FLAGS)";; executor) flags="$(EXECUTOR_FLAGS)";; \
-	      *) flags="$(CRITIC_FLAGS)";; esac; \
+	  for role in planner executor critic; do $(ROLE_FLAGS); \
 	    $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl \
 	      --dev-data trajectories/dev.jsonl --lr-schedule $$schedule --out ckpts/lr-schedules/$$schedule \
 	      $(TRAIN_FLAGS) $$flags --resume || exit 1; done; \
 	  $(PY) evaluate.py --agents ckpts/lr-schedules/$$schedule --name $$schedule \
-	    --out results/lr-schedules/$$schedule $(STUDY_EVAL) || exit 1; done
+	    --out results/lr-schedules/$$schedule $(DEV) --quiet $(BUDGETS) || exit 1; done
 	$(PY) evaluate.py compare results/lr-schedules/*/results.json | tee results/lr-schedules/table.md
 
-# The paper's comparisons at toy scale, on the demo's data and model: untrained vs trained, progressive vs
-# full schedule, multi-agent vs single agent, over SEEDS; then the Pareto table (TGC vs FLOPs per task).
-study: demo
-	$(PY) evaluate.py --model $(BASE) --name untrained-multi --out results/study/untrained-multi $(STUDY_EVAL)
-	for seed in $(SEEDS); do \
-	  for schedule in progressive full; do \
-	    for role in planner executor critic; do \
-	      case $$role in planner) flags="$(PLANNER_FLAGS)";; executor) flags="$(EXECUTOR_FLAGS)";; \
-	        *) flags="$(CRITIC_FLAGS)";; esac; \
-	      $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl --schedule $$schedule \
-	        --seed $$seed --out ckpts/study/$$schedule-s$$seed $(TRAIN_FLAGS) $$flags --resume || exit 1; done; \
-	    $(PY) evaluate.py --agents ckpts/study/$$schedule-s$$seed --name multi-$$schedule-s$$seed \
-	      --out results/study/multi-$$schedule-s$$seed $(STUDY_EVAL) || exit 1; done; \
-	  $(PY) prost.py --model $(BASE) --role single --data trajectories/train.jsonl --seed $$seed \
-	    --out ckpts/study/single-s$$seed $(TRAIN_FLAGS) --resume || exit 1; \
-	  $(PY) evaluate.py --single ckpts/study/single-s$$seed/single --name single-progressive-s$$seed \
-	    --out results/study/single-progressive-s$$seed $(STUDY_EVAL) || exit 1; done
-	$(PY) evaluate.py pareto results/study/*/results.json
+# The paper's comparisons at small scale (README: The study), on the demo's data and base model: the untrained
+# base, multi-agent and single agent, each trained with the progressive and the standard (full) schedule for
+# the same epochs, and on LARGE the heterogeneous system (a LARGE planner with the first seed's progressive
+# executor and critic) and the single agent. Every step resumes; study.py then writes results/study/study.md.
+study: demo $(VENV)/.study
+	$(PY) agents.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
+	$(if $(LARGE),$(PY) model.py fetch $(LARGE))
+	for seed in $(STUDY_SEEDS); do \
+	  if [ $$seed = $(SEED0) ]; then systems="multi single"; dev="--dev-data trajectories/dev.jsonl"; \
+	    else systems=multi; dev=""; fi; \
+	  for system in $$systems; do for schedule in progressive full; do \
+	    if [ $$system = multi ]; then roles="planner executor critic"; else roles=single; fi; \
+	    for role in $$roles; do $(ROLE_FLAGS); \
+	      $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl $$dev --schedule $$schedule \
+	        --seed $$seed --out ckpts/study/$$system-$$schedule-s$$seed $(TRAIN_FLAGS) $$flags --resume || exit 1; \
+	    done; done; done; done
+	$(if $(LARGE),for role in planner single; do $(ROLE_FLAGS); \
+	  if [ $$role = planner ]; then out=hetero-progressive-s$(SEED0); else out=single-large-progressive-s$(SEED0); fi; \
+	  $(PY) prost.py --model models/$(LARGE) --role $$role --data trajectories/train.jsonl --seed $(SEED0) \
+	    --out ckpts/study/$$out $(TRAIN_FLAGS) $$flags --resume || exit 1; done; \
+	  for role in executor critic; do \
+	    ln -sfn ../multi-progressive-s$(SEED0)/$$role ckpts/study/hetero-progressive-s$(SEED0)/$$role; done)
+	for split in $(STUDY_SPLITS); do $(SPLIT_FLAGS); \
+	  for run in untrained-multi untrained-single $(foreach s,$(STUDY_SEEDS),multi-progressive-s$(s) multi-full-s$(s)) \
+	      single-progressive-s$(SEED0) single-full-s$(SEED0) \
+	      $(if $(LARGE),hetero-progressive-s$(SEED0) single-large-progressive-s$(SEED0)); do \
+	    case $$run in untrained-multi) system="--model $(BASE)";; untrained-single) system="--model $(BASE) --kind single";; \
+	      single-*) system="--single ckpts/study/$$run/single";; *) system="--agents ckpts/study/$$run";; esac; \
+	    $(PY) evaluate.py $$system --name $$run $$split_flags --out results/study/$$split/$$run --quiet $(BUDGETS) \
+	      || exit 1; done; done
+	$(PY) study.py results/study --ckpts ckpts/study
 
 bench: $(VENV)/.test
 	$(PY) bench.py
