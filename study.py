@@ -257,17 +257,18 @@ def training_seconds(ckpts: Path) -> dict[str, float]:
 
 
 def time_section(splits: dict[str, list[dict]], ckpts: Path | None) -> list[str]:
-    """Minutes by run: training loops (model loading not included) and each split's evaluation (its last
-    invocation: a resumed evaluation shows only what the resume ran)."""
+    """Minutes by run: training loops (model loading not included) and each split's evaluation when one
+    invocation ran all its tasks (results.json times only its last invocation)."""
     train = training_seconds(ckpts) if ckpts is not None else {}
     evals = {(split, r["name"]): r["timing"]["this_run"]["seconds"] for split, runs in splits.items() for r in runs
-             if r.get("timing")}
-    runs = sorted(set(train) | {name for _, name in evals})
+             if r.get("timing") and r["timing"]["this_run"].get("tasks") == r["metrics"]["tasks"]}
+    runs = sorted(set(train) | {r["name"] for results in splits.values() for r in results})
     rows = [[run, f"{train[run] / 60:.1f}" if run in train else "-",
              *(f"{evals[split, run] / 60:.1f}" if (split, run) in evals else "-" for split in splits)] for run in runs]
     return ["## Time (minutes)", "", *markdown_table(["run", "training", *(f"{s} evaluation" for s in splits)], rows),
-            "", "Training: the roles' training loops, model loading not included. Evaluation: the last "
-            "invocation (a resumed one shows only what it ran).", ""]
+            "", "Training: the roles' training loops, model loading not included. Evaluation: the invocation that "
+            "ran all of the split's tasks; \"-\" where it was resumed or rerun (results.json times its last "
+            "invocation only).", ""]
 
 
 def study_report(results_dir: Path, ckpts: Path | None, out_dir: Path) -> str:

@@ -32,7 +32,8 @@ def write_run(root: Path, split: str, name: str, tgc: float, flops: dict, subtas
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps({
         "name": name, "split": split, "scenarios": 2, "limit": None, "system": {"budgets": budgets},
-        "tasks": TASKS, "metrics": metrics, "timing": {"this_run": {"seconds": 12.0 * len(name)}}}))
+        "tasks": TASKS, "metrics": metrics,
+        "timing": {"this_run": {"tasks": 0 if "s2" in name else 4, "seconds": 12.0 * len(name)}}}))
 
 
 def table_rows(text: str, heading: str) -> dict[str, list[str]]:
@@ -156,4 +157,5 @@ def test_time_by_run_counts_each_training_once(study_results, tmp_path):
     # 180 s = 3.0 min of training; evaluation 12 s per character of the name: 20 characters = 4.0 min
     assert rows["multi-progressive-s0"][1:] == ["3.0", "4.0", "4.0"]
     assert rows["multi-full-s1"][1:] == ["-", "2.6", "-"]
+    assert rows["multi-full-s2"][1:] == ["-", "-", "-"]  # rerun with nothing left to do: not timed
     assert "hetero-progressive-s0" not in rows
