@@ -53,7 +53,7 @@ import data
 import lora
 import world
 import store
-from cluster import Cluster, barrier, first_error, gather, start_cluster, stop_cluster
+from cluster import Cluster, barrier, exit_process, first_error, gather, start_cluster, stop_cluster
 from store import atomic_write
 
 TRAJECTORIES = "trajectories.jsonl"
@@ -969,4 +969,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

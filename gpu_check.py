@@ -46,7 +46,7 @@ import torch
 import data
 import lora
 import prost
-from cluster import Cluster, child_env, start_cluster, stop_cluster
+from cluster import Cluster, child_env, exit_process, start_cluster, stop_cluster
 from model import ModelConfig, Transformer, generate, init_tiny, save_pretrained
 
 HERE = Path(__file__).resolve().parent
@@ -545,4 +545,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -46,7 +46,7 @@ import torch.utils.checkpoint
 import data
 import lora
 import store
-from cluster import Cluster, barrier, first_error, gather, start_cluster, stop_cluster
+from cluster import Cluster, barrier, exit_process, first_error, gather, start_cluster, stop_cluster
 from model import ModelConfig, Tokenizer, Transformer, resolve_model_dir, train_flops
 from store import atomic_write
 
@@ -795,4 +795,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())
