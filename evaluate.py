@@ -736,16 +736,23 @@ def plot_pareto(rows: list[ParetoRow], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.errorbar(max(r.flops, 1.0), r.tgc, yerr=r.tgc_sd, fmt="o" if r.optimal else "x", capsize=3)
-        ax.annotate(r.system, (max(r.flops, 1.0), r.tgc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    for i, r in enumerate(rows):  # a legend, not labels on the points: systems often sit on top of each other
+        ax.errorbar(max(r.flops, 1.0), r.tgc, yerr=r.tgc_sd, fmt="o" if r.optimal else "x", capsize=3,
+                    color=f"C{i % 10}", label=r.system + (" *" if r.optimal else ""))
     front = [r for r in rows if r.optimal]
-    ax.step([max(r.flops, 1.0) for r in front], [r.tgc for r in front], where="post", linestyle="--")
+    ax.step([max(r.flops, 1.0) for r in front], [r.tgc for r in front], where="post", linestyle="--",
+            color="grey", linewidth=1)
     ax.set_xscale("log")
-    ax.set_xlabel("FLOPs per task")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_flops(x)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("FLOPs per task (log scale)")
     ax.set_ylabel("TGC (%)")
-    ax.set_title("Effectiveness vs efficiency")
+    ax.set_ylim(-5, 112)  # the whole percentage scale, also when every system scores 0
+    ax.set_title("Effectiveness vs efficiency (* = Pareto-optimal)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
     plt.close(fig)

@@ -180,6 +180,7 @@ def plot_dev_loss(curves: dict[str, dict], pair: tuple[str, str], path: Path) ->
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
     roles = evaluate.in_role_order(set(curves[pair[0]]) & set(curves[pair[1]]))
@@ -194,8 +195,9 @@ def plot_dev_loss(curves: dict[str, dict], pair: tuple[str, str], path: Path) ->
         ax.set_yscale("log")
         ax.set_title(role)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("dev loss (solid: progressive, dashed: standard)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
