@@ -41,6 +41,17 @@ PROGRESS_FILE = "progress.json"
 TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 
 
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (mkstemp's own is 0600: results, reports
+    and checkpoints other users of a shared machine could not read)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Atomic files.
 
@@ -51,6 +62,7 @@ def atomic_write(path: str | Path, content) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, FILE_MODE)
     os.close(fd)
     try:
         if isinstance(content, str):

@@ -229,3 +229,13 @@ def test_drop_lines_keeps_other_lines_byte_for_byte_and_drops_a_torn_tail(tmp_pa
     path.write_text("".join(lines) + '{"task_id": "d", "tor')
     assert store.drop_lines(path, lambda r: r is not None and r["task_id"] == "b") == 2
     assert path.read_text() == lines[0] + lines[2]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
+def test_atomic_write_gives_the_mode_open_gives_under_the_umask(tmp_path, umask):
+    # the reference: a file the same process creates with plain open() under the same umask
+    script = (f"import os, sys; os.umask({umask}); sys.path.insert(0, {str(REPO)!r}); import store; "
+              f"open({str(tmp_path / 'plain')!r}, 'w').close(); store.atomic_write({str(tmp_path / 'atomic')!r}, 'x')")
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=TIMEOUT)
+    plain, atomic = (os.stat(tmp_path / name).st_mode & 0o777 for name in ("plain", "atomic"))
+    assert atomic == plain == 0o666 & ~umask
