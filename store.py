@@ -6,7 +6,8 @@ file, model.py and lora.py model and adapter folders. Their numbers are only as 
 files, so the rules live here, once, and this file imports nothing else from prost (stdlib only):
 
 - `atomic_write`: a temp file beside the target, fsync'd, renamed over it; readers see the old file or
-  the new one, never half of one. `clean_temp_files` removes the temp files a killed writer leaves.
+  the new one, never half of one. `make_readable` gives such a temp file (or folder) the umask's mode;
+  `clean_temp_files` removes the temp files a killed writer leaves.
 - `append_lines`: durable JSONL appends (several lines as one write); `repair_torn_tail` first ends or
   drops a last line torn by a crash.
 - `OutputLock`: one writer per output folder or file (an `flock`'d lock file holding pid, host and command);
@@ -41,17 +42,6 @@ PROGRESS_FILE = "progress.json"
 TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp$")  # what atomic_write's mkstemp names look like
 
 
-def _file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (mkstemp's own is 0600: results, reports
-    and checkpoints other users of a shared machine could not read)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-FILE_MODE = _file_mode()
-
-
 # ----------------------------------------------------------------------------------------------------
 # Atomic files.
 
@@ -62,8 +52,8 @@ def atomic_write(path: str | Path, content) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, FILE_MODE)
     os.close(fd)
+    make_readable(Path(tmp))
     try:
         if isinstance(content, str):
             Path(tmp).write_text(content, encoding="utf-8")
@@ -78,6 +68,14 @@ def atomic_write(path: str | Path, content) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def make_readable(path: Path) -> None:
+    """Give a file or folder made by mkstemp/mkdtemp (private to its owner: results, reports and checkpoints
+    other users of a shared machine could not read) the mode open() or mkdir() gives under the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def sync_folder(folder: Path) -> None:
