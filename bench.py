@@ -121,9 +121,8 @@ def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int
 _PEAK_RSS = """
 import sys, torch
 sys.path.insert(0, {here!r})
-def kib(field):
-    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith(field))
 import model, transformers
+from prost import status_kib as kib
 with torch.device('meta'):  # torch imports its meta kernels (~70 MB, once) on first use: not part of the load
     torch.nn.Embedding(3, 2)
 base = kib('VmRSS:')
@@ -139,7 +138,8 @@ print(params, (kib('VmHWM:') - base) * 1024)
 def _loading_peak(folder: Path, which: str, dtype: str) -> tuple[int, int]:
     """(parameter bytes, peak RSS growth in bytes) of loading `folder` in a fresh process."""
     code = _PEAK_RSS.format(here=str(HERE), which=which, folder=str(folder), dtype=dtype)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         timeout=600).stdout
     params, peak = map(int, out.split()[-2:])
     return params, peak
 
@@ -379,16 +379,13 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
 
 def _train_peak_worker(which: str, model_dir: str, data_path: str, role: str) -> None:
     """In a fresh process: print the peak RSS growth (bytes) over a training step, optimizer state included."""
+    import prost
     torch.set_num_threads(1)
     step, _ = _train_step(which, model_dir, data_path, role)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: count training only
-    base = _kib("VmRSS:")
+    base = prost.status_kib("VmRSS:")
     step()
-    print((_kib("VmHWM:") - base) * 1024)
-
-
-def _kib(field: str) -> int:
-    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field))
+    print((prost.status_kib("VmHWM:") - base) * 1024)
 
 
 def _train_peak(which: str, model_dir: str, data_path: str, role: str) -> int:
@@ -405,8 +402,6 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     """In a fresh process: one forward and backward of a rows x LONG_SEQ micro-batch whose last LONG_TARGETS
     tokens per row are targets (bf16 autocast, r=16); print the RSS before the step and the process's peak RSS
     (bytes), and the step's CPU seconds."""
-    import resource
-
     import lora
     import prost
     torch.set_num_threads(1)
@@ -419,7 +414,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
         cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                                 checkpoint_activations=checkpointing)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
-        before, start = _kib("VmRSS:") * 1024, time.process_time()
+        before, start = prost.status_kib("VmRSS:") * 1024, time.process_time()
         prost.accumulate_gradients(model, [(ids, mask)], int(mask[:, 1:].sum()), torch.device("cpu"), "bf16")
     else:
         import peft
@@ -430,11 +425,11 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                         target_modules=list(lora.DEFAULT_TARGETS))).train()
-        before, start = _kib("VmRSS:") * 1024, time.process_time()
+        before, start = prost.status_kib("VmRSS:") * 1024, time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(~mask, -100)).loss
         loss.backward()
-    print(before, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, time.process_time() - start)
+    print(before, prost.status_kib("VmHWM:") * 1024, time.process_time() - start)
 
 
 def _long_batch_peak(which: str, model_dir: str, checkpointing: bool, rows: int) -> tuple[int, int, float]:

@@ -31,7 +31,6 @@ import hashlib
 import json
 import math
 import random
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -472,10 +471,18 @@ class ProgressBar:
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """CUDA: peak memory allocated by torch; CPU: the process's peak resident set (Linux reports KiB)."""
+    """CUDA: peak memory allocated by torch; CPU: this process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a trainer started by a big
+    # process (a test, a notebook) would report that process's peak whenever it is the higher one
+    return status_kib("VmHWM:") * 1024 / 1e9
+
+
+def status_kib(field: str) -> int:
+    """A memory figure of this process (e.g. "VmRSS:", "VmHWM:") from Linux's /proc/self/status, in KiB."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:

@@ -139,6 +139,55 @@ def test_dropout_only_on_the_adapter_path_and_only_in_training():
     assert torch.equal(layer(x), layer(x))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_drop_mask_drops_each_element_independently_with_probability_p(p):
+    """Binomial bounds (6 standard deviations, fixed seed): the overall rate, the rate in each half of every
+    64-bit draw (even and odd elements) and in the odd-sized tail, and pairs of neighbours dropped together
+    at rate p^2."""
+    torch.manual_seed(0)
+    drop = lora.drop_mask(torch.Size((2001, 999)), p, "cpu")  # odd size: the last draw is half used
+    assert drop.dtype == torch.bool and drop.shape == (2001, 999)
+
+    def assert_rate(sample, q):
+        n = sample.numel()
+        assert abs(sample.float().mean().item() - q) < 6 * math.sqrt(q * (1 - q) / n)
+
+    flat = drop.flatten()
+    assert_rate(flat, p)
+    assert_rate(flat[0::2], p)
+    assert_rate(flat[1::2], p)
+    assert_rate(flat[-10_000:], p)
+    assert_rate(flat[:-1:2] & flat[1::2], p * p)
+    assert lora.keep_probability(p) == pytest.approx(1 - p, abs=2 ** -32)
+
+
+def test_dropout_output_and_gradients_equal_the_dense_formula_with_the_same_mask():
+    """Training-mode forward and backward of a dropout adapter against autograd through the textbook
+    formula W x + b + (alpha / r) * B A (x * keep / P(keep)), with the mask the layer drew (same seed)."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 24))
+    layer.add("a", lora.AdapterSpec(r=4, alpha=8, dropout=0.3))
+    layer.active = "a"
+    randomize_adapter(layer, "a", seed=1)
+    layer.train()
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    g = torch.randn(3, 5, 24)
+    torch.manual_seed(7)
+    layer(x).backward(g)
+    torch.manual_seed(7)
+    keep = ~lora.drop_mask(x.shape, 0.3, "cpu")  # the layer's first random draw is its mask
+    xr = x.detach().clone().requires_grad_()
+    a = layer.lora_A["a"].detach().clone().requires_grad_()
+    b = layer.lora_B["a"].detach().clone().requires_grad_()
+    yr = xr @ layer.weight.T + layer.bias + (8 / 4) * ((xr * keep / lora.keep_probability(0.3)) @ a.T @ b.T)
+    yr.backward(g)
+    torch.manual_seed(7)
+    torch.testing.assert_close(layer(x.detach()), yr.detach())
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(layer.lora_A["a"].grad, a.grad)
+    torch.testing.assert_close(layer.lora_B["a"].grad, b.grad)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Model-level API on a small module stack
 
