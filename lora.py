@@ -137,11 +137,14 @@ class LoRALinear(nn.Module):
         if self.training and spec.dropout > 0:
             # inverted dropout, its 1 / keep rescaling folded into the scale of the narrow tensor below
             h, scale = DropElements.apply(h, spec.dropout), scale / keep_probability(spec.dropout)
-        # Scale the narrow (..., r) tensor, not the wide output, and add in place: y is not needed by
-        # autograd (linear saves its input, not its output), and each full-width temporary costs as much
-        # memory traffic as the low-rank matmuls themselves.
-        delta = F.linear(F.linear(h, a) * scale, b)  # (..., r) -> (..., out) fp32
-        return y.add_(delta.to(y.dtype))
+        u = F.linear(h, a) * scale  # (..., r): scale the narrow tensor, not the wide output
+        # Add B u into y in place: y is not needed by autograd (linear saves its input, not its output), and a
+        # full-width temporary costs as much memory traffic as the low-rank matmuls themselves.
+        if u.dtype == y.dtype:  # autocast or an fp32 base: the sum happens inside the matmul, rounded once
+            y.view(-1, self.out_features).addmm_(u.view(-1, spec.r), b.t().to(y.dtype))
+        else:  # a bf16 base outside autocast: the adapter's matmuls stay fp32, rounded once into y
+            y.add_(F.linear(u, b).to(y.dtype))
+        return y
 
     @torch.no_grad()
     def merge(self) -> None:
