@@ -287,7 +287,7 @@ def _bench_lora() -> None:
 # ---- train ------------------------------------------------------------------------------------------------------
 
 # Small enough for a shared 2-core machine: the reference's activations for 4 x 1.2k tokens alone are ~9 GB.
-TRAIN_TASKS, TRAIN_MICRO, TRAIN_ROUNDS, TRAIN_ROLES = 1, 2, 1, ("planner", "executor")
+TRAIN_TASKS, TRAIN_MICRO, TRAIN_ROUNDS, TRAIN_ROLES = 1, 2, 2, ("planner", "executor")
 TRAIN_DATA = HERE / "trajectories" / "train.jsonl"
 PEAK_SIZE, PEAK_ROUNDS = 1024, 3
 

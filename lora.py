@@ -171,29 +171,38 @@ class LoRALinear(nn.Module):
 # Finding and wrapping layers
 
 
-# Dropout on the adapter input. torch's CPU dropout draws a Bernoulli sample with a double-precision
-# uniform per element, in one thread, then scales and multiplies in separate passes: at p = 0.05 it was a
-# quarter of a LoRA training step on SmolLM2-135M (bench.py train). Here each element gets one 32-bit random
-# word, compared with a threshold: p is kept to 2^-32, and the mask is a bool tensor (1 byte per element,
-# half what dropout saves) that the backward pass reuses. The keep rescaling is the caller's.
-DROP_WORD = 2 ** 32
+# Dropout on the adapter input. torch's CPU dropout draws a double-precision uniform per element in one
+# thread, then scales and multiplies in separate passes: at p = 0.05 that was a quarter of a LoRA training
+# step on SmolLM2-135M (bench.py train). Here each element gets 15 random bits, made into an integer as wide
+# as the element that is all ones (keep) or all zeros (drop); `x & mask` on x's bits zeroes the dropped
+# elements exactly, and the backward pass applies the same mask to the gradient. p is rounded to a multiple
+# of 2^-15 (0.05 -> 0.0499878; flash attention's GPU dropout keeps 8 bits); the 1 / keep rescaling uses the
+# rounded value and is the caller's.
+DROP_LEVELS = 2 ** 15
+SIGNED_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer type of that width
 
 
 def drop_threshold(p: float) -> int:
-    """Words (read as unsigned 32-bit) below this are dropped: probability p, rounded to a multiple of 2^-32."""
-    return round(p * DROP_WORD)
+    """An element is dropped when its 15 random bits, read as an integer in [0, 2^15), are below this."""
+    return round(p * DROP_LEVELS)
 
 
 def keep_probability(p: float) -> float:
-    return 1 - drop_threshold(p) / DROP_WORD
+    return 1 - drop_threshold(p) / DROP_LEVELS
 
 
-def drop_mask(shape: torch.Size, p: float, device) -> torch.Tensor:
-    """Bool tensor of `shape`, each element True (drop) with probability p, independently."""
+def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """Integers as wide as `dtype`'s elements: -1 (all bits set: keep) or 0 (drop, probability p), independently."""
     n = math.prod(shape)
-    words = torch.empty((n + 1) // 2, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # 64 random bits
-    signed = words.view(torch.int32)[:n].view(shape)  # two 32-bit words per draw, read as signed
-    return signed < drop_threshold(p) - DROP_WORD // 2  # unsigned word < threshold
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # 64 random bits
+    bits = words.view(torch.int16)[:n].view(shape) >> 1  # 15 uniform bits per element, in [-2^14, 2^14)
+    margin = bits.sub_(drop_threshold(p) - DROP_LEVELS // 2)  # bits + 2^14 - threshold: negative when dropped
+    mask = margin.bitwise_right_shift_(15).bitwise_not_()  # the sign spread over all bits, inverted
+    return mask.to(SIGNED_INT[torch.empty((), dtype=dtype).element_size()])
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x.view(mask.dtype) & mask).view(x.dtype)
 
 
 class DropElements(torch.autograd.Function):
@@ -203,14 +212,14 @@ class DropElements(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        drop = drop_mask(x.shape, p, x.device)
-        ctx.save_for_backward(drop)
-        return torch.where(drop, 0, x)
+        mask = keep_mask(x.shape, p, x.dtype, x.device)
+        ctx.save_for_backward(mask)
+        return apply_mask(x, mask)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        drop, = ctx.saved_tensors
-        return torch.where(drop, 0, grad), None
+        mask, = ctx.saved_tensors
+        return apply_mask(grad, mask), None
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:

@@ -139,26 +139,30 @@ def test_dropout_only_on_the_adapter_path_and_only_in_training():
     assert torch.equal(layer(x), layer(x))
 
 
-@pytest.mark.parametrize("p", [0.05, 0.5])
-def test_drop_mask_drops_each_element_independently_with_probability_p(p):
-    """Binomial bounds (6 standard deviations, fixed seed): the overall rate, the rate in each half of every
-    64-bit draw (even and odd elements) and in the odd-sized tail, and pairs of neighbours dropped together
-    at rate p^2."""
+@pytest.mark.parametrize("p, dtype", [(0.05, torch.bfloat16), (0.5, torch.float32)])
+def test_keep_mask_drops_each_element_independently_with_probability_p(p, dtype):
+    """Binomial bounds (6 standard deviations, fixed seed): the overall rate, the rate in each quarter of
+    every 64-bit draw and in the odd-sized tail, and pairs of neighbours dropped together at rate p^2."""
     torch.manual_seed(0)
-    drop = lora.drop_mask(torch.Size((2001, 999)), p, "cpu")  # odd size: the last draw is half used
-    assert drop.dtype == torch.bool and drop.shape == (2001, 999)
+    mask = lora.keep_mask(torch.Size((2001, 999)), p, dtype, "cpu")  # odd size: the last draw is part used
+    assert mask.shape == (2001, 999) and mask.element_size() == torch.empty((), dtype=dtype).element_size()
+    assert set(mask.unique().tolist()) == {-1, 0}  # all bits set, or none
+    q = 1 - lora.keep_probability(p)
+    assert q == pytest.approx(p, abs=2 ** -16)
 
-    def assert_rate(sample, q):
+    def assert_rate(sample, rate):
         n = sample.numel()
-        assert abs(sample.float().mean().item() - q) < 6 * math.sqrt(q * (1 - q) / n)
+        assert abs(sample.float().mean().item() - rate) < 6 * math.sqrt(rate * (1 - rate) / n)
 
-    flat = drop.flatten()
-    assert_rate(flat, p)
-    assert_rate(flat[0::2], p)
-    assert_rate(flat[1::2], p)
-    assert_rate(flat[-10_000:], p)
-    assert_rate(flat[:-1:2] & flat[1::2], p * p)
-    assert lora.keep_probability(p) == pytest.approx(1 - p, abs=2 ** -32)
+    drop = (mask == 0).flatten()
+    assert_rate(drop, q)
+    for i in range(4):
+        assert_rate(drop[i::4], q)
+    assert_rate(drop[-10_000:], q)
+    assert_rate(drop[:-1:2] & drop[1::2], q * q)
+    x = torch.randn(2001, 999).to(dtype)
+    dropped = lora.apply_mask(x, mask)
+    assert torch.equal(dropped, torch.where(mask == 0, 0, x).to(dtype))  # kept elements bit for bit
 
 
 def test_dropout_output_and_gradients_equal_the_dense_formula_with_the_same_mask():
@@ -175,7 +179,7 @@ def test_dropout_output_and_gradients_equal_the_dense_formula_with_the_same_mask
     torch.manual_seed(7)
     layer(x).backward(g)
     torch.manual_seed(7)
-    keep = ~lora.drop_mask(x.shape, 0.3, "cpu")  # the layer's first random draw is its mask
+    keep = lora.keep_mask(x.shape, 0.3, x.dtype, "cpu") != 0  # the layer's first random draw is its mask
     xr = x.detach().clone().requires_grad_()
     a = layer.lora_A["a"].detach().clone().requires_grad_()
     b = layer.lora_B["a"].detach().clone().requires_grad_()
