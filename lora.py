@@ -22,7 +22,7 @@ from the shell: `python lora.py ckpts/planner merged/planner`.
 Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
 be rounded away in bf16). The base may be bf16 or fp32. Outside autocast the adapter path casts its input
 to the adapter dtype; under autocast its matmuls run in the autocast dtype like the base's. Its result is
-cast back to the dtype of the base output before the sum.
+added into the base output in that output's dtype (inside the last matmul when the dtypes agree).
 """
 
 from __future__ import annotations
