@@ -183,6 +183,17 @@ CHILD_TIMEOUT_S = 600  # ~15x what the slowest child needs on 2 idle cores: a ha
 SHOWN_OUTPUT_CHARS = 6000
 
 
+def flop_counter():
+    """torch's FlopCounterMode, also counting the in-place addmm_ that adds an adapter's B u into the base
+    output (torch's table has no entry for it) with torch's own addmm formula."""
+    from torch.utils.flop_counter import FlopCounterMode, addmm_flop
+
+    def addmm_in_place(*args, **kwargs):
+        return addmm_flop(*args, **kwargs)
+    addmm_in_place._get_raw = True  # addmm_flop already takes tensors: FlopCounterMode must not wrap it again
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_in_place})
+
+
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:
     """The command line of `torch.distributed.run` for `nproc` processes on this machine.
 

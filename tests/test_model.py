@@ -391,6 +391,8 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
     around `generate` confirms the matmuls: every projection at every position, lm_head only where logits
     were computed (the prompt's last position and each decode step)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    from conftest import flop_counter
     folder, hf = qwen2_ckpt
     config = M.ModelConfig.from_hf(folder)
     projections = sum(m.weight.numel() for name, m in hf.named_modules()
@@ -416,7 +418,7 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
     lora.set_adapter(ours, "a")
     adapter = sum(p.numel() for p in lora.adapter_parameters(ours, "a"))
     assert adapter == 2 * (2 * (64 + 64) + 2 * (64 + 32))  # layers x (q: r x (64 + 64), v: r x (64 + 32))
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         M.generate(ours, [prompt], 3)
     counts = counter.get_flop_counts()["Global"]
     matmuls = sum(n for op, n in counts.items() if "mm" in str(op) and "attention" not in str(op))

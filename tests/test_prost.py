@@ -200,18 +200,13 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
 def test_sequence_flops_count_what_the_step_runs(base, trajectories):
     """Against torch's FlopCounterMode over a real step: every matmul the forward and backward run (counted
     by torch, not by prost), plus causal attention counted by hand (torch counts attention as full T x T)."""
-    from torch.utils.flop_counter import FlopCounterMode, addmm_flop
+    from conftest import flop_counter
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
     example = max(examples, key=lambda e: e.n_tokens)
     model, params = random_adapter_model(ckpt)
-    # torch's table has no entry for the in-place addmm_ that adds an adapter's B u into the base output:
-    # count it with torch's addmm formula (which takes tensors already: _get_raw keeps it unwrapped)
-    def addmm_in_place(*args, **kwargs):
-        return addmm_flop(*args, **kwargs)
-    addmm_in_place._get_raw = True
-    counter = FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_in_place})
+    counter = flop_counter()
     with counter:
         step_gradients(model, params, [data.collate([example], tokenizer.pad_id)], example.n_targets)
     counts = counter.get_flop_counts()["Global"]
