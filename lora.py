@@ -168,7 +168,7 @@ class LoRALinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Finding and wrapping layers
+# Adapter dropout
 
 
 # Dropout on the adapter input. torch's CPU dropout draws a double-precision uniform per element in one
@@ -198,7 +198,7 @@ def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.
     bits = words.view(torch.int16)[:n].view(shape) >> 1  # 15 uniform bits per element, in [-2^14, 2^14)
     margin = bits.sub_(drop_threshold(p) - DROP_LEVELS // 2)  # bits + 2^14 - threshold: negative when dropped
     mask = margin.bitwise_right_shift_(15).bitwise_not_()  # the sign spread over all bits, inverted
-    return mask.to(SIGNED_INT[torch.empty((), dtype=dtype).element_size()])
+    return mask.to(SIGNED_INT[dtype.itemsize])
 
 
 def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -220,6 +220,10 @@ class DropElements(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         mask, = ctx.saved_tensors
         return apply_mask(grad, mask), None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Finding and wrapping layers
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
