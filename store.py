@@ -53,7 +53,6 @@ def atomic_write(path: str | Path, content) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    make_readable(Path(tmp))
     try:
         if isinstance(content, str):
             Path(tmp).write_text(content, encoding="utf-8")
@@ -61,6 +60,7 @@ def atomic_write(path: str | Path, content) -> None:
             Path(tmp).write_bytes(content)
         else:
             content(tmp)
+        make_readable(Path(tmp))  # after writing: a writer may replace the file (safetensors' save_file does)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

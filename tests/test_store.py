@@ -234,8 +234,11 @@ def test_drop_lines_keeps_other_lines_byte_for_byte_and_drops_a_torn_tail(tmp_pa
 @pytest.mark.parametrize("umask", [0o022, 0o077], ids=["umask-022", "umask-077"])
 def test_atomic_write_gives_the_mode_open_gives_under_the_umask(tmp_path, umask):
     # the reference: a file the same process creates with plain open() under the same umask
-    script = (f"import os, sys; os.umask({umask}); sys.path.insert(0, {str(REPO)!r}); import store; "
-              f"open({str(tmp_path / 'plain')!r}, 'w').close(); store.atomic_write({str(tmp_path / 'atomic')!r}, 'x')")
+    # a text, and a writer that makes its own file (safetensors' save_file, as checkpoints are written)
+    script = (f"import os, sys, torch; os.umask({umask}); sys.path.insert(0, {str(REPO)!r}); import store; "
+              f"from safetensors.torch import save_file; open({str(tmp_path / 'plain')!r}, 'w').close(); "
+              f"store.atomic_write({str(tmp_path / 'atomic')!r}, 'x'); "
+              f"store.atomic_write({str(tmp_path / 'tensors')!r}, lambda tmp: save_file({{'a': torch.zeros(2)}}, tmp))")
     subprocess.run([sys.executable, "-c", script], check=True, timeout=TIMEOUT)
-    plain, atomic = (os.stat(tmp_path / name).st_mode & 0o777 for name in ("plain", "atomic"))
-    assert atomic == plain == 0o666 & ~umask
+    plain, atomic, tensors = (os.stat(tmp_path / name).st_mode & 0o777 for name in ("plain", "atomic", "tensors"))
+    assert atomic == tensors == plain == 0o666 & ~umask
