@@ -70,12 +70,19 @@ def atomic_write(path: str | Path, content) -> None:
     sync_folder(path.parent)
 
 
+def _read_umask() -> int:
+    umask = os.umask(0)  # the only way to read it is to set it: done once, before any thread writes files
+    os.umask(umask)
+    return umask
+
+
+UMASK = _read_umask()
+
+
 def make_readable(path: Path) -> None:
     """Give a file or folder made by mkstemp/mkdtemp (private to its owner: results, reports and checkpoints
     other users of a shared machine could not read) the mode open() or mkdir() gives under the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    path.chmod((0o777 if path.is_dir() else 0o666) & ~UMASK)
 
 
 def sync_folder(folder: Path) -> None:

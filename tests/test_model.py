@@ -390,8 +390,6 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
     """Hand count for the tiny Qwen2 (2 layers, 4 heads x 16 dims, vocab 320), then torch's own FLOP counter
     around `generate` confirms the matmuls: every projection at every position, lm_head only where logits
     were computed (the prompt's last position and each decode step)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from conftest import flop_counter
     folder, hf = qwen2_ckpt
     config = M.ModelConfig.from_hf(folder)
@@ -406,7 +404,7 @@ def test_flops_count_what_runs_by_hand_and_by_torchs_flop_counter(qwen2_ckpt):
 
     ours = M.Transformer.from_pretrained(folder)
     prompt = [5, 17, 42, 99, 7]
-    with FlopCounterMode(display=False) as counter:
+    with flop_counter() as counter:
         (g,) = M.generate(ours, [prompt], 3)
     assert g.n_new == 3  # no stop ids: all three decoded
     counts = counter.get_flop_counts()["Global"]
