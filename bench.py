@@ -80,7 +80,7 @@ def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int
     """Best tokens/s over `rounds` interleaved runs (after a short warm-up each) of prost and transformers, and
     with `lookup` of both with prompt-lookup drafts; 'same' says whether all of them produced the same tokens."""
     import transformers
-    ours = M.Transformer.from_pretrained(folder, dtype=dtype)
+    ours = M.lay_out_for_decoding(M.Transformer.from_pretrained(folder, dtype=dtype))  # as rollouts run it
     hf = hf.to(dtype)
     hf.generation_config.eos_token_id = None  # exactly NEW_TOKENS tokens from both, whatever they are
     if prompt is None:

@@ -866,6 +866,24 @@ class _NgramIndex:
         return []
 
 
+def lay_out_for_decoding(model: Transformer) -> Transformer:
+    """Store every projection weight (out, in) transposed in memory, as a column-major (in, out) block; returns
+    the model. For fp32 weights on a CPU, where greedy decoding is a stream of one-row products bound by
+    reading the weights: MKL reads the transposed block about 1.3x faster per token (SmolLM2-135M's 30 layers
+    and vocabulary projection, 1 thread: 36 ms against 48 ms; 1.5x at 2-3 rows; 5% slower from 5 rows up, and
+    prefill is unchanged). bf16 products were slower this way, and on GPUs it is unmeasured, so those keep
+    their layout. Shapes, names and values do not change (sums may round differently); the embedding tied to
+    the vocabulary projection is then read across columns, about 10 us per prompt token. For inference only:
+    training never calls it, and an already laid-out weight is left as it is."""
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) or w is None or w.dim() != 2:
+            continue
+        if w.device.type == "cpu" and w.dtype == torch.float32 and not w.t().is_contiguous():
+            w.data = w.data.t().contiguous().t()  # (out, in) shape over (in, out) storage
+    return model
+
+
 @dataclass
 class Generation:
     ids: list[int]  # new tokens, including the stop token when one ended the sequence
@@ -1160,7 +1178,7 @@ def _generate_main(argv) -> None:
     ap.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     args = ap.parse_args(argv)
     tokenizer = Tokenizer.from_pretrained(args.model)
-    model = Transformer.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    model = lay_out_for_decoding(Transformer.from_pretrained(args.model, device=args.device, dtype=args.dtype))
     if args.chat:
         ids, _ = tokenizer.chat([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
     else:

@@ -69,6 +69,26 @@ def test_greedy_20_tokens_match_transformers(ckpt):
         assert (g.n_prompt, g.n_new, g.stop_reason) == (length, 20, "length")
 
 
+def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt):
+    folder, hf = ckpt
+    plain, ours = M.Transformer.from_pretrained(folder), M.lay_out_for_decoding(M.Transformer.from_pretrained(folder))
+    assert list(ours.state_dict()) == list(plain.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
+    projections = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(projections) == 7 * ours.config.num_hidden_layers + 1
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in projections)  # (in, out) storage
+    storage = [w.data_ptr() for w in projections]
+    M.lay_out_for_decoding(ours)
+    assert [w.data_ptr() for w in projections] == storage  # laid out once: a second call copies nothing
+    ids = random_ids(2, 100)
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
+    prompts = [random_ids(n, seed=n).tolist() for n in (5, 17, 9)]
+    want = [hf_greedy(hf, p, 20) for p in prompts]
+    assert [g.ids for g in M.generate(ours, prompts, 20, stop_ids=())] == want  # 3 rows, then fewer
+    assert [M.generate(ours, [p], 20, stop_ids=(), prompt_lookup=4)[0].ids for p in prompts] == want
+
+
 @pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
 def test_batched_mixed_lengths_equal_one_at_a_time(request, name):
     folder, _ = request.getfixturevalue(name)
