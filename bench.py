@@ -152,11 +152,12 @@ def bench_decode() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"decode: greedy, prompt {PROMPT_LEN} tokens (random ids for random models; a chat prompt for the real "
                   f"model), {NEW_TOKENS} new tokens, best of {DECODE_ROUNDS} interleaved runs, "
-                  f"{torch.get_num_threads()} thread, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
+                  f"{torch.get_num_threads()} thread unless the row says more, load average "
+                  f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; "
                   f"'+lookup' = prompt-lookup drafts of {LOOKUP} tokens (prost's prompt_lookup, transformers' "
                   f"prompt_lookup_num_tokens), batch 1 only")
-            print(f"  {'model':<22} {'dtype':<9} {'batch':>5} {'prost':>7} {'+lookup':>8} {'transformers':>12} "
-                  f"{'+lookup':>8} {'ratio':>6} {'+lookup/plain':>13} {'same tokens':>11}")
+            print(f"  {'model':<22} {'dtype':<9} {'batch':>5} {'threads':>7} {'prost':>7} {'+lookup':>8} "
+                  f"{'transformers':>12} {'+lookup':>8} {'ratio':>6} {'+lookup/plain':>13} {'same tokens':>11}")
             models = [("tiny preset", TINY_MODEL), ("32M", DECODE_MODEL)]
             if (REAL_MODEL / "config.json").is_file():
                 models.append(("real", REAL_MODEL))
@@ -172,15 +173,21 @@ def bench_decode() -> None:
                     folder, prompt = Path(tmp) / label.replace(" ", "-"), None
                     hf = _random_qwen2_checkpoint(folder, dims)
                 name = f"{label} {sum(p.numel() for p in hf.parameters()) / 1e6:.0f}M"
-                for dtype in (torch.float32, torch.bfloat16):
-                    for batch in (1, 8):
-                        lookup = batch == 1 and prompt is not None
-                        r = _decode_speeds(folder, hf, batch, dtype, DECODE_ROUNDS, prompt, lookup)
-                        cell = lambda key: f"{r[key]:.1f}" if key in r else "-"  # noqa: E731
-                        gain = f"{r['prost lookup'] / r['transformers']:.2f}" if lookup else "-"
-                        print(f"  {name:<22} {str(dtype).removeprefix('torch.'):<9} {batch:>5} {r['prost']:>7.1f} "
-                              f"{cell('prost lookup'):>8} {r['transformers']:>12.1f} {cell('transformers lookup'):>8} "
-                              f"{r['prost'] / r['transformers']:>6.2f} {gain:>13} {str(r['same']):>11}")
+                # the real model's batch-1 fp32 decode also on every core: a rollout decodes so
+                cells = [(dtype, batch, 1) for dtype in (torch.float32, torch.bfloat16) for batch in (1, 8)]
+                if prompt is not None and os.cpu_count() > 1:
+                    cells.insert(1, (torch.float32, 1, os.cpu_count()))
+                for dtype, batch, n_threads in cells:
+                    lookup = batch == 1 and prompt is not None
+                    torch.set_num_threads(n_threads)
+                    r = _decode_speeds(folder, hf, batch, dtype, DECODE_ROUNDS, prompt, lookup)
+                    torch.set_num_threads(1)
+                    cell = lambda key: f"{r[key]:.1f}" if key in r else "-"  # noqa: E731
+                    gain = f"{r['prost lookup'] / r['transformers']:.2f}" if lookup else "-"
+                    print(f"  {name:<22} {str(dtype).removeprefix('torch.'):<9} {batch:>5} {n_threads:>7} "
+                          f"{r['prost']:>7.1f} {cell('prost lookup'):>8} {r['transformers']:>12.1f} "
+                          f"{cell('transformers lookup'):>8} {r['prost'] / r['transformers']:>6.2f} {gain:>13} "
+                          f"{str(r['same']):>11}")
             print("  ratio = prost / transformers (plain); +lookup/plain = prost with drafts / plain transformers. "
                   "Greedy tokens are those of plain decoding up to fp rounding ('same tokens': all runs agree).")
             # loading memory: a bf16 checkpoint, loaded as bf16 (same dtype) and as fp32 (converted while loading)

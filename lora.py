@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, resolve_model_dir, save_pretrained
+from model import ModelConfig, Transformer, project, resolve_model_dir, save_pretrained
 from store import atomic_write
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -125,7 +125,7 @@ class LoRALinear(nn.Module):
         return self.specs[name].scale * (self.lora_B[name] @ self.lora_A[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        y = F.linear(x, self.weight, self.bias)  # (..., out), base dtype
+        y = project(x, self.weight, self.bias)  # (..., out), base dtype
         name = self.active
         if name is None or self.merged is not None:
             return y

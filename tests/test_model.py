@@ -69,7 +69,29 @@ def test_greedy_20_tokens_match_transformers(ckpt):
         assert (g.n_prompt, g.n_new, g.stop_reason) == (length, 20, "length")
 
 
-def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt):
+@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
+def threads(request):
+    """Run the test with this many torch threads (the decoding layout's products split over them)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+def test_project_splits_short_products_over_threads_and_matches_float64(threads):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(96, 64, generator=g).t().contiguous().t()  # (out, in) in the decoding layout
+    bias = torch.randn(96, generator=g)
+    for rows in (1, 3, M.SPLIT_ROWS, M.SPLIT_ROWS + 1):  # split up to SPLIT_ROWS rows (with 2 threads), then not
+        x = torch.randn(2, rows, 64, generator=g)[:1]  # (1, rows, in)
+        want = x.double() @ weight.double().t() + bias.double()
+        for b in (bias, None):
+            got = M.project(x, weight, b)
+            assert got.shape == (1, rows, 96) and got.dtype == torch.float32
+            assert (got.double() - (want if b is not None else want - bias.double())).abs().max() < 1e-4
+
+
+def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt, threads):
     folder, hf = ckpt
     plain, ours = M.Transformer.from_pretrained(folder), M.lay_out_for_decoding(M.Transformer.from_pretrained(folder))
     assert list(ours.state_dict()) == list(plain.state_dict())
