@@ -110,6 +110,11 @@ class LoRALinear(nn.Module):
         self.active: str | None = None
         self.merged: str | None = None  # name of the adapter currently folded into `weight`
 
+    @property
+    def plain(self) -> bool:
+        """Whether forward is exactly model.project(x, weight, bias): no active adapter, or one merged in."""
+        return self.active is None or self.merged is not None
+
     def add(self, name: str, spec: AdapterSpec) -> None:
         device = self.weight.device
         a = torch.empty(spec.r, self.in_features, dtype=torch.float32, device=device)

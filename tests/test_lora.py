@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lora
-from model import ModelConfig, Transformer
+from model import ModelConfig, Transformer, joint_weight, lay_out_for_decoding
 
 
 class TinyBlock(nn.Module):
@@ -458,6 +458,28 @@ def test_merged_copy_equals_peft_and_shares_what_the_adapter_leaves_alone(hf_dir
     assert sum(together.values()) == base_bytes + 4 * (sum(covered) + adapter)  # only covered layers are copied
     with pytest.raises(ValueError, match="without adapters"):
         lora.merged_copy(merged, tmp_path / "executor", "executor")
+
+
+def test_merged_copy_of_a_base_laid_out_for_decoding_equals_peft_and_leaves_the_base_alone(hf_dir, ids, tmp_path):
+    """What agents.LocalEngine does: lay the base out for decoding (q k v and gate up joined), merge a role's
+    adapter into a copy, lay the copy out. The adapter covers q_proj and up_proj only, so each joined group
+    mixes merged and shared weights. Reference: PEFT's merge_and_unload."""
+    trained = load_ours(hf_dir)
+    lora.apply_lora(trained, r=4, alpha=8, targets=("q_proj", "up_proj"), name="executor")
+    randomize_adapter(trained, "executor", seed=10)
+    lora.save_adapter(trained, tmp_path / "executor", "executor")
+    expected = hf_logits(PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "executor"))
+                         .merge_and_unload().eval(), ids)
+    base = lay_out_for_decoding(load_ours(hf_dir))
+    base_logits = our_logits(base, ids)
+    groups = lambda m: [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj)  # noqa: E731
+                        for b in m.model.layers] + [(b.mlp.gate_proj, b.mlp.up_proj) for b in m.model.layers]
+    joints = [joint_weight(g).data_ptr() for g in groups(base)]
+    merged = lay_out_for_decoding(lora.merged_copy(base, tmp_path / "executor", "executor"))
+    assert all(joint_weight(g) is not None for g in groups(merged))  # joined again, merged weights included
+    torch.testing.assert_close(our_logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
+    assert [joint_weight(g).data_ptr() for g in groups(base)] == joints  # the base keeps its own blocks
+    torch.testing.assert_close(our_logits(base, ids), base_logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("ckpt", ["qwen2_ckpt", "llama_ckpt"])  # tied and untied lm_head

@@ -96,12 +96,16 @@ def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt, 
     plain, ours = M.Transformer.from_pretrained(folder), M.lay_out_for_decoding(M.Transformer.from_pretrained(folder))
     assert list(ours.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
-    projections = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(projections) == 7 * ours.config.num_hidden_layers + 1
-    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in projections)  # (in, out) storage
-    storage = [w.data_ptr() for w in projections]
+    blocks = ours.model.layers
+    joined = [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks] + [
+        (b.mlp.gate_proj, b.mlp.up_proj) for b in blocks]
+    assert all(M.joint_weight(layers).t().is_contiguous() for layers in joined)  # one (in, out1 + ...) block each
+    alone = [ours.lm_head.weight] + [w for b in blocks for w in (b.self_attn.o_proj.weight, b.mlp.down_proj.weight)]
+    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in alone)  # (in, out) storage
+    assert M.joint_weight((plain.model.layers[0].mlp.gate_proj, plain.model.layers[0].mlp.up_proj)) is None
+    storage = [p.data_ptr() for p in ours.parameters()]
     M.lay_out_for_decoding(ours)
-    assert [w.data_ptr() for w in projections] == storage  # laid out once: a second call copies nothing
+    assert [p.data_ptr() for p in ours.parameters()] == storage  # laid out once: a second call copies nothing
     ids = random_ids(2, 100)
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
