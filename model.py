@@ -332,8 +332,11 @@ def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     weights stream in. SmolLM2-135M fp32, 2 threads, every projection of one decode step: 23 ms split against
     35 ms unsplit (45 ms in the (out, in) layout). The block partial sums are added, so the rounding depends
     on the thread count, not on the batch."""
-    rows, n = x.numel() // x.shape[-1], torch.get_num_threads()
-    if n == 1 or rows > SPLIT_ROWS or weight.shape[1] % n or not weight.t().is_contiguous():
+    rows = x.numel() // x.shape[-1]
+    if rows > SPLIT_ROWS or not weight.t().is_contiguous():  # first: training (and torch.compile) stops here
+        return F.linear(x, weight, bias)
+    n = torch.get_num_threads()
+    if n == 1 or weight.shape[1] % n:
         return F.linear(x, weight, bias)
     blocks = x.reshape(rows, n, -1).transpose(0, 1)  # (n, rows, in/n)
     y = torch.bmm(blocks, weight.t().view(n, -1, weight.shape[0])).sum(0)  # (rows, out)
