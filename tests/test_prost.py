@@ -197,6 +197,24 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)  # chunked logits: another summation order
 
 
+def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, trajectories):
+    """--compile compiles each decoder block; a graph break (a Python value torch.compile cannot trace, such
+    as a thread count) would split it and run the pieces eagerly. fullgraph=True makes a break an error."""
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    batches = [data.collate(examples[:3], tokenizer.pad_id)]
+    step_targets = sum(e.n_targets for e in examples[:3])
+    model, params = random_adapter_model(ckpt)
+    eager = step_gradients(model, params, batches, step_targets)
+    for block in model.model.layers:
+        block.compile(fullgraph=True)
+    compiled = step_gradients(model, params, batches, step_targets)
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(compiled[1], eager[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # compiled kernels sum in another order
+
+
 def test_sequence_flops_count_what_the_step_runs(base, trajectories):
     """Against torch's FlopCounterMode over a real step: every matmul the forward and backward run (counted
     by torch, not by prost), plus causal attention counted by hand (torch counts attention as full T x T)."""
