@@ -7,14 +7,16 @@ this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML convers
 
 What is here, top to bottom:
   1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
-  2. the network       RMSNorm, rotate-half RoPE, GQA attention with a preallocated KV cache, SwiGLU, Transformer
+  2. the network       RMSNorm, rotate-half RoPE, projections (`project`, `project_together`), GQA attention with
+                       a preallocated KV cache, SwiGLU, Transformer
                        (parameter names equal the HF checkpoint keys, so checkpoints load strictly)
   3. loading, saving   local folder, hub id or GGUF file (read by gguf_io.py); single or sharded safetensors,
                        loaded tensor by tensor straight into the target dtype/device onto a model built on the
                        meta device (no second copy)
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
   5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings;
-                       PrefixCache (keys/values of earlier prompts reused across calls, LRU, bounded in tokens)
+                       PrefixCache (keys/values of earlier prompts reused across calls, LRU, bounded in tokens);
+                       lay_out_for_decoding (weights stored the way CPU one-row products read them fastest)
   6. FLOPs, tiny preset  `forward_flops` (the one counting rule), `generate_flops`, `train_flops`;
                        `build_tokenizer`, `init_tiny` (a random tiny Qwen2 to train on CPU)
   7. CLI               `python model.py --model M --prompt P [--chat]`, `python model.py init-tiny ...`,
