@@ -437,15 +437,20 @@ def test_two_adapters_switch_without_copying_the_base(hf_dir, ids, tmp_path):
     assert not torch.allclose(expected["planner"], expected["executor"])
 
 
-def test_merged_copy_equals_peft_and_shares_what_the_adapter_leaves_alone(hf_dir, ids, tmp_path):
-    """What evaluation runs per role: the base with one adapter merged into copies of the layers it covers.
-    Reference: PEFT's merge_and_unload of the same adapter on the transformers model."""
+def save_executor_adapter_and_peft_merged_logits(hf_dir, ids, folder):
+    """Save a random adapter 'executor' on q_proj and up_proj into `folder`; return the logits of PEFT's
+    merge_and_unload of it on the transformers model (the reference for merged copies)."""
     trained = load_ours(hf_dir)
     lora.apply_lora(trained, r=4, alpha=8, targets=("q_proj", "up_proj"), name="executor")
     randomize_adapter(trained, "executor", seed=10)
-    lora.save_adapter(trained, tmp_path / "executor", "executor")
-    expected = hf_logits(PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "executor"))
-                         .merge_and_unload().eval(), ids)
+    lora.save_adapter(trained, folder, "executor")
+    return hf_logits(PeftModel.from_pretrained(load_hf(hf_dir), str(folder)).merge_and_unload().eval(), ids)
+
+
+def test_merged_copy_equals_peft_and_shares_what_the_adapter_leaves_alone(hf_dir, ids, tmp_path):
+    """What evaluation runs per role: the base with one adapter merged into copies of the layers it covers.
+    Reference: PEFT's merge_and_unload of the same adapter on the transformers model."""
+    expected = save_executor_adapter_and_peft_merged_logits(hf_dir, ids, tmp_path / "executor")
     base = load_ours(hf_dir)
     base_logits, base_bytes = our_logits(base, ids), storage_bytes(base)
     merged = lora.merged_copy(base, tmp_path / "executor", "executor")
@@ -464,12 +469,7 @@ def test_merged_copy_of_a_base_laid_out_for_decoding_equals_peft_and_leaves_the_
     """What agents.LocalEngine does: lay the base out for decoding (q k v and gate up joined), merge a role's
     adapter into a copy, lay the copy out. The adapter covers q_proj and up_proj only, so each joined group
     mixes merged and shared weights. Reference: PEFT's merge_and_unload."""
-    trained = load_ours(hf_dir)
-    lora.apply_lora(trained, r=4, alpha=8, targets=("q_proj", "up_proj"), name="executor")
-    randomize_adapter(trained, "executor", seed=10)
-    lora.save_adapter(trained, tmp_path / "executor", "executor")
-    expected = hf_logits(PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "executor"))
-                         .merge_and_unload().eval(), ids)
+    expected = save_executor_adapter_and_peft_merged_logits(hf_dir, ids, tmp_path / "executor")
     base = lay_out_for_decoding(load_ours(hf_dir))
     base_logits = our_logits(base, ids)
     groups = lambda m: [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj)  # noqa: E731
