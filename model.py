@@ -943,14 +943,12 @@ def lay_out_for_decoding(model: Transformer) -> Transformer:
     differently); the embedding tied to the vocabulary projection is then read across columns, about 10 us per
     prompt token. For inference only: training never calls it. Joined weights are new Parameters (the old ones
     may be shared with another model, as `lora.merged_copy` shares them); a second call changes nothing."""
-    for block in model.model.layers:
-        attn, mlp = block.self_attn, block.mlp
-        for layers in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
-            if all(_cpu_fp32(layer.weight) for layer in layers) and joint_weight(layers) is None:
-                joint = torch.cat([layer.weight.detach().t() for layer in layers], dim=1)  # (in, out1 + out2 + ...)
-                columns = joint.split([layer.weight.shape[0] for layer in layers], dim=1)
-                for layer, w in zip(layers, columns):
-                    layer.weight = nn.Parameter(w.t(), requires_grad=layer.weight.requires_grad)  # (out, in) view
+    for layers in joined_projections(model):
+        if all(_cpu_fp32(layer.weight) for layer in layers) and joint_weight(layers) is None:
+            joint = torch.cat([layer.weight.detach().t() for layer in layers], dim=1)  # (in, out1 + out2 + ...)
+            columns = joint.split([layer.weight.shape[0] for layer in layers], dim=1)
+            for layer, w in zip(layers, columns):
+                layer.weight = nn.Parameter(w.t(), requires_grad=layer.weight.requires_grad)  # (out, in) view
     for module in model.modules():  # the rest: o_proj, down_proj, lm_head (and the embedding tied to it)
         w = getattr(module, "weight", None)
         if isinstance(module, nn.Embedding) or w is None or w.dim() != 2:
@@ -958,6 +956,13 @@ def lay_out_for_decoding(model: Transformer) -> Transformer:
         if _cpu_fp32(w) and w.stride(0) != 1:  # stored (out, in), not yet (in, out)
             w.data = w.data.t().contiguous().t()  # in place: every model sharing it gets the layout
     return model
+
+
+def joined_projections(model: Transformer) -> list[tuple[nn.Module, ...]]:
+    """Per layer, the projections of one input that the decoding layout joins: (q, k, v) and (gate, up)."""
+    return [group for block in model.model.layers for group in (
+        (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj),
+        (block.mlp.gate_proj, block.mlp.up_proj))]
 
 
 def _cpu_fp32(w: torch.Tensor) -> bool:

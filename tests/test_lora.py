@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import lora
-from model import ModelConfig, Transformer, joint_weight, lay_out_for_decoding
+from model import ModelConfig, Transformer, joined_projections, joint_weight, lay_out_for_decoding
 
 
 class TinyBlock(nn.Module):
@@ -472,13 +472,11 @@ def test_merged_copy_of_a_base_laid_out_for_decoding_equals_peft_and_leaves_the_
     expected = save_executor_adapter_and_peft_merged_logits(hf_dir, ids, tmp_path / "executor")
     base = lay_out_for_decoding(load_ours(hf_dir))
     base_logits = our_logits(base, ids)
-    groups = lambda m: [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj)  # noqa: E731
-                        for b in m.model.layers] + [(b.mlp.gate_proj, b.mlp.up_proj) for b in m.model.layers]
-    joints = [joint_weight(g).data_ptr() for g in groups(base)]
+    joints = [joint_weight(g).data_ptr() for g in joined_projections(base)]
     merged = lay_out_for_decoding(lora.merged_copy(base, tmp_path / "executor", "executor"))
-    assert all(joint_weight(g) is not None for g in groups(merged))  # joined again, merged weights included
+    assert all(joint_weight(g) is not None for g in joined_projections(merged))  # joined again, merged ones too
     torch.testing.assert_close(our_logits(merged, ids), expected, rtol=1e-4, atol=1e-5)
-    assert [joint_weight(g).data_ptr() for g in groups(base)] == joints  # the base keeps its own blocks
+    assert [joint_weight(g).data_ptr() for g in joined_projections(base)] == joints  # the base keeps its blocks
     torch.testing.assert_close(our_logits(base, ids), base_logits, rtol=0, atol=0)
 
 

@@ -83,12 +83,12 @@ def test_project_splits_short_products_over_threads_and_matches_float64(threads)
     weight = torch.randn(96, 64, generator=g).t().contiguous().t()  # (out, in) in the decoding layout
     bias = torch.randn(96, generator=g)
     for rows in (1, 3, M.SPLIT_ROWS, M.SPLIT_ROWS + 1):  # split up to SPLIT_ROWS rows (with 2 threads), then not
-        x = torch.randn(2, rows, 64, generator=g)[:1]  # (1, rows, in)
-        want = x.double() @ weight.double().t() + bias.double()
-        for b in (bias, None):
+        x = torch.randn(1, rows, 64, generator=g)  # (1, rows, in)
+        product = x.double() @ weight.double().t()
+        for b, want in ((bias, product + bias.double()), (None, product)):
             got = M.project(x, weight, b)
             assert got.shape == (1, rows, 96) and got.dtype == torch.float32
-            assert (got.double() - (want if b is not None else want - bias.double())).abs().max() < 1e-4
+            assert (got.double() - want).abs().max() < 1e-4
 
 
 def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt, threads):
@@ -97,8 +97,8 @@ def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt, 
     assert list(ours.state_dict()) == list(plain.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
     blocks = ours.model.layers
-    joined = [(b.self_attn.q_proj, b.self_attn.k_proj, b.self_attn.v_proj) for b in blocks] + [
-        (b.mlp.gate_proj, b.mlp.up_proj) for b in blocks]
+    joined = M.joined_projections(ours)
+    assert len(joined) == 2 * len(blocks) and {len(layers) for layers in joined} == {2, 3}
     assert all(M.joint_weight(layers).t().is_contiguous() for layers in joined)  # one (in, out1 + ...) block each
     alone = [ours.lm_head.weight] + [w for b in blocks for w in (b.self_attn.o_proj.weight, b.mlp.down_proj.weight)]
     assert all(w.t().is_contiguous() and not w.is_contiguous() for w in alone)  # (in, out) storage
