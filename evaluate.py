@@ -24,9 +24,9 @@ judge every task, and turns the trajectories into the paper's measurements:
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
 `results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
 written atomically (store.py). One evaluation writes a folder at a time (a second is refused, naming the
-first). `run.json` records what the trajectories depend on: split, world, each role's base model (name and
-content fingerprint) and adapter (content hash), the weight dtype and the budgets; a different system in the
-same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs are refused
+first). `run.json` records what the trajectories depend on: the split's world, each role's base model and adapter
+(all three by content, so moved folders still resume), the weight dtype and the budgets; a different system
+in the same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs are refused
 unless --allow-unfinished, and then the report names their epoch. While a run is going,
 finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
 interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
@@ -200,33 +200,30 @@ def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool)
     return {role: adapter_provenance(folder, role, allow_unfinished) for role, folder in adapters.items() if folder}
 
 
-def base_fingerprint(name: str) -> str:
-    """A cheap content fingerprint of a base model folder (config and sampled weights; see store)."""
-    import model
-    if Path(name).is_file():  # a single-file model (GGUF)
-        return store.sampled_sha256([Path(name)])
-    folder = model.resolve_model_dir(name)
-    return store.sampled_sha256([folder / "config.json", *sorted(folder.glob("*.safetensors")),
-                                 *sorted(folder.glob("*.gguf"))])
-
-
 def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path,
                  provenance: dict[str, dict]) -> dict:
-    """What a folder's trajectories depend on: the split and world, the system (each role's base model by name
-    and content fingerprint, its adapter by content hash, the weight dtype) and the budgets. A resume with
-    anything else would mix two systems. The decode mode is included too: batched decoding and prompt-lookup
-    drafts can flip a near-tie, deterministic decoding cannot; so is how adapters run (merged into the
-    weights, `agents.LocalEngine`: the same function as unmerged, rounded differently). Not included:
-    --scenarios and --limit (a task's trajectory does not depend on them; results.json records them),
-    --workers / --max-batch and the prefix cache's size."""
+    """What a folder's trajectories depend on: the split's world (by content, `world.split_fingerprint`), the
+    system (each role's base model by content fingerprint, or by name for a model served elsewhere; its adapter
+    by content hash; the weight dtype) and the budgets. A resume with anything else would mix two systems; where
+    the world, models and adapters were is recorded, not compared, so a moved folder resumes. The decode mode is
+    included too: batched decoding and prompt-lookup drafts can flip a near-tie, deterministic decoding cannot;
+    so is how adapters run (merged into the weights, `agents.LocalEngine`: the same function as unmerged, rounded
+    differently). Not included: --scenarios and --limit (a task's trajectory does not depend on them;
+    results.json records them), --workers / --max-batch and the prefix cache's size."""
+    import model
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "base")}
-    return {"split": split, "root": str(root), "system": system.describe(budgets),
+    fingerprints = {e.name: model.fingerprint(e.name) for e in loaded.values()}  # once per shared base
+    described = system.describe(budgets)
+    return {"split": split, "world": world.split_fingerprint(split, root),
+            "system": {k: v for k, v in described.items() if k != "roles"},
+            "models": {role: fingerprints[b.engine.name] if role in loaded else b.engine.name
+                       for role, b in system.roles.items()},
             "adapters": {role: p["sha256"] for role, p in provenance.items()},
-            "bases": {e.name: base_fingerprint(e.name) for e in loaded.values()},
             "dtype": {role: str(next(e.base.parameters()).dtype).removeprefix("torch.")
                       for role, e in loaded.items()},
             "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup,
-                              "adapters": "merged"} for role, e in loaded.items()}}
+                              "adapters": "merged"} for role, e in loaded.items()},
+            store.PATHS: {"root": str(root), "roles": described["roles"]}}
 
 
 def folder_lock(out: Path, cluster: Cluster):

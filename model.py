@@ -3,7 +3,8 @@
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
 `Tokenizer.chat` and decoded with this file's greedy `generate`. The only prost files it imports are store.py
-(stdlib only, for atomic file writes) and gguf_io.py (its GGUF reader, imported lazily when a .gguf file is loaded).
+(stdlib only, for atomic file writes and content fingerprints) and gguf_io.py (its GGUF reader, imported
+lazily when a .gguf file is loaded).
 
 What is here, top to bottom:
   1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
@@ -12,7 +13,7 @@ What is here, top to bottom:
                        (parameter names equal the HF checkpoint keys, so checkpoints load strictly)
   3. loading, saving   local folder, hub id or GGUF file (read by gguf_io.py); single or sharded safetensors,
                        loaded tensor by tensor straight into the target dtype/device onto a model built on the
-                       meta device (no second copy)
+                       meta device (no second copy); `fingerprint`, what run identities record of a model
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
   5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings;
                        PrefixCache (keys/values of earlier prompts reused across calls, LRU, bounded in tokens);
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from store import atomic_write  # stdlib-only leaf: the one place files are written atomically
+from store import atomic_write, sampled_sha256  # stdlib-only leaf: atomic file writes, content fingerprints
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -563,6 +564,15 @@ def resolve_model_dir(name_or_path: str | Path) -> Path:
     except Exception as e:  # the hub raises many types (offline, 404, auth); all mean "not available"
         raise FileNotFoundError(f"{name} is neither a local folder nor available from the Hugging Face hub or its "
                                 f"cache ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def fingerprint(name_or_path: str | Path) -> str:
+    """A cheap content fingerprint of a model: its config and sampled weights (store.sampled_sha256). Run
+    identities record it rather than the model's path, so a run still resumes after its model folder moved."""
+    path = resolve_model_dir(name_or_path)
+    if path.is_file():  # a single-file model (GGUF)
+        return sampled_sha256([path])
+    return sampled_sha256([path / "config.json", *sorted(path.glob("*.safetensors"))])
 
 
 def checkpoint_files(folder: Path) -> dict[str, Path]:

@@ -46,7 +46,7 @@ import data
 import lora
 import store
 from cluster import Cluster, barrier, exit_process, first_error, gather, start_cluster, stop_cluster
-from model import ModelConfig, Tokenizer, Transformer, resolve_model_dir, train_flops
+from model import ModelConfig, Tokenizer, Transformer, fingerprint, resolve_model_dir, train_flops
 from store import atomic_write
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
@@ -94,8 +94,8 @@ class TrainConfig:
 
 
 # Fields that do not change what is trained; everything else must match to resume a run.
-NOT_IDENTITY = {"data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress",
-                "checkpoint_activations", "compile"}
+NOT_IDENTITY = {"model", "data", "dev_data", "out", "device", "resume", "stop_after", "peak_tflops", "progress",
+                "checkpoint_activations", "compile"}  # model and data: by content, see run_identity
 
 
 class TrainingDiverged(RuntimeError):
@@ -528,10 +528,13 @@ def dev_losses(model, examples: list[data.Example], cfg: TrainConfig, pad_id: in
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints.
 
-def run_identity(cfg: TrainConfig, epochs: int, data_sha256: str, world: int) -> dict:
-    """What defines a run: a checkpoint only resumes under the same identity."""
+def run_identity(cfg: TrainConfig, role_data: RoleData, world: int) -> dict:
+    """What defines a run: a checkpoint only resumes under the same identity. The base model and the data
+    count by content (a moved folder still resumes); where they were is recorded, not compared."""
     identity = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in NOT_IDENTITY}
-    identity.update(epochs=epochs, data_sha256=data_sha256, world_size=world)
+    identity.update(model_sha256=fingerprint(cfg.model), epochs=role_data.epochs,
+                    data_sha256=store.file_sha256(role_data.path), world_size=world)
+    identity[store.PATHS] = {"model": cfg.model, "data": str(role_data.path)}
     return identity
 
 
@@ -690,7 +693,7 @@ def model_flops_utilisation(stats: EpochStats, peak: float | None, world: int) -
 def open_run(out_dir: Path, cfg: TrainConfig, cluster: Cluster, role_data: RoleData) -> tuple[dict, dict | None, str]:
     """(identity, saved state or None, examples fingerprint) of the run in out_dir; a new run records its
     identity there. Refuses a folder holding another run, or this run's data rendered differently."""
-    identity = run_identity(cfg, role_data.epochs, store.file_sha256(role_data.path), cluster.world)
+    identity = run_identity(cfg, role_data, cluster.world)
     saved = read_checkpoint(out_dir, identity, cfg.resume)
     fingerprint = examples_fingerprint(role_data.examples)
     if saved is not None and saved["data_order"]["examples_sha256"] != fingerprint:
@@ -788,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         train(cfg)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:  # bad settings or inputs (a missing model or data file)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # e.g. the disk filled up during a checkpoint: the last complete one is intact

@@ -15,8 +15,9 @@ files, so the rules live here, once, and this file imports nothing else from pro
   so a lock left by a killed run is simply taken over.
 - `check_writable`: an `--out` that is a file, cannot be written, or lacks the space for the first
   checkpoint is refused before any work.
-- `claim_identity`: a folder records what produced it (`run.json`); a run with another identity is refused
-  with the fields that differ, so two runs never mix in one folder.
+- `check_identity`: a folder records what produced it (`run.json`); a run with another identity is refused
+  with the fields that differ, so two runs never mix in one folder. Inputs count by content, not by path,
+  so a run still resumes after its folders moved.
 - `PROGRESS_FILE`: how far the training run behind an adapter got, tied to the adapter's content hash, so
   an adapter from an unfinished (or half-written) run is recognised as such.
 """
@@ -357,9 +358,14 @@ def read_identity(folder: str | Path) -> dict | None:
     return read_json_record(Path(folder) / IDENTITY_FILE, "remove that folder or choose another --out")
 
 
+PATHS = "paths"  # an identity's record of where its inputs were: kept for people to read, never compared
+
+
 def check_identity(folder: str | Path, saved: dict, identity: dict, fix: str) -> None:
-    """Refuse a folder recorded with another identity, naming (up to four of) the fields that differ."""
-    differences = identity_differences(saved, identity)
+    """Refuse a folder recorded with another identity, naming (up to four of) the fields that differ. Inputs
+    are identified by content; where they were (the PATHS entry) may change, so moved folders still resume."""
+    differences = identity_differences({k: v for k, v in saved.items() if k != PATHS},
+                                       {k: v for k, v in identity.items() if k != PATHS})
     if differences:
         raise ValueError(f"{folder} holds a different run ({'; '.join(differences[:4])}); {fix}")
 

@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from store import sampled_sha256  # stdlib-only leaf
+
 REPO = Path(__file__).resolve().parent
 DEFAULT_ROOT = REPO / "miniworld"
 
@@ -69,6 +71,17 @@ def load_split(split: str, root: str | Path | None = None) -> list[str]:
         choices = sorted(p.stem for p in path.parent.glob("*.txt"))
         raise FileNotFoundError(f"no split {split!r} in {path.parent} (available: {', '.join(choices)})")
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def split_fingerprint(split: str, root: str | Path | None = None) -> str:
+    """A content fingerprint of what a split's rollouts start from: its task list, the apps' base databases and
+    every file of its tasks' folders (store.sampled_sha256). An evaluation's identity records it rather than
+    the world's path, so an evaluation resumes after its world moved, and not after the world changed."""
+    data = _data_dir(root)
+    files = [data / "datasets" / f"{split}.txt", *sorted((data / "base_dbs").glob("*"))]
+    for task_id in load_split(split, root):
+        files += sorted(p for p in task_dir(task_id, root).rglob("*") if p.is_file())
+    return sampled_sha256([p for p in files if p.is_file()])
 
 
 def scenario_of(task_id: str) -> str:

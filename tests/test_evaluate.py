@@ -21,6 +21,7 @@ import data
 import evaluate
 import lora
 import model
+import store
 import world
 from conftest import REPO, run_child, torchrun
 
@@ -204,6 +205,27 @@ def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
                       pool=pool)
     with pytest.raises(ValueError, match="holds a different run .*system.teacher.*--overwrite"):
         evaluate.evaluate(evaluate.gold_system(mini_world), SMALL, config(tmp_path, mini_world, limit=1), pool=pool)
+
+
+def test_run_identity_knows_world_and_models_by_content_so_moved_copies_resume(micro, mini_world, tmp_path):
+    def system(folder):
+        return agents.build_system("multi", {r: str(folder) for r in data.MULTI_AGENT_ROLES}, {})
+    saved = evaluate.run_identity(system(micro), SMALL, "dev", mini_world, {})
+    shutil.copytree(mini_world, tmp_path / "world")
+    shutil.copytree(micro, tmp_path / "model")
+    moved = evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev", tmp_path / "world", {})
+    assert moved[store.PATHS] != saved[store.PATHS]
+    store.check_identity(tmp_path, saved, moved, "-")  # the same run: no error
+    task = tmp_path / "world" / "data" / "tasks" / world.load_split("dev", root=mini_world)[-1] / "specs.json"
+    task.write_text(task.read_text().replace('"instruction": "', '"instruction": "Please, '))
+    with pytest.raises(ValueError, match=r"holds a different run \(world: "):
+        store.check_identity(tmp_path, saved, evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev",
+                                                                    tmp_path / "world", {}), "-")
+    config_file = tmp_path / "model" / "config.json"
+    config_file.write_text(config_file.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
+    with pytest.raises(ValueError, match=r"holds a different run \(models.critic: .*models.executor: "):
+        store.check_identity(tmp_path, saved, evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev",
+                                                                    mini_world, {}), "-")
 
 
 def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, micro, mini_world, tmp_path):

@@ -275,13 +275,18 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing):
     """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer. The planner's
-    examples share prefixes; the interrupted run may recompute its activations, the straight one does not."""
+    examples share prefixes; the interrupted run may recompute its activations, the straight one does not.
+    Its model and data folder move before it resumes: the run knows them by content, not by path."""
     settings = dict(epochs=4, lora_dropout=0.1)
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
     settings.update(checkpoint_activations=checkpointing)
-    first = prost.train(config(base, trajectories, tmp_path / "split", stop_after=2, **settings))
+    shutil.copytree(base[0], tmp_path / "inputs" / "base")
+    shutil.copy(trajectories, tmp_path / "inputs" / "train.jsonl")
+    inputs = lambda folder: ((folder / "base",), folder / "train.jsonl")  # noqa: E731
+    first = prost.train(config(*inputs(tmp_path / "inputs"), tmp_path / "split", stop_after=2, **settings))
     assert len(first) == 2 and (tmp_path / "split/planner" / prost.STATE_FILE).exists()
-    resumed = prost.train(config(base, trajectories, tmp_path / "split", resume=True, **settings))
+    shutil.move(tmp_path / "inputs", tmp_path / "moved")
+    resumed = prost.train(config(*inputs(tmp_path / "moved"), tmp_path / "split", resume=True, **settings))
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
     a, b = adapter_tensors(tmp_path / "straight/planner"), adapter_tensors(tmp_path / "split/planner")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -335,6 +340,8 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(role="judge"), "unknown role 'judge'"),
         (dict(role="single"), "holds no single calls"),
         (dict(data=str(tmp_path / "missing.jsonl")), "does not exist"),
+        (dict(model=str(tmp_path / "no-model")),
+         "no-model does not exist (and is not a hub id like 'Qwen/Qwen2.5-1.5B')\n"),  # not "... --resume"
         (dict(data=str(bad)), f"{bad}:2: record: missing field"),
         (dict(grad_accum=0), "--grad-accum must be at least 1"),
         (dict(device="tpu"), "--device must be auto, cpu or cuda"),
@@ -377,6 +384,10 @@ def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path,
     before = state.read_bytes()
     code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4, lr=1e-3), capsys)
     assert code == 2 and "holds a different run (lr: 0.005 there vs 0.001 now)" in err
+    other_weights = build_hf_checkpoint(tmp_path / "other-base", "qwen2", tie=True, seed=4)
+    code, err = run_cli(cli_args(other_weights, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4,
+                                 resume=True), capsys)
+    assert code == 2 and "holds a different run (model_sha256: " in err
     code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4), capsys)
     assert code == 2 and "already holds this run (epoch 1 of 1 done); pass --resume" in err
     assert state.read_bytes() == before
