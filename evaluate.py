@@ -24,10 +24,10 @@ judge every task, and turns the trajectories into the paper's measurements:
 Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
 `results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
 written atomically (store.py). One evaluation writes a folder at a time (a second is refused, naming the
-first). `run.json` records what the trajectories depend on: the split's world, each role's base model and adapter
-(all three by content, so moved folders still resume), the weight dtype and the budgets; a different system
-in the same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs are refused
-unless --allow-unfinished, and then the report names their epoch. While a run is going,
+first). `run.json` records what the trajectories depend on: the split's world, each role's base model and
+adapter (all three by content, so moved folders still resume), the weight dtype and the budgets; a different
+system in the same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs
+are refused unless --allow-unfinished, and then the report names their epoch. While a run is going,
 finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
 interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
 multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,

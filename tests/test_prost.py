@@ -282,7 +282,9 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
     settings.update(checkpoint_activations=checkpointing)
     shutil.copytree(base[0], tmp_path / "inputs" / "base")
     shutil.copy(trajectories, tmp_path / "inputs" / "train.jsonl")
-    inputs = lambda folder: ((folder / "base",), folder / "train.jsonl")  # noqa: E731
+
+    def inputs(folder):  # (base, trajectories) as config() takes them
+        return (folder / "base",), folder / "train.jsonl"
     first = prost.train(config(*inputs(tmp_path / "inputs"), tmp_path / "split", stop_after=2, **settings))
     assert len(first) == 2 and (tmp_path / "split/planner" / prost.STATE_FILE).exists()
     shutil.move(tmp_path / "inputs", tmp_path / "moved")
