@@ -131,9 +131,9 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = project(x, self.weight, self.bias)  # (..., out), base dtype
-        name = self.active
-        if name is None or self.merged is not None:
+        if self.plain:
             return y
+        name = self.active
         a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
         # Under autocast the matmuls below run in the autocast dtype whatever their inputs: a cast of the
         # (..., in) input to fp32 first would be two wasted full-width copies.
