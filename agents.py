@@ -531,7 +531,9 @@ def single_view(record: dict, task, system: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Engines: what answers model requests. Each has complete(requests, adapter, budgets) -> replies.
+# Engines: what answers model requests. Each has complete(requests, adapters, budgets) -> replies, with one
+# adapter name (or None: the base) per request; `mixes_adapters` says whether requests of different adapters
+# may share one call (the scheduler groups by adapter otherwise).
 
 PREFIX_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prefix cache (SmolLM2-135M fp32: 46 KiB/token)
 DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prefix cache's reuse granularity
@@ -541,11 +543,14 @@ PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (model.generate's
 class LocalEngine:
     """A model loaded in this process (prost's own Transformer), shared by the roles that run on it.
 
-    Each role's adapter runs merged into its own copy of the weights the adapter changes (`lora.merged_copy`;
-    embeddings, norms and the vocabulary projection stay shared): a call then costs exactly the base model's
-    FLOPs, and decoding skips the adapter's narrow matmuls, about a fifth of SmolLM2-135M's decode time on a
-    CPU. The price is one copy of the adapted projections per role (SmolLM2-135M fp32: 425 MB). All weights are
-    stored the way one-row products read fastest (`model.lay_out_for_decoding`).
+    By default each role's adapter runs merged into its own copy of the weights the adapter changes
+    (`lora.merged_copy`; embeddings, norms and the vocabulary projection stay shared): a call then costs exactly
+    the base model's FLOPs, and decoding skips the adapter's narrow matmuls, about a fifth of SmolLM2-135M's
+    decode time on a CPU. The price is one copy of the adapted projections per role (SmolLM2-135M fp32:
+    425 MB), and calls of different roles run as separate batches. With `mix_adapters` the adapters stay
+    unmerged on the one base and each batch row runs its own (`lora.route_rows`): calls of every role share
+    a batch, at the cost of the adapters' matmuls. All weights are stored the way one-row products read
+    fastest (`model.lay_out_for_decoding`).
 
     A prefix cache (per adapter, `prefix_cache_tokens` tokens at most, 0 = off) lets each call compute only the
     prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
@@ -556,28 +561,37 @@ class LocalEngine:
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
                  prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
-                 prompt_lookup: int = PROMPT_LOOKUP):
+                 prompt_lookup: int = PROMPT_LOOKUP, mix_adapters: bool = False):
         self.name = str(name_or_path)
         self.base = model.lay_out_for_decoding(
             model.Transformer.from_pretrained(name_or_path, device=device, dtype=getattr(torch, dtype)).eval())
         self.tokenizer = model.Tokenizer.from_pretrained(name_or_path)
         self.models: dict[str | None, model.Transformer] = {None: self.base}  # adapter name -> what runs it
+        self.adapter_weights: dict[str | None, int] = {None: 0}  # what each call runs besides the base's weights
         self.prefix_cache = model.PrefixCache(prefix_cache_tokens) if prefix_cache_tokens else None
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
+        self.mixes_adapters = mix_adapters
 
     def load_adapter(self, folder: str, name: str) -> None:
-        # in eval mode (no adapter dropout); the merged weights are new tensors, laid out like the base's
-        self.models[name] = model.lay_out_for_decoding(lora.merged_copy(self.base, folder, name))
+        if self.mixes_adapters:  # unmerged on the base, inactive until a batch routes rows to it
+            lora.load_adapter(self.base, folder, name)
+            self.models[name] = self.base
+            self.adapter_weights[name] = sum(p.numel() for p in lora.adapter_parameters(self.base, name))
+        else:  # in eval mode (no adapter dropout); the merged weights are new tensors, laid out like the base's
+            self.models[name] = model.lay_out_for_decoding(lora.merged_copy(self.base, folder, name))
+            self.adapter_weights[name] = 0
         if self.prefix_cache is not None:
             self.prefix_cache.clear()  # keys/values cached under this name may come from other weights
 
     def count(self, messages: list[dict]) -> int:
         return len(self.tokenizer.chat(messages, add_generation_prompt=True)[0])
 
-    def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
+    def complete(self, requests: list[ModelRequest], adapters: list[str | None], budgets: Budgets
                  ) -> list[ModelReply]:
-        net = self.models[adapter]
+        if not self.mixes_adapters and len(set(adapters)) > 1:
+            raise ValueError("this engine runs adapters merged: one adapter per complete() call")
+        net = self.models[adapters[0]]
         limit = min(budgets.context, net.config.max_position_embeddings) - budgets.new_tokens
         fitted = [data.fit_messages(r.messages, self.count, limit) for r in requests]
         runnable = [i for i, m in enumerate(fitted) if m is not None]
@@ -586,26 +600,31 @@ class LocalEngine:
             return replies
         prompts = [self.tokenizer.chat(fitted[i], add_generation_prompt=True)[0] for i in runnable]
         start = time.perf_counter()
-        decode = lambda batch: model.generate(  # noqa: E731
-            net, batch, budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
-            stop_strings=requests[0].stop_strings, prefix_cache=self.prefix_cache, namespace=adapter,
+        decode = lambda rows: model.generate(  # noqa: E731
+            net, [prompts[j] for j in rows], budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
+            stop_strings=[requests[runnable[j]].stop_strings for j in rows], prefix_cache=self.prefix_cache,
+            namespace=None if self.mixes_adapters else adapters[0],
+            adapters=[adapters[runnable[j]] for j in rows] if self.mixes_adapters else None,
             prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
         with torch.no_grad():
-            generations = [decode([p])[0] for p in prompts] if self.deterministic else decode(prompts)
+            everyone = range(len(prompts))
+            generations = [decode([j])[0] for j in everyone] if self.deterministic else decode(everyone)
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
+            computed = model.generate_flops(net.config, g.n_prompt, g.n_new, cached=g.n_cached,
+                                            adapter_weights=self.adapter_weights[adapters[i]])
             replies[i] = ModelReply(g.text.rstrip(), fitted[i], g.n_prompt, g.n_new,
                                     model.generate_flops(net.config, g.n_prompt, g.n_new), share, g.stop_reason,
-                                    cached_tokens=g.n_cached,
-                                    flops_computed=model.generate_flops(net.config, g.n_prompt, g.n_new,
-                                                                       cached=g.n_cached))
+                                    cached_tokens=g.n_cached, flops_computed=computed)
         return replies
 
 
 class HttpEngine:
     """An OpenAI-compatible chat endpoint (POST <base>/v1/chat/completions, temperature 0), stdlib only.
     Token counts and FLOPs are not known for a remote model: they are recorded as 0 (collect can fill
-    token counts with the tokenizer of the model being trained)."""
+    token counts with the tokenizer of the model being trained). Requests go one by one, whatever their role."""
+
+    mixes_adapters = True
 
     def __init__(self, url: str, model_name: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 300,
                  count=None, retries: int = 5, backoff: float = 1.0, concurrency: int = 16):
@@ -618,7 +637,7 @@ class HttpEngine:
         # Without the trained model's tokenizer, about 4 characters per token decides what fits.
         self.count = count or (lambda messages: sum(len(m["content"]) for m in messages) // 4)
 
-    def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
+    def complete(self, requests: list[ModelRequest], adapters: list[str | None], budgets: Budgets
                  ) -> list[ModelReply]:
         """All pending requests at once (an endpoint like vLLM batches concurrent requests), replies in order."""
         if len(requests) <= 1:
@@ -705,6 +724,7 @@ class GoldEngine:
     """
 
     name = "gold"
+    mixes_adapters = False
 
     def __init__(self, root=None, recovery_share: float = 0.5):
         self.root = root
@@ -717,7 +737,7 @@ class GoldEngine:
             self._tasks[task_id] = (subtasks, choose_mistake(task_id, subtasks, self.recovery_share))
         return self._tasks[task_id]
 
-    def complete(self, requests: list[ModelRequest], adapter: str | None, budgets: Budgets
+    def complete(self, requests: list[ModelRequest], adapters: list[str | None], budgets: Budgets
                  ) -> list[ModelReply]:
         return [self.reply(r) for r in requests]
 
@@ -853,12 +873,10 @@ class System:
 
 
 def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | None], device: str = "cpu",
-                 dtype: str = "float32", teacher: str | None = None,
-                 prefix_cache_tokens: int = PREFIX_CACHE_TOKENS, deterministic: bool = False,
-                 prompt_lookup: int = PROMPT_LOOKUP) -> System:
+                 dtype: str = "float32", teacher: str | None = None, **engine) -> System:
     """Load each distinct base model once; roles with an adapter load it under the role's name.
     `models` maps role -> model id or folder; a role with an adapter but no model uses the adapter's
-    recorded base model."""
+    recorded base model. `engine`: LocalEngine options (engine_options)."""
     role_names = ("planner", "executor", "critic") if kind == "multi" else ("single",)
     engines: dict[str, LocalEngine] = {}
     roles = {}
@@ -868,7 +886,7 @@ def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | No
         if base is None:
             raise ValueError(f"no model for the {role}: give --model or --{role}-model or --{role}-adapter")
         if base not in engines:
-            engines[base] = LocalEngine(base, device, dtype, prefix_cache_tokens, deterministic, prompt_lookup)
+            engines[base] = LocalEngine(base, device, dtype, **engine)
         if adapter:
             engines[base].load_adapter(adapter, role)
         roles[role] = Binding(engines[base], role if adapter else None, str(adapter) if adapter else None)
@@ -926,23 +944,25 @@ def serve_world(session, request):
 
 def serve_models(slots: dict[int, Slot], system: System, budgets: Budgets, max_batch: int,
                  stats: RunStats) -> dict[int, ModelReply]:
-    """One engine.complete call per (engine, adapter, stop strings) group of pending model requests,
-    in chunks of at most max_batch."""
+    """One engine.complete call per group of pending model requests, in chunks of at most max_batch: a group
+    is every request for one engine when it mixes adapters, else those of one (engine, adapter, stop strings)."""
     groups: dict[tuple, list[int]] = {}
     for i, slot in slots.items():
         binding = system.roles.get(slot.request.role)
         if binding is None:
             raise ValueError(f"the system has no '{slot.request.role}' role (it has "
                              f"{', '.join(system.roles)})")
-        key = (id(binding.engine), binding.adapter, slot.request.stop_strings)
+        engine = binding.engine
+        key = (id(engine),) if engine.mixes_adapters else (id(engine), binding.adapter, slot.request.stop_strings)
         groups.setdefault(key, []).append(i)
     replies = {}
     for members in groups.values():
-        binding = system.roles[slots[members[0]].request.role]
+        engine = system.roles[slots[members[0]].request.role].engine
         for start in range(0, len(members), max_batch):
             chunk = members[start:start + max_batch]
+            requests = [slots[i].request for i in chunk]
             began = time.perf_counter()
-            answers = binding.engine.complete([slots[i].request for i in chunk], binding.adapter, budgets)
+            answers = engine.complete(requests, [system.roles[r.role].adapter for r in requests], budgets)
             stats.model_seconds += time.perf_counter() - began
             stats.batch_sizes.append(len(chunk))
             replies.update(zip(chunk, answers))
@@ -1146,6 +1166,10 @@ def add_decode_flags(parser: argparse.ArgumentParser, default: str) -> None:
     parser.add_argument("--prompt-lookup", type=int, default=PROMPT_LOOKUP,
                         help="draft tokens a call decoding alone copies from its own prompt and verifies in one "
                         f"step (0 = off; default {PROMPT_LOOKUP})")
+    parser.add_argument("--mix-adapters", action="store_true",
+                        help="keep the roles' adapters unmerged on their shared base, so pending calls of every "
+                        "role share one batch (needs --decode batched; each call also runs its adapter's matmuls); "
+                        "default: each adapter merged into its own copy of the weights it changes")
 
 
 def engine_options(args) -> dict:
@@ -1154,8 +1178,11 @@ def engine_options(args) -> dict:
         raise ValueError("--prefix-cache-tokens must be positive (use --no-prefix-cache to turn it off)")
     if args.prompt_lookup < 0:
         raise ValueError("--prompt-lookup must be 0 (off) or positive")
+    if args.mix_adapters and args.decode == "deterministic":
+        raise ValueError("--mix-adapters needs --decode batched (deterministic decoding runs every call alone)")
     return {"prefix_cache_tokens": 0 if args.no_prefix_cache else args.prefix_cache_tokens,
-            "deterministic": args.decode == "deterministic", "prompt_lookup": args.prompt_lookup}
+            "deterministic": args.decode == "deterministic", "prompt_lookup": args.prompt_lookup,
+            "mix_adapters": args.mix_adapters}
 
 
 def budgets_from(args) -> Budgets:

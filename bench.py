@@ -597,19 +597,46 @@ ENGINE_SETTINGS = [
     ("cache on, lookup", ROLLOUT_WORKERS, dict()),
     ("deterministic", ROLLOUT_WORKERS, dict(deterministic=True)),
 ]
+# cross-adapter batching off/on: executor and critic each with an adapter, merged (each role's calls batched
+# apart) or mixed (one batch for both roles); batched decoding, the cache on
+ADAPTER_SETTINGS = [
+    ("adapters merged", ROLLOUT_WORKERS, dict(prompt_lookup=0)),
+    ("adapters mixed", ROLLOUT_WORKERS, dict(prompt_lookup=0, mix_adapters=True)),
+]
+ADAPTER_ROLES = ("executor", "critic")
 
 
-def _rollout_systems(root: Path, folder: Path, options: dict, kinds: tuple) -> list:
+def _random_adapters(folder: Path, out: Path) -> dict[str, str]:
+    """role -> folder of a random r=16 adapter on prost's default targets (B non-zero, so it changes the
+    outputs): the shapes and cost of a trained one, for the roles in ADAPTER_ROLES."""
+    import lora
+    base = M.Transformer.from_pretrained(folder)
+    adapters = {}
+    for i, role in enumerate(ADAPTER_ROLES):
+        lora.add_adapter(base, role, r=16, alpha=32)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for layer in lora.lora_layers(base).values():
+                layer.lora_B[role].normal_(0.0, 0.01)
+        adapters[role] = str(lora.save_adapter(base, out / role, role))
+    return adapters
+
+
+def _rollout_systems(root: Path, folder: Path, options: dict, kinds: tuple, adapters: dict | None = None) -> list:
     """(label, system) pairs on a fresh engine of `folder` (so every setting starts with an empty prefix cache),
     warmed up (its first generate call is slow): the model in every role, the gold planner with the model as
-    executor and critic (plans parse, so all three roles run with real prompt lengths), the single agent."""
+    executor and critic (plans parse, so all three roles run with real prompt lengths), the single agent.
+    `adapters` (role -> folder) are loaded for their roles."""
     import agents
     engine = agents.LocalEngine(str(folder), **options)
     warm_up = agents.ModelRequest("warm_up", "planner", [{"role": "user", "content": "Hello"}])
-    engine.complete([warm_up], None, agents.Budgets(new_tokens=4))
+    engine.complete([warm_up], [None], agents.Budgets(new_tokens=4))
+    for role, adapter in (adapters or {}).items():
+        engine.load_adapter(adapter, role)  # clears the prefix cache
     if engine.prefix_cache is not None:
         engine.prefix_cache.clear()
-    multi = agents.single_engine_system(engine)
+    multi = agents.System("multi", {role: agents.Binding(engine, role, adapters[role]) if role in (adapters or {})
+                                    else agents.Binding(engine) for role in ("planner", "executor", "critic")})
     gold = agents.GoldEngine(root, recovery_share=0.0)
     systems = {"all roles": multi,
                "gold planner": agents.System("multi", {**multi.roles, "planner": agents.Binding(gold)}),
@@ -665,13 +692,18 @@ def bench_rollout() -> None:
             print(f"  {'system, setting':<44} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'calls/task':>10} "
                   f"{'prompt/t':>9} {'computed':>9} {'share':>6} {'new tok/s':>9} {'batch':>6} {'outside':>8}")
             runs = [("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("gold planner", "single agent"),
-                     ENGINE_SETTINGS)]
+                     ENGINE_SETTINGS, None),
+                    ("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("gold planner",), ADAPTER_SETTINGS,
+                     _random_adapters(tiny, Path(tmp) / "tiny_adapters"))]
             if (REAL_MODEL / "config.json").is_file():  # the settings that answer the questions, to keep it short
-                runs.append((REAL_MODEL.name, REAL_MODEL, dev[:REAL_TASKS], agents.Budgets(**REAL_BUDGETS),
-                             ("single agent",), [ENGINE_SETTINGS[i] for i in (2, 4, 5)]))
-            for name, folder, tasks, run_budgets, kinds, settings in runs:
+                real_budgets = agents.Budgets(**REAL_BUDGETS)
+                runs += [(REAL_MODEL.name, REAL_MODEL, dev[:REAL_TASKS], real_budgets, ("single agent",),
+                          [ENGINE_SETTINGS[i] for i in (2, 4, 5)], None),
+                         (REAL_MODEL.name, REAL_MODEL, dev[:REAL_TASKS], real_budgets, ("gold planner",),
+                          ADAPTER_SETTINGS, _random_adapters(REAL_MODEL, Path(tmp) / "real_adapters"))]
+            for name, folder, tasks, run_budgets, kinds, settings, adapters in runs:
                 for setting, workers, options in settings:
-                    for kind, system in _rollout_systems(root, folder, options, kinds):
+                    for kind, system in _rollout_systems(root, folder, options, kinds, adapters):
                         print(_rollout_row(f"{name}, {kind}, {setting}", tasks, system, run_budgets, root, pool,
                                            workers), flush=True)
         print("  prompt/t = prompt tokens per task (what every call would prefill without the cache); computed = "
@@ -679,7 +711,9 @@ def bench_rollout() -> None:
               "second inside engine.complete (prefill included); batch = mean requests per engine.complete; outside "
               "= share of wall time not in engine.complete (world calls, prompt rendering, bookkeeping). lookup = "
               "prompt-lookup drafts for rows decoding alone; deterministic = evaluate.py's default (each call alone, "
-              "chunked prefill, lookup on). Cross-adapter batching is not implemented (see the report).")
+              "chunked prefill, lookup on). adapters merged / mixed: executor and critic with random r=16 adapters "
+              "(a trained adapter's shapes and cost), merged into per-role weight copies (each role's calls batched "
+              "apart) or mixed (--mix-adapters: both roles' calls in one batch, the adapters' matmuls run).")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------

@@ -207,8 +207,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     by content hash; the weight dtype) and the budgets. A resume with anything else would mix two systems; where
     the world, models and adapters were is recorded, not compared, so a moved folder resumes. The decode mode is
     included too: batched decoding and prompt-lookup drafts can flip a near-tie, deterministic decoding cannot;
-    so is how adapters run (merged into the weights, `agents.LocalEngine`: the same function as unmerged, rounded
-    differently). Not included: --scenarios and --limit (a task's trajectory does not depend on them;
+    so is how adapters run (merged into the weights or mixed in one batch, `agents.LocalEngine`: the same
+    function, rounded differently). Not included: --scenarios and --limit (a task's trajectory does not depend on them;
     results.json records them), --workers / --max-batch and the prefix cache's size."""
     import model
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "base")}
@@ -222,7 +222,7 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
             "dtype": {role: str(next(e.base.parameters()).dtype).removeprefix("torch.")
                       for role, e in loaded.items()},
             "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup,
-                              "adapters": "merged"} for role, e in loaded.items()},
+                              "adapters": "mixed" if e.mixes_adapters else "merged"} for role, e in loaded.items()},
             store.PATHS: {"root": str(root), "roles": described["roles"]}}
 
 

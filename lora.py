@@ -109,10 +109,15 @@ class LoRALinear(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
         self.active: str | None = None
         self.merged: str | None = None  # name of the adapter currently folded into `weight`
+        # adapter name -> the batch rows that run it (None: every row), set by route_rows for mixed batches;
+        # while set it replaces `active`
+        self.routes: dict[str, torch.Tensor | None] | None = None
 
     @property
     def plain(self) -> bool:
-        """Whether forward is exactly model.project(x, weight, bias): no active adapter, or one merged in."""
+        """Whether forward is exactly model.project(x, weight, bias): no adapter of this layer runs on any row."""
+        if self.routes is not None:
+            return not any(name in self.specs for name in self.routes)
         return self.active is None or self.merged is not None
 
     def add(self, name: str, spec: AdapterSpec) -> None:
@@ -133,7 +138,19 @@ class LoRALinear(nn.Module):
         y = project(x, self.weight, self.bias)  # (..., out), base dtype
         if self.plain:
             return y
-        name = self.active
+        if self.routes is None:
+            return self.add_adapter(x, y, self.active)
+        for name, rows in self.routes.items():  # a mixed batch (x: (B, ...)): each adapter on its own rows
+            if name not in self.specs:
+                continue
+            if rows is None:
+                self.add_adapter(x, y, name)
+            else:
+                y.index_copy_(0, rows, self.add_adapter(x.index_select(0, rows), y.index_select(0, rows), name))
+        return y
+
+    def add_adapter(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+        """y += adapter `name`'s update of x, in place; returns y."""
         a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
         # Under autocast the matmuls below run in the autocast dtype whatever their inputs: a cast of the
         # (..., in) input to fp32 first would be two wasted full-width copies.
@@ -363,6 +380,31 @@ def active_adapter(model: nn.Module) -> str | None:
     """The active adapter's name, or None when the model runs as the plain base."""
     active = {layer.active for layer in lora_layers(model).values()} - {None}
     return active.pop() if active else None
+
+
+def route_rows(model: nn.Module, names: list[str | None] | None) -> None:
+    """Run adapter names[i] on batch row i of the next forward passes (None: the plain base on that row), so
+    one batch serves several roles: the base matmuls are shared and only the low-rank updates differ per row.
+    `names=None` ends the routing (`set_adapter` is in effect again). model.generate(adapters=...) calls this
+    as rows join and leave its batch. Adapters must not be merged: a merged one would apply to every row."""
+    layers = lora_layers(model).values()
+    if names is None:
+        for layer in layers:
+            layer.routes = None
+        return
+    if any(layer.merged is not None for layer in layers):
+        raise ValueError("route_rows needs unmerged adapters; call unmerge(model) first")
+    for name in set(names) - {None}:
+        _check_exists(model, name)
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        if name is not None:
+            rows.setdefault(name, []).append(i)
+    device = next(model.parameters()).device
+    # one index tensor per adapter, shared by every layer; None when the adapter runs on the whole batch
+    routes = {name: None if len(r) == len(names) else torch.tensor(r, device=device) for name, r in rows.items()}
+    for layer in layers:
+        layer.routes = routes
 
 
 def merge(model: nn.Module) -> None:

@@ -992,19 +992,25 @@ class Generation:
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
              tokenizer: Tokenizer | None = None, stop_strings=(), pad_id: int | None = None,
              prefix_cache: PrefixCache | None = None, namespace=None,
-             prefill_chunk: int | None = None, prompt_lookup: int = 0) -> list[Generation]:
+             prefill_chunk: int | None = None, prompt_lookup: int = 0, adapters: list | None = None
+             ) -> list[Generation]:
     """Greedy continuations of a batch of token-id prompts (any lengths), one KV-cache pass for the batch.
 
     Prompts are left-padded to a common length; each row's RoPE positions start at 0 at its first real token
     and padding slots are masked out, so every row gets the same tokens it would get alone (up to fp rounding).
     Rows stop independently on a stop id, a stop string (needs `tokenizer`) or max_new_tokens, and leave the
-    batch when they do, so a long answer does not make the short ones pay for its steps.
+    batch when they do, so a long answer does not make the short ones pay for its steps. `stop_strings` holds
+    the strings that end every row, or one tuple of them per prompt.
+
+    With `adapters` (one name or None per prompt; the model carries them unmerged, lora.py), each row runs its
+    own adapter (`lora.route_rows`): one batch serves several roles of one base.
 
     With a `prefix_cache`, each row starts from the keys/values of its longest cached prefix (in `namespace`)
     and only the rest of its prompt is computed; finished rows store their prompt and new tokens for later
-    calls. With `prefill_chunk` C, prompts are computed in chunks of C tokens aligned at position 0 and only
-    whole chunks are reused or stored: a chunk's keys/values are then the same bits whether they were cached or
-    computed, so (at batch 1) the tokens depend on the prompt alone, not on what the cache held.
+    calls (a row with an adapter in namespace (namespace, adapter)). With `prefill_chunk` C, prompts are
+    computed in chunks of C tokens aligned at position 0 and only whole chunks are reused or stored: a chunk's
+    keys/values are then the same bits whether they were cached or computed, so (at batch 1) the tokens depend
+    on the prompt alone, not on what the cache held.
 
     With `prompt_lookup` k > 0, a row decoding alone (batch 1, or the last row of a batch) feeds up to k draft
     tokens copied from its own context after the latest earlier occurrence of its last 3 (or 2) tokens, and keeps
@@ -1012,26 +1018,51 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     rounding: a step then computes several positions at once), and every accepted draft token saves one pass over
     the weights, which bounds decoding at batch 1.
     """
-    if stop_strings and tokenizer is None:
-        raise ValueError("stop_strings need a tokenizer to decode the new tokens")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate needs a non-empty list of non-empty prompts")
+    per_row = bool(stop_strings) and not isinstance(stop_strings[0], str)
+    stops = [tuple(s) for s in stop_strings] if per_row else [tuple(stop_strings)] * len(prompts)
+    if any(stops) and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer to decode the new tokens")
+    if len(stops) != len(prompts) or (adapters is not None and len(adapters) != len(prompts)):
+        raise ValueError("generate needs one entry per prompt in per-prompt stop_strings and adapters")
+    try:
+        return _generate(model, prompts, max_new_tokens, set(stop_ids), tokenizer, stops, pad_id, prefix_cache,
+                         namespace, prefill_chunk, prompt_lookup, adapters)
+    finally:  # even after an error: a later forward must not run a stale routing
+        if adapters is not None:
+            _route(model, None)
+
+
+def _route(model: Transformer, names: list | None) -> None:
+    """Set which adapter each batch row of the next forwards runs (lora.route_rows; None: stop routing)."""
+    from lora import route_rows  # lora.py builds on this file; only batches with adapters need it
+    route_rows(model, names)
+
+
+def _generate(model, prompts, max_new_tokens, stop_ids, tokenizer, stops, pad_id, prefix_cache, namespace,
+              prefill_chunk, prompt_lookup, adapters) -> list[Generation]:
     device = model.lm_head.weight.device
     dtype = model.lm_head.weight.dtype
-    stop_ids = set(stop_ids)
     pad_id = pad_id if pad_id is not None else (tokenizer.pad_id if tokenizer else 0)
     B, P = len(prompts), max(len(p) for p in prompts)
+    # each row's prefix-cache namespace (keys/values depend on the weights that computed them) and adapters
+    spaces = [namespace] * B if adapters is None else [(namespace, a) for a in adapters]
+    route = (lambda rows: None) if adapters is None else (lambda rows: _route(model, [adapters[b] for b in rows]))
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, pad)
     if prefix_cache is None and prefill_chunk is None:  # the whole batch's prompts in one pass
         ids = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)  # (B, P)
+        route(range(B))
         h = model.hidden(ids, cache)[:, -1]  # (B, D): only the last position is needed
         n_cached = [0] * B
     else:  # row by row, each from its own cached prefix
-        rows = [_prefill_row(model, cache, b, prompts[b], prefix_cache, namespace, prefill_chunk) for b in range(B)]
+        rows = [_prefill_row(model, cache, b, prompts[b], prefix_cache, spaces[b], prefill_chunk, route)
+                for b in range(B)]
         cache.length = P
         h, n_cached = torch.stack([r[0] for r in rows]), [r[1] for r in rows]  # (B, D)
-    stop_window = max((len(s) for s in stop_strings), default=0) + 8  # tokens that can hold a new stop string
+    # per row, the tokens that can hold a stop string that was not there a step ago
+    windows = [max((len(s) for s in row_stops), default=0) + 8 for row_stops in stops]
 
     new: list[list[int]] = [[] for _ in range(B)]
     texts: list[str | None] = [None] * B
@@ -1043,14 +1074,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
         for b, tokens in zip(rows, steps):
             for t in tokens[:max_new_tokens - len(new[b])]:
                 new[b].append(t)
-                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stop_strings, stop_window)
+                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stops[b], windows[b])
                 if reasons[b]:
                     break  # drafted tokens after a stop are dropped
         finished = [reasons[b] is not None or len(new[b]) == max_new_tokens for b in rows]
         if prefix_cache is not None:
             for i, b in enumerate(rows):
                 if finished[i]:
-                    _store_row(prefix_cache, namespace, cache, i, prompts[b] + new[b][:-1], len(prompts[b]),
+                    _store_row(prefix_cache, spaces[b], cache, i, prompts[b] + new[b][:-1], len(prompts[b]),
                                prefill_chunk)
         keep = [i for i, done in enumerate(finished) if not done]
         if not keep:
@@ -1063,6 +1094,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             lookup = lookup or _NgramIndex(prompts[b])
             lookup.extend(new[b][len(lookup.tokens) - len(prompts[b]):])  # its tokens so far, the last included
             draft = lookup.draft(min(prompt_lookup, max_new_tokens - len(new[b]) - 1))
+            route(rows)
             logits = model.lm_head(model.hidden(torch.tensor([[new[b][-1]] + draft], device=device), cache))
             predicted = logits[0].argmax(-1).tolist()  # (1 + len(draft),) the model's token after each fed one
             accepted = next((j for j, (d, t) in enumerate(zip(draft, predicted)) if d != t), len(draft))
@@ -1070,6 +1102,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
             steps = [predicted[:accepted + 1]]
         else:
             last = torch.tensor([new[b][-1] for b in rows], device=device)[:, None]  # (rows, 1)
+            route(rows)
             steps = [[t] for t in model.lm_head(model.hidden(last, cache)[:, -1]).argmax(-1).tolist()]
     out = []
     for b in range(B):
@@ -1082,7 +1115,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
 
 
 def _prefill_row(model: Transformer, cache: KVCache, b: int, prompt: list[int], prefix_cache: PrefixCache | None,
-                 namespace, chunk: int | None) -> tuple[torch.Tensor, int]:
+                 namespace, chunk: int | None, route) -> tuple[torch.Tensor, int]:
     """Fill row b's slots with its prompt (cached prefix copied, the rest computed); (last hidden (D,), cached)."""
     n, start = len(prompt), int(cache.pad[b])
     cached, key = prefix_cache.lookup(namespace, prompt, n - 1) if prefix_cache is not None else (0, None)
@@ -1096,6 +1129,7 @@ def _prefill_row(model: Transformer, cache: KVCache, b: int, prompt: list[int], 
     row = cache.row(b)
     row.length = start + cached
     ids = torch.tensor(prompt, device=cache.pad.device)[None]  # (1, n)
+    route([b])
     for s in range(cached, n, chunk or n):
         h = model.hidden(ids[:, s:s + (chunk or n)], row)  # (1, T, D)
     return h[0, -1], cached
@@ -1152,14 +1186,17 @@ def forward_flops(config: ModelConfig, n_positions: int, n_logits: int, past: in
                  + 2 * d * config.vocab_size * n_logits)
 
 
-def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, cached: int = 0) -> float:
+def generate_flops(config: ModelConfig, n_prompt: int, n_new: int, cached: int = 0,
+                   adapter_weights: int = 0) -> float:
     """FLOPs of one `generate` call that produced n_new tokens from an n_prompt-token prompt: the prefill
     (logits at its last position only) and one single-position decode step per new token but the last
     (the last one is never fed back). Summed, that is one pass over n_prompt + n_new - 1 positions with
     logits at n_new of them. With `cached` prompt tokens taken from the prefix cache, those positions are
-    not computed, but every later position still attends to their keys."""
+    not computed, but every later position still attends to their keys. `adapter_weights`: those of an
+    unmerged adapter the call ran."""
     n_logits = max(n_new, 1)  # the prefill computes the first token's logits even when none is kept
-    return forward_flops(config, n_prompt - cached + n_logits - 1, n_logits, past=cached)
+    return forward_flops(config, n_prompt - cached + n_logits - 1, n_logits, past=cached,
+                         adapter_weights=adapter_weights)
 
 
 def train_flops(config: ModelConfig, n_tokens: int, n_targets: int, adapter_weights: int = 0) -> float:

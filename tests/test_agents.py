@@ -261,8 +261,9 @@ class Scripted:
     """A stand-in model that always plans, always writes code and never reports: it drives every
     budget of the multi-agent protocol to its end."""
     name = "scripted"
+    mixes_adapters = False
 
-    def complete(self, requests, adapter, budgets):
+    def complete(self, requests, adapters, budgets):
         replies = []
         for r in requests:
             text = {"planner": "Sub-task: look at my profile.",
@@ -392,7 +393,7 @@ def test_endpoint_errors_are_clear(chat_server):
     engine = agents.HttpEngine(chat_server + "/wrong/chat/completions", "m")
     request = agents.ModelRequest("t_1", "planner", [{"role": "user", "content": "hi"}])
     with pytest.raises(ValueError, match="answered HTTP 404"):
-        engine.complete([request], None, TINY)
+        engine.complete([request], [None], TINY)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -430,7 +431,8 @@ def test_every_flag_has_help():
                 assert action.help, f"{name} --{action.dest} has no help"
 
 
-def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_engines(tiny_model, mini_world, world_pool, tmp_path):
+def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixing_engines(tiny_model, mini_world,
+                                                                                          world_pool, tmp_path):
     import lora
     import torch
     base = model.Transformer.from_pretrained(tiny_model)
@@ -456,12 +458,14 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_engines(
                                        ("executor", "critic")}})
     dev = world.load_split("dev", root=mini_world)[:2]
     runs = {}
-    for name, system in (("shared", shared), ("separate", separate), ("base", plain)):
+    mixed = agents.build_system("multi", {r: str(tiny_model) for r in data.ROLES}, adapters, mix_adapters=True)
+    mixed.roles["planner"] = agents.Binding(Scripted())
+    for name, system in (("shared", shared), ("separate", separate), ("base", plain), ("mixed", mixed)):
         records = []
         agents.run_rollouts(dev, system, TINY, split="dev", root=mini_world, pool=world_pool,
                             on_trajectory=records.append)
         runs[name] = {r["task_id"]: [(c["role"], c["output"]) for c in r["calls"]] for r in records}
-    assert runs["shared"] == runs["separate"]
+    assert runs["shared"] == runs["separate"] == runs["mixed"]  # mixed: executor and critic calls share batches
     assert runs["shared"] != runs["base"]  # the adapters change what the roles say
 
 

@@ -437,6 +437,37 @@ def test_two_adapters_switch_without_copying_the_base(hf_dir, ids, tmp_path):
     assert not torch.allclose(expected["planner"], expected["executor"])
 
 
+def test_routed_rows_each_run_their_own_adapter_like_peft_mixed_batches(hf_dir, tmp_path):
+    """One batch, each row its own adapter or the base. Reference: PEFT's mixed-batch forward
+    (`adapter_names=[...]`, "__base__" for the plain model) on the transformers model."""
+    ids = torch.randint(0, 320, (5, 7), generator=torch.Generator().manual_seed(2))
+    model = load_ours(hf_dir)
+    lora.add_adapter(model, "planner", r=4, alpha=8)
+    lora.add_adapter(model, "executor", r=2, alpha=2, targets=("q_proj", "up_proj"))
+    randomize_adapter(model, "planner", seed=8)
+    randomize_adapter(model, "executor", seed=9)
+    for name in ("planner", "executor"):
+        lora.save_adapter(model, tmp_path / name, name)
+    peft = PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "planner"), adapter_name="planner")
+    peft.load_adapter(str(tmp_path / "executor"), adapter_name="executor")
+    names = ["executor", "__base__", "planner", "executor", "__base__"]
+    with torch.no_grad():
+        expected = peft.eval()(input_ids=ids, adapter_names=names).logits
+    lora.set_adapter(model, "planner")  # routing takes precedence over the active adapter, then hands back
+    lora.route_rows(model, [None if n == "__base__" else n for n in names])
+    torch.testing.assert_close(our_logits(model, ids), expected, rtol=1e-4, atol=1e-5)
+    lora.route_rows(model, ["planner"] * 5)  # one adapter on every row: that adapter's forward
+    torch.testing.assert_close(our_logits(model, ids)[2], expected[2], rtol=1e-4, atol=1e-5)
+    lora.route_rows(model, None)
+    torch.testing.assert_close(our_logits(model, ids)[2], expected[2], rtol=1e-4, atol=1e-5)  # planner active
+    assert not torch.allclose(expected[0], our_logits(model, ids)[0])
+    with pytest.raises(ValueError, match="no adapter named 'critic'"):
+        lora.route_rows(model, ["critic"])
+    lora.merge(model)
+    with pytest.raises(ValueError, match="unmerged adapters"):
+        lora.route_rows(model, ["planner", None])
+
+
 def save_executor_adapter_and_peft_merged_logits(hf_dir, ids, folder):
     """Save a random adapter 'executor' on q_proj and up_proj into `folder`; return the logits of PEFT's
     merge_and_unload of it on the transformers model (the reference for merged copies)."""

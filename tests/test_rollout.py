@@ -143,6 +143,106 @@ def test_chunked_prefill_stores_the_same_bits_whether_cached_or_computed(qwen2_c
 
 
 # ----------------------------------------------------------------------------------------------------
+# One batch across adapters.
+
+def two_adapters(folder, out):
+    """Our model of `folder` with adapters 'planner' (every projection) and 'executor' (q and up only), random
+    and non-zero, also saved under out/<name>; and PEFT on transformers with the same two adapters loaded."""
+    import lora
+    from peft import PeftModel
+    ours = M.Transformer.from_pretrained(folder).eval()
+    for name, seed, targets in (("planner", 1, lora.DEFAULT_TARGETS), ("executor", 2, ("q_proj", "up_proj"))):
+        lora.add_adapter(ours, name, r=4, alpha=8, targets=targets)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for layer in lora.lora_layers(ours).values():
+                if name in layer.specs:
+                    layer.lora_B[name].copy_(torch.randn(layer.lora_B[name].shape, generator=g) * 0.3)
+        lora.save_adapter(ours, out / name, name)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(hf, str(out / "planner"), adapter_name="planner")
+    peft.load_adapter(str(out / "executor"), adapter_name="executor")
+    return ours, peft.eval()
+
+
+def peft_greedy(peft, prompt: list[int], n: int, adapter: str | None) -> list[int]:
+    """PEFT's greedy generate of one prompt with one adapter (or none: "__base__"), exactly n tokens."""
+    cfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        out = peft.generate(input_ids=torch.tensor([prompt]), generation_config=cfg,
+                            adapter_names=[adapter or "__base__"])
+    return out[0, len(prompt):].tolist()
+
+
+def test_a_mixed_adapter_batch_gives_each_row_what_its_adapter_gives_alone(qwen2_ckpt, tmp_path):
+    """Rows of one generate batch run different adapters (and the base), with their own stop strings and prefix
+    cache namespaces. Reference: PEFT's greedy tokens of each prompt under its adapter alone."""
+    import lora
+    folder, _ = qwen2_ckpt
+    ours, peft = two_adapters(folder, tmp_path)
+    M.lay_out_for_decoding(ours)  # as agents.LocalEngine runs it
+    tok = M.Tokenizer.from_pretrained(folder)
+    texts = ("The critic reads the output.", "Hello world!", "print(apis.venmo.show_transactions())", "Task: 0123")
+    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": t}]) for t in texts]
+    adapters = ["executor", None, "planner", "executor"]
+    want = [peft_greedy(peft, p, 10, a) for p, a in zip(prompts, adapters)]
+    assert len({tuple(w) for w in want}) == 4 and want[0] != peft_greedy(peft, prompts[0], 10, None)
+    out = M.generate(ours, prompts, 10, stop_ids=(), adapters=adapters)
+    assert [g.ids for g in out] == want
+    # per-row stop strings: the second row stops inside its own text, the others run on
+    stop = tok.decode(want[1][:4])[-2:]
+    assert not any(stop in tok.decode(w) for w in (want[0], want[2], want[3]))
+    out = M.generate(ours, prompts, 10, stop_ids=(), tokenizer=tok, stop_strings=[(), (stop,), (), ("\x00",)],
+                     adapters=adapters)
+    assert [g.stop_reason for g in out] == ["length", "stop_string", "length", "length"]
+    assert out[1].ids == want[1][:len(out[1].ids)] and out[1].text.endswith(stop)
+    # the prefix cache keeps each adapter's keys/values apart: the same prompt under another adapter reuses nothing
+    cache = M.PrefixCache(4096)
+    M.generate(ours, prompts[:1], 4, stop_ids=(), prefix_cache=cache, adapters=["executor"])
+    again = M.generate(ours, [prompts[0], prompts[0]], 10, stop_ids=(), prefix_cache=cache,
+                       adapters=["executor", "planner"])
+    assert [g.n_cached for g in again] == [len(prompts[0]) - 1, 0]
+    assert [g.ids for g in again] == [want[0], peft_greedy(peft, prompts[0], 10, "planner")]
+    assert all(layer.routes is None for layer in lora.lora_layers(ours).values())  # routing ends with the call
+
+
+def test_the_scheduler_sends_every_roles_pending_calls_to_a_mixing_engine_at_once(qwen2_ckpt, tmp_path):
+    """Planner, executor (its code-block stop string) and critic (the base) calls pending together: one
+    engine.complete call, and each reply what that call gets in a batch of its own adapter alone."""
+    folder, _ = qwen2_ckpt
+    two_adapters(folder, tmp_path)
+    engine = agents.LocalEngine(folder, mix_adapters=True, prefix_cache_tokens=0, prompt_lookup=0)
+    for name in ("planner", "executor"):
+        engine.load_adapter(str(tmp_path / name), name)
+    system = agents.System("multi", {"planner": agents.Binding(engine, "planner"),
+                                     "executor": agents.Binding(engine, "executor"),
+                                     "critic": agents.Binding(engine)})
+    budgets = agents.Budgets(new_tokens=12, context=250)
+    requests = [agents.ModelRequest("t", role, [SYSTEM, {"role": "user", "content": f"Hello {role}, 0123."}],
+                                    stops) for role, stops in (("planner", ()), ("executor", agents.CODE_STOP),
+                                                               ("critic", ()))]
+    stats = agents.RunStats()
+    replies = agents.serve_models({i: agents.Slot(None, r) for i, r in enumerate(requests)}, system, budgets, 16,
+                                  stats)
+    assert stats.batch_sizes == [3]
+    alone = [engine.complete([r], [system.roles[r.role].adapter], budgets)[0] for r in requests]
+    assert [replies[i].text for i in range(3)] == [r.text for r in alone]
+    assert len({r.text for r in alone}) == 3
+    # what ran: the base's FLOPs, plus 2 per adapter weight and computed position for the unmerged adapters
+    config = engine.base.config
+    per_position = {"planner": 4 * 2 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 2 * (64 + 96) + (96 + 64)),
+                    "executor": 4 * 2 * ((64 + 64) + (64 + 96)), None: 0}
+    for r, reply in zip(requests, alone):
+        positions = reply.prompt_tokens + reply.new_tokens - 1
+        assert reply.flops == M.generate_flops(config, reply.prompt_tokens, reply.new_tokens)
+        assert reply.flops_computed == reply.flops + 2 * per_position[system.roles[r.role].adapter] * positions
+    merged = agents.LocalEngine(folder, prefix_cache_tokens=0)
+    merged.load_adapter(str(tmp_path / "planner"), "planner")
+    with pytest.raises(ValueError, match="one adapter per complete"):
+        merged.complete(requests[:2], ["planner", None], budgets)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Reproducible evaluation.
 
 def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwen2_ckpt):
@@ -157,8 +257,8 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     batched = agents.LocalEngine(folder, prefix_cache_tokens=0)
     seen = []
     hook = batched.base.lm_head.register_forward_pre_hook(lambda module, args: seen.append(args[0][0].clone()))
-    batched.complete([ask(prompt)], None, budgets)
-    batched.complete([ask(prompt), ask(other)], None, budgets)
+    batched.complete([ask(prompt)], [None], budgets)
+    batched.complete([ask(prompt), ask(other)], [None, None], budgets)
     hook.remove()
     alone, together = seen  # the final hidden state of `prompt` (D,), alone and in the batch
     assert not torch.equal(alone, together)
@@ -174,16 +274,16 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     deterministic = agents.LocalEngine(folder, deterministic=True)
     for engine in (batched, deterministic):
         engine.base.lm_head.weight = torch.nn.Parameter(head.clone())  # untied from the embeddings
-    first = lambda engine, requests: engine.complete(requests, None, budgets)[0].text  # noqa: E731
+    first = lambda engine, requests: engine.complete(requests, [None] * len(requests), budgets)[0].text  # noqa: E731
     # today (batched decoding): the answer depends on which other call shares the batch
     assert first(batched, [ask(prompt)]) == tok.decode([a])
     assert first(batched, [ask(prompt), ask(other)]) == tok.decode([b])
     # deterministic decoding: the same answer alone, in a batch, and after the cache saw a shared prefix
     answers = {first(deterministic, [ask(prompt)]), first(deterministic, [ask(prompt), ask(other)])}
-    deterministic.complete([ask(other), ask(prompt)], None, budgets)
+    deterministic.complete([ask(other), ask(prompt)], [None, None], budgets)
     answers.add(first(deterministic, [ask(prompt)]))
     deterministic.prefix_cache.clear()
-    deterministic.complete([ask(prompt[:1] + [{"role": "user", "content": "The critic reads"}])], None, budgets)
+    deterministic.complete([ask(prompt[:1] + [{"role": "user", "content": "The critic reads"}])], [None], budgets)
     answers.add(first(deterministic, [ask(prompt), ask(other)]))
     assert len(answers) == 1
 
@@ -283,7 +383,7 @@ def test_http_teacher_sends_pending_requests_together_and_retries_503(flaky_serv
     configure(failures=2, together=4)
     engine = agents.HttpEngine(flaky_server, "m", retries=2, backoff=0.01)
     requests = [agents.ModelRequest("t_1", "planner", [{"role": "user", "content": f"q{i}"}]) for i in range(4)]
-    replies = engine.complete(requests, None, agents.Budgets())
+    replies = engine.complete(requests, [None] * len(requests), agents.Budgets())
     assert [r.text for r in replies] == [f"echo q{i}" for i in range(4)]  # in order
     assert FlakyHandler.tries == {f"q{i}": 3 for i in range(4)}  # two 503s each, then the answer
 
@@ -293,14 +393,15 @@ def test_http_teacher_gives_a_clear_error_after_the_last_retry(flaky_server):
     engine = agents.HttpEngine(flaky_server, "m", retries=3, backoff=0.01)
     request = agents.ModelRequest("t_1", "planner", [{"role": "user", "content": "q"}])
     with pytest.raises(ValueError, match=r"answered HTTP 503: .*overloaded.*gave up after 4 attempts"):
-        engine.complete([request], None, agents.Budgets())
+        engine.complete([request], [None], agents.Budgets())
     assert FlakyHandler.tries == {"q": 4}
 
 
 def test_bad_decode_flags_give_one_clear_line(micro, mini_world, capsys):
-    for flag, value, message in (("--prefix-cache-tokens", "0", "--prefix-cache-tokens must be positive"),
-                                 ("--prompt-lookup", "-1", "--prompt-lookup must be 0 (off) or positive")):
-        code = evaluate.main(["--model", str(micro), "--root", str(mini_world), "--limit", "1", flag, value])
+    for flags, message in ((["--prefix-cache-tokens", "0"], "--prefix-cache-tokens must be positive"),
+                           (["--prompt-lookup", "-1"], "--prompt-lookup must be 0 (off) or positive"),
+                           (["--mix-adapters"], "--mix-adapters needs --decode batched")):
+        code = evaluate.main(["--model", str(micro), "--root", str(mini_world), "--limit", "1", *flags])
         err = capsys.readouterr().err
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {message}")
