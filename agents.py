@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 import zlib
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ALL_COMPLETED, FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -533,7 +533,8 @@ def single_view(record: dict, task, system: dict) -> dict:
 # ----------------------------------------------------------------------------------------------------
 # Engines: what answers model requests. Each has complete(requests, adapters, budgets) -> replies, with one
 # adapter name (or None: the base) per request; `mixes_adapters` says whether requests of different adapters
-# may share one call (the scheduler groups by adapter otherwise).
+# may share one call (the scheduler groups by adapter otherwise), `batches` whether requests pending together
+# run faster as one call (the scheduler then keeps rollouts in step, see run_rollouts).
 
 PREFIX_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prefix cache (SmolLM2-135M fp32: 46 KiB/token)
 DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prefix cache's reuse granularity
@@ -572,6 +573,7 @@ class LocalEngine:
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
         self.mixes_adapters = mix_adapters
+        self.batches = not deterministic
 
     def load_adapter(self, folder: str, name: str) -> None:
         if self.mixes_adapters:  # unmerged on the base, inactive until a batch routes rows to it
@@ -607,8 +609,11 @@ class LocalEngine:
             adapters=[adapters[runnable[j]] for j in rows] if self.mixes_adapters else None,
             prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
         with torch.no_grad():
-            everyone = range(len(prompts))
-            generations = [decode([j])[0] for j in everyone] if self.deterministic else decode(everyone)
+            if self.deterministic:
+                generations = [decode([j])[0] for j in range(len(prompts))]
+            else:  # rows of one adapter side by side: lora.route_rows then updates them as one slice
+                order = sorted(range(len(prompts)), key=lambda j: str(adapters[runnable[j]]))
+                generations = [g for _, g in sorted(zip(order, decode(order)), key=lambda pair: pair[0])]
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
         for i, g in zip(runnable, generations):
             computed = model.generate_flops(net.config, g.n_prompt, g.n_new, cached=g.n_cached,
@@ -625,6 +630,7 @@ class HttpEngine:
     token counts with the tokenizer of the model being trained). Requests go one by one, whatever their role."""
 
     mixes_adapters = True
+    batches = True  # sent concurrently: an endpoint like vLLM batches them
 
     def __init__(self, url: str, model_name: str, api_key_env: str = "OPENAI_API_KEY", timeout: float = 300,
                  count=None, retries: int = 5, backoff: float = 1.0, concurrency: int = 16):
@@ -725,6 +731,7 @@ class GoldEngine:
 
     name = "gold"
     mixes_adapters = False
+    batches = False
 
     def __init__(self, root=None, recovery_share: float = 0.5):
         self.root = root
@@ -987,6 +994,8 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
         pool = world.WorldPool(n, root=root, **(session_options or {}))
         stats.startup_seconds = time.perf_counter() - began
     sessions = pool.sessions[:n]  # a rollout keeps its session from open to evaluate
+    in_world: dict[int, Future] = {}  # world calls running, by session
+    in_step = any(binding.engine.batches for binding in system.roles.values())
     try:
         with ThreadPoolExecutor(max_workers=len(sessions)) as threads:
             while queue or active:
@@ -995,11 +1004,18 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
                         generator = rollout(queue.popleft())
                         active[i] = Slot(generator, next(generator))
                 waiting = {i: s for i, s in active.items() if isinstance(s.request, ModelRequest)}
-                jobs = {i: threads.submit(serve_world, sessions[i], s.request)
-                        for i, s in active.items() if i not in waiting}
+                for i, s in active.items():
+                    if i not in waiting and i not in in_world:
+                        in_world[i] = threads.submit(serve_world, sessions[i], s.request)
+                # Model calls are served while world calls run. Engines that batch get rounds in step: every
+                # world call of a round finishes before the next model calls, which then share batches. Others
+                # (each call decoded alone) gain nothing from waiting: a rollout whose world call is still
+                # running waits for it, the rest go on, and the scheduler only waits when the model is idle.
                 results = serve_models(waiting, system, budgets, max_batch, stats) if waiting else {}
-                for i, job in jobs.items():
-                    results[i], seconds = job.result()
+                if in_step or not results:
+                    wait(in_world.values(), return_when=ALL_COMPLETED if in_step else FIRST_COMPLETED)
+                for i in [i for i, job in in_world.items() if job.done()]:
+                    results[i], seconds = in_world.pop(i).result()
                     stats.world_seconds += seconds
                 for i in sorted(results):
                     try:

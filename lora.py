@@ -109,9 +109,9 @@ class LoRALinear(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
         self.active: str | None = None
         self.merged: str | None = None  # name of the adapter currently folded into `weight`
-        # adapter name -> the batch rows that run it (None: every row), set by route_rows for mixed batches;
-        # while set it replaces `active`
-        self.routes: dict[str, torch.Tensor | None] | None = None
+        # adapter name -> the batch rows that run it (a slice when they are consecutive, else an index tensor),
+        # set by route_rows for mixed batches; while set it replaces `active`
+        self.routes: dict[str, slice | torch.Tensor] | None = None
 
     @property
     def plain(self) -> bool:
@@ -136,15 +136,18 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         y = project(x, self.weight, self.bias)  # (..., out), base dtype
-        if self.plain:
-            return y
+        return y if self.plain else self.add_adapters(x, y)
+
+    def add_adapters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y += the update of the adapter that runs on x (the active one, or each routed one on its rows), in
+        place; returns y. model.project_together calls this on its share of a product shared with other layers."""
         if self.routes is None:
             return self.add_adapter(x, y, self.active)
         for name, rows in self.routes.items():  # a mixed batch (x: (B, ...)): each adapter on its own rows
             if name not in self.specs:
                 continue
-            if rows is None:
-                self.add_adapter(x, y, name)
+            if isinstance(rows, slice):  # consecutive rows: views, updated in place
+                self.add_adapter(x[rows], y[rows], name)
             else:
                 y.index_copy_(0, rows, self.add_adapter(x.index_select(0, rows), y.index_select(0, rows), name))
         return y
@@ -401,8 +404,10 @@ def route_rows(model: nn.Module, names: list[str | None] | None) -> None:
         if name is not None:
             rows.setdefault(name, []).append(i)
     device = next(model.parameters()).device
-    # one index tensor per adapter, shared by every layer; None when the adapter runs on the whole batch
-    routes = {name: None if len(r) == len(names) else torch.tensor(r, device=device) for name, r in rows.items()}
+    # per adapter, shared by every layer: a slice when its rows are consecutive (callers that sort their batch by
+    # adapter get only slices: no gathers), else an index tensor
+    routes = {name: slice(r[0], r[-1] + 1) if r[-1] - r[0] == len(r) - 1 else torch.tensor(r, device=device)
+              for name, r in rows.items()}
     for layer in layers:
         layer.routes = routes
 

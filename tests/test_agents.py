@@ -261,7 +261,7 @@ class Scripted:
     """A stand-in model that always plans, always writes code and never reports: it drives every
     budget of the multi-agent protocol to its end."""
     name = "scripted"
-    mixes_adapters = False
+    mixes_adapters = batches = False
 
     def complete(self, requests, adapters, budgets):
         replies = []
@@ -467,6 +467,43 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixin
         runs[name] = {r["task_id"]: [(c["role"], c["output"]) for c in r["calls"]] for r in records}
     assert runs["shared"] == runs["separate"] == runs["mixed"]  # mixed: executor and critic calls share batches
     assert runs["shared"] != runs["base"]  # the adapters change what the roles say
+
+
+def test_a_slow_world_call_does_not_hold_back_other_rollouts_model_calls():
+    """Rollout "slow" runs code whose world call only returns once rollout "fast" has had all three of its model
+    calls answered (or after 10 s). A scheduler that waited for every world call of a round before serving the
+    next model calls would answer the fast rollout's second call only after that timeout. (The engine decodes
+    each call alone, like evaluation's deterministic default; engines that batch keep rounds in step.)"""
+    fast_done = threading.Event()
+
+    class Session:
+        def execute(self, code):
+            return "released" if fast_done.wait(timeout=10) else "timed out"
+
+    class Counting:
+        name, mixes_adapters, batches, calls = "counting", False, False, 0
+
+        def complete(self, requests, adapters, budgets):
+            Counting.calls += len(requests)
+            if Counting.calls == 3:
+                fast_done.set()
+            return [agents.ModelReply("ok", r.messages) for r in requests]
+
+    class Pool:
+        sessions = [Session(), Session()]
+
+    def rollout(task_id):
+        if task_id == "slow":
+            return (yield agents.ExecRequest("print(1)"))
+        for k in range(3):
+            yield agents.ModelRequest(task_id, "planner", [{"role": "user", "content": f"turn {k}"}])
+        return "fast finished"
+
+    finished = []
+    system = agents.System("multi", {"planner": agents.Binding(Counting())})
+    stats = agents.run_rollouts(["slow", "fast"], system, TINY, split="dev", workers=2, pool=Pool(), rollout=rollout,
+                                on_trajectory=finished.append)
+    assert finished == ["fast finished", "released"] and stats.tasks == 2
 
 
 def test_collect_limit_takes_the_splits_first_tasks_and_a_rerun_adds_nothing(mini_world, world_pool, tmp_path):

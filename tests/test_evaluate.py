@@ -51,7 +51,7 @@ def without_timing(records: list[dict]) -> list[dict]:
 class DoNothing:
     """An engine whose planner declares the task finished at once."""
     name = "do-nothing"
-    mixes_adapters = False
+    mixes_adapters = batches = False
 
     def complete(self, requests, adapters, budgets):
         return [agents.ModelReply(agents.FINISH, r.messages) for r in requests]
