@@ -26,8 +26,9 @@ A rollout is a Python generator. It yields requests (OpenRequest, ModelRequest, 
 EvalRequest), receives their results, and returns the finished trajectory record (data.py's format).
 `run_rollouts` drives many rollouts at once: each round it sends all pending world requests to world
 sessions (worker processes, called from threads) and groups all pending model requests by (engine,
-adapter, stop strings) into one batched greedy `generate` call each. Rollouts only see their own
-results, so with greedy fp32 decoding a batched run records the same trajectories as one task at a time.
+adapter, stop strings), or by engine alone for one that mixes adapters, into one batched greedy
+`generate` call each. Rollouts only see their own results, so with greedy fp32 decoding a batched run
+records the same trajectories as one task at a time.
 """
 
 from __future__ import annotations
