@@ -16,7 +16,8 @@ and cluster.py's `start_cluster` (under torch.distributed.run for data parallel)
              tolerance; fused AdamW; tokens/s, MFU against the GPU's bf16 dense peak, peak memory
   ddp        prost.py's data parallel over every visible GPU (nccl) equals one process accumulating the same
              micro-batches (with one GPU: one process under torchrun, so no collective is exercised)
-  generate   batched greedy generation equals one prompt at a time; decode tokens/s at batch 1 and 32
+  generate   batched greedy generation equals one prompt at a time, and a batch mixing two adapters and the
+             base equals each adapter's rows alone; decode tokens/s at batch 1 and 32
   world      a short mini-world evaluation on CUDA, only when appworld is importable
 
 It exits 1 when any check fails. Without CUDA it says so in one line and exits 0. `--device cpu --tiny`
@@ -172,15 +173,15 @@ def logits_error(x: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return ((x - ref).abs().max() / ref.std()).item(), (x.argmax(-1) == ref.argmax(-1)).float().mean().item()
 
 
-def add_random_adapter(model, seed: int) -> None:
-    """A LoRA adapter 'check' with non-zero B (a fresh one changes nothing), active."""
-    lora.add_adapter(model, "check", r=8, alpha=16)
+def add_random_adapter(model, seed: int, name: str = "check") -> None:
+    """A LoRA adapter `name` with non-zero B (a fresh one changes nothing), active."""
+    lora.add_adapter(model, name, r=8, alpha=16)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in lora.lora_layers(model).values():
-            b = layer.lora_B["check"]
+            b = layer.lora_B[name]
             b.copy_(0.05 * torch.randn(b.shape, generator=g))
-    lora.set_adapter(model, "check")
+    lora.set_adapter(model, name)
 
 
 def transformers_logits(transformers, folder: Path, state: dict, ids: torch.Tensor, device, dtype):
@@ -416,7 +417,29 @@ def check_generation(name: str, folder: Path, sizes: Sizes, device: torch.device
         if dtype == torch.bfloat16:
             out += decode_speed(name, model, vocab, sizes, device)
         del model
+    out.append(check_mixed_adapters(name, folder, prompts, sizes, device))
     return out
+
+
+def check_mixed_adapters(name: str, folder: Path, prompts: list[list[int]], sizes: Sizes, device) -> Row:
+    """One fp32 batch whose rows run adapters a, b or the base (lora.route_rows) against each adapter's rows
+    generated as a batch of their own."""
+    model = Transformer.from_pretrained(folder, device=device, dtype=torch.float32)
+    for seed, adapter in enumerate(("a", "b")):
+        add_random_adapter(model, seed=10 + seed, name=adapter)
+    names = [("a", "b", None)[i % 3] for i in range(len(prompts))]
+    mixed = generate(model, prompts, sizes.generate_new, adapters=names)
+    differ = ties = same = 0
+    for adapter in ("a", "b", None):
+        rows = [i for i, n in enumerate(names) if n == adapter]
+        lora.set_adapter(model, adapter)
+        alone = generate(model, [prompts[i] for i in rows], sizes.generate_new)
+        d, t = greedy_mismatches(model, [prompts[i] for i in rows], [mixed[i] for i in rows], alone)
+        differ, ties, same = differ + d, ties + t, same + len(rows) - d
+    figures = (f"{same}/{len(prompts)} prompts identical over {sizes.generate_new} tokens"
+               + (f", {ties} of {differ} differences at near-ties" if differ else ""))
+    return Row("generate mixed adapters vs per-adapter batches float32", name,
+               "PASS" if differ == ties else "FAIL", figures)
 
 
 def decode_speed(name: str, model, vocab: int, sizes: Sizes, device: torch.device) -> list[Row]:

@@ -43,6 +43,7 @@ def test_every_check_passes_at_tiny_shapes_on_the_cpu(mini_world, capsys):
         "generate batched vs one-at-a-time float32": ["PASS"],
         "generate batched vs one-at-a-time bfloat16": ["INFO"],
         "decode bf16, prompt 16, 8 new": ["INFO"],
+        "generate mixed adapters vs per-adapter batches float32": ["PASS"],
         "world evaluation (random micro model)": ["PASS"],
     }
     assert rows == expected, out
