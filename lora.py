@@ -390,15 +390,16 @@ def route_rows(model: nn.Module, names: list[str | None] | None) -> None:
     one batch serves several roles: the base matmuls are shared and only the low-rank updates differ per row.
     `names=None` ends the routing (`set_adapter` is in effect again). model.generate(adapters=...) calls this
     as rows join and leave its batch. Adapters must not be merged: a merged one would apply to every row."""
-    layers = lora_layers(model).values()
+    layers = list(lora_layers(model).values())
     if names is None:
         for layer in layers:
             layer.routes = None
         return
     if any(layer.merged is not None for layer in layers):
         raise ValueError("route_rows needs unmerged adapters; call unmerge(model) first")
-    for name in set(names) - {None}:
-        _check_exists(model, name)
+    unknown = set(names) - {None} - {name for layer in layers for name in layer.specs}
+    if unknown:
+        raise ValueError(f"no adapter named {unknown.pop()!r} on the model; adapters: {adapter_names(model)}")
     rows: dict[str, list[int]] = {}
     for i, name in enumerate(names):
         if name is not None:

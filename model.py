@@ -1053,7 +1053,14 @@ def _generate(model, prompts, max_new_tokens, stop_ids, tokenizer, stops, pad_id
     B, P = len(prompts), max(len(p) for p in prompts)
     # each row's prefix-cache namespace (keys/values depend on the weights that computed them) and adapters
     spaces = [namespace] * B if adapters is None else [(namespace, a) for a in adapters]
-    route = (lambda rows: None) if adapters is None else (lambda rows: _route(model, [adapters[b] for b in rows]))
+    routed = None  # the adapter of each batch row of the last forward
+
+    def route(rows) -> None:  # called before each forward with the prompts its batch rows hold
+        nonlocal routed
+        if adapters is not None and (names := [adapters[b] for b in rows]) != routed:
+            _route(model, names)
+            routed = names
+
     pad = torch.tensor([P - len(p) for p in prompts], device=device)  # (B,)
     cache = KVCache(model.config, B, P + max_new_tokens, device, dtype, pad)
     if prefix_cache is None and prefill_chunk is None:  # the whole batch's prompts in one pass
