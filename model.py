@@ -1011,8 +1011,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     own adapter (`lora.route_rows`): one batch serves several roles of one base.
 
     With a `prefix_cache`, each row starts from the keys/values of its longest cached prefix (in `namespace`)
-    and only the rest of its prompt is computed; finished rows store their prompt and new tokens for later
-    calls (a row with an adapter in namespace (namespace, adapter)). With `prefill_chunk` C, prompts are
+    and only the rest of its prompt is computed; each row's prompt is stored once computed (the batch's later
+    rows may share it), and finished rows store their prompt and new tokens for later calls (a row with an
+    adapter in namespace (namespace, adapter)). With `prefill_chunk` C, prompts are
     computed in chunks of C tokens aligned at position 0 and only whole chunks are reused or stored: a chunk's
     keys/values are then the same bits whether they were cached or computed, so (at batch 1) the tokens depend
     on the prompt alone, not on what the cache held.
@@ -1069,8 +1070,11 @@ def _generate(model, prompts, max_new_tokens, stop_ids, tokenizer, stops, pad_id
         h = model.hidden(ids, cache)[:, -1]  # (B, D): only the last position is needed
         n_cached = [0] * B
     else:  # row by row, each from its own cached prefix
-        rows = [_prefill_row(model, cache, b, prompts[b], prefix_cache, spaces[b], prefill_chunk, route)
-                for b in range(B)]
+        rows = []
+        for b in range(B):
+            rows.append(_prefill_row(model, cache, b, prompts[b], prefix_cache, spaces[b], prefill_chunk, route))
+            if prefix_cache is not None and b < B - 1:  # later rows may start alike (one system prompt)
+                _store_row(prefix_cache, spaces[b], cache, b, prompts[b], len(prompts[b]), prefill_chunk)
         cache.length = P
         h, n_cached = torch.stack([r[0] for r in rows]), [r[1] for r in rows]  # (B, D)
     # per row, the tokens that can hold a stop string that was not there a step ago

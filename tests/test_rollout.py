@@ -95,6 +95,21 @@ def test_reuse_across_conversations_sharing_system_prompt_and_task(qwen2_ckpt):
     assert out[0].n_cached >= len(a) - 1
 
 
+def test_rows_of_one_batch_reuse_an_earlier_rows_prompt(qwen2_ckpt):
+    """Calls pending together (the first turn of every rollout) share their system prompt: with an empty cache,
+    each row after the first computes only what an earlier row of the batch has not."""
+    folder, hf = qwen2_ckpt
+    ours, tok = M.Transformer.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    cache = M.PrefixCache(4096)
+    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": text}])
+               for text in ("Task: print(apis.venmo.show_transactions(page_index=0))", "Task: 0123", "Hello world!")]
+    out = M.generate(ours, prompts, 8, stop_ids=(), prefix_cache=cache)
+    assert [g.ids for g in out] == [hf_greedy(hf, p, 8) for p in prompts]
+    shared = [0, common_prefix(prompts[0], prompts[1]),
+              max(common_prefix(prompts[0], prompts[2]), common_prefix(prompts[1], prompts[2]))]
+    assert [g.n_cached for g in out] == shared and shared[1] > len(chat_ids(tok, [SYSTEM])) - 5
+
+
 def test_eviction_keeps_the_bound_and_drops_the_least_recently_used():
     cache = M.PrefixCache(max_tokens=10)
     kv = lambda n: ([torch.zeros(1, n, 2)], [torch.zeros(1, n, 2)])  # noqa: E731
