@@ -212,6 +212,9 @@ def test_run_identity_knows_world_and_models_by_content_so_moved_copies_resume(m
     def system(folder):
         return agents.build_system("multi", {r: str(folder) for r in data.MULTI_AGENT_ROLES}, {})
     saved = evaluate.run_identity(system(micro), SMALL, "dev", mini_world, {})
+    mixing = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
+    with pytest.raises(ValueError, match=r'holds a different run \(decode.critic.adapters: "merged" there vs "mixed"'):
+        store.check_identity(tmp_path, saved, evaluate.run_identity(mixing, SMALL, "dev", mini_world, {}), "-")
     shutil.copytree(mini_world, tmp_path / "world")
     shutil.copytree(micro, tmp_path / "model")
     moved = evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev", tmp_path / "world", {})
