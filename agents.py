@@ -628,7 +628,8 @@ class LocalEngine:
 class HttpEngine:
     """An OpenAI-compatible chat endpoint (POST <base>/v1/chat/completions, temperature 0), stdlib only.
     Token counts and FLOPs are not known for a remote model: they are recorded as 0 (collect can fill
-    token counts with the tokenizer of the model being trained). Requests go one by one, whatever their role."""
+    token counts with the tokenizer of the model being trained). Each request is sent on its own, so pending
+    requests of every role can share one complete() call."""
 
     mixes_adapters = True
     batches = True  # sent concurrently: an endpoint like vLLM batches them

@@ -208,8 +208,8 @@ def run_identity(system: agents.System, budgets: agents.Budgets, split: str, roo
     the world, models and adapters were is recorded, not compared, so a moved folder resumes. The decode mode is
     included too: batched decoding and prompt-lookup drafts can flip a near-tie, deterministic decoding cannot;
     so is how adapters run (merged into the weights or mixed in one batch, `agents.LocalEngine`: the same
-    function, rounded differently). Not included: --scenarios and --limit (a task's trajectory does not depend on them;
-    results.json records them), --workers / --max-batch and the prefix cache's size."""
+    function, rounded differently). Not included: --scenarios and --limit (a task's trajectory does not depend
+    on them; results.json records them), --workers / --max-batch and the prefix cache's size."""
     import model
     loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "base")}
     fingerprints = {e.name: model.fingerprint(e.name) for e in loaded.values()}  # once per shared base

@@ -14,8 +14,9 @@ forward pass selects one (switching only changes a name, never copies weights), 
 Where this file sits: `prost.py` calls `apply_lora` (adds an adapter and makes it the only trainable
 thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `merged_copy` per role (the
 adapter folded into copies of the layers it covers, so inference runs only the base's matmuls) and
-`adapter_base` to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
-adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
+`adapter_base` to find the base model. With --mix-adapters they load every role's adapter unmerged on one
+base instead, and `route_rows` gives each row of a batch its own. Adapters are stored in PEFT's on-disk
+layout, so a prost adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
 `export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder;
 from the shell: `python lora.py ckpts/planner merged/planner`.
 
