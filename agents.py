@@ -980,10 +980,12 @@ def serve_models(slots: dict[int, Slot], system: System, budgets: Budgets, max_b
 
 def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split: str, root=None,
                  workers: int = 4, max_batch: int = 16, on_trajectory=None, rollout=None,
-                 pool=None, session_options: dict | None = None) -> RunStats:
+                 pool=None, session_options: dict | None = None, in_step: bool | None = None) -> RunStats:
     """Roll out every task with `workers` world sessions at once; call on_trajectory(record) as each
     finishes. `rollout(task_id)` makes a rollout generator (default: the system's kind). A running
-    world.WorldPool can be passed in (its first `workers` sessions are used, and it stays open)."""
+    world.WorldPool can be passed in (its first `workers` sessions are used, and it stays open).
+    `in_step`: whether every world call of a round finishes before the next model calls (default: when an
+    engine batches; see below). In step, the order in which tasks finish does not depend on timing."""
     if rollout is None:
         make = multi_agent_rollout if system.kind == "multi" else single_agent_rollout
         described = system.describe(budgets)
@@ -997,7 +999,8 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
         stats.startup_seconds = time.perf_counter() - began
     sessions = pool.sessions[:n]  # a rollout keeps its session from open to evaluate
     in_world: dict[int, Future] = {}  # world calls running, by session
-    in_step = any(binding.engine.batches for binding in system.roles.values())
+    if in_step is None:
+        in_step = any(binding.engine.batches for binding in system.roles.values())
     try:
         with ThreadPoolExecutor(max_workers=len(sessions)) as threads:
             while queue or active:
@@ -1109,8 +1112,9 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
                         count_tokens(record, tokenizer)
                 data.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
+        # in step: trajectories are appended as tasks finish, and training follows the file's order
         summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
-                                     max_batch=max_batch, on_trajectory=keep, pool=pool,
+                                     max_batch=max_batch, on_trajectory=keep, pool=pool, in_step=True,
                                      rollout=lambda t: teacher_rollout(t, budgets, split, multi, single))
     return summary
 

@@ -469,16 +469,18 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixin
     assert runs["shared"] != runs["base"]  # the adapters change what the roles say
 
 
-def test_a_slow_world_call_does_not_hold_back_other_rollouts_model_calls():
+@pytest.mark.parametrize("in_step", [None, True])
+def test_a_slow_world_call_does_not_hold_back_other_rollouts_model_calls(in_step):
     """Rollout "slow" runs code whose world call only returns once rollout "fast" has had all three of its model
-    calls answered (or after 10 s). A scheduler that waited for every world call of a round before serving the
-    next model calls would answer the fast rollout's second call only after that timeout. (The engine decodes
-    each call alone, like evaluation's deterministic default; engines that batch keep rounds in step.)"""
+    calls answered (or after a timeout). A scheduler that waited for every world call of a round before serving
+    the next model calls would answer the fast rollout's second call only after that timeout. The engine decodes
+    each call alone, like evaluation's deterministic default, so by default rounds are not in step; in step (as
+    engines that batch, and collect, run them) the slow call times out and its rollout finishes first."""
     fast_done = threading.Event()
 
     class Session:
         def execute(self, code):
-            return "released" if fast_done.wait(timeout=10) else "timed out"
+            return "released" if fast_done.wait(timeout=10 if in_step is None else 0.5) else "timed out"
 
     class Counting:
         name, mixes_adapters, batches, calls = "counting", False, False, 0
@@ -502,8 +504,9 @@ def test_a_slow_world_call_does_not_hold_back_other_rollouts_model_calls():
     finished = []
     system = agents.System("multi", {"planner": agents.Binding(Counting())})
     stats = agents.run_rollouts(["slow", "fast"], system, TINY, split="dev", workers=2, pool=Pool(), rollout=rollout,
-                                on_trajectory=finished.append)
-    assert finished == ["fast finished", "released"] and stats.tasks == 2
+                                on_trajectory=finished.append, in_step=in_step)
+    assert finished == (["fast finished", "released"] if in_step is None else ["timed out", "fast finished"])
+    assert stats.tasks == 2
 
 
 def test_collect_limit_takes_the_splits_first_tasks_and_a_rerun_adds_nothing(mini_world, world_pool, tmp_path):
