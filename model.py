@@ -3,8 +3,8 @@
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
 `Tokenizer.chat` and decoded with this file's greedy `generate`. The only prost files it imports are store.py
-(stdlib only, for atomic file writes and content fingerprints) and gguf_io.py (its GGUF reader, imported
-lazily when a .gguf file is loaded).
+(stdlib only, for atomic file writes and content fingerprints), gguf_io.py (its GGUF reader, imported lazily
+when a .gguf file is loaded) and lora.py (lazily, when one `generate` batch runs several adapters).
 
 What is here, top to bottom:
   1. ModelConfig       read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2)
@@ -15,7 +15,8 @@ What is here, top to bottom:
                        loaded tensor by tensor straight into the target dtype/device onto a model built on the
                        meta device (no second copy); `fingerprint`, what run identities record of a model
   4. Tokenizer         `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
-  5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings;
+  5. generate          batched greedy decoding: left padding + per-row positions, stop ids and stop strings,
+                       optionally one adapter per row;
                        PrefixCache (keys/values of earlier prompts reused across calls, LRU, bounded in tokens);
                        lay_out_for_decoding (weights stored the way CPU one-row products read them fastest)
   6. FLOPs, tiny preset  `forward_flops` (the one counting rule), `generate_flops`, `train_flops`;
