@@ -322,11 +322,13 @@ def _train_examples(model_dir: str, data_path: str, role: str):
 
 
 def _micro_batches(examples, shared: bool):
-    """Micro-batches as prost's loop plans them (epoch 1, seed 0) of the examples, or of their shared-prefix
-    sequences; the reference trains the separate examples in exactly the batches of the unshared case."""
+    """Micro-batches as prost's loop plans them (epoch 1, seed 0, a task's examples side by side) of the
+    examples, or of their shared-prefix sequences; the reference trains the separate examples in exactly the
+    batches of the unshared case."""
     import data
     sequences = data.share_prefixes(examples) if shared else examples
-    plan = data.plan_batches(list(range(len(sequences))), [e.n_tokens for e in sequences], TRAIN_MICRO, 0, 1)
+    plan = data.plan_batches(list(range(len(sequences))), [e.n_tokens for e in sequences], TRAIN_MICRO, 0, 1,
+                             groups=[e.task_id for e in sequences])
     return [[sequences[i] for i in batch] for batch in plan]
 
 
@@ -340,7 +342,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     examples = _train_examples(model_dir, data_path, role)
     batches = _micro_batches(examples, shared=which == "prost")
     pad_id = M.Tokenizer.from_pretrained(model_dir).pad_id
-    tensors = [data.collate(b, pad_id) for b in batches]
+    tensors = [data.collate(b, pad_id, share_trunk=which == "prost") for b in batches]
     lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]
     step_targets = sum(e.n_targets for e in examples)
     if which.startswith("prost"):
@@ -365,7 +367,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
         params = [p for p in model.parameters() if p.requires_grad]  # PEFT keeps adapters fp32 over a bf16 base
 
         def accumulate():
-            for (ids, mask), n in zip(tensors, lengths):  # TRL's assistant-only loss: labels -100 off the targets
+            for (ids, mask, _), n in zip(tensors, lengths):  # TRL's assistant-only loss: labels -100 off the targets
                 labels = ids.masked_fill(~mask, -100)
                 attention_mask = (torch.arange(ids.shape[1])[None] < n[:, None]).long()  # (B, T), 0 on padding
                 with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -409,6 +411,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     """In a fresh process: one forward and backward of a rows x LONG_SEQ micro-batch whose last LONG_TARGETS
     tokens per row are targets (bf16 autocast, r=16); print the RSS before the step and the process's peak RSS
     (bytes), and the step's CPU seconds."""
+    import data
     import lora
     import prost
     torch.set_num_threads(1)
@@ -422,7 +425,8 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
                                 checkpoint_activations=checkpointing)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
         before, start = prost.status_kib("VmRSS:") * 1024, time.process_time()
-        prost.accumulate_gradients(model, [(ids, mask)], int(mask[:, 1:].sum()), torch.device("cpu"), "bf16")
+        prost.accumulate_gradients(model, [data.Batch(ids, mask, 0)], int(mask[:, 1:].sum()), torch.device("cpu"),
+                                   "bf16")
     else:
         import peft
         import transformers
@@ -489,7 +493,8 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                 sequences = [e for b in batches[label] for e in b]
                 seconds = best[label]
                 ratio = best["transformers+PEFT"] / seconds
-                flops = sum(prost.sequence_train_flops(config, adapter_weights, e) for e in sequences)  # what this row runs
+                flops = sum(prost.batch_train_flops(config, adapter_weights, b, share_trunk=which == "prost")
+                            for b in batches[label])  # what this row runs
                 mfu = flops / seconds / peak[torch.bfloat16]
                 memory = _train_peak(which, model_dir, data_path, role) / 2**20
                 print(f"  {role:<9} {label:<26} {len(sequences):>9} {sum(e.n_tokens for e in sequences):>7} "

@@ -5,7 +5,7 @@ prost.py turns them into per-role, per-sub-task training examples with this file
 progressive sub-task schedule, and batches them. The pipeline is
 
     trajectory lines --read_trajectories--> records --build_examples--> Examples (ids + loss mask)
-        --epoch_example_indices (the curriculum)--> plan_batches --> collate --> (ids, mask) tensors
+        --epoch_example_indices (the curriculum)--> plan_batches --> collate --> (ids, mask, trunk) Batch
 
 The trajectory format (schema version 2) is owned here and documented in `validate_trajectory`.
 Sub-task indices are 1-based; the planner's "task finished" decision carries index K + 1.
@@ -40,6 +40,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -511,16 +512,27 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 def plan_batches(indices: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int,
-                 window_batches: int = 64) -> list[list[int]]:
+                 window_batches: int = 64, groups: list | None = None) -> list[list[int]]:
     """Micro-batches of example indices for one epoch: shuffled, then sorted by length within windows of
     `window_batches` batches (similar lengths pad little), batch order shuffled, the longest batch moved
-    first so an out-of-memory shows up at the first step rather than hours in."""
+    first so an out-of-memory shows up at the first step rather than hours in. With `groups` (one key per
+    index, e.g. its task), a window's examples of one group stay next to each other, groups ordered by their
+    longest member, so a micro-batch mostly holds one task's examples, whose shared prefix collate computes
+    once (`trunk_length`). The number of micro-batches is the same either way."""
     g = epoch_generator(seed, epoch)
     order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
     window = batch_size * window_batches
     batches = []
     for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i], reverse=True)
+        chunk = order[start:start + window]
+        if groups is None:
+            chunk.sort(key=lambda i: lengths[i], reverse=True)
+        else:
+            longest: dict = {}
+            for i in chunk:
+                longest[groups[i]] = max(longest.get(groups[i], 0), lengths[i])
+            first = {key: n for n, key in enumerate(dict.fromkeys(groups[i] for i in chunk))}  # ties: shuffled order
+            chunk.sort(key=lambda i: (-longest[groups[i]], first[groups[i]], -lengths[i]))
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
@@ -528,15 +540,40 @@ def plan_batches(indices: list[int], lengths: list[int], batch_size: int, seed: 
     return batches
 
 
-def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded (ids, mask) tensors; pads are never targets."""
+MIN_TRUNK = 16  # shortest shared prefix worth a pass of its own (each pass costs a few ms of fixed work)
+
+
+class Batch(NamedTuple):
+    ids: torch.Tensor  # (B, T) right-padded with the pad id
+    mask: torch.Tensor  # (B, T) True at target tokens, never at pads
+    trunk: int  # leading columns shared by every row that predict no target (computed once; 0 = none)
+
+
+def trunk_length(examples: list[Example]) -> int:
+    """How many leading tokens a micro-batch computes once for all its rows (model.SharedTrunk): the longest
+    prefix every example has in common, cut so that no target is predicted from inside it (token t is
+    predicted at position t - 1, and the trunk's positions produce no logits). 0 for a single example or a
+    shared prefix shorter than MIN_TRUNK."""
+    if len(examples) < 2:
+        return 0
+    first, n = examples[0].ids, min(e.n_tokens for e in examples)
+    for e in examples[1:]:
+        n = next((t for t in range(n) if e.ids[t] != first[t]), n)
+    first_target = min((e.mask.index(1) for e in examples if any(e.mask)), default=n + 1)
+    n = min(n, first_target - 1)
+    return n if n >= MIN_TRUNK else 0
+
+
+def collate(examples: list[Example], pad_id: int, share_trunk: bool = True) -> Batch:
+    """Right-padded ids and target mask, and the trunk the rows share (`trunk_length`, or 0 without
+    `share_trunk`); pads are never targets."""
     width = max(e.n_tokens for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)  # (B, T)
     for row, e in enumerate(examples):
         ids[row, :e.n_tokens] = torch.tensor(e.ids)
         mask[row, :e.n_tokens] = torch.tensor(e.mask, dtype=torch.bool)
-    return ids, mask
+    return Batch(ids, mask, trunk_length(examples) if share_trunk else 0)
 
 
 # ----------------------------------------------------------------------------------------------------

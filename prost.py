@@ -46,7 +46,7 @@ import data
 import lora
 import store
 from cluster import Cluster, barrier, exit_process, first_error, gather, start_cluster, stop_cluster
-from model import ModelConfig, Tokenizer, Transformer, fingerprint, resolve_model_dir, train_flops
+from model import ModelConfig, SharedTrunk, Tokenizer, Transformer, fingerprint, resolve_model_dir, train_flops
 from store import atomic_write
 
 ADAPTER = "default"  # the adapter's name inside the model; the folder is what agents.py loads
@@ -173,7 +173,7 @@ class EpochStats:
     targets: int
     tokens: int
     seconds: float
-    flops: float  # model FLOPs of what ran (sequence_train_flops), all ranks
+    flops: float  # model FLOPs of what ran (batch_train_flops), all ranks
     sequences: int  # the epoch's examples after prefix sharing
 
 
@@ -190,8 +190,8 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
     for i, step_batches in enumerate(steps):
         step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
         my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
-        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id) for b in my_batches], step_targets,
-                                        cluster.device, precision)
+        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id, cfg.share_prefixes) for b in my_batches],
+                                        step_targets, cluster.device, precision)
         if cluster.world > 1:
             all_reduce_gradients(params)
             loss_sum = all_reduce_sum(loss_sum, cluster)
@@ -210,7 +210,7 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
         loss_total += loss_sum.item()
         targets_total += step_targets
         my_tokens += sum(e.n_tokens for b in my_batches for e in b)
-        my_flops += sum(sequence_train_flops(model.config, adapter_weights, e) for b in my_batches for e in b)
+        my_flops += sum(batch_train_flops(model.config, adapter_weights, b, cfg.share_prefixes) for b in my_batches)
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
     bar.close()
     totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
@@ -219,31 +219,40 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
     return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
 
 
-def accumulate_gradients(model, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], step_targets: int,
-                         device: torch.device, precision: str) -> torch.Tensor:
+def accumulate_gradients(model, micro_batches: list[data.Batch], step_targets: int, device: torch.device,
+                         precision: str) -> torch.Tensor:
     """Backward through each micro-batch with its loss divided by the step's total target tokens, so the
     summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
     total = torch.zeros((), device=device)
-    for ids, mask in micro_batches:
+    for ids, mask, trunk in micro_batches:
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         with autocast(device, precision):
-            losses, _ = target_token_losses(model, ids, mask)
+            losses, _ = target_token_losses(model, ids, mask, trunk)
         loss_sum = losses.sum()
         (loss_sum / step_targets).backward()
         total += loss_sum.detach()
     return total
 
 
-def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def target_token_losses(model, ids: torch.Tensor, mask: torch.Tensor, trunk: int = 0
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every target token, and the batch row it belongs to.
 
     Token t + 1 is predicted from position t, so positions from the batch's last target on are never
     needed as input (they are cut), and the vocabulary projection runs only where the next token is a
-    target. Under activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a
-    time, so they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
+    target. The first `trunk` columns, the same in every row and predicting no target (data.trunk_length),
+    run once as one row whose keys and values every row then attends to (model.SharedTrunk). Under
+    activation checkpointing the (N, vocab) logits are recomputed too, LOSS_CHUNK targets at a time, so
+    they never all exist at once (for Qwen2.5's 152k vocabulary, 1k targets take 1.5 GB)."""
     end = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 2  # one past the last target column
     ids, mask = ids[:, :end], mask[:, :end]
-    hidden = model.hidden(ids[:, :-1])  # (B, T-1, D)
+    cache = None
+    if trunk:
+        cache = SharedTrunk(ids.device)
+        model.hidden(ids[:1, :trunk], cache)  # only its keys and values are used, and get gradients
+        cache = cache.continuation()
+        ids, mask = ids[:, trunk:], mask[:, trunk:]
+    hidden = model.hidden(ids[:, :-1], cache)  # (B, T-1, D)
     is_target = mask[:, 1:]  # (B, T-1)
     targets, labels = hidden[is_target], ids[:, 1:][is_target]  # (N, D), (N,): N = target tokens in the batch
     if model.checkpoint_blocks and torch.is_grad_enabled():
@@ -402,8 +411,12 @@ def epoch_sequences(examples, epoch: int, cfg: TrainConfig) -> list[data.Example
 
 
 def epoch_micro_batches(sequences: list[data.Example], epoch: int, cfg: TrainConfig) -> list[list[int]]:
+    """Micro-batches of similar length; with prefix sharing, a task's sequences side by side, so a micro-batch
+    computes their common prefix once (data.trunk_length)."""
     lengths = [e.n_tokens for e in sequences]
-    return data.plan_batches(list(range(len(sequences))), lengths, cfg.micro_batch_size, cfg.seed, epoch)
+    groups = [e.task_id for e in sequences] if cfg.share_prefixes else None
+    return data.plan_batches(list(range(len(sequences))), lengths, cfg.micro_batch_size, cfg.seed, epoch,
+                             groups=groups)
 
 
 def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -496,12 +509,17 @@ def peak_flops(device: torch.device, override_tflops: float) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def sequence_train_flops(config, adapter_weights: int, sequence: data.Example) -> float:
-    """Model FLOPs of one training sequence as the step runs it (model.train_flops, the one counting rule):
-    the positions up to its last target (target_token_losses cuts the rest), the vocabulary projection at
-    the targets only; padding and activation recomputation are not counted."""
-    last = max((i for i, m in enumerate(sequence.mask) if m), default=0)
-    return train_flops(config, last + 1, sequence.n_targets, adapter_weights)
+def batch_train_flops(config, adapter_weights: int, batch: list[data.Example], share_trunk: bool = True) -> float:
+    """Model FLOPs of one micro-batch as the step runs it (model.train_flops, the one counting rule): each
+    sequence's positions up to its last target (target_token_losses cuts the rest), the vocabulary
+    projection at the targets only; a shared trunk (data.trunk_length) once, each row's positions after it
+    attending to the trunk's keys. Padding and activation recomputation are not counted."""
+    trunk = data.trunk_length(batch) if share_trunk else 0
+    total = train_flops(config, trunk + 1, 0, adapter_weights) if trunk else 0.0
+    for e in batch:
+        last = max((i for i, m in enumerate(e.mask) if m), default=0)
+        total += train_flops(config, last + 1 - trunk, e.n_targets, adapter_weights, past=trunk)
+    return total
 
 
 @torch.no_grad()
@@ -514,9 +532,9 @@ def dev_losses(model, examples: list[data.Example], cfg: TrainConfig, pad_id: in
     order = sorted(range(len(examples)), key=lambda i: examples[i].n_tokens)[cluster.rank::cluster.world]
     for start in range(0, len(order), cfg.micro_batch_size):
         batch = [examples[i] for i in order[start:start + cfg.micro_batch_size]]
-        ids, mask = data.collate(batch, pad_id)
+        ids, mask, trunk = data.collate(batch, pad_id, cfg.share_prefixes)
         with autocast(cluster.device, precision):
-            losses, rows = target_token_losses(model, ids.to(cluster.device), mask.to(cluster.device))
+            losses, rows = target_token_losses(model, ids.to(cluster.device), mask.to(cluster.device), trunk)
         subtask_of_row = torch.tensor([e.subtask for e in batch], device=cluster.device)
         sums[:, 0].index_add_(0, subtask_of_row[rows], losses.double())
         sums[:, 1].index_add_(0, subtask_of_row[rows], torch.ones_like(losses, dtype=torch.float64))

@@ -58,14 +58,19 @@ def log_records(out_dir: Path) -> list[dict]:
 # The loss.
 
 
-def test_target_token_losses_match_transformers_logits(base, trajectories):
+@pytest.mark.parametrize("share_trunk", [False, True])
+def test_target_token_losses_match_transformers_logits(base, trajectories, share_trunk, monkeypatch):
+    """With a shared trunk, the rows' common prefix runs once and each row continues it; the reference is
+    transformers on each full row."""
+    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     ckpt, hf_model = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
-    ids, mask = data.collate(examples[:3], tokenizer.pad_id)
+    ids, mask, trunk = data.collate(examples[:3], tokenizer.pad_id, share_trunk)
+    assert (trunk >= 4) == share_trunk
     model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
-        losses, rows = prost.target_token_losses(model, ids, mask)
+        losses, rows = prost.target_token_losses(model, ids, mask, trunk)
         logits = hf_model(ids).logits  # (B, T, V), every position
     expected = F.cross_entropy(logits[:, :-1][mask[:, 1:]], ids[:, 1:][mask[:, 1:]], reduction="none")
     torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
@@ -175,6 +180,31 @@ def test_shared_prefix_gradient_equals_the_separate_examples(base, role):
     assert all(g.abs().sum() > 0 for g in separate[1])
 
 
+@pytest.mark.parametrize("role", ["executor", "critic"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_trunk_gradient_equals_the_separate_examples(base, role, checkpointing, monkeypatch):
+    """A micro-batch of one task's examples computes their common prefix once (model.SharedTrunk) and every
+    row attends to its keys and values; the reference is each example alone, one per micro-batch (no
+    padding, no trunk): the same summed token loss and the same gradient of the step's mean token loss."""
+    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic conversations share a short system prompt
+    ckpt, _ = base
+    tokenizer = Tokenizer.from_pretrained(ckpt)
+    records = [synthetic_trajectory("a", n_subtasks=3), synthetic_trajectory("b", n_subtasks=2, recovery_at=1)]
+    examples, _ = data.build_examples(records, role, tokenizer, 10_000)
+    by_task = [[e for e in examples if e.task_id == task] for task in ("a", "b")]
+    batches = [data.collate(group, tokenizer.pad_id) for group in by_task]
+    assert all(b.trunk >= 4 for b in batches) and all(len(group) >= 2 for group in by_task)
+    step_targets = sum(e.n_targets for e in examples)
+    model, params = random_adapter_model(ckpt)
+    separate = step_gradients(model, params, [data.collate([e], tokenizer.pad_id) for e in examples], step_targets)
+    model.checkpoint_blocks = checkpointing
+    together = step_gradients(model, params, batches, step_targets)
+    torch.testing.assert_close(together[0], separate[0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(together[1], separate[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # fp32 summation order differs
+    assert all(g.abs().sum() > 0 for g in separate[1])
+
+
 def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories, monkeypatch):
     """With dropout on: the recomputed blocks must draw the same dropout masks as the first forward. The
     vocabulary projection is recomputed in pieces of 7 targets."""
@@ -215,7 +245,7 @@ def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, tr
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)  # compiled kernels sum in another order
 
 
-def test_sequence_flops_count_what_the_step_runs(base, trajectories):
+def test_training_flops_count_what_the_step_runs(base, trajectories):
     """Against torch's FlopCounterMode over a real step: every matmul the forward and backward run (counted
     by torch, not by prost), plus causal attention counted by hand (torch counts attention as full T x T)."""
     from conftest import flop_counter
@@ -237,8 +267,49 @@ def test_sequence_flops_count_what_the_step_runs(base, trajectories):
     q_dim, kv_dim, r = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim, 4
     skipped = 2 * c.hidden_size * (q_dim + 2 * kv_dim) * n + 3 * 2 * r * c.hidden_size * n
     adapter_weights = sum(p.numel() for p in params)
-    assert prost.sequence_train_flops(c, adapter_weights, example) == pytest.approx(matmuls + attention + skipped,
-                                                                                     rel=1e-9)
+    assert prost.batch_train_flops(c, adapter_weights, [example]) == pytest.approx(matmuls + attention + skipped,
+                                                                                    rel=1e-9)
+
+
+def test_shared_trunk_flops_count_what_the_step_runs(base, monkeypatch):
+    """As above, for a micro-batch with a shared trunk: torch counts the matmuls; by hand, the attention that
+    runs (the trunk's pairs once, each row's positions attending to the trunk and its own earlier keys) and
+    what autograd skips but prost counts: layer 0's input gradients, and the trunk's last layer, which only
+    its keys and values leave, so its q, o and MLP projections and its attention get no backward."""
+    from conftest import flop_counter
+    monkeypatch.setattr(data, "MIN_TRUNK", 4)
+    ckpt, _ = base
+    g = torch.Generator().manual_seed(0)
+    shared = torch.randint(3, 300, (10,), generator=g).tolist()
+    examples = []
+    for row in range(3):  # rows of one length (padding is not counted) that part after 10 tokens
+        tail = [300 + row] + torch.randint(3, 300, (11,), generator=g).tolist()
+        examples.append(data.Example("a", "executor", row, 1, shared + tail, [0] * 17 + [1] * 5))
+    batch = data.collate(examples, pad_id=0)
+    P = batch.trunk
+    assert P == 10
+    model, params = random_adapter_model(ckpt)
+    counter = flop_counter()
+    with counter:
+        step_gradients(model, params, [batch], sum(e.n_targets for e in examples))
+    counts = counter.get_flop_counts()["Global"]
+    matmuls = sum(v for op, v in counts.items() if "attention" not in str(op))
+    c, r = model.config, 4
+    d, hd, L, inter = c.hidden_size, c.head_dim, c.num_hidden_layers, c.intermediate_size
+    q_dim, kv_dim = c.num_attention_heads * hd, c.num_key_value_heads * hd
+    lasts = [max(i for i, m in enumerate(e.mask) if m) for e in examples]  # each row computes positions P..last-1
+    trunk_keys = P * (P + 1) // 2
+    row_keys = sum((n - P) * P + (n - P) * (n - P + 1) // 2 for n in lasts)
+    attention = 4 * q_dim * (3 * L * row_keys + (3 * L - 2) * trunk_keys)  # as run: no backward for the trunk's last
+    positions = P + sum(n - P for n in lasts)
+    layer0 = (2 * d * (q_dim + 2 * kv_dim) + 3 * 2 * r * d) * positions
+    last_layer_base = 2 * (2 * d * q_dim + 3 * d * inter) * P  # q, o, gate, up, down: input gradients
+    last_layer_adapters = 4 * r * (2 * (d + q_dim) + 3 * (d + inter)) * P  # their adapters: input and weight grads
+    last_layer_attention = 2 * 4 * q_dim * trunk_keys
+    skipped = layer0 + last_layer_base + last_layer_adapters + last_layer_attention
+    adapter_weights = sum(p.numel() for p in params)
+    assert prost.batch_train_flops(c, adapter_weights, examples) == pytest.approx(matmuls + attention + skipped,
+                                                                                   rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,12 +343,22 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
     assert history[-1]["mfu"] is None  # CPU: no meaningful peak FLOP/s
 
 
+@pytest.mark.parametrize("role", ["planner", "executor"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing):
+def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing, role,
+                                                            monkeypatch):
     """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer. The planner's
-    examples share prefixes; the interrupted run may recompute its activations, the straight one does not.
-    Its model and data folder move before it resumes: the run knows them by content, not by path."""
-    settings = dict(epochs=4, lora_dropout=0.1)
+    examples share prefixes; the executor's micro-batches share trunks (one task's examples, side by side).
+    The interrupted run may recompute its activations, the straight one does not. Its model and data folder
+    move before it resumes: the run knows them by content, not by path."""
+    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    if role == "executor":  # the premise: trunks are computed
+        sequences = prost.epoch_sequences(data.build_examples(data.read_trajectories(trajectories), role,
+                                                              Tokenizer.from_pretrained(base[0]), 10_000)[0], 1,
+                                          config(base, trajectories, tmp_path, role=role, epochs=4))
+        plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role))
+        assert any(data.trunk_length([sequences[i] for i in b]) for b in plan)
+    settings = dict(epochs=4, lora_dropout=0.1, role=role)
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
     settings.update(checkpoint_activations=checkpointing)
     shutil.copytree(base[0], tmp_path / "inputs" / "base")
@@ -286,13 +367,13 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
     def inputs(folder):  # (base, trajectories) as config() takes them
         return (folder / "base",), folder / "train.jsonl"
     first = prost.train(config(*inputs(tmp_path / "inputs"), tmp_path / "split", stop_after=2, **settings))
-    assert len(first) == 2 and (tmp_path / "split/planner" / prost.STATE_FILE).exists()
+    assert len(first) == 2 and (tmp_path / "split" / role / prost.STATE_FILE).exists()
     shutil.move(tmp_path / "inputs", tmp_path / "moved")
     resumed = prost.train(config(*inputs(tmp_path / "moved"), tmp_path / "split", resume=True, **settings))
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
-    a, b = adapter_tensors(tmp_path / "straight/planner"), adapter_tensors(tmp_path / "split/planner")
+    a, b = adapter_tensors(tmp_path / "straight" / role), adapter_tensors(tmp_path / "split" / role)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["epoch"] for r in log_records(tmp_path / "split/planner")] == [1, 2, 3, 4]
+    assert [r["epoch"] for r in log_records(tmp_path / "split" / role)] == [1, 2, 3, 4]
 
 
 def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
@@ -411,8 +492,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajecto
     adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
     real = prost.target_token_losses
 
-    def poisoned(model, ids, mask):
-        losses, rows = real(model, ids, mask)
+    def poisoned(model, ids, mask, trunk):
+        losses, rows = real(model, ids, mask, trunk)
         return losses * float("nan"), rows
 
     monkeypatch.setattr(prost, "target_token_losses", poisoned)

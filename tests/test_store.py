@@ -199,8 +199,8 @@ def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectorie
 def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectories, tmp_path, monkeypatch):
     prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after=1))
     real = prost.target_token_losses
-    monkeypatch.setattr(prost, "target_token_losses", lambda m, i, k: (real(m, i, k)[0] * float("nan"),
-                                                                       real(m, i, k)[1]))
+    monkeypatch.setattr(prost, "target_token_losses", lambda m, i, k, t: (real(m, i, k, t)[0] * float("nan"),
+                                                                       real(m, i, k, t)[1]))
     with pytest.raises(prost.TrainingDiverged):
         prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     with pytest.raises(ValueError, match=r"stopped after epoch 1 of 3 \(diverged: non-finite loss or gradient "
