@@ -321,14 +321,15 @@ def _train_examples(model_dir: str, data_path: str, role: str):
     return data.build_examples(records, role, M.Tokenizer.from_pretrained(model_dir), 4096)[0]
 
 
-def _micro_batches(examples, shared: bool):
-    """Micro-batches as prost's loop plans them (epoch 1, seed 0, a task's examples side by side) of the
-    examples, or of their shared-prefix sequences; the reference trains the separate examples in exactly the
-    batches of the unshared case."""
+def _micro_batches(examples, model_dir: str, shared: bool):
+    """Micro-batches as prost's loop plans them (epoch 1, seed 0) of the examples with prefix sharing off, or
+    of their shared-prefix sequences with it on; the reference trains the separate examples in exactly the
+    batches of the unshared case. (With one task, both plans hold the same examples in the same batches.)"""
     import data
+    import prost
+    cfg = prost.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, share_prefixes=shared)
     sequences = data.share_prefixes(examples) if shared else examples
-    plan = data.plan_batches(list(range(len(sequences))), [e.n_tokens for e in sequences], TRAIN_MICRO, 0, 1,
-                             groups=[e.task_id for e in sequences])
+    plan = prost.epoch_micro_batches(sequences, 1, cfg, M.ModelConfig.from_hf(model_dir))
     return [[sequences[i] for i in batch] for batch in plan]
 
 
@@ -340,7 +341,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     import prost
     torch.manual_seed(0)
     examples = _train_examples(model_dir, data_path, role)
-    batches = _micro_batches(examples, shared=which == "prost")
+    batches = _micro_batches(examples, model_dir, shared=which == "prost")
     pad_id = M.Tokenizer.from_pretrained(model_dir).pad_id
     tensors = [data.collate(b, pad_id, share_trunk=which == "prost") for b in batches]
     lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]

@@ -309,7 +309,32 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
     speed = (f"{measured.tokens / measured.seconds:,.0f} tokens/s, "
              + (f"MFU {mfu:.1%} of {prost.peak_flops(device, 0.0) / 1e12:.0f} TFLOP/s" if mfu is not None
                 else "MFU n/a (no peak known for this device)") + f", peak memory {memory:.1f} GB")
-    return [loss_row, fused_row, Row(f"train speed bf16, {sizes.train_tokens} tokens", name, "INFO", speed)]
+    return [loss_row, fused_row, Row(f"train speed bf16, {sizes.train_tokens} tokens", name, "INFO", speed),
+            check_shared_trunk(name, folder, sizes, device)]
+
+
+def check_shared_trunk(name: str, folder: Path, sizes: Sizes, device: torch.device) -> Row:
+    """One micro-batch of 4 rows sharing their first half (computed once, model.SharedTrunk) against each row
+    alone: the same fp32 gradients, through the device's masked attention kernel."""
+    vocab, half = ModelConfig.from_hf(folder).vocab_size, sizes.train_tokens // 2
+    shared, tails = random_ids(vocab, 1, half, seed=5)[0].tolist(), random_ids(vocab, 4, half, seed=6).tolist()
+    mask = [0] * (half + half // 2) + [1] * (half - half // 2)
+    rows = [data.Example("shared", "executor", i, 1, shared + tail, mask) for i, tail in enumerate(tails)]
+    model = prost.build_model(train_config(folder, sizes.train_tokens, 1), device, "fp32").train()
+    params = list(prost.trainable_parameters(model).values())
+    with torch.no_grad():
+        for p in params:  # B starts at zero: give every adapter gradient a value
+            p.normal_(0.0, 0.02)
+    grads = []
+    for batches in ([data.collate(rows, 0)], [data.collate([e], 0) for e in rows]):
+        model.zero_grad(set_to_none=True)
+        prost.accumulate_gradients(model, batches, sum(e.n_targets for e in rows), device, "fp32")
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+    trunk = data.collate(rows, 0).trunk
+    error = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
+    return Row(f"train shared trunk vs separate rows fp32, 4 x {sizes.train_tokens} tokens", name,
+               "PASS" if trunk > 0 and error <= FP32_LOGITS_TOL else "FAIL",
+               f"trunk {trunk} tokens, max |grad difference| / max |grad| {error:.1e} (tol {FP32_LOGITS_TOL:.0e})")
 
 
 # ----------------------------------------------------------------------------------------------------

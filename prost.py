@@ -14,8 +14,11 @@ is killed it holds a state `--resume` continues (store.py).
 The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); an example
 that is a token prefix of a longer one of the same conversation (a planner's earlier decisions) is trained
 inside it (data.share_prefixes: the same loss terms, its context computed once); the sequences are
-shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first), and
-`grad_accum * world_size` micro-batches form one optimizer step. Each micro-batch contributes
+shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first) that keep a
+task's sequences side by side, and `grad_accum * world_size` micro-batches form one optimizer step. A
+micro-batch whose rows start with the same tokens (the executor's examples of one task share their system
+prompt and task) computes that trunk once, and each row attends to its keys and values (model.SharedTrunk:
+the same loss terms and gradients). Each micro-batch contributes
 sum(token losses) / (target tokens of the whole step, all ranks), so accumulation and data parallelism
 give the gradient of the mean token loss over the step whatever the split. The frozen base runs under
 bf16 autocast on CUDA while the adapter weights and the optimizer stay fp32; the vocabulary projection is
@@ -88,7 +91,7 @@ class TrainConfig:
     stop_after: int = 0  # stop after this epoch as if interrupted (0: run to the end)
     peak_tflops: float = 0.0  # 0: look the GPU up in PEAK_TFLOPS
     progress: bool = True
-    share_prefixes: bool = True  # train an example that is a prefix of a longer one inside it (exact)
+    share_prefixes: bool = True  # fold prefix examples into longer ones; compute a micro-batch's common trunk once
     checkpoint_activations: bool = False  # recompute each decoder block in the backward pass
     compile: bool = False  # torch.compile each decoder block
 
@@ -182,7 +185,8 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
               last_good: int) -> tuple[EpochStats, int]:
     """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
     sequences = epoch_sequences(examples, epoch, cfg)
-    steps = optimizer_steps(epoch_micro_batches(sequences, epoch, cfg), cfg.grad_accum * cluster.world)
+    plan = epoch_micro_batches(sequences, epoch, cfg, model.config)
+    steps = optimizer_steps(plan, cfg.grad_accum * cluster.world)
     bar = ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
     loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
     adapter_weights = sum(p.numel() for p in params)
@@ -410,13 +414,23 @@ def epoch_sequences(examples, epoch: int, cfg: TrainConfig) -> list[data.Example
     return data.share_prefixes(chosen) if cfg.share_prefixes else chosen
 
 
-def epoch_micro_batches(sequences: list[data.Example], epoch: int, cfg: TrainConfig) -> list[list[int]]:
-    """Micro-batches of similar length; with prefix sharing, a task's sequences side by side, so a micro-batch
-    computes their common prefix once (data.trunk_length)."""
-    lengths = [e.n_tokens for e in sequences]
-    groups = [e.task_id for e in sequences] if cfg.share_prefixes else None
-    return data.plan_batches(list(range(len(sequences))), lengths, cfg.micro_batch_size, cfg.seed, epoch,
-                             groups=groups)
+def epoch_micro_batches(sequences: list[data.Example], epoch: int, cfg: TrainConfig,
+                        config: ModelConfig) -> list[list[int]]:
+    """Micro-batches of similar length (data.plan_batches). With prefix sharing, the plan that keeps each
+    task's sequences side by side, so that a micro-batch computes their common prefix once (data.trunk_length),
+    is taken instead when it runs fewer FLOPs, padding included: for the executor, whose examples of one task
+    share a long system prompt and task and have similar lengths, but not for the critic, whose examples of
+    one task differ in length more than they share. Either plan has the same number of micro-batches."""
+    lengths, indices = [e.n_tokens for e in sequences], list(range(len(sequences)))
+    by_length = data.plan_batches(indices, lengths, cfg.micro_batch_size, cfg.seed, epoch)
+    if not cfg.share_prefixes:
+        return by_length
+    by_task = data.plan_batches(indices, lengths, cfg.micro_batch_size, cfg.seed, epoch,
+                                groups=[e.task_id for e in sequences])
+
+    def cost(plan):
+        return sum(padded_batch_flops(config, [sequences[i] for i in batch]) for batch in plan)
+    return by_task if cost(by_task) < cost(by_length) else by_length
 
 
 def optimizer_steps(micro_batches: list[list[int]], per_step: int) -> list[list[list[int]]]:
@@ -515,11 +529,23 @@ def batch_train_flops(config, adapter_weights: int, batch: list[data.Example], s
     projection at the targets only; a shared trunk (data.trunk_length) once, each row's positions after it
     attending to the trunk's keys. Padding and activation recomputation are not counted."""
     trunk = data.trunk_length(batch) if share_trunk else 0
+    # the trunk's last layer gets a backward only through its keys and values; the rest of that layer's
+    # backward (at most 1 / layers of the trunk's) is counted anyway, as train_flops does for layer 0's input
     total = train_flops(config, trunk + 1, 0, adapter_weights) if trunk else 0.0
     for e in batch:
         last = max((i for i, m in enumerate(e.mask) if m), default=0)
         total += train_flops(config, last + 1 - trunk, e.n_targets, adapter_weights, past=trunk)
     return total
+
+
+def padded_batch_flops(config, batch: list[data.Example]) -> float:
+    """FLOPs of one micro-batch's positions as they run, padding included (every row is computed up to the
+    batch's last target column), with its shared trunk once: what epoch_micro_batches compares plans by.
+    The vocabulary projection and the adapter are left out: they cost the same in any plan."""
+    trunk = data.trunk_length(batch)
+    width = max(max((i for i, m in enumerate(e.mask) if m), default=0) for e in batch)
+    rows = len(batch) * train_flops(config, width + 1 - trunk, 0, past=trunk)
+    return rows + (train_flops(config, trunk + 1, 0) if trunk else 0.0)
 
 
 @torch.no_grad()
@@ -797,7 +823,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("--no-share-prefixes", dest="share_prefixes", action="store_false",
                    help="train every example as its own sequence, even one that is a token prefix of a longer "
-                        "example of the same conversation (the same loss terms, more tokens and steps)")
+                        "example of the same conversation, and compute each row of a micro-batch in full, with "
+                        "micro-batches planned by length alone (the same loss terms, more tokens and steps)")
     p.add_argument("--checkpoint-activations", action="store_true",
                    help="keep only each decoder block's input and recompute the block in the backward pass "
                         "(less activation memory, one more forward; the same losses and gradients)")

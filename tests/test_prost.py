@@ -20,7 +20,7 @@ import data
 import prost
 import world
 from conftest import build_hf_checkpoint, run_child, torchrun
-from model import Tokenizer, Transformer
+from model import ModelConfig, Tokenizer, Transformer
 from test_data import conversation_calls, synthetic_trajectory
 
 @pytest.fixture(scope="module")
@@ -63,6 +63,7 @@ def test_target_token_losses_match_transformers_logits(base, trajectories, share
     """With a shared trunk, the rows' common prefix runs once and each row continues it; the reference is
     transformers on each full row."""
     monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    monkeypatch.setattr("model.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, hf_model = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
@@ -187,6 +188,7 @@ def test_shared_trunk_gradient_equals_the_separate_examples(base, role, checkpoi
     row attends to its keys and values; the reference is each example alone, one per micro-batch (no
     padding, no trunk): the same summed token loss and the same gradient of the step's mean token loss."""
     monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic conversations share a short system prompt
+    monkeypatch.setattr("model.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     records = [synthetic_trajectory("a", n_subtasks=3), synthetic_trajectory("b", n_subtasks=2, recovery_at=1)]
@@ -203,6 +205,38 @@ def test_shared_trunk_gradient_equals_the_separate_examples(base, role, checkpoi
     for a, b in zip(together[1], separate[1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)  # fp32 summation order differs
     assert all(g.abs().sum() > 0 for g in separate[1])
+
+
+def test_micro_batches_keep_tasks_together_only_where_that_computes_less(base):
+    """Two tasks of two examples each. When a task's examples share a long prefix, pairing them by task (one
+    trunk each) beats pairing by length, padding included; when they share nothing, pairing by length (less
+    padding) wins. With sharing off, the plan is by length."""
+    config = ModelConfig.from_hf(base[0])
+    g = torch.Generator().manual_seed(0)
+
+    def tokens(n):
+        return torch.randint(3, 300, (n,), generator=g).tolist()
+
+    def example(task, ids):
+        return data.Example(task, "executor", len(ids), 1, ids, [0] * (len(ids) - 4) + [1] * 4)
+    prefix = {"a": tokens(60), "b": tokens(60)}
+    sharing = [example("a", prefix["a"] + tokens(40)), example("b", prefix["b"] + tokens(38)),
+               example("a", prefix["a"] + tokens(10)), example("b", prefix["b"] + tokens(12))]
+    differing = [example("a", tokens(200)), example("b", tokens(190)), example("a", tokens(20)),
+                 example("b", tokens(25))]
+    cfg = prost.TrainConfig(model=str(base[0]), micro_batch_size=2)
+    for sequences, by_task in ((sharing, True), (differing, False)):
+        lengths, indices = [e.n_tokens for e in sequences], list(range(4))
+        plan = prost.epoch_micro_batches(sequences, 1, cfg, config)
+        groups = [e.task_id for e in sequences] if by_task else None
+        assert plan == data.plan_batches(indices, lengths, 2, cfg.seed, 1, groups=groups)
+        assert plan != data.plan_batches(indices, lengths, 2, cfg.seed, 1, groups=None if by_task else
+                                         [e.task_id for e in sequences])  # the two plans differ: a real choice
+        assert prost.epoch_micro_batches(sequences, 1, prost.TrainConfig(model=str(base[0]), micro_batch_size=2,
+                                                                         share_prefixes=False), config) == \
+            data.plan_batches(indices, lengths, 2, cfg.seed, 1)
+    by_task = prost.epoch_micro_batches(sharing, 1, cfg, config)
+    assert sorted(sorted(sharing[i].task_id for i in b) for b in by_task) == [["a", "a"], ["b", "b"]]
 
 
 def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories, monkeypatch):
@@ -356,7 +390,8 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
         sequences = prost.epoch_sequences(data.build_examples(data.read_trajectories(trajectories), role,
                                                               Tokenizer.from_pretrained(base[0]), 10_000)[0], 1,
                                           config(base, trajectories, tmp_path, role=role, epochs=4))
-        plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role))
+        plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role),
+                                         ModelConfig.from_hf(base[0]))
         assert any(data.trunk_length([sequences[i] for i in b]) for b in plan)
     settings = dict(epochs=4, lora_dropout=0.1, role=role)
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
