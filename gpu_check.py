@@ -13,7 +13,8 @@ and cluster.py's `start_cluster` (under torch.distributed.run for data parallel)
   logits     prost on CUDA (fp32, bf16; with a LoRA adapter) against prost on the CPU in fp32, and against
              transformers on CUDA given the same (merged) weights
   train      LoRA steps on the 1.5B shape at 4k tokens: bf16 autocast losses equal the fp32 losses within
-             tolerance; fused AdamW; tokens/s, MFU against the GPU's bf16 dense peak, peak memory
+             tolerance; fused AdamW; tokens/s, MFU against the GPU's bf16 dense peak, peak memory; a
+             micro-batch whose rows share a trunk (computed once) gives the separate rows' fp32 gradients
   ddp        prost.py's data parallel over every visible GPU (nccl) equals one process accumulating the same
              micro-batches (with one GPU: one process under torchrun, so no collective is exercised)
   generate   batched greedy generation equals one prompt at a time, and a batch mixing two adapters and the

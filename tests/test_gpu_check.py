@@ -39,6 +39,7 @@ def test_every_check_passes_at_tiny_shapes_on_the_cpu(mini_world, capsys):
         "train bf16 autocast vs fp32, 64 tokens": ["PASS"],
         "train fused AdamW": ["PASS"],
         "train speed bf16, 64 tokens": ["INFO"],
+        "train shared trunk vs separate rows fp32, 4 x 64 tokens": ["PASS"],
         "ddp gloo x2 vs 1 process": ["PASS"],
         "generate batched vs one-at-a-time float32": ["PASS"],
         "generate batched vs one-at-a-time bfloat16": ["INFO"],
