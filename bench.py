@@ -461,6 +461,7 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                                 f"gold --split train --limit 12 --out {data_path}")
     import os
 
+    import data
     import lora
     import prost
     threads = torch.get_num_threads()
@@ -494,7 +495,8 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                 sequences = [e for b in batches[label] for e in b]
                 seconds = best[label]
                 ratio = best["transformers+PEFT"] / seconds
-                flops = sum(prost.batch_train_flops(config, adapter_weights, b, share_trunk=which == "prost")
+                flops = sum(prost.batch_train_flops(config, adapter_weights, b,
+                                                    data.trunk_length(b) if which == "prost" else 0)
                             for b in batches[label])  # what this row runs
                 mfu = flops / seconds / peak[torch.bfloat16]
                 memory = _train_peak(which, model_dir, data_path, role) / 2**20

@@ -260,6 +260,11 @@ class Example:
         return sum(self.mask)
 
     @property
+    def last_target(self) -> int:
+        """Index of the last target token (0 without targets): the step computes positions before it only."""
+        return max((i for i, m in enumerate(self.mask) if m), default=0)
+
+    @property
     def name(self) -> str:
         return f"{self.task_id} {self.role} conversation {self.conversation} sub-task {self.subtask}"
 

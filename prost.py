@@ -14,11 +14,11 @@ is killed it holds a state `--resume` continues (store.py).
 The loop, in order: per epoch, the curriculum picks the examples with sub-task index <= s(e); an example
 that is a token prefix of a longer one of the same conversation (a planner's earlier decisions) is trained
 inside it (data.share_prefixes: the same loss terms, its context computed once); the sequences are
-shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first) that keep a
-task's sequences side by side, and `grad_accum * world_size` micro-batches form one optimizer step. A
-micro-batch whose rows start with the same tokens (the executor's examples of one task share their system
-prompt and task) computes that trunk once, and each row attends to its keys and values (model.SharedTrunk:
-the same loss terms and gradients). Each micro-batch contributes
+shuffled from (seed, epoch), grouped into micro-batches of similar length (longest first), or with each
+task's sequences side by side where that computes less, and `grad_accum * world_size` micro-batches form one
+optimizer step. A micro-batch whose rows start with the same tokens (the executor's examples of one task
+share their system prompt and task) computes that trunk once, and each row attends to its keys and values
+(model.SharedTrunk: the same loss terms and gradients). Each micro-batch contributes
 sum(token losses) / (target tokens of the whole step, all ranks), so accumulation and data parallelism
 give the gradient of the mean token loss over the step whatever the split. The frozen base runs under
 bf16 autocast on CUDA while the adapter weights and the optimizer stay fp32; the vocabulary projection is
@@ -194,8 +194,8 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
     for i, step_batches in enumerate(steps):
         step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
         my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
-        loss_sum = accumulate_gradients(model, [data.collate(b, pad_id, cfg.share_prefixes) for b in my_batches],
-                                        step_targets, cluster.device, precision)
+        tensors = [data.collate(b, pad_id, cfg.share_prefixes) for b in my_batches]
+        loss_sum = accumulate_gradients(model, tensors, step_targets, cluster.device, precision)
         if cluster.world > 1:
             all_reduce_gradients(params)
             loss_sum = all_reduce_sum(loss_sum, cluster)
@@ -214,7 +214,7 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
         loss_total += loss_sum.item()
         targets_total += step_targets
         my_tokens += sum(e.n_tokens for b in my_batches for e in b)
-        my_flops += sum(batch_train_flops(model.config, adapter_weights, b, cfg.share_prefixes) for b in my_batches)
+        my_flops += sum(batch_train_flops(model.config, adapter_weights, b, t.trunk) for b, t in zip(my_batches, tensors))
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
     bar.close()
     totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
@@ -523,18 +523,16 @@ def peak_flops(device: torch.device, override_tflops: float) -> float | None:
     return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
 
 
-def batch_train_flops(config, adapter_weights: int, batch: list[data.Example], share_trunk: bool = True) -> float:
+def batch_train_flops(config, adapter_weights: int, batch: list[data.Example], trunk: int = 0) -> float:
     """Model FLOPs of one micro-batch as the step runs it (model.train_flops, the one counting rule): each
     sequence's positions up to its last target (target_token_losses cuts the rest), the vocabulary
-    projection at the targets only; a shared trunk (data.trunk_length) once, each row's positions after it
-    attending to the trunk's keys. Padding and activation recomputation are not counted."""
-    trunk = data.trunk_length(batch) if share_trunk else 0
+    projection at the targets only; the `trunk` its rows share (data.collate) once, each row's positions
+    after it attending to the trunk's keys. Padding and activation recomputation are not counted."""
     # the trunk's last layer gets a backward only through its keys and values; the rest of that layer's
     # backward (at most 1 / layers of the trunk's) is counted anyway, as train_flops does for layer 0's input
     total = train_flops(config, trunk + 1, 0, adapter_weights) if trunk else 0.0
     for e in batch:
-        last = max((i for i, m in enumerate(e.mask) if m), default=0)
-        total += train_flops(config, last + 1 - trunk, e.n_targets, adapter_weights, past=trunk)
+        total += train_flops(config, e.last_target + 1 - trunk, e.n_targets, adapter_weights, past=trunk)
     return total
 
 
@@ -543,7 +541,7 @@ def padded_batch_flops(config, batch: list[data.Example]) -> float:
     batch's last target column), with its shared trunk once: what epoch_micro_batches compares plans by.
     The vocabulary projection and the adapter are left out: they cost the same in any plan."""
     trunk = data.trunk_length(batch)
-    width = max(max((i for i, m in enumerate(e.mask) if m), default=0) for e in batch)
+    width = max(e.last_target for e in batch)
     rows = len(batch) * train_flops(config, width + 1 - trunk, 0, past=trunk)
     return rows + (train_flops(config, trunk + 1, 0) if trunk else 0.0)
 

@@ -342,8 +342,8 @@ def test_shared_trunk_flops_count_what_the_step_runs(base, monkeypatch):
     last_layer_attention = 2 * 4 * q_dim * trunk_keys
     skipped = layer0 + last_layer_base + last_layer_adapters + last_layer_attention
     adapter_weights = sum(p.numel() for p in params)
-    assert prost.batch_train_flops(c, adapter_weights, examples) == pytest.approx(matmuls + attention + skipped,
-                                                                                   rel=1e-9)
+    assert prost.batch_train_flops(c, adapter_weights, examples, P) == pytest.approx(matmuls + attention + skipped,
+                                                                                      rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------
