@@ -1,5 +1,6 @@
 """Shared test fixtures: tiny random Hugging Face checkpoints and a ChatML tokenizer, built with the oracles,
-and the one way tests start child processes (`run_child`, `torchrun`).
+the one way tests start child processes (`run_child`, `torchrun`), and the one tolerance rule for sums computed
+in two orders (`assert_reordered_sums_close`).
 
 The checkpoints are made by transformers' own Qwen2ForCausalLM / LlamaForCausalLM and `save_pretrained`, and the
 tokenizer by the `tokenizers` library directly, so tests compare prost against files it did not write.
@@ -7,6 +8,7 @@ Builders are plain functions (usable from any test file) plus session-scoped fix
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -192,6 +194,22 @@ def flop_counter():
         return addmm_flop(*args, **kwargs)
     addmm_in_place._get_raw = True  # addmm_flop already takes tensors: FlopCounterMode must not wrap it again
     return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: addmm_in_place})
+
+
+FP32_EPS = torch.finfo(torch.float32).eps  # 2**-23: the spacing of fp32 numbers just above 1
+
+
+def assert_reordered_sums_close(actual: torch.Tensor, expected: torch.Tensor, n_terms: int) -> None:
+    """`actual` and `expected` hold the same sums of `n_terms` fp32 terms per element, added in another order
+    (other micro-batch shapes, a shared prefix, recomputed blocks, compiled kernels, another CPU's matmul
+    blocking). Each addition rounds by at most eps relative, and the rounding errors of a long sum add up like a
+    random walk, so two orders differ by about sqrt(n) * eps * the size of the terms (Higham, Accuracy and
+    Stability of Numerical Algorithms, sections 3.1 and 4.2). A gradient element is a sum over the step's
+    token positions, and its terms are taken to be as large as the tensor's largest element: an element near
+    zero, whose terms cancel, gets the tolerance of its terms, not of its own tiny value. A real difference (a
+    target masked wrongly, a term missing) moves elements by a fraction of the largest one, far above this."""
+    atol = n_terms * FP32_EPS * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:
