@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 
-# `make demo` knobs. MODEL: a name `model.py fetch` knows (downloaded once and converted into models/NAME),
+# `make demo` knobs. MODEL: a name `model_io.py fetch` knows (downloaded once and converted into models/NAME),
 # `tiny` (random init, tokenizer trained on the trajectories: a few-minute smoke run that cannot learn), or
 # any HF folder, hub id or .gguf file. The demo trains on every train variant of the mini-world's first
 # SCENARIOS scenarios, checks learning on their held-out dev variants, and generalisation on the first
@@ -83,22 +83,22 @@ test: $(VENV)/.test
 
 # Real pretrained weights (downloads SmolLM2-135M-Instruct once, 93 MB): prost against transformers on them.
 test-real: $(VENV)/.test
-	$(PY) model.py fetch smollm2-135m-instruct
+	$(PY) model_io.py fetch smollm2-135m-instruct
 	$(PY) -m pytest -q tests_real
 
 fetch: $(VENV)/.runtime
-	$(PY) model.py fetch $(FETCH)
+	$(PY) model_io.py fetch $(FETCH)
 
 # The whole ProST pipeline on the embedded default: world -> gold trajectories -> base model -> one adapter per
 # role with the progressive schedule -> rollouts of the untrained base (zero-shot), the trained system and the
 # gold replay (the ceiling under the same budgets) on dev (held-out variants) and test (unseen scenarios).
 demo: $(VENV)/.runtime
 	$(PY) miniworld.py build
-	$(PY) agents.py collect --teacher gold --split train --scenarios $(SCENARIOS) $(COLLECT_FLAGS) \
+	$(PY) rollout.py collect --teacher gold --split train --scenarios $(SCENARIOS) $(COLLECT_FLAGS) \
 	  --out trajectories/train.jsonl
-	$(if $(filter $(FETCHABLE),$(MODEL)),$(PY) model.py fetch $(MODEL))
+	$(if $(filter $(FETCHABLE),$(MODEL)),$(PY) model_io.py fetch $(MODEL))
 	$(if $(filter tiny,$(MODEL)),$(PY) data.py texts trajectories/train.jsonl > trajectories/texts.txt)
-	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || $(PY) model.py init-tiny --texts trajectories/texts.txt --out models/tiny)
+	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || $(PY) model_io.py init-tiny --texts trajectories/texts.txt --out models/tiny)
 	$(PY) prost.py --model $(BASE) --role planner --data trajectories/train.jsonl --out ckpts/demo --resume \
 	  $(TRAIN_FLAGS) $(PLANNER_FLAGS)
 	$(PY) prost.py --model $(BASE) --role executor --data trajectories/train.jsonl --out ckpts/demo --resume \
@@ -117,8 +117,8 @@ demo: $(VENV)/.runtime
 # trajectories), then both systems on dev. Same seed and data as the demo, so the cosine adapters are the
 # demo's own.
 lr-schedules: demo
-	$(PY) agents.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
-	for schedule in cosine per-stage; do \
+	$(PY) rollout.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
+	for schedule in cosine cosine-restarts; do \
 	  for role in planner executor critic; do $(ROLE_FLAGS); \
 	    $(PY) prost.py --model $(BASE) --role $$role --data trajectories/train.jsonl \
 	      --dev-data trajectories/dev.jsonl --lr-schedule $$schedule --out ckpts/lr-schedules/$$schedule \
@@ -132,8 +132,8 @@ lr-schedules: demo
 # the same epochs, and on LARGE the heterogeneous system (a LARGE planner with the first seed's progressive
 # executor and critic) and the single agent. Every step resumes; study.py then writes results/study/study.md.
 study: demo $(VENV)/.study
-	$(PY) agents.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
-	$(if $(LARGE),$(PY) model.py fetch $(LARGE))
+	$(PY) rollout.py collect --teacher gold $(DEV) --out trajectories/dev.jsonl
+	$(if $(LARGE),$(PY) model_io.py fetch $(LARGE))
 	for seed in $(STUDY_SEEDS); do \
 	  if [ $$seed = $(SEED0) ]; then systems="multi single"; dev="--dev-data trajectories/dev.jsonl"; \
 	    else systems=multi; dev=""; fi; \

@@ -4,21 +4,21 @@ Each area of prost adds one `bench_<area>()` function and one entry in SECTIONS;
 section, `python bench.py decode` only the named ones. The references are imported here, never in the product.
 
 Sections:
-  decode   model.generate vs transformers' generate, greedy, on the same random Qwen2 weights and (with
+  decode   decoding.generate vs transformers' generate, greedy, on the same random Qwen2 weights and (with
            --real-model) a real model (batch 1 and 8, fp32 and bf16; prompt-lookup drafts of both at batch 1 on the
            real model): tokens/s and ratios; then the peak memory (RSS) of loading a checkpoint.
   lora     forward time with an active r=16 LoRA adapter on all 7 projections vs the plain base forward (prost,
            and PEFT over transformers for comparison), merged adapter too; adapter sizes for Qwen2.5-1.5B.
   train    LoRA training steps on a real model (--model FOLDER) over the gold trajectories' planner and executor
            examples, bf16 autocast: transformers+PEFT (labels -100 off the targets) vs prost on the same micro-batches
-           vs prost with shared prefixes: examples/s, target tokens/s, MFU against this machine's measured bf16
-           matmul peak, peak RSS growth.
+           vs prost with its fast paths (nested examples merged, shared trunks): examples/s, target tokens/s, MFU
+           against this machine's measured bf16 matmul peak, peak RSS growth.
   world    the mini-world: build time (wall and CPU), then world sessions: worker start, first and later task
            opens (each a fresh sandboxed process), execute latency (plain Python and one API call), evaluate
            latency (snapshot + a fresh evaluator process), and gold-solution throughput with 1 and 2 workers on
            the dev split (tasks/minute, CPU per task of the workers and all their task and evaluator processes).
-  rollout  agents.run_rollouts on the mini-world dev split (tiny preset and, with --real-model, a real model):
-           prefix cache off/on, 1 vs 4 worlds, prompt-lookup, deterministic decoding: tasks/minute, prefill
+  rollout  rollout.run_rollouts on the mini-world dev split (tiny preset and, with --real-model, a real model):
+           prompt cache off/on, 1 vs 4 worlds, prompt-lookup, deterministic decoding: tasks/minute, prefill
            tokens computed per task, new tokens/s, model batch sizes, share of wall time outside the model.
 """
 
@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+import decoding
 import model as M
+import model_io
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 DECODE_MODEL = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                     tie_word_embeddings=True)  # ~32M parameters: small enough for 2 CPU cores, big enough to matter
-_tiny = M.PRESETS["tiny"]
+_tiny = model_io.PRESETS["tiny"]
 TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, intermediate_size=_tiny.intermediate_size,
                   num_hidden_layers=_tiny.num_hidden_layers, num_attention_heads=_tiny.num_attention_heads,
                   num_key_value_heads=_tiny.num_key_value_heads, max_position_embeddings=4096,
@@ -80,7 +82,7 @@ def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int
     """Best tokens/s over `rounds` interleaved runs (after a short warm-up each) of prost and transformers, and
     with `lookup` of both with prompt-lookup drafts; 'same' says whether all of them produced the same tokens."""
     import transformers
-    ours = M.lay_out_for_decoding(M.Transformer.from_pretrained(folder, dtype=dtype))  # as rollouts run it
+    ours = decoding.lay_out_for_decoding(M.Transformer.from_pretrained(folder, dtype=dtype))  # as rollouts run it
     hf = hf.to(dtype)
     hf.generation_config.eos_token_id = None  # exactly NEW_TOKENS tokens from both, whatever they are
     if prompt is None:
@@ -90,7 +92,7 @@ def _decode_speeds(folder: Path, hf, batch: int, dtype: torch.dtype, rounds: int
     outputs = {}
 
     def run_ours(n, k=0):
-        out = M.generate(ours, prompts.tolist(), n, stop_ids=(), prompt_lookup=k)
+        out = decoding.generate(ours, prompts.tolist(), n, stop_ids=(), prompt_lookup=k)
         assert all(g.n_new == n for g in out)
         outputs[("prost", k)] = [g.ids for g in out]
 
@@ -122,7 +124,7 @@ _PEAK_RSS = """
 import sys, torch
 sys.path.insert(0, {here!r})
 import model, transformers
-from prost import status_kib as kib
+from meter import status_kib as kib
 with torch.device('meta'):  # torch imports its meta kernels (~70 MB, once) on first use: not part of the load
     torch.nn.Embedding(3, 2)
 base = kib('VmRSS:')
@@ -322,13 +324,13 @@ def _train_examples(model_dir: str, data_path: str, role: str):
 
 
 def _micro_batches(examples, model_dir: str, shared: bool):
-    """Micro-batches as prost's loop plans them (epoch 1, seed 0) of the examples with prefix sharing off, or
-    of their shared-prefix sequences with it on; the reference trains the separate examples in exactly the
-    batches of the unshared case. (With one task, both plans hold the same examples in the same batches.)"""
-    import data
+    """Micro-batches as prost's loop plans them (epoch 1, seed 0) of the examples with its fast paths off, or
+    of their merged sequences with them on; the reference trains the separate examples in exactly the
+    batches of the plain case. (With one task, both plans hold the same examples in the same batches.)"""
+    import batching
     import prost
-    cfg = prost.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, share_prefixes=shared)
-    sequences = data.share_prefixes(examples) if shared else examples
+    cfg = prost.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, merge_nested=shared, trunks=shared)
+    sequences = batching.merge_nested_examples(examples) if shared else examples
     plan = prost.epoch_micro_batches(sequences, 1, cfg, M.ModelConfig.from_hf(model_dir))
     return [[sequences[i] for i in batch] for batch in plan]
 
@@ -336,6 +338,7 @@ def _micro_batches(examples, model_dir: str, shared: bool):
 def _train_step(which: str, model_dir: str, data_path: str, role: str):
     """A function running one LoRA optimizer step (r=16 on prost's default targets, dropout 0.05, AdamW,
     clipping, bf16 autocast) over all the role's examples, returning its CPU seconds; and the micro-batches."""
+    import batching
     import data
     import lora
     import prost
@@ -343,7 +346,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     examples = _train_examples(model_dir, data_path, role)
     batches = _micro_batches(examples, model_dir, shared=which == "prost")
     pad_id = M.Tokenizer.from_pretrained(model_dir).pad_id
-    tensors = [data.collate(b, pad_id, share_trunk=which == "prost") for b in batches]
+    tensors = [(batching.collate_with_trunk if which == "prost" else data.collate)(b, pad_id) for b in batches]
     lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]
     step_targets = sum(e.n_targets for e in examples)
     if which.startswith("prost"):
@@ -389,13 +392,13 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
 
 def _train_peak_worker(which: str, model_dir: str, data_path: str, role: str) -> None:
     """In a fresh process: print the peak RSS growth (bytes) over a training step, optimizer state included."""
-    import prost
+    import meter
     torch.set_num_threads(1)
     step, _ = _train_step(which, model_dir, data_path, role)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: count training only
-    base = prost.status_kib("VmRSS:")
+    base = meter.status_kib("VmRSS:")
     step()
-    print((prost.status_kib("VmHWM:") - base) * 1024)
+    print((meter.status_kib("VmHWM:") - base) * 1024)
 
 
 def _train_peak(which: str, model_dir: str, data_path: str, role: str) -> int:
@@ -414,6 +417,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     (bytes), and the step's CPU seconds."""
     import data
     import lora
+    import meter
     import prost
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(4)
@@ -425,7 +429,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
         cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                                 checkpoint_activations=checkpointing)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
-        before, start = prost.status_kib("VmRSS:") * 1024, time.process_time()
+        before, start = meter.status_kib("VmRSS:") * 1024, time.process_time()
         prost.accumulate_gradients(model, [data.Batch(ids, mask, 0)], int(mask[:, 1:].sum()), torch.device("cpu"),
                                    "bf16")
     else:
@@ -437,11 +441,11 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
             hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05,
                                                         target_modules=list(lora.DEFAULT_TARGETS))).train()
-        before, start = prost.status_kib("VmRSS:") * 1024, time.process_time()
+        before, start = meter.status_kib("VmRSS:") * 1024, time.process_time()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids.masked_fill(~mask, -100)).loss
         loss.backward()
-    print(before, prost.status_kib("VmHWM:") * 1024, time.process_time() - start)
+    print(before, meter.status_kib("VmHWM:") * 1024, time.process_time() - start)
 
 
 def _long_batch_peak(which: str, model_dir: str, checkpointing: bool, rows: int) -> tuple[int, int, float]:
@@ -457,10 +461,11 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
               "FOLDER (e.g. SmolLM2-135M-Instruct as a Hugging Face folder)")
         return
     if not Path(data_path).is_file():
-        raise FileNotFoundError(f"{data_path} does not exist; collect it with: python agents.py collect --teacher "
+        raise FileNotFoundError(f"{data_path} does not exist; collect it with: python rollout.py collect --teacher "
                                 f"gold --split train --limit 12 --out {data_path}")
     import os
 
+    import batching
     import data
     import lora
     import prost
@@ -483,7 +488,7 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
         print(f"  {'role':<9} {'system':<26} {'sequences':>9} {'tokens':>7} {'targets':>7} {'examples/s':>10} "
               f"{'target tok/s':>12} {'ratio':>6} {'MFU':>6} {'peak MiB':>9}")
         systems = {"transformers+PEFT": "peft", "prost, separate examples": "prost-separate",
-                   "prost, shared prefixes": "prost"}
+                   "prost, fast paths": "prost"}
         for role in TRAIN_ROLES:
             steps, batches = {}, {}
             for label, which in systems.items():
@@ -496,7 +501,7 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                 seconds = best[label]
                 ratio = best["transformers+PEFT"] / seconds
                 flops = sum(prost.batch_train_flops(config, adapter_weights, b,
-                                                    data.trunk_length(b) if which == "prost" else 0)
+                                                    batching.trunk_length(b) if which == "prost" else 0)
                             for b in batches[label])  # what this row runs
                 mfu = flops / seconds / peak[torch.bfloat16]
                 memory = _train_peak(which, model_dir, data_path, role) / 2**20
@@ -596,11 +601,11 @@ ROLLOUT_WORKERS = 4
 ROLLOUT_MODEL_TASKS = 4  # the first dev tasks, for the systems with a model (the gold teacher runs all of dev)
 REAL_TASKS = 2  # the real model is ~100x the tiny preset's cost per token: fewer tasks, shorter conversations
 REAL_BUDGETS = dict(new_tokens=24, single_turns=3, subtasks=2, executor_turns=2, critic_retries=0, context=2048)
-# (label, workers, LocalEngine options): the prefix cache off/on, 1 vs 4 worlds, and evaluation's default
+# (label, workers, LocalEngine options): the prompt cache off/on, 1 vs 4 worlds, and evaluation's default
 ENGINE_SETTINGS = [
-    ("cache off", 1, dict(prefix_cache_tokens=0, prompt_lookup=0)),
+    ("cache off", 1, dict(prompt_cache_tokens=0, prompt_lookup=0)),
     ("cache on", 1, dict(prompt_lookup=0)),
-    ("cache off", ROLLOUT_WORKERS, dict(prefix_cache_tokens=0, prompt_lookup=0)),
+    ("cache off", ROLLOUT_WORKERS, dict(prompt_cache_tokens=0, prompt_lookup=0)),
     ("cache on", ROLLOUT_WORKERS, dict(prompt_lookup=0)),
     ("cache on, lookup", ROLLOUT_WORKERS, dict()),
     ("deterministic", ROLLOUT_WORKERS, dict(deterministic=True)),
@@ -631,21 +636,23 @@ def _random_adapters(folder: Path, out: Path) -> dict[str, str]:
 
 
 def _rollout_systems(root: Path, folder: Path, options: dict, kinds: tuple, adapters: dict | None = None) -> list:
-    """(label, system) pairs on a fresh engine of `folder` (so every setting starts with an empty prefix cache),
+    """(label, system) pairs on a fresh engine of `folder` (so every setting starts with an empty prompt cache),
     warmed up (its first generate call is slow): the model in every role, the gold planner with the model as
     executor and critic (plans parse, so all three roles run with real prompt lengths), the single agent.
     `adapters` (role -> folder) are loaded for their roles."""
     import agents
-    engine = agents.LocalEngine(str(folder), **options)
+    import rollout
+    import teacher
+    engine = rollout.LocalEngine(str(folder), **options)
     warm_up = agents.ModelRequest("warm_up", "planner", [{"role": "user", "content": "Hello"}])
     engine.complete([warm_up], [None], agents.Budgets(new_tokens=4))
     for role, adapter in (adapters or {}).items():
-        engine.load_adapter(adapter, role)  # clears the prefix cache
-    if engine.prefix_cache is not None:
-        engine.prefix_cache.clear()
+        engine.load_adapter(adapter, role)  # clears the prompt cache
+    if engine.prompt_cache is not None:
+        engine.prompt_cache.clear()
     multi = agents.System("multi", {role: agents.Binding(engine, role, adapters[role]) if role in (adapters or {})
                                     else agents.Binding(engine) for role in ("planner", "executor", "critic")})
-    gold = agents.GoldEngine(root, recovery_share=0.0)
+    gold = teacher.GoldEngine(root, recovery_share=0.0)
     systems = {"all roles": multi,
                "gold planner": agents.System("multi", {**multi.roles, "planner": agents.Binding(gold)}),
                "single agent": agents.single_engine_system(engine, kind="single")}
@@ -653,10 +660,10 @@ def _rollout_systems(root: Path, folder: Path, options: dict, kinds: tuple, adap
 
 
 def _rollout_row(label: str, tasks: list, system, budgets, root, pool, workers: int) -> str:
-    import agents
+    import rollout
     calls = []
-    stats = agents.run_rollouts(tasks, system, budgets, split="dev", root=root, pool=pool, workers=workers,
-                                on_trajectory=lambda r: calls.extend(r["calls"]))
+    stats = rollout.run_rollouts(tasks, system, budgets, split="dev", root=root, pool=pool, workers=workers,
+                                 on_trajectory=lambda r: calls.extend(r["calls"]))
     n = stats.tasks
     prompt = sum(c["prompt_tokens"] for c in calls) / n
     computed = sum(c["prompt_tokens"] - c.get("cached_tokens", 0) for c in calls) / n
@@ -672,6 +679,8 @@ def bench_rollout() -> None:
 
     import agents
     import miniworld
+    import rollout
+    import teacher
     import world
     with tempfile.TemporaryDirectory() as tmp:
         root = world.world_root()
@@ -692,11 +701,11 @@ def bench_rollout() -> None:
               f"{REAL_MODEL.name} untrained, first {REAL_TASKS} dev tasks, budgets {REAL_BUDGETS}")
         with pool:
             texts = []  # the warm-up run (every session opens its first world) also gives the tokenizer's texts
-            agents.run_rollouts(dev, agents.single_engine_system(agents.GoldEngine(root, 0.0)), budgets,
-                                split="dev", root=root, pool=pool, workers=ROLLOUT_WORKERS,
-                                on_trajectory=lambda r: texts.extend(m["content"] for c in r["calls"]
-                                                                     for m in c["messages"]))
-            tiny = M.init_tiny(Path(tmp) / "tiny", texts, preset="tiny")
+            rollout.run_rollouts(dev, agents.single_engine_system(teacher.GoldEngine(root, 0.0)), budgets,
+                                 split="dev", root=root, pool=pool, workers=ROLLOUT_WORKERS,
+                                 on_trajectory=lambda r: texts.extend(m["content"] for c in r["calls"]
+                                                                      for m in c["messages"]))
+            tiny = model_io.init_tiny(Path(tmp) / "tiny", texts, preset="tiny")
             print(f"  {'system, setting':<44} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'calls/task':>10} "
                   f"{'prompt/t':>9} {'computed':>9} {'share':>6} {'new tok/s':>9} {'batch':>6} {'outside':>8}")
             runs = [("tiny", tiny, dev[:ROLLOUT_MODEL_TASKS], budgets, ("gold planner", "single agent"),
@@ -744,7 +753,7 @@ def main(argv=None) -> None:
                     help=f"HF folder of a real model (e.g. SmolLM2-135M-Instruct from `make fetch`) for the decode, "
                     f"train and rollout sections (default: {REAL_MODEL.relative_to(HERE)}; those rows are skipped "
                     "when it is absent)")
-    ap.add_argument("--data", default=str(TRAIN_DATA), help="train: gold trajectories (agents.py collect --teacher "
+    ap.add_argument("--data", default=str(TRAIN_DATA), help="train: gold trajectories (rollout.py collect --teacher "
                     "gold --split train --limit 12)")
     args = ap.parse_args(argv)
     REAL_MODEL = Path(args.real_model)

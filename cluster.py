@@ -1,5 +1,5 @@
 """Processes and devices: which rank this process is, which device it computes on, and the few collectives
-that training and evaluation share.
+that training and evaluation use (gathers, barriers, and training's sums of gradients and counts).
 
 Both `prost.py` (training one role) and `evaluate.py` (rolling out a split) run as one process per device
 under torchrun: every process joins the process group here, works on its own share (micro-batches, tasks),
@@ -93,6 +93,26 @@ def gather(cluster: Cluster, obj) -> list:
 def first_error(cluster: Cluster, error: str | None) -> str | None:
     """The first rank's error message, on every rank, so that all ranks stop together."""
     return next((e for e in gather(cluster, error) if e), None)
+
+
+def all_reduce_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Sum the adapter gradients over ranks in one flat buffer (a rank that got no micro-batch in the last
+    step of an epoch contributes zeros). LoRA gradients are small, so overlapping this with the backward
+    pass, as DistributedDataParallel does, would buy little."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        offset += p.numel()
+
+
+def all_reduce_sum(values: torch.Tensor, cluster: Cluster) -> torch.Tensor:
+    """values summed over ranks, in place (alone: unchanged)."""
+    if cluster.world > 1:
+        dist.all_reduce(values)
+    return values
 
 
 # Variables a launcher (torchrun, SLURM, an IDE) may have left in this process's environment.

@@ -1,14 +1,16 @@
-"""Trajectories in, training examples out: the data side of ProST.
+"""Trajectories in, training examples out, in the order the progressive schedule trains them.
 
-Where this sits: agents.py records teacher trajectories (one JSON line per task) with the writer below;
-prost.py turns them into per-role, per-sub-task training examples with this file, orders them with the
-progressive sub-task schedule, and batches them. The pipeline is
+Where this sits in ProST: agents.py records teacher trajectories (one JSON line per task) with the writer
+below; prost.py reads them with this file, cuts them into per-role, per-sub-task examples, lets the
+progressive schedule pick each epoch's examples and batches them:
 
     trajectory lines --read_trajectories--> records --build_examples--> Examples (ids + loss mask)
-        --epoch_example_indices (the curriculum)--> plan_batches --> collate --> (ids, mask, trunk) Batch
+        --epoch_example_indices (the schedule)--> plan_batches (by length) --> collate --> (ids, mask) Batch
 
-The trajectory format (schema version 2) is owned here and documented in `validate_trajectory`.
-Sub-task indices are 1-based; the planner's "task finished" decision carries index K + 1.
+The progressive sub-task schedule (the paper's curriculum) comes first: with K the largest sub-task index,
+epoch e (1-based) trains on the examples with sub-task index <= s(e) = min(K, e * step); `full` trains on all
+of them every epoch (standard SFT, the ablation baseline). Sub-task indices are 1-based; the planner's "task
+finished" decision carries index K + 1.
 
 How an example is cut from a trajectory. A *conversation* is the calls sharing (role, conversation id);
 each call sees the previous call's messages, that call's output as an assistant turn, and new user turns,
@@ -27,9 +29,8 @@ example is made of a call's recorded messages, so a trained role sees exactly th
 something in between, gets an example of its own). Examples longer than max_seq_len are fitted by the same
 rule, and reported.
 
-The curriculum (the paper's progressive sub-task training): with K the largest sub-task index, epoch e
-(1-based) trains on the examples with sub-task index <= s(e) = min(K, e * step); `full` trains on all of
-them every epoch (standard SFT, the ablation baseline).
+The trajectory format (schema version 2) is owned here and documented in `validate_trajectory`. The training
+fast paths on this side (nested examples merged, shared trunks, batches by task) are batching.py's.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -53,6 +54,73 @@ MESSAGE_ROLES = ("system", "user", "assistant")
 SCHEDULES = ("progressive", "full")
 
 # ----------------------------------------------------------------------------------------------------
+# The progressive sub-task schedule.
+
+def subtasks_in_epoch(epoch: int, max_subtask: int, step: int = 1, schedule: str = "progressive") -> int:
+    """s(e): the largest sub-task index trained in 1-based epoch e."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown schedule '{schedule}' (expected one of {', '.join(SCHEDULES)})")
+    if epoch < 1 or step < 1:
+        raise ValueError(f"epochs are 1-based and step >= 1 (got epoch {epoch}, step {step})")
+    return max_subtask if schedule == "full" else min(max_subtask, epoch * step)
+
+
+def epochs_to_cover(max_subtask: int, step: int = 1) -> int:
+    """The first epoch at which the progressive schedule trains on every sub-task."""
+    return math.ceil(max_subtask / step)
+
+
+def check_coverage(max_subtask: int, epochs: int, step: int = 1, schedule: str = "progressive") -> None:
+    """Refuse a schedule that would leave sub-task indices untrained (for the planner the highest index is
+    its FINISH decision): the progressive schedule needs ceil(K / step) epochs to reach index K."""
+    needed = 1 if schedule == "full" else epochs_to_cover(max_subtask, step)
+    if epochs < needed:
+        reached = subtasks_in_epoch(epochs, max_subtask, step, schedule)
+        raise ValueError(f"{epochs} epoch(s) of the {schedule} schedule with {step} new sub-task(s) per epoch "
+                         f"reach sub-task {reached} of {max_subtask}, so sub-tasks {reached + 1}..{max_subtask} "
+                         f"would never be trained; use --epochs {needed} or more (or 0 for {needed} + 1), or "
+                         f"--subtasks-per-epoch {math.ceil(max_subtask / max(epochs, 1))}")
+
+
+def epoch_example_indices(examples: list[Example], epoch: int, step: int = 1,
+                          schedule: str = "progressive") -> list[int]:
+    """Indices of the examples trained in `epoch`, in data order."""
+    max_subtask = max(e.subtask for e in examples)
+    limit = subtasks_in_epoch(epoch, max_subtask, step, schedule)
+    return [i for i, e in enumerate(examples) if e.subtask <= limit]
+
+
+@dataclass
+class EpochPlan:
+    epoch: int
+    max_subtask: int
+    n_examples: int
+    n_tokens: int
+    n_targets: int
+
+
+def plan_schedule(examples: list[Example], epochs: int, step: int = 1,
+                  schedule: str = "progressive") -> list[EpochPlan]:
+    max_subtask = max(e.subtask for e in examples)
+    plans = []
+    for epoch in range(1, epochs + 1):
+        chosen = [examples[i] for i in epoch_example_indices(examples, epoch, step, schedule)]
+        plans.append(EpochPlan(epoch, subtasks_in_epoch(epoch, max_subtask, step, schedule), len(chosen),
+                               sum(e.n_tokens for e in chosen), sum(e.n_targets for e in chosen)))
+    return plans
+
+
+def format_schedule(plans: list[EpochPlan], schedule: str, step: int) -> str:
+    head = (f"schedule: {schedule}" + (f", {step} new sub-task(s) per epoch" if schedule == "progressive"
+                                       else ", every sub-task every epoch"))
+    rows = [head, f"{'epoch':>5}  {'sub-tasks':>9}  {'examples':>8}  {'target tokens':>13}  {'all tokens':>10}"]
+    for p in plans:
+        rows.append(f"{p.epoch:>5}  {'1..' + str(p.max_subtask):>9}  {p.n_examples:>8}  {p.n_targets:>13,}  "
+                    f"{p.n_tokens:>10,}")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The trajectory format: field kinds per object, checked by validate_trajectory.
 
 TRAJECTORY_FIELDS = {"schema": "int", "task_id": "str", "split": "str", "system": "dict",
@@ -64,7 +132,7 @@ CALL_FIELDS = {"role": "str", "conversation": "int", "subtask": "int", "messages
                "prompt_tokens": "int", "new_tokens": "int", "flops": "number", "seconds": "number",
                "train": "bool"}
 # Fields of a call that measure the engine that served it rather than the rollout (wall time, and what the
-# prefix cache happened to hold): two runs that record the same trajectory may differ in these.
+# prompt cache happened to hold): two runs that record the same trajectory may differ in these.
 MEASURED_CALL_FIELDS = ("seconds", "cached_tokens", "flops_computed")
 MESSAGE_FIELDS = {"role": "str", "content": "str"}
 EXECUTION_FIELDS = {"subtask": "int", "attempt": "int", "code": "str", "output": "str", "error": "bool"}
@@ -150,7 +218,7 @@ def validate_trajectory(record) -> None:
     _check_fields(record, {"schema": "int"}, "record")
     if record["schema"] != SCHEMA_VERSION:
         raise ValueError(f"schema: unsupported version {record['schema']} (this data.py reads version "
-                         f"{SCHEMA_VERSION}); collect the trajectories again with agents.py")
+                         f"{SCHEMA_VERSION}); collect the trajectories again with rollout.py collect")
     _check_fields(record, TRAJECTORY_FIELDS, "record")
     system = record["system"]
     _check_fields(system, SYSTEM_FIELDS, "system")
@@ -249,7 +317,6 @@ class Example:
     subtask: int
     ids: list[int]
     mask: list[int]  # 1 where the token is a target (the role's own output for sub-task k)
-    carries: int = 1  # schedule examples whose targets this sequence holds (> 1 after share_prefixes)
 
     @property
     def n_tokens(self) -> int:
@@ -287,7 +354,6 @@ class BuildReport:
                            f"{shown}" + (" ..." if len(rows) > 3 else ""))
         return out
 
-
 # ----------------------------------------------------------------------------------------------------
 # The one context-fitting rule (rollouts and training examples).
 
@@ -320,9 +386,8 @@ def fit_messages(messages: list[dict], count, limit: int) -> list[dict] | None:
             return fitted
     return None
 
-
 # ----------------------------------------------------------------------------------------------------
-# Per-role, per-sub-task examples.
+# Cutting a role's conversations into examples.
 
 def seen_with_output(call: dict) -> list[dict]:
     """The messages a call saw followed by its output: the conversation as it stood after the call."""
@@ -403,141 +468,21 @@ def format_example(tokenizer, example: Example, color: bool = False) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------
-# The progressive sub-task schedule.
-
-def subtasks_in_epoch(epoch: int, max_subtask: int, step: int = 1, schedule: str = "progressive") -> int:
-    """s(e): the largest sub-task index trained in 1-based epoch e."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"unknown schedule '{schedule}' (expected one of {', '.join(SCHEDULES)})")
-    if epoch < 1 or step < 1:
-        raise ValueError(f"epochs are 1-based and step >= 1 (got epoch {epoch}, step {step})")
-    return max_subtask if schedule == "full" else min(max_subtask, epoch * step)
-
-
-def epochs_to_cover(max_subtask: int, step: int = 1) -> int:
-    """The first epoch at which the progressive schedule trains on every sub-task."""
-    return math.ceil(max_subtask / step)
-
-
-def check_coverage(max_subtask: int, epochs: int, step: int = 1, schedule: str = "progressive") -> None:
-    """Refuse a schedule that would leave sub-task indices untrained (for the planner the highest index is
-    its FINISH decision): the progressive schedule needs ceil(K / step) epochs to reach index K."""
-    needed = 1 if schedule == "full" else epochs_to_cover(max_subtask, step)
-    if epochs < needed:
-        reached = subtasks_in_epoch(epochs, max_subtask, step, schedule)
-        raise ValueError(f"{epochs} epoch(s) of the {schedule} schedule with {step} new sub-task(s) per epoch "
-                         f"reach sub-task {reached} of {max_subtask}, so sub-tasks {reached + 1}..{max_subtask} "
-                         f"would never be trained; use --epochs {needed} or more (or 0 for {needed} + 1), or "
-                         f"--subtasks-per-epoch {math.ceil(max_subtask / max(epochs, 1))}")
-
-
-def epoch_example_indices(examples: list[Example], epoch: int, step: int = 1,
-                          schedule: str = "progressive") -> list[int]:
-    """Indices of the examples trained in `epoch`, in data order."""
-    max_subtask = max(e.subtask for e in examples)
-    limit = subtasks_in_epoch(epoch, max_subtask, step, schedule)
-    return [i for i, e in enumerate(examples) if e.subtask <= limit]
-
-
-def share_prefixes(examples: list[Example]) -> list[Example]:
-    """Fold every example that is an exact token prefix of a longer example of the same conversation into
-    that longer one: the longer sequence carries both sets of targets (the union of the masks) and the
-    prefix is dropped. Order is kept; a merged sequence stands where its longest member stood.
-
-    Why this is exact: under causal attention, position t sees only tokens 0..t, at the same RoPE
-    positions in both sequences. If A.ids == B.ids[:len(A)], each of A's positions computes the same
-    logits inside B as in A alone, so every loss term of A's targets is the same function of the weights
-    inside B, and so is its gradient. The sum of token losses over the step, and its gradient, are those
-    of the separate examples; A's context is just computed once instead of twice. The loss is a mean over
-    target tokens, so each target must still count once: A is folded only when none of its targets is a
-    target of B already (a planner's earlier decisions are context, not targets, in its later examples),
-    so the union holds exactly the target tokens of the separate examples. Examples that are not exact
-    prefixes (truncated or fitted differently) stay as they are.
-    """
-    merged = list(examples)
-    dropped: set[int] = set()
-    groups: dict[tuple[str, str, int], list[int]] = {}
-    for i, e in enumerate(examples):
-        groups.setdefault((e.task_id, e.role, e.conversation), []).append(i)
-    for members in groups.values():
-        by_length = sorted(members, key=lambda i: merged[i].n_tokens)
-        for pos, i in enumerate(by_length):
-            a = merged[i]
-            for j in by_length[pos + 1:]:
-                b = merged[j]
-                if b.ids[:a.n_tokens] == a.ids and not any(x and y for x, y in zip(a.mask, b.mask)):
-                    union = [x | y for x, y in zip(a.mask, b.mask)] + b.mask[a.n_tokens:]
-                    merged[j] = replace(b, mask=union, carries=a.carries + b.carries)
-                    dropped.add(i)
-                    break  # the longer sequence is visited later and folds on into a still longer one
-    return [e for i, e in enumerate(merged) if i not in dropped]
-
-
-@dataclass
-class EpochPlan:
-    epoch: int
-    max_subtask: int
-    n_examples: int
-    n_tokens: int  # of the separate examples
-    n_targets: int
-    n_sequences: int  # after share_prefixes
-    n_shared_tokens: int
-
-
-def plan_schedule(examples: list[Example], epochs: int, step: int = 1,
-                  schedule: str = "progressive") -> list[EpochPlan]:
-    max_subtask = max(e.subtask for e in examples)
-    plans = []
-    for epoch in range(1, epochs + 1):
-        chosen = [examples[i] for i in epoch_example_indices(examples, epoch, step, schedule)]
-        shared = share_prefixes(chosen)
-        plans.append(EpochPlan(epoch, subtasks_in_epoch(epoch, max_subtask, step, schedule), len(chosen),
-                               sum(e.n_tokens for e in chosen), sum(e.n_targets for e in chosen),
-                               len(shared), sum(e.n_tokens for e in shared)))
-    return plans
-
-
-def format_schedule(plans: list[EpochPlan], schedule: str, step: int) -> str:
-    head = (f"schedule: {schedule}" + (f", {step} new sub-task(s) per epoch" if schedule == "progressive"
-                                       else ", every sub-task every epoch"))
-    rows = [head, f"{'epoch':>5}  {'sub-tasks':>9}  {'examples':>8}  {'target tokens':>13}  {'all tokens':>10}  "
-                  f"{'shared sequences':>16}  {'shared tokens':>13}"]
-    for p in plans:
-        rows.append(f"{p.epoch:>5}  {'1..' + str(p.max_subtask):>9}  {p.n_examples:>8}  {p.n_targets:>13,}  "
-                    f"{p.n_tokens:>10,}  {p.n_sequences:>16}  {p.n_shared_tokens:>13,}")
-    return "\n".join(rows)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Shuffling and batching.
-
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """A generator that depends only on (seed, epoch), so a resumed run sees the same data order."""
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
-
+# Micro-batches.
 
 def plan_batches(indices: list[int], lengths: list[int], batch_size: int, seed: int, epoch: int,
-                 window_batches: int = 64, groups: list | None = None) -> list[list[int]]:
+                 window_batches: int = 64, sort_window=None) -> list[list[int]]:
     """Micro-batches of example indices for one epoch: shuffled, then sorted by length within windows of
     `window_batches` batches (similar lengths pad little), batch order shuffled, the longest batch moved
-    first so an out-of-memory shows up at the first step rather than hours in. With `groups` (one key per
-    index, e.g. its task), a window's examples of one group stay next to each other, groups ordered by their
-    longest member, so a micro-batch mostly holds one task's examples, whose shared prefix collate computes
-    once (`trunk_length`). The number of micro-batches is the same either way."""
-    g = epoch_generator(seed, epoch)
+    first so an out-of-memory shows up at the first step rather than hours in. `sort_window(chunk)` may order
+    a window differently (batching.plan_batches_by_task); the number of micro-batches is the same."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)  # (seed, epoch) only: a resumed run sees the same order
     order = [indices[i] for i in torch.randperm(len(indices), generator=g).tolist()]
     window = batch_size * window_batches
     batches = []
     for start in range(0, len(order), window):
         chunk = order[start:start + window]
-        if groups is None:
-            chunk.sort(key=lambda i: lengths[i], reverse=True)
-        else:
-            longest: dict = {}
-            for i in chunk:
-                longest[groups[i]] = max(longest.get(groups[i], 0), lengths[i])
-            first = {key: n for n, key in enumerate(dict.fromkeys(groups[i] for i in chunk))}  # ties: shuffled order
-            chunk.sort(key=lambda i: (-longest[groups[i]], first[groups[i]], -lengths[i]))
+        chunk = sort_window(chunk) if sort_window else sorted(chunk, key=lambda i: lengths[i], reverse=True)
         batches += [chunk[b:b + batch_size] for b in range(0, len(chunk), batch_size)]
     batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
     longest = max(range(len(batches)), key=lambda b: max(lengths[i] for i in batches[b]) * len(batches[b]))
@@ -545,48 +490,28 @@ def plan_batches(indices: list[int], lengths: list[int], batch_size: int, seed: 
     return batches
 
 
-MIN_TRUNK = 16  # shortest shared prefix worth a pass of its own (each pass costs a few ms of fixed work)
-
-
 class Batch(NamedTuple):
     ids: torch.Tensor  # (B, T) right-padded with the pad id
     mask: torch.Tensor  # (B, T) True at target tokens, never at pads
-    trunk: int  # leading columns shared by every row that predict no target (computed once; 0 = none)
+    trunk: int = 0  # leading columns every row shares, computed once (batching.collate_with_trunk; 0 = none)
 
 
-def trunk_length(examples: list[Example]) -> int:
-    """How many leading tokens a micro-batch computes once for all its rows (model.SharedTrunk): the longest
-    prefix every example has in common, cut so that no target is predicted from inside it (token t is
-    predicted at position t - 1, and the trunk's positions produce no logits). 0 for a single example or a
-    shared prefix shorter than MIN_TRUNK."""
-    if len(examples) < 2:
-        return 0
-    first, n = examples[0].ids, min(e.n_tokens for e in examples)
-    for e in examples[1:]:
-        n = next((t for t in range(n) if e.ids[t] != first[t]), n)
-    first_target = min((e.mask.index(1) for e in examples if any(e.mask)), default=n + 1)
-    n = min(n, first_target - 1)
-    return n if n >= MIN_TRUNK else 0
-
-
-def collate(examples: list[Example], pad_id: int, share_trunk: bool = True) -> Batch:
-    """Right-padded ids and target mask, and the trunk the rows share (`trunk_length`, or 0 without
-    `share_trunk`); pads are never targets."""
+def collate(examples: list[Example], pad_id: int) -> Batch:
+    """Right-padded ids and target mask; pads are never targets."""
     width = max(e.n_tokens for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)  # (B, T)
     mask = torch.zeros((len(examples), width), dtype=torch.bool)  # (B, T)
     for row, e in enumerate(examples):
         ids[row, :e.n_tokens] = torch.tensor(e.ids)
         mask[row, :e.n_tokens] = torch.tensor(e.mask, dtype=torch.bool)
-    return Batch(ids, mask, trunk_length(examples) if share_trunk else 0)
-
+    return Batch(ids, mask)
 
 # ----------------------------------------------------------------------------------------------------
 # CLI: inspect a trajectory file.
 
 def trajectory_texts(records: list[dict]) -> list[str]:
     """Every distinct non-empty line of every message and output, in order of first appearance: the corpus a
-    tokenizer for these conversations is trained on (model.py init-tiny --texts)."""
+    tokenizer for these conversations is trained on (model_io.py init-tiny --texts)."""
     lines = (line for r in records for c in r["calls"] for text in [*(m["content"] for m in c["messages"]),
              c["output"]] for line in text.splitlines() if line.strip())
     return list(dict.fromkeys(lines))
@@ -622,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "texts":
             print("\n".join(trajectory_texts(records)))
             return 0
-        from model import Tokenizer
-        tokenizer = Tokenizer.from_pretrained(args.model)
+        from model_io import load_tokenizer  # a folder, hub id or GGUF file
+        tokenizer = load_tokenizer(args.model)
         examples, report = build_examples(records, args.role, tokenizer, args.max_seq_len)
         if not examples:
             raise ValueError(f"{args.path} holds no {args.role} calls")

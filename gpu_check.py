@@ -7,8 +7,9 @@ in one run sized to take at most five minutes on one H200 (not yet timed on one)
 It downloads nothing and needs no weights: each model is built at a real architecture (SmolLM2-135M,
 Qwen2.5-0.5B, Qwen2.5-1.5B; config fields as in their config.json) with seeded random weights, written to a
 temporary folder and loaded back by prost's own loader. Every check runs prost's own code, never a copy of it:
-model.py's forward and `generate`, lora.py's adapters, prost.py's `build_model`, `make_optimizer`, `run_epoch`
-and cluster.py's `start_cluster` (under torch.distributed.run for data parallel), evaluate.py for rollouts. The checks:
+model.py's forward, decoding.py's `generate`, lora.py's adapters, prost.py's `build_model`, `make_optimizer`,
+`run_epoch` and cluster.py's `start_cluster` (under torch.distributed.run for data parallel), evaluate.py for
+rollouts. The checks:
 
   logits     prost on CUDA (fp32, bf16; with a LoRA adapter) against prost on the CPU in fp32, and against
              transformers on CUDA given the same (merged) weights
@@ -45,11 +46,15 @@ from pathlib import Path
 
 import torch
 
+import batching
 import data
 import lora
+import meter
 import prost
 from cluster import Cluster, child_env, exit_process, start_cluster, stop_cluster
-from model import ModelConfig, Transformer, generate, init_tiny, save_pretrained
+from decoding import generate
+from model import ModelConfig, Transformer, save_pretrained
+from model_io import init_tiny
 
 HERE = Path(__file__).resolve().parent
 
@@ -79,7 +84,7 @@ TINY_SHAPES = {
 # TrainConfig fields the training checks set on top of Sizes; a new training feature of prost.py (activation
 # checkpointing, say) joins the check by adding its field here.
 TRAIN_FLAGS: dict = {"checkpoint_activations": True}  # prost.py's flags the training checks run with
-# Extra keyword arguments of model.generate, one decode measurement each (the prefix cache joins here).
+# Extra keyword arguments of decoding.generate, one decode measurement each (the prompt cache joins here).
 DECODE_VARIANTS: dict[str, dict] = {"": {}}
 
 
@@ -270,10 +275,10 @@ def train_steps(cfg: prost.TrainConfig, cluster: Cluster, precision: str, steps:
     model.train()
     per_step = cfg.grad_accum * cluster.world
     total = sum(math.ceil(math.ceil(len(e) / cfg.micro_batch_size) / per_step) for e in steps)
-    stages = [(0, total)]  # one learning-rate cycle over the run (prost.lr_stages with --lr-schedule cosine)
+    cycles = [(0, total)]  # one learning-rate cycle over the run (prost.lr_cycles with --lr-schedule cosine)
     stats, step = [], 0
     for epoch, examples in enumerate(steps, start=1):
-        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, stages, cfg,
+        s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, cycles, cfg,
                                   cluster, precision, 0, out_dir, epoch - 1)
         stats.append(s)
     return model, optimizer, stats
@@ -296,8 +301,8 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
             timed = stats[1:]  # the first step pays for kernel selection and allocator warm-up
             measured = prost.EpochStats(*(sum(getattr(s, f.name) for s in timed)
                                           for f in dataclasses.fields(prost.EpochStats)))
-            mfu = prost.model_flops_utilisation(measured, prost.peak_flops(device, 0.0), 1)
-            memory = prost.peak_memory_gb(device)
+            mfu = meter.model_flops_utilisation(measured, meter.peak_flops(device, 0.0), 1)
+            memory = meter.peak_memory_gb(device)
         del model, optimizer
     worst = max(abs(a - b) / abs(b) for a, b in zip(losses["bf16"], losses["fp32"]))
     flags = ", ".join(f"{k}={v}" for k, v in TRAIN_FLAGS.items()) or "no extra flags"
@@ -308,14 +313,14 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
     fused_row = Row("train fused AdamW", name, "PASS" if fused or device.type != "cuda" else "FAIL",
                     f"fused={fused} ({flags})")
     speed = (f"{measured.tokens / measured.seconds:,.0f} tokens/s, "
-             + (f"MFU {mfu:.1%} of {prost.peak_flops(device, 0.0) / 1e12:.0f} TFLOP/s" if mfu is not None
+             + (f"MFU {mfu:.1%} of {meter.peak_flops(device, 0.0) / 1e12:.0f} TFLOP/s" if mfu is not None
                 else "MFU n/a (no peak known for this device)") + f", peak memory {memory:.1f} GB")
     return [loss_row, fused_row, Row(f"train speed bf16, {sizes.train_tokens} tokens", name, "INFO", speed),
             check_shared_trunk(name, folder, sizes, device)]
 
 
 def check_shared_trunk(name: str, folder: Path, sizes: Sizes, device: torch.device) -> Row:
-    """One micro-batch of 4 rows sharing their first half (computed once, model.SharedTrunk) against each row
+    """One micro-batch of 4 rows sharing their first half (computed once, trunk.SharedTrunk) against each row
     alone: the same fp32 gradients, through the device's masked attention kernel."""
     vocab, half = ModelConfig.from_hf(folder).vocab_size, sizes.train_tokens // 2
     shared, tails = random_ids(vocab, 1, half, seed=5)[0].tolist(), random_ids(vocab, 4, half, seed=6).tolist()
@@ -327,11 +332,11 @@ def check_shared_trunk(name: str, folder: Path, sizes: Sizes, device: torch.devi
         for p in params:  # B starts at zero: give every adapter gradient a value
             p.normal_(0.0, 0.02)
     grads = []
-    for batches in ([data.collate(rows, 0)], [data.collate([e], 0) for e in rows]):
+    for batches in ([batching.collate_with_trunk(rows, 0)], [data.collate([e], 0) for e in rows]):
         model.zero_grad(set_to_none=True)
         prost.accumulate_gradients(model, batches, sum(e.n_targets for e in rows), device, "fp32")
         grads.append(torch.cat([p.grad.flatten() for p in params]))
-    trunk = data.collate(rows, 0).trunk
+    trunk = batching.trunk_length(rows)
     error = float((grads[0] - grads[1]).abs().max() / grads[1].abs().max())
     return Row(f"train shared trunk vs separate rows fp32, 4 x {sizes.train_tokens} tokens", name,
                "PASS" if trunk > 0 and error <= FP32_LOGITS_TOL else "FAIL",
@@ -448,7 +453,7 @@ def check_generation(name: str, folder: Path, sizes: Sizes, device: torch.device
 
 
 def check_mixed_adapters(name: str, folder: Path, prompts: list[list[int]], sizes: Sizes, device) -> Row:
-    """One fp32 batch whose rows run adapters a, b or the base (lora.route_rows) against each adapter's rows
+    """One fp32 batch whose rows run adapters a, b or the base (decoding.route_rows) against each adapter's rows
     generated as a batch of their own."""
     model = Transformer.from_pretrained(folder, device=device, dtype=torch.float32)
     for seed, adapter in enumerate(("a", "b")):

@@ -12,13 +12,13 @@ forward pass selects one (switching only changes a name, never copies weights), 
 `set_adapter(model, None)` gives the plain base model.
 
 Where this file sits: `prost.py` calls `apply_lora` (adds an adapter and makes it the only trainable
-thing) and `save_adapter`; `agents.py` / `evaluate.py` rebuild a system with `merged_copy` per role (the
-adapter folded into copies of the layers it covers, so inference runs only the base's matmuls) and
-`adapter_base` to find the base model. With --mix-adapters they load every role's adapter unmerged on one
-base instead, and `route_rows` gives each row of a batch its own. Adapters are stored in PEFT's on-disk
-layout, so a prost adapter can be used by PEFT / transformers / vLLM and a PEFT adapter can be used by prost.
-`export_merged` folds an adapter into the base weights and writes a plain Hugging Face model folder;
-from the shell: `python lora.py ckpts/planner merged/planner`.
+thing) and `save_adapter`; the agents' engines rebuild a system with `merged_copy` per role (the adapter
+folded into copies of the layers it covers, so inference runs only the base's matmuls) and `adapter_base`
+to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost adapter can be used by
+PEFT / transformers / vLLM and a PEFT adapter can be used by prost. Beside it: dropout_masks.py (a faster
+dropout with the same distribution), decoding.py (a batch whose rows each run their own adapter) and
+model_io.py (`python model_io.py merge ADAPTER OUT`: an adapter folded into a plain Hugging Face folder).
+It imports no other prost file but store.py (atomic file writes).
 
 Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
 be rounded away in bf16). The base may be bf16 or fp32. Outside autocast the adapter path casts its input
@@ -28,15 +28,11 @@ added into the base output in that output's dtype (inside the last matmul when t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import os
 import re
-import shutil
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -47,7 +43,6 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model import ModelConfig, Transformer, project, resolve_model_dir, save_pretrained
 from store import atomic_write
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -57,12 +52,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # saved key starts with this prefix followed by the module path inside the LM.
 PEFT_PREFIX = "base_model.model."
 PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<AB>[AB])\.weight$")
-# Files of a Hugging Face model folder that describe the tokenizer / generation, copied by export_merged.
-TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
-    "generation_config.json",
-)
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -87,6 +76,12 @@ class AdapterSpec:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def textbook_drop(x: torch.Tensor, p: float) -> tuple[torch.Tensor, float]:
+    """(x with each element zeroed with probability p, the keep probability 1 - p): inverted dropout, whose
+    1 / (1 - p) rescaling the caller applies to the narrow tensor after A (dropout_masks.drop: the same, faster)."""
+    return x * (torch.rand(x.shape, device=x.device) >= p).to(x.dtype), 1 - p
+
+
 class LoRALinear(nn.Module):
     """A frozen `nn.Linear` plus any number of named low-rank adapters, at most one active.
 
@@ -95,6 +90,8 @@ class LoRALinear(nn.Module):
     (`<path>.weight`, `<path>.bias`, not `<path>.base_layer.weight`); adapter tensors add keys
     `<path>.lora_A.<name>` / `<path>.lora_B.<name>` next to them.
     """
+
+    drop = staticmethod(textbook_drop)  # the dropout on the adapter input (dropout_masks.use_fast_dropout swaps it)
 
     def __init__(self, base: nn.Linear):
         super().__init__()
@@ -110,16 +107,6 @@ class LoRALinear(nn.Module):
         self.specs: dict[str, AdapterSpec] = {}
         self.active: str | None = None
         self.merged: str | None = None  # name of the adapter currently folded into `weight`
-        # adapter name -> the batch rows that run it (a slice when they are consecutive, else an index tensor),
-        # set by route_rows for mixed batches; while set it replaces `active`
-        self.routes: dict[str, slice | torch.Tensor] | None = None
-
-    @property
-    def plain(self) -> bool:
-        """Whether forward is exactly model.project(x, weight, bias): no adapter of this layer runs on any row."""
-        if self.routes is not None:
-            return not any(name in self.specs for name in self.routes)
-        return self.active is None or self.merged is not None
 
     def add(self, name: str, spec: AdapterSpec) -> None:
         device = self.weight.device
@@ -136,24 +123,12 @@ class LoRALinear(nn.Module):
         return self.specs[name].scale * (self.lora_B[name] @ self.lora_A[name])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
-        y = project(x, self.weight, self.bias)  # (..., out), base dtype
-        return y if self.plain else self.add_adapters(x, y)
+        y = F.linear(x, self.weight, self.bias)  # (..., out), base dtype
+        if self.active is None or self.merged is not None:
+            return y
+        return self.add_update(x, y, self.active)
 
-    def add_adapters(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """y += the update of the adapter that runs on x (the active one, or each routed one on its rows), in
-        place; returns y. model.project_together calls this on its share of a product shared with other layers."""
-        if self.routes is None:
-            return self.add_adapter(x, y, self.active)
-        for name, rows in self.routes.items():  # a mixed batch (x: (B, ...)): each adapter on its own rows
-            if name not in self.specs:
-                continue
-            if isinstance(rows, slice):  # consecutive rows: views, updated in place
-                self.add_adapter(x[rows], y[rows], name)
-            else:
-                y.index_copy_(0, rows, self.add_adapter(x.index_select(0, rows), y.index_select(0, rows), name))
-        return y
-
-    def add_adapter(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
+    def add_update(self, x: torch.Tensor, y: torch.Tensor, name: str) -> torch.Tensor:
         """y += adapter `name`'s update of x, in place; returns y."""
         a, b, spec = self.lora_A[name], self.lora_B[name], self.specs[name]
         # Under autocast the matmuls below run in the autocast dtype whatever their inputs: a cast of the
@@ -161,8 +136,8 @@ class LoRALinear(nn.Module):
         h = x if torch.is_autocast_enabled(x.device.type) else x.to(a.dtype)  # (..., in)
         scale = spec.scale
         if self.training and spec.dropout > 0:
-            # inverted dropout, its 1 / keep rescaling folded into the scale of the narrow tensor below
-            h, scale = DropElements.apply(h, spec.dropout), scale / keep_probability(spec.dropout)
+            h, keep = self.drop(h, spec.dropout)
+            scale = scale / keep  # inverted dropout's rescaling, on the narrow tensor below
         u = F.linear(h, a) * scale  # (..., r): scale the narrow tensor, not the wide output
         # Add B u into y in place: y is not needed by autograd (linear saves its input, not its output), and a
         # full-width temporary costs as much memory traffic as the low-rank matmuls themselves.
@@ -194,61 +169,6 @@ class LoRALinear(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Adapter dropout
-
-
-# Dropout on the adapter input. torch's CPU dropout draws a double-precision uniform per element in one
-# thread, then scales and multiplies in separate passes: at p = 0.05 that was a quarter of a LoRA training
-# step on SmolLM2-135M (bench.py train). Here each element gets 15 random bits, made into an integer as wide
-# as the element that is all ones (keep) or all zeros (drop); `x & mask` on x's bits zeroes the dropped
-# elements exactly, and the backward pass applies the same mask to the gradient. p is rounded to a multiple
-# of 2^-15 (0.05 -> 0.0499878; flash attention's GPU dropout keeps 8 bits); the 1 / keep rescaling uses the
-# rounded value and is the caller's.
-DROP_LEVELS = 2 ** 15
-SIGNED_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}  # element size -> integer type of that width
-
-
-def drop_threshold(p: float) -> int:
-    """An element is dropped when its 15 random bits, read as an integer in [0, 2^15), are below this."""
-    return round(p * DROP_LEVELS)
-
-
-def keep_probability(p: float) -> float:
-    return 1 - drop_threshold(p) / DROP_LEVELS
-
-
-def keep_mask(shape: torch.Size, p: float, dtype: torch.dtype, device) -> torch.Tensor:
-    """Integers as wide as `dtype`'s elements: -1 (all bits set: keep) or 0 (drop, probability p), independently."""
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-2 ** 63, None)  # 64 random bits
-    bits = words.view(torch.int16)[:n].view(shape) >> 1  # 15 uniform bits per element, in [-2^14, 2^14)
-    margin = bits.sub_(drop_threshold(p) - DROP_LEVELS // 2)  # bits + 2^14 - threshold: negative when dropped
-    mask = margin.bitwise_right_shift_(15).bitwise_not_()  # the sign spread over all bits, inverted
-    return mask.to(SIGNED_INT[dtype.itemsize])
-
-
-def apply_mask(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x.view(mask.dtype) & mask).view(x.dtype)
-
-
-class DropElements(torch.autograd.Function):
-    """x with each element zeroed with probability p (not rescaled); its gradient is zeroed where x was.
-    It draws from torch's default generator, so seeding and activation checkpointing's replay of the RNG
-    state give the same masks."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
-        mask = keep_mask(x.shape, p, x.dtype, x.device)
-        ctx.save_for_backward(mask)
-        return apply_mask(x, mask)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        mask, = ctx.saved_tensors
-        return apply_mask(grad, mask), None
-
-
-# ----------------------------------------------------------------------------------------------------
 # Finding and wrapping layers
 
 
@@ -275,7 +195,7 @@ def adapter_parameters(model: nn.Module, name: str) -> list[nn.Parameter]:
     return params
 
 
-def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
+def projection_shapes(config) -> dict[str, tuple[int, int]]:
     """(in, out) features of each projection of one decoder layer, by module name."""
     d, f = config.hidden_size, config.intermediate_size
     q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -283,7 +203,7 @@ def projection_shapes(config: ModelConfig) -> dict[str, tuple[int, int]]:
             "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d)}
 
 
-def count_adapter_parameters(config: ModelConfig, r: int, targets: Iterable[str] = DEFAULT_TARGETS) -> int:
+def count_adapter_parameters(config, r: int, targets: Iterable[str] = DEFAULT_TARGETS) -> int:
     """Parameters of one adapter, computed from the config: r * (in + out) per wrapped projection."""
     shapes = projection_shapes(config)
     per_layer = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets)
@@ -386,34 +306,6 @@ def active_adapter(model: nn.Module) -> str | None:
     return active.pop() if active else None
 
 
-def route_rows(model: nn.Module, names: list[str | None] | None) -> None:
-    """Run adapter names[i] on batch row i of the next forward passes (None: the plain base on that row), so
-    one batch serves several roles: the base matmuls are shared and only the low-rank updates differ per row.
-    `names=None` ends the routing (`set_adapter` is in effect again). model.generate(adapters=...) calls this
-    as rows join and leave its batch. Adapters must not be merged: a merged one would apply to every row."""
-    layers = list(lora_layers(model).values())
-    if names is None:
-        for layer in layers:
-            layer.routes = None
-        return
-    if any(layer.merged is not None for layer in layers):
-        raise ValueError("route_rows needs unmerged adapters; call unmerge(model) first")
-    unknown = set(names) - {None} - {name for layer in layers for name in layer.specs}
-    if unknown:
-        raise ValueError(f"no adapter named {unknown.pop()!r} on the model; adapters: {adapter_names(model)}")
-    rows: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        if name is not None:
-            rows.setdefault(name, []).append(i)
-    device = next(model.parameters()).device
-    # per adapter, shared by every layer: a slice when its rows are consecutive (callers that sort their batch by
-    # adapter get only slices: no gathers), else an index tensor
-    routes = {name: slice(r[0], r[-1] + 1) if r[-1] - r[0] == len(r) - 1 else torch.tensor(r, device=device)
-              for name, r in rows.items()}
-    for layer in layers:
-        layer.routes = routes
-
-
 def merge(model: nn.Module) -> None:
     """Fold the active adapter into the base weights (forward then skips the adapter path).
 
@@ -465,41 +357,6 @@ def merged_copy(model: nn.Module, in_dir: str | os.PathLike, name: str) -> nn.Mo
         layer.weight = nn.Parameter((w.float() + layer.delta_weight(name)).to(w.dtype), requires_grad=False)
         layer.merged = name
     return merged.eval()
-
-
-def export_merged(model: nn.Module, out_dir: str | os.PathLike) -> Path:
-    """Write the model with its active adapter merged as a plain Hugging Face folder.
-
-    The folder holds config.json + model.safetensors (via model.save_pretrained) and the tokenizer files
-    of the base model's folder, so `Transformer.from_pretrained` and transformers both load it. The
-    model itself is left unchanged.
-    """
-    out_dir = Path(out_dir)
-    base = getattr(model, "name_or_path", None)
-    base_dir = resolve_model_dir(base) if base else None
-    if base_dir is not None and out_dir.resolve() == base_dir.resolve():
-        raise ValueError(f"export_merged would overwrite the base model in {out_dir}; choose another folder")
-    # A meta-device skeleton costs no memory; assigning the merged tensors makes it a plain Transformer
-    # that shares storage with `model` everywhere except the merged projection weights.
-    with torch.device("meta"):
-        plain = type(model)(model.config)
-    plain.load_state_dict(merged_state_dict(model), strict=True, assign=True)
-    save_pretrained(plain, out_dir)
-    if base_dir is not None:
-        _copy_tokenizer_files(base_dir, out_dir)
-    return out_dir
-
-
-def _copy_tokenizer_files(src: Path, dst: Path) -> None:
-    if src.is_file():  # a GGUF base: its tokenizer files are built from the file's vocabulary, then copied
-        import gguf_io
-        with tempfile.TemporaryDirectory() as tmp:
-            gguf_io.write_tokenizer_files(src, tmp)
-            _copy_tokenizer_files(Path(tmp), dst)
-        return
-    for fname in TOKENIZER_FILES:
-        if (src / fname).is_file():
-            atomic_write(dst / fname, lambda tmp, f=fname: shutil.copyfile(src / f, tmp))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -682,42 +539,3 @@ def _check_matches_existing(model: nn.Module, name: str, spec: AdapterSpec, modu
     if set(existing) != modules:
         raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
                          f"{len(existing)}; the target modules differ")
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI
-
-
-def export_adapter_merged(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, base: str | None = None,
-                          dtype: str = "float32") -> Path:
-    """Load an adapter folder's base model, fold the adapter in, and write a plain HF model folder."""
-    base = base or adapter_base(adapter_dir)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
-    model = Transformer.from_pretrained(base, dtype=getattr(torch, dtype))
-    load_adapter(model, adapter_dir, "export")
-    set_adapter(model, "export")
-    return export_merged(model, out_dir)
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(
-        prog="lora.py", description="Fold a LoRA adapter (PEFT layout, e.g. ckpts/<role>/) into its base model "
-                                    "and write a plain Hugging Face model folder.")
-    ap.add_argument("adapter", help="adapter folder with adapter_config.json + adapter_model.safetensors")
-    ap.add_argument("out", help="output folder for config.json, model.safetensors and the tokenizer files")
-    ap.add_argument("--base", default=None,
-                    help="base model folder or hub id (default: base_model_name_or_path of the adapter)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
-                    help="dtype of the merged weights (default: float32)")
-    args = ap.parse_args(argv)
-    try:
-        out = export_adapter_merged(args.adapter, args.out, args.base, args.dtype)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()

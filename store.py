@@ -1,7 +1,7 @@
 """store.py: how prost writes to disk, so every output folder is complete, resumable or absent.
 
 Where this sits: under everything that leaves files behind. prost.py writes one adapter per role
-(`ckpts/<role>/`), evaluate.py one evaluation folder (`results/<name>/`), agents.py collect one trajectory
+(`ckpts/<role>/`), evaluate.py one evaluation folder (`results/<name>/`), rollout.py collect one trajectory
 file, model.py and lora.py model and adapter folders. Their numbers are only as trustworthy as those
 files, so the rules live here, once, and this file imports nothing else from prost (stdlib only):
 

@@ -30,7 +30,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import evaluate
-from evaluate import fmt_flops, markdown_table, system_name
+import result_files
+from evaluate import system_name
+from result_files import fmt_flops, in_role_order, markdown_table
 from store import atomic_write
 
 TRAIN_LOG = "train_log.jsonl"
@@ -49,7 +51,7 @@ def by_system(results: list[dict]) -> dict[str, list[dict]]:
 
 def role_flops(runs: list[dict]) -> dict[str, float]:
     """Mean FLOPs per task of each role over the runs (a role a run does not have counts as 0 there)."""
-    roles = evaluate.in_role_order({role for r in runs for role in r["metrics"].get("roles", {})})
+    roles = in_role_order({role for r in runs for role in r["metrics"].get("roles", {})})
     return {role: statistics.fmean(r["metrics"].get("roles", {}).get(role, {}).get("flops_per_task", 0.0)
                                    for r in runs) for role in roles}
 
@@ -57,7 +59,7 @@ def role_flops(runs: list[dict]) -> dict[str, float]:
 def systems_table(results: list[dict]) -> str:
     rows = evaluate.pareto_rows(results)
     runs = by_system(results)
-    roles = evaluate.in_role_order({role for r in results for role in r["metrics"].get("roles", {})})
+    roles = in_role_order({role for r in results for role in r["metrics"].get("roles", {})})
     header = ["system", "runs", "TGC", "TGC per seed", "SGC", "FLOPs/task", *roles, "Pareto"]
     lines = markdown_table(header, [
         [row.system, row.runs, f"{row.tgc:.1f} ± {row.tgc_sd:.1f}",
@@ -97,7 +99,8 @@ def seed_comparison(progressive: list[dict], full: list[dict]) -> str:
     if min(len(t) for t in tgc) < 2:
         verdict = "one seed, so no spread to compare it with"
     else:
-        verdict = f"{'larger than' if abs(difference) > largest_sd else 'within'} the larger seed spread, {largest_sd:.1f}"
+        where = "larger than" if abs(difference) > largest_sd else "within"
+        verdict = f"{where} the larger seed spread, {largest_sd:.1f}"
     lines = markdown_table(["seed", "progressive TGC", "standard TGC"],
                            [[s, f"{tgc[0][s]:.1f}", f"{tgc[1][s]:.1f}"] for s in seeds])
     return "\n".join(lines) + (f"\n\nProgressive wins {wins[0]} of {len(seeds)} seeds, standard {wins[1]}; mean "
@@ -115,7 +118,7 @@ def pooled_errors(runs: list[dict]) -> dict[tuple[str, int], list[int]]:
     return pooled
 
 
-def error_cell(errors_n: list[int] | None) -> str:
+def pooled_error_text(errors_n: list[int] | None) -> str:
     if not errors_n or not errors_n[1]:
         return "-"
     errors, n = errors_n
@@ -126,13 +129,13 @@ def error_rates_table(progressive: list[dict], full: list[dict]) -> str:
     """Sub-task error rate by role and index, progressive vs standard (the paper's ablation), and each
     role's rate over all its sub-tasks."""
     pooled = [pooled_errors(runs) for runs in (progressive, full)]
-    roles = evaluate.in_role_order({role for p in pooled for role, _ in p})
+    roles = in_role_order({role for p in pooled for role, _ in p})
     rows = []
     for role in roles:
         for k in sorted({k for p in pooled for role_, k in p if role_ == role}):
-            rows.append([role, k, *(error_cell(p.get((role, k))) for p in pooled)])
-        rows.append([f"{role}, all", "", *(error_cell([sum(p[key][i] for key in p if key[0] == role) for i in (0, 1)])
-                                           for p in pooled)])
+            rows.append([role, k, *(pooled_error_text(p.get((role, k))) for p in pooled)])
+        totals = [[sum(p[key][i] for key in p if key[0] == role) for i in (0, 1)] for p in pooled]
+        rows.append([f"{role}, all", "", *(pooled_error_text(t) for t in totals)])
     return "\n".join(markdown_table(["role", "sub-task", "progressive", "standard"], rows)) + "\n"
 
 
@@ -161,7 +164,7 @@ def curve_pairs(curves: dict[str, dict]) -> list[tuple[str, str]]:
 
 
 def last_loss_table(curves: dict[str, dict], pair: tuple[str, str]) -> str:
-    roles = evaluate.in_role_order(set(curves[pair[0]]) & set(curves[pair[1]]))
+    roles = in_role_order(set(curves[pair[0]]) & set(curves[pair[1]]))
     k_max = max(k for run in pair for role in roles for k in curves[run][role][-1])
     rows = []
     for role in roles:
@@ -183,7 +186,7 @@ def plot_dev_loss(curves: dict[str, dict], pair: tuple[str, str], path: Path) ->
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         return False
-    roles = evaluate.in_role_order(set(curves[pair[0]]) & set(curves[pair[1]]))
+    roles = in_role_order(set(curves[pair[0]]) & set(curves[pair[1]]))
     fig, axes = plt.subplots(1, len(roles), figsize=(4.2 * len(roles), 3.6), squeeze=False)
     for ax, role in zip(axes[0], roles):
         for run, style in zip(pair, ("-", "--")):
@@ -209,15 +212,15 @@ def plot_dev_loss(curves: dict[str, dict], pair: tuple[str, str], path: Path) ->
 
 def load_study(results_dir: Path) -> dict[str, list[dict]]:
     """{split: its runs}, every split's runs checked comparable (same tasks and budgets)."""
-    paths = sorted(str(p) for p in results_dir.glob(f"*/*/{evaluate.RESULTS}"))
+    paths = sorted(str(p) for p in results_dir.glob(f"*/*/{result_files.RESULTS}"))
     if not paths:
-        raise FileNotFoundError(f"no {results_dir}/<split>/<run>/{evaluate.RESULTS} found; run `make study` "
+        raise FileNotFoundError(f"no {results_dir}/<split>/<run>/{result_files.RESULTS} found; run `make study` "
                                 "first, or pass the folder it wrote")
     splits: dict[str, list[tuple[dict, str]]] = defaultdict(list)
-    for result, path in zip(evaluate.load_results(paths), paths):
+    for result, path in zip(result_files.load_results(paths), paths):
         splits[result["split"]].append((result, path))
     for runs in splits.values():
-        evaluate.check_comparable([r for r, _ in runs], [p for _, p in runs])
+        result_files.check_comparable([r for r, _ in runs], [p for _, p in runs])
     return {split: [r for r, _ in runs] for split, runs in splits.items()}
 
 
@@ -226,7 +229,7 @@ def split_section(split: str, results: list[dict], out_dir: Path) -> list[str]:
              "* = Pareto-optimal: no other system has higher TGC for no more FLOPs per task. TGC ± the sample "
              "standard deviation over seeds; FLOPs per task as the mean over seeds, in total and by role.", ""]
     plot = out_dir / f"pareto-{split}.png"
-    if evaluate.plot_pareto(evaluate.pareto_rows(results), plot):
+    if result_files.plot_pareto(evaluate.pareto_rows(results), plot):
         lines += [f"![TGC vs FLOPs per task on {split}]({plot.name})", ""]
     for name, progressive, full in schedule_pairs(by_system(results)):
         lines += [f"### {name}: progressive vs standard on {split}", "", seed_comparison(progressive, full),

@@ -128,7 +128,7 @@ def sharded_ckpt(tmp_path_factory):
 
 # ---------------------------------------------------------------------------------------------------------
 # The mini-world (miniworld.py's generator), built once for the whole test session, and the gold-teacher
-# trajectories of its train split (agents.py), collected once. Tests that change a world build their own.
+# trajectories of its train split (rollout.py collect), collected once. Tests that change a world build their own.
 
 @pytest.fixture(scope="session")
 def world_build(tmp_path_factory):
@@ -156,23 +156,36 @@ def micro(mini_world, tmp_path_factory):
     """A random-init micro model whose tokenizer is trained on the protocol's own prompts and the dev split's
     instructions (for rollouts and evaluations that need a model, not a good one)."""
     import agents
-    import model
+    import model_io
     import world
     texts = [agents.API_RULES, agents.PLANNER_FORMAT_REMINDER, agents.SINGLE_CODE_REMINDER]
     for task_id in world.load_split("dev", root=mini_world):
         spec = json.loads((mini_world / "data" / "tasks" / task_id / "specs.json").read_text())
         texts.append(spec["instruction"])
-    return model.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
+    return model_io.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
 
 
 @pytest.fixture(scope="session")
 def gold_train(mini_world, world_pool, tmp_path_factory):
     """Gold-teacher trajectories for the whole train split: (collect summary, path)."""
     import agents
+    import rollout
     out = tmp_path_factory.mktemp("gold") / "train.jsonl"
-    system = agents.teacher_system("gold", root=mini_world)
-    summary = agents.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool)
+    system = rollout.teacher_system("gold", root=mini_world)
+    summary = rollout.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool)
     return summary, out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(gold_train, tmp_path_factory):
+    """A random-init micro model whose tokenizer is trained on the gold trajectories' text (rollouts of
+    agents.py and rollout.py)."""
+    import data
+    import model_io
+    records = data.read_trajectories(gold_train[1])
+    texts = [m["content"] for r in records for c in r["calls"] for m in c["messages"] + [
+        {"content": c["output"]}]]
+    return model_io.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,8 +275,8 @@ def _kill_session(proc: subprocess.Popen) -> None:
 @pytest.fixture(scope="session")
 def tiny_preset_model(gold_train, tmp_path_factory):
     """The demo's base: the tiny preset (4096 positions), random init, its tokenizer trained on the gold
-    train trajectories' text as `make demo` does (data.py texts, then model.py init-tiny)."""
+    train trajectories' text as `make demo` does (data.py texts, then model_io.py init-tiny)."""
     import data
-    import model
+    import model_io
     texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
-    return model.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)
+    return model_io.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)

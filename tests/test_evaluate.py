@@ -21,7 +21,10 @@ import data
 import evaluate
 import lora
 import model
+import result_files
+import rollout
 import store
+import systems
 import world
 from conftest import REPO, run_child, torchrun
 
@@ -61,13 +64,13 @@ class DoNothing:
 # Effectiveness bounds, judged by AppWorld's own evaluator.
 
 def makefile_budgets() -> tuple[agents.Budgets, int]:
-    """The budgets `make demo` evaluates under (BUDGETS in the Makefile, parsed by agents.py's own flags) and
+    """The budgets `make demo` evaluates under (BUDGETS in the Makefile, parsed by rollout.py's own flags) and
     the number of training scenarios whose dev variants it evaluates (SCENARIOS)."""
     text = (REPO / "Makefile").read_text().replace("\\\n", " ")
     flags = re.search(r"^BUDGETS\s*\?=(.*)$", text, re.M).group(1).split()
     parser = argparse.ArgumentParser()
-    agents.add_common_flags(parser)
-    budgets = agents.budgets_from(parser.parse_args(["--split", "dev", "--out", "x", *flags]))
+    rollout.add_common_flags(parser)
+    budgets = rollout.budgets_from(parser.parse_args(["--split", "dev", "--out", "x", *flags]))
     return budgets, int(re.search(r"^SCENARIOS\s*\?=\s*(\d+)", text, re.M).group(1))
 
 
@@ -81,13 +84,13 @@ def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_wo
     budgets, n_scenarios = makefile_budgets()
     demo_dev = world.select_tasks("dev", mini_world, scenarios=n_scenarios)
     assert budgets.subtasks >= 8 and len(demo_dev) == 2 * n_scenarios
-    results = evaluate.evaluate(evaluate.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
+    results = evaluate.evaluate(systems.gold_system(mini_world), budgets, config(tmp_path, mini_world), pool=pool)
     dev = world.load_split("dev", root=mini_world)
     m = results["metrics"]
     assert (m["tasks"], m["passed"], m["tgc"]) == (len(dev), len(dev), 100.0)
     assert m["scenarios"] == len({t.split("_")[0] for t in dev}) and m["sgc"] == 100.0
     assert m["scenarios_left_out"] == 0 and m["budget_stops"] == {}
-    records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
+    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert [r["task_id"] for r in records] == dev  # merged in split order
     assert all(r["evaluation"]["passes"] and not r["evaluation"]["failures"] for r in records)
     difficulties = {world.task_metadata(t, root=mini_world)["difficulty"] for t in dev}
@@ -95,7 +98,7 @@ def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_wo
     assert all(v["tgc"] == 100.0 for v in m["by_difficulty"].values())
     # the gold code never raises and the gold critic never fails it
     assert all(cell["errors"] == 0 for row in m["subtask_errors"].values() for cell in row.values())
-    assert (tmp_path / evaluate.REPORT).read_text().count("TGC 100.0") == 1
+    assert (tmp_path / result_files.REPORT).read_text().count("TGC 100.0") == 1
     tokenizer = model.Tokenizer.from_pretrained(tiny_preset_model)
     for r in records:
         for call in r["calls"]:
@@ -109,7 +112,7 @@ def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
     results = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world), pool=pool)
     m = results["metrics"]
     assert (m["tgc"], m["sgc"], m["passed"]) == (0.0, 0.0, 0)
-    records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
+    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert all(r["evaluation"]["failures"] and not r["executions"] for r in records)
     assert m["subtask_errors"] == {"1": {"planner": {"n": len(records), "errors": 0, "rate": 0.0}}}
 
@@ -179,57 +182,69 @@ def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
 def uninterrupted(micro, mini_world, pool, tmp_path_factory):
     """The micro model in every role on the first dev tasks, one world at a time: (results, records)."""
     out = tmp_path_factory.mktemp("straight")
-    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    system = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
     results = evaluate.evaluate(system, SMALL, config(out, mini_world, limit=N_SMALL, workers=1), pool=pool)
-    return results, data.read_trajectories(out / evaluate.TRAJECTORIES)
+    return results, data.read_trajectories(out / result_files.TRAJECTORIES)
 
 
 def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_world, pool, tmp_path):
     straight, straight_records = uninterrupted
     assert straight["metrics"]["flops_per_task"] > 0 and straight["metrics"]["roles"]["planner"]["calls_per_task"] >= 1
-    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    system = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
     with pytest.raises(evaluate.StopEvaluation):
-        evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1, stop_after=2),
+        evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1, stop_after_tasks=2),
                           pool=pool)
-    before = (tmp_path / evaluate.PARTS / "rank0.jsonl").read_text()
+    before = (tmp_path / result_files.PARTS / "rank0.jsonl").read_text()
     assert len(before.splitlines()) == 2
     resumed = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1), pool=pool)
     assert resumed["metrics"] == straight["metrics"]
-    records = data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)
+    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert without_timing(records) == without_timing(straight_records)
-    merged = (tmp_path / evaluate.TRAJECTORIES).read_text()
+    merged = (tmp_path / result_files.TRAJECTORIES).read_text()
     assert merged.startswith(before)  # the two finished tasks were kept as written, not re-run
+
+
+def test_plain_evaluation_equals_the_fast_path(uninterrupted, micro, mini_world, pool, tmp_path):
+    """cfg.plain (evaluate.py --plain): agents.run_task on agents.PlainEngine (model.generate), one task after
+    another in one world session, records what rollout.run_rollouts on the fast LocalEngine records."""
+    straight, straight_records = uninterrupted
+    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    plain = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, plain=True), pool=pool)
+    assert plain["metrics"] == straight["metrics"]
+    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    assert without_timing(records) == without_timing(straight_records)
+    assert store.read_identity(tmp_path)["decode"] == {role: "plain" for role in data.MULTI_AGENT_ROLES}
 
 
 def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
     evaluate.evaluate(agents.single_engine_system(DoNothing()), SMALL, config(tmp_path, mini_world, limit=1),
                       pool=pool)
     with pytest.raises(ValueError, match="holds a different run .*system.teacher.*--overwrite"):
-        evaluate.evaluate(evaluate.gold_system(mini_world), SMALL, config(tmp_path, mini_world, limit=1), pool=pool)
+        evaluate.evaluate(systems.gold_system(mini_world), SMALL, config(tmp_path, mini_world, limit=1), pool=pool)
 
 
-def test_run_identity_knows_world_and_models_by_content_so_moved_copies_resume(micro, mini_world, tmp_path):
+def test_evaluation_identity_knows_world_and_models_by_content_so_moved_copies_resume(micro, mini_world, tmp_path):
     def system(folder):
-        return agents.build_system("multi", {r: str(folder) for r in data.MULTI_AGENT_ROLES}, {})
-    saved = evaluate.run_identity(system(micro), SMALL, "dev", mini_world, {})
-    mixing = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
+        return rollout.local_system("multi", {r: str(folder) for r in data.MULTI_AGENT_ROLES}, {})
+    identity = result_files.evaluation_identity
+    saved = identity(system(micro), SMALL, "dev", mini_world, {})
+    mixing = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
     with pytest.raises(ValueError, match=r'holds a different run \(decode.critic.adapters: "merged" there vs "mixed"'):
-        store.check_identity(tmp_path, saved, evaluate.run_identity(mixing, SMALL, "dev", mini_world, {}), "-")
+        store.check_identity(tmp_path, saved, identity(mixing, SMALL, "dev", mini_world, {}), "-")
     shutil.copytree(mini_world, tmp_path / "world")
     shutil.copytree(micro, tmp_path / "model")
-    moved = evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev", tmp_path / "world", {})
+    moved = identity(system(tmp_path / "model"), SMALL, "dev", tmp_path / "world", {})
     assert moved[store.PATHS] != saved[store.PATHS]
     store.check_identity(tmp_path, saved, moved, "-")  # the same run: no error
     task = tmp_path / "world" / "data" / "tasks" / world.load_split("dev", root=mini_world)[-1] / "specs.json"
     task.write_text(task.read_text().replace('"instruction": "', '"instruction": "Please, '))
     with pytest.raises(ValueError, match=r"holds a different run \(world: "):
-        store.check_identity(tmp_path, saved, evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev",
-                                                                    tmp_path / "world", {}), "-")
+        store.check_identity(tmp_path, saved, identity(system(tmp_path / "model"), SMALL, "dev", tmp_path / "world",
+                                                       {}), "-")
     config_file = tmp_path / "model" / "config.json"
     config_file.write_text(config_file.read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     with pytest.raises(ValueError, match=r"holds a different run \(models.critic: .*models.executor: "):
-        store.check_identity(tmp_path, saved, evaluate.run_identity(system(tmp_path / "model"), SMALL, "dev",
-                                                                    mini_world, {}), "-")
+        store.check_identity(tmp_path, saved, identity(system(tmp_path / "model"), SMALL, "dev", mini_world, {}), "-")
 
 
 def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, micro, mini_world, tmp_path):
@@ -237,10 +252,11 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
     run_child(torchrun(2, "evaluate.py", "--model", str(micro), "--split", "dev", "--root", str(mini_world),
                        "--limit", str(N_SMALL), "--workers", "1", "--out", str(tmp_path), "--device", "cpu", "--quiet",
                        *[f"--max-{k.replace('_', '-')}={v}" for k, v in SMALL.__dict__.items()]))
-    merged = json.loads((tmp_path / evaluate.RESULTS).read_text())
+    merged = json.loads((tmp_path / result_files.RESULTS).read_text())
     assert merged["metrics"] == straight["metrics"]
     assert merged["timing"]["this_run"]["processes"] == 2
-    assert without_timing(data.read_trajectories(tmp_path / evaluate.TRAJECTORIES)) == without_timing(straight_records)
+    merged_records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    assert without_timing(merged_records) == without_timing(straight_records)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -261,9 +277,9 @@ def write_role_adapters(base: Path, out: Path, roles=data.MULTI_AGENT_ROLES, dro
 
 def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool, tmp_path):
     write_role_adapters(micro, tmp_path / "ckpts")
-    spec = evaluate.system_spec(agents_dir=tmp_path / "ckpts")
+    spec = systems.system_spec(agents_dir=tmp_path / "ckpts")
     assert spec.models == {r: str(micro) for r in data.MULTI_AGENT_ROLES}  # the base each adapter recorded
-    system = evaluate.load_system(spec, "cpu", "float32")
+    system = systems.load_system(spec, "cpu", "float32")
     engines = {id(b.engine) for b in system.roles.values()}
     assert len(engines) == 1 and {r: b.adapter for r, b in system.roles.items()} == {
         r: r for r in data.MULTI_AGENT_ROLES}
@@ -275,22 +291,22 @@ def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool
 def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro, mini_world, pool, tmp_path):
     """Retraining into the same ckpts/ must not reuse the old system's trajectories."""
     write_role_adapters(micro, tmp_path / "ckpts")
-    spec = evaluate.system_spec(agents_dir=tmp_path / "ckpts")
+    spec = systems.system_spec(agents_dir=tmp_path / "ckpts")
     cfg = config(tmp_path / "out", mini_world, limit=1)
-    first = evaluate.evaluate(evaluate.load_system(spec, "cpu", "float32"), SMALL, cfg, pool=pool)
+    first = evaluate.evaluate(systems.load_system(spec, "cpu", "float32"), SMALL, cfg, pool=pool)
     weights = tmp_path / "ckpts" / "planner" / lora.ADAPTER_WEIGHTS
     tensors = load_file(weights)
     save_file({k: v * 2 for k, v in tensors.items()}, weights)  # "retrained" in place
-    changed = evaluate.load_system(spec, "cpu", "float32")
+    changed = systems.load_system(spec, "cpu", "float32")
     with pytest.raises(ValueError, match=r"out holds a different run \(adapters.planner: .* there vs .* now\); "
                                          r"use a new --out, or pass --overwrite"):
         evaluate.evaluate(changed, SMALL, cfg, pool=pool)
-    assert json.loads((tmp_path / "out" / evaluate.RESULTS).read_text()) == first  # untouched
+    assert json.loads((tmp_path / "out" / result_files.RESULTS).read_text()) == first  # untouched
     again = evaluate.evaluate(changed, SMALL, config(tmp_path / "out", mini_world, limit=1, overwrite=True), pool=pool)
     assert again["timing"]["this_run"]["tasks"] == 1  # run again, not reused
     assert again["adapters"]["planner"]["sha256"] != first["adapters"]["planner"]["sha256"]
     assert again["adapters"]["executor"] == first["adapters"]["executor"]
-    other_dtype = evaluate.load_system(spec, "cpu", "bfloat16")
+    other_dtype = systems.load_system(spec, "cpu", "bfloat16")
     with pytest.raises(ValueError, match=r"dtype.planner: \"float32\" there vs \"bfloat16\" now"):
         evaluate.evaluate(other_dtype, SMALL, cfg, pool=pool)
 
@@ -301,30 +317,30 @@ def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_
     trajectories = tmp_path / "train.jsonl"
     data.write_trajectories(trajectories, [synthetic_trajectory("a", n_subtasks=2)])
     prost.train(prost.TrainConfig(model=str(micro), role="planner", data=str(trajectories), out=str(tmp_path / "ck"),
-                                  epochs=2, subtasks_per_epoch=2, stop_after=1, micro_batch_size=2, grad_accum=1,
-                                  max_seq_len=256, lora_r=2, progress=False))
+                                  epochs=2, subtasks_per_epoch=2, stop_after_epochs=1, micro_batch_size=2,
+                                  grad_accum=1, max_seq_len=256, lora_r=2, progress=False))
     for role in ("executor", "critic"):
         shutil.copytree(tmp_path / "ck" / "planner", tmp_path / "ck" / role)
     argv = ["--agents", str(tmp_path / "ck"), "--root", str(mini_world), "--limit", "1", "--workers", "1",
             "--out", str(tmp_path / "out"), "--quiet", *[f"--max-{k.replace('_', '-')}={v}" for k, v in
                                                          SMALL.__dict__.items()]]
     err = one_error_line(argv, capsys)
-    assert "the planner's adapter" in err and "stopped after epoch 1 of 2 (stopped by --stop-after 1)" in err
+    assert "the planner's adapter" in err and "stopped after epoch 1 of 2 (stopped by --stop-after-epochs 1)" in err
     assert "--allow-unfinished" in err and not (tmp_path / "out").exists()
     assert evaluate.main([*argv, "--allow-unfinished"]) == 0
-    report = (tmp_path / "out" / evaluate.REPORT).read_text()
+    report = (tmp_path / "out" / result_files.REPORT).read_text()
     assert report.count("epoch 1 of 2 **(unfinished)**") == 3 and "**Unfinished training**" in report
 def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micro, mini_world, pool, tmp_path):
     """Adapters saved with dropout 0.5 (what prost.py records) and large weights, loaded exactly as
     evaluate.py loads them: no module may be in training mode, and two runs give the same trajectories."""
     write_role_adapters(micro, tmp_path / "ckpts", dropout=0.5, scale=0.5)
-    system = evaluate.load_system(evaluate.system_spec(agents_dir=tmp_path / "ckpts"), "cpu", "float32")
+    system = systems.load_system(systems.system_spec(agents_dir=tmp_path / "ckpts"), "cpu", "float32")
     planner = system.roles["planner"].engine.models["planner"]
     assert lora.lora_layers(planner) and not [n for n, m in planner.named_modules() if m.training]
     runs = [evaluate.evaluate(system, SMALL, config(tmp_path / f"run{i}", mini_world, limit=2, workers=1), pool=pool)
             for i in (1, 2)]
     assert runs[0]["metrics"] == runs[1]["metrics"]
-    first, second = (without_timing(data.read_trajectories(tmp_path / f"run{i}" / evaluate.TRAJECTORIES))
+    first, second = (without_timing(data.read_trajectories(tmp_path / f"run{i}" / result_files.TRAJECTORIES))
                      for i in (1, 2))
     assert first == second
 
@@ -334,9 +350,9 @@ def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micr
 
 def results_file(folder: Path, name: str, tgc: float, sgc: float, flops: float, **fields) -> str:
     folder.mkdir(parents=True)
-    (folder / evaluate.RESULTS).write_text(json.dumps(
+    (folder / result_files.RESULTS).write_text(json.dumps(
         {"name": name, "metrics": {"tgc": tgc, "sgc": sgc, "flops_per_task": flops}, **fields}))
-    return str(folder / evaluate.RESULTS)
+    return str(folder / result_files.RESULTS)
 
 
 def test_pareto_marks_the_right_systems(tmp_path, capsys):

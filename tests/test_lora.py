@@ -18,7 +18,10 @@ from transformers import AutoModelForCausalLM
 
 import lora
 from conftest import assert_reordered_sums_close
-from model import ModelConfig, Transformer, joined_projections, joint_weight, lay_out_for_decoding
+import dropout_masks
+import model_io
+from decoding import joined_projections, joint_weight, lay_out_for_decoding
+from model import ModelConfig, Transformer
 
 
 class TinyBlock(nn.Module):
@@ -140,15 +143,34 @@ def test_dropout_only_on_the_adapter_path_and_only_in_training():
     assert torch.equal(layer(x), layer(x))
 
 
+def test_textbook_dropout_is_inverted_dropout_with_a_uniform_draw_per_element():
+    """The core's dropout (lora.textbook_drop) against W x + b + (alpha / r) * B A (x * keep / (1 - p)), keep the
+    elements whose fp32 uniform draw is at least p (same seed)."""
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 24))
+    layer.add("a", lora.AdapterSpec(r=4, alpha=8, dropout=0.3))
+    layer.active = "a"
+    randomize_adapter(layer, "a", seed=1)
+    layer.train()
+    x = torch.randn(3, 5, 32)
+    torch.manual_seed(7)
+    y = layer(x)
+    torch.manual_seed(7)
+    keep = torch.rand(x.shape) >= 0.3
+    a, b = layer.lora_A["a"].detach(), layer.lora_B["a"].detach()
+    expected = x @ layer.weight.T + layer.bias + (8 / 4) * ((x * keep / 0.7) @ a.T @ b.T)
+    assert_reordered_sums_close(y.detach(), expected.detach(), 15 * 32)
+
+
 @pytest.mark.parametrize("p, dtype", [(0.05, torch.bfloat16), (0.5, torch.float32)])
 def test_keep_mask_drops_each_element_independently_with_probability_p(p, dtype):
     """Binomial bounds (6 standard deviations, fixed seed): the overall rate, the rate in each quarter of
     every 64-bit draw and in the odd-sized tail, and pairs of neighbours dropped together at rate p^2."""
     torch.manual_seed(0)
-    mask = lora.keep_mask(torch.Size((2001, 999)), p, dtype, "cpu")  # odd size: the last draw is part used
+    mask = dropout_masks.keep_mask(torch.Size((2001, 999)), p, dtype, "cpu")  # odd size: the last draw is part used
     assert mask.shape == (2001, 999) and mask.element_size() == torch.empty((), dtype=dtype).element_size()
     assert set(mask.unique().tolist()) == {-1, 0}  # all bits set, or none
-    q = 1 - lora.keep_probability(p)
+    q = 1 - dropout_masks.keep_probability(p)
     assert q == pytest.approx(p, abs=2 ** -16)
 
     def assert_rate(sample, rate):
@@ -162,17 +184,19 @@ def test_keep_mask_drops_each_element_independently_with_probability_p(p, dtype)
     assert_rate(drop[-10_000:], q)
     assert_rate(drop[:-1:2] & drop[1::2], q * q)
     x = torch.randn(2001, 999).to(dtype)
-    dropped = lora.apply_mask(x, mask)
+    dropped = dropout_masks.apply_mask(x, mask)
     assert torch.equal(dropped, torch.where(mask == 0, 0, x).to(dtype))  # kept elements bit for bit
 
 
 def test_dropout_output_and_gradients_equal_the_dense_formula_with_the_same_mask():
-    """Training-mode forward and backward of a dropout adapter against autograd through the textbook
-    formula W x + b + (alpha / r) * B A (x * keep / P(keep)), with the mask the layer drew (same seed)."""
+    """Training-mode forward and backward of a dropout adapter with dropout_masks' fast masks against autograd
+    through the textbook formula W x + b + (alpha / r) * B A (x * keep / P(keep)), with the mask the layer drew
+    (same seed)."""
     torch.manual_seed(0)
     layer = lora.LoRALinear(nn.Linear(32, 24))
     layer.add("a", lora.AdapterSpec(r=4, alpha=8, dropout=0.3))
     layer.active = "a"
+    dropout_masks.use_fast_dropout(layer)
     randomize_adapter(layer, "a", seed=1)
     layer.train()
     x = torch.randn(3, 5, 32, requires_grad=True)
@@ -180,11 +204,11 @@ def test_dropout_output_and_gradients_equal_the_dense_formula_with_the_same_mask
     torch.manual_seed(7)
     layer(x).backward(g)
     torch.manual_seed(7)
-    keep = lora.keep_mask(x.shape, 0.3, x.dtype, "cpu") != 0  # the layer's first random draw is its mask
+    keep = dropout_masks.keep_mask(x.shape, 0.3, x.dtype, "cpu") != 0  # the layer's first random draw is its mask
     xr = x.detach().clone().requires_grad_()
     a = layer.lora_A["a"].detach().clone().requires_grad_()
     b = layer.lora_B["a"].detach().clone().requires_grad_()
-    yr = xr @ layer.weight.T + layer.bias + (8 / 4) * ((xr * keep / lora.keep_probability(0.3)) @ a.T @ b.T)
+    yr = xr @ layer.weight.T + layer.bias + (8 / 4) * ((xr * keep / dropout_masks.keep_probability(0.3)) @ a.T @ b.T)
     yr.backward(g)
     torch.manual_seed(7)
     n_terms = 15 * 32  # no sum here has more terms than 15 positions x 32 input features
@@ -442,37 +466,6 @@ def test_two_adapters_switch_without_copying_the_base(hf_dir, ids, tmp_path):
     assert not torch.allclose(expected["planner"], expected["executor"])
 
 
-def test_routed_rows_each_run_their_own_adapter_like_peft_mixed_batches(hf_dir, tmp_path):
-    """One batch, each row its own adapter or the base. Reference: PEFT's mixed-batch forward
-    (`adapter_names=[...]`, "__base__" for the plain model) on the transformers model."""
-    ids = torch.randint(0, 320, (5, 7), generator=torch.Generator().manual_seed(2))
-    model = load_ours(hf_dir)
-    lora.add_adapter(model, "planner", r=4, alpha=8)
-    lora.add_adapter(model, "executor", r=2, alpha=2, targets=("q_proj", "up_proj"))
-    randomize_adapter(model, "planner", seed=8)
-    randomize_adapter(model, "executor", seed=9)
-    for name in ("planner", "executor"):
-        lora.save_adapter(model, tmp_path / name, name)
-    peft = PeftModel.from_pretrained(load_hf(hf_dir), str(tmp_path / "planner"), adapter_name="planner")
-    peft.load_adapter(str(tmp_path / "executor"), adapter_name="executor")
-    names = ["executor", "__base__", "planner", "executor", "__base__"]
-    with torch.no_grad():
-        expected = peft.eval()(input_ids=ids, adapter_names=names).logits
-    lora.set_adapter(model, "planner")  # routing takes precedence over the active adapter, then hands back
-    lora.route_rows(model, [None if n == "__base__" else n for n in names])
-    torch.testing.assert_close(our_logits(model, ids), expected, rtol=1e-4, atol=1e-5)
-    lora.route_rows(model, ["planner"] * 5)  # one adapter on every row: that adapter's forward
-    torch.testing.assert_close(our_logits(model, ids)[2], expected[2], rtol=1e-4, atol=1e-5)
-    lora.route_rows(model, None)
-    torch.testing.assert_close(our_logits(model, ids)[2], expected[2], rtol=1e-4, atol=1e-5)  # planner active
-    assert not torch.allclose(expected[0], our_logits(model, ids)[0])
-    with pytest.raises(ValueError, match="no adapter named 'critic'"):
-        lora.route_rows(model, ["critic"])
-    lora.merge(model)
-    with pytest.raises(ValueError, match="unmerged adapters"):
-        lora.route_rows(model, ["planner", None])
-
-
 def save_executor_adapter_and_peft_merged_logits(hf_dir, ids, folder):
     """Save a random adapter 'executor' on q_proj and up_proj into `folder`; return the logits of PEFT's
     merge_and_unload of it on the transformers model (the reference for merged copies)."""
@@ -502,7 +495,7 @@ def test_merged_copy_equals_peft_and_shares_what_the_adapter_leaves_alone(hf_dir
 
 
 def test_merged_copy_of_a_base_laid_out_for_decoding_equals_peft_and_leaves_the_base_alone(hf_dir, ids, tmp_path):
-    """What agents.LocalEngine does: lay the base out for decoding (q k v and gate up joined), merge a role's
+    """What rollout.LocalEngine does: lay the base out for decoding (q k v and gate up joined), merge a role's
     adapter into a copy, lay the copy out. The adapter covers q_proj and up_proj only, so each joined group
     mixes merged and shared weights. Reference: PEFT's merge_and_unload."""
     expected = save_executor_adapter_and_peft_merged_logits(hf_dir, ids, tmp_path / "executor")
@@ -523,7 +516,7 @@ def test_export_merged_loads_in_transformers_and_prost(ckpt, request, ids, tmp_p
     lora.apply_lora(model, r=4, alpha=8)
     randomize_adapter(model, "default", seed=10)
     adapted = our_logits(model, ids)
-    lora.export_merged(model, tmp_path / "merged")
+    model_io.export_merged(model, tmp_path / "merged")
     assert lora.active_adapter(model) == "default" and not any(l.merged for l in lora.lora_layers(model).values())
     for fname in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (tmp_path / "merged" / fname).read_bytes() == (hf_dir / fname).read_bytes()
@@ -533,10 +526,10 @@ def test_export_merged_loads_in_transformers_and_prost(ckpt, request, ids, tmp_p
     assert_reordered_sums_close(hf_logits(hf, ids), adapted, LOGIT_TERMS)
     assert_reordered_sums_close(our_logits(load_ours(tmp_path / "merged"), ids), adapted, LOGIT_TERMS)
     with pytest.raises(ValueError, match="overwrite the base model"):
-        lora.export_merged(model, hf_dir)
+        model_io.export_merged(model, hf_dir)
     # Merging in place first gives the same folder contents.
     lora.merge(model)
-    lora.export_merged(model, tmp_path / "merged2")
+    model_io.export_merged(model, tmp_path / "merged2")
     again = load_file(tmp_path / "merged2" / "model.safetensors")
     assert again.keys() == tensors.keys()
     for k in tensors:
@@ -649,13 +642,13 @@ def test_cli_export_of_a_peft_adapter_equals_peft_merge_and_unload(hf_dir, ids, 
     peft_model.save_pretrained(str(tmp_path / "adapter"))
     expected = hf_logits(peft_model.merge_and_unload().eval(), ids)
 
-    lora.main([str(tmp_path / "adapter"), str(tmp_path / "merged")])
+    model_io.main(["merge", str(tmp_path / "adapter"), str(tmp_path / "merged")])
     assert "wrote" in capsys.readouterr().out
     torch.testing.assert_close(hf_logits(load_hf(tmp_path / "merged"), ids), expected, rtol=1e-4, atol=1e-5)
 
     capsys.readouterr()  # drop transformers' progress output
     with pytest.raises(SystemExit) as exit_info:
-        lora.main([str(tmp_path / "missing"), str(tmp_path / "out")])
+        model_io.main(["merge", str(tmp_path / "missing"), str(tmp_path / "out")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err

@@ -1,5 +1,6 @@
-"""model.py against independent references: transformers (logits, greedy ids, chat templates, loading our saves),
-the tokenizers library (hand-assembled ChatML ids and masks) and hand counts (FLOPs)."""
+"""model.py (and model_io.py's loading by name) against independent references: transformers (logits, greedy ids,
+chat templates, loading our saves), the tokenizers library (hand-assembled ChatML ids and masks) and hand counts
+(FLOPs)."""
 
 import json
 import shutil
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as RawTokenizer
 
 import model as M
+import model_io
 
 CHECKPOINTS = ["qwen2_ckpt", "llama_ckpt", "sharded_ckpt"]
 
@@ -67,52 +69,6 @@ def test_greedy_20_tokens_match_transformers(ckpt):
         [g] = M.generate(ours, [prompt], 20, stop_ids=())
         assert g.ids == hf_greedy(hf, prompt, 20)
         assert (g.n_prompt, g.n_new, g.stop_reason) == (length, 20, "length")
-
-
-@pytest.fixture(params=[1, 2], ids=["1 thread", "2 threads"])
-def threads(request):
-    """Run the test with this many torch threads (the decoding layout's products split over them)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
-def test_project_splits_short_products_over_threads_and_matches_float64(threads):
-    g = torch.Generator().manual_seed(0)
-    weight = torch.randn(96, 64, generator=g).t().contiguous().t()  # (out, in) in the decoding layout
-    bias = torch.randn(96, generator=g)
-    for rows in (1, 3, M.SPLIT_ROWS, M.SPLIT_ROWS + 1):  # split up to SPLIT_ROWS rows (with 2 threads), then not
-        x = torch.randn(1, rows, 64, generator=g)  # (1, rows, in)
-        product = x.double() @ weight.double().t()
-        for b, want in ((bias, product + bias.double()), (None, product)):
-            got = M.project(x, weight, b)
-            assert got.shape == (1, rows, 96) and got.dtype == torch.float32
-            assert (got.double() - want).abs().max() < 1e-4
-
-
-def test_decoding_layout_keeps_every_value_and_still_matches_transformers(ckpt, threads):
-    folder, hf = ckpt
-    plain, ours = M.Transformer.from_pretrained(folder), M.lay_out_for_decoding(M.Transformer.from_pretrained(folder))
-    assert list(ours.state_dict()) == list(plain.state_dict())
-    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), plain.state_dict().values()))
-    blocks = ours.model.layers
-    joined = M.joined_projections(ours)
-    assert len(joined) == 2 * len(blocks) and {len(layers) for layers in joined} == {2, 3}
-    assert all(M.joint_weight(layers).t().is_contiguous() for layers in joined)  # one (in, out1 + ...) block each
-    alone = [ours.lm_head.weight] + [w for b in blocks for w in (b.self_attn.o_proj.weight, b.mlp.down_proj.weight)]
-    assert all(w.t().is_contiguous() and not w.is_contiguous() for w in alone)  # (in, out) storage
-    assert M.joint_weight((plain.model.layers[0].mlp.gate_proj, plain.model.layers[0].mlp.up_proj)) is None
-    storage = [p.data_ptr() for p in ours.parameters()]
-    M.lay_out_for_decoding(ours)
-    assert [p.data_ptr() for p in ours.parameters()] == storage  # laid out once: a second call copies nothing
-    ids = random_ids(2, 100)
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max().item() <= 1e-4
-    prompts = [random_ids(n, seed=n).tolist() for n in (5, 17, 9)]
-    want = [hf_greedy(hf, p, 20) for p in prompts]
-    assert [g.ids for g in M.generate(ours, prompts, 20, stop_ids=())] == want  # 3 rows, then fewer
-    assert [M.generate(ours, [p], 20, stop_ids=(), prompt_lookup=4)[0].ids for p in prompts] == want
 
 
 @pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
@@ -295,7 +251,7 @@ def test_bad_paths(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="hub"):
-        M.Transformer.from_pretrained("someone/not-cached")
+        model_io.load_model("someone/not-cached")
 
 
 def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch, qwen2_ckpt):
@@ -307,7 +263,7 @@ def test_hub_id_resolves_from_offline_cache(tmp_path, monkeypatch, qwen2_ckpt):
     (repo / "refs" / "main").write_text(commit)
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    model = M.Transformer.from_pretrained("acme/tiny-qwen")
+    model = model_io.load_model("acme/tiny-qwen")
     assert model.name_or_path == "acme/tiny-qwen" and model.config.hidden_size == 64
 
 
@@ -420,7 +376,7 @@ def test_save_pretrained_loads_in_transformers(tmp_path, request, name):
 
 
 def test_init_tiny_loads_in_transformers(tmp_path):
-    out = M.init_tiny(tmp_path / "tiny", CORPUS * 3, preset="micro")
+    out = model_io.init_tiny(tmp_path / "tiny", CORPUS * 3, preset="micro")
     ours = M.Transformer.from_pretrained(out)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert isinstance(theirs, transformers.Qwen2ForCausalLM) and theirs.config.tie_word_embeddings
@@ -480,8 +436,8 @@ def test_legacy_rope_fields():
 
 
 def test_cli(qwen2_ckpt, capsys, tmp_path):
-    M.main(["--model", str(qwen2_ckpt[0]), "--prompt", "Hello", "--chat", "--max-new-tokens", "4"])
+    model_io.main(["--model", str(qwen2_ckpt[0]), "--prompt", "Hello", "--chat", "--max-new-tokens", "4"])
     assert "tokens/s" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
-        M.main(["init-tiny", "--texts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
+        model_io.main(["init-tiny", "--texts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "error: text file" in capsys.readouterr().err

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import batching
 import data
 import prost
+import run_folder
 import world
 from conftest import assert_reordered_sums_close, build_hf_checkpoint, run_child, torchrun
 from model import ModelConfig, Tokenizer, Transformer
@@ -58,17 +60,18 @@ def log_records(out_dir: Path) -> list[dict]:
 # The loss.
 
 
-@pytest.mark.parametrize("share_trunk", [False, True])
-def test_target_token_losses_match_transformers_logits(base, trajectories, share_trunk, monkeypatch):
+@pytest.mark.parametrize("with_trunk", [False, True])
+def test_target_token_losses_match_transformers_logits(base, trajectories, with_trunk, monkeypatch):
     """With a shared trunk, the rows' common prefix runs once and each row continues it; the reference is
     transformers on each full row."""
-    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
-    monkeypatch.setattr("model.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    monkeypatch.setattr("trunk.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, hf_model = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
-    ids, mask, trunk = data.collate(examples[:3], tokenizer.pad_id, share_trunk)
-    assert (trunk >= 4) == share_trunk
+    collate = batching.collate_with_trunk if with_trunk else data.collate
+    ids, mask, trunk = collate(examples[:3], tokenizer.pad_id)
+    assert (trunk >= 4) == with_trunk
     model = Transformer.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
         losses, rows = prost.target_token_losses(model, ids, mask, trunk)
@@ -86,14 +89,14 @@ def test_learning_rate_warmup_then_cosine_by_hand():
     assert lr[10] == pytest.approx(0.1)
 
 
-def test_per_stage_schedule_restarts_warmup_and_decay_when_subtasks_enter():
-    plans = [data.EpochPlan(e, k, 0, 0, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
+def test_cosine_restarts_restart_warmup_and_decay_when_subtasks_enter():
+    plans = [data.EpochPlan(e, k, 0, 0, 0) for e, k in enumerate([1, 2, 3, 3], start=1)]
     counts = [2, 3, 4, 5]  # optimizer steps per epoch
-    assert prost.lr_stages(counts, plans, "cosine") == [(0, 14)]
-    assert prost.lr_stages(counts, plans, "per-stage") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing
+    assert prost.lr_cycles(counts, plans, "cosine") == [(0, 14)]
+    assert prost.lr_cycles(counts, plans, "cosine-restarts") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing
     cfg = prost.TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_ratio=0.25)
-    stages = [(0, 2), (2, 3), (5, 9)]
-    lrs = [prost.stage_learning_rate(s, stages, cfg) for s in range(14)]
+    cycles = [(0, 2), (2, 3), (5, 9)]
+    lrs = [prost.cycle_learning_rate(s, cycles, cfg) for s in range(14)]
 
     def cosine(progress):
         return 0.5 * (1 + math.cos(math.pi * progress))
@@ -160,28 +163,28 @@ def step_gradients(model, params, micro_batches, step_targets):
 
 
 @pytest.mark.parametrize("role", ["planner", "single"])
-def test_shared_prefix_gradient_equals_the_separate_examples(base, role):
-    """The reference is the separate examples, one per micro-batch (no padding): the shared sequences must
+def test_merged_nested_examples_give_the_separate_examples_gradient(base, role):
+    """The reference is the separate examples, one per micro-batch (no padding): the merged sequences must
     give the same summed token loss and the same gradient of the step's mean token loss."""
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     records = ([synthetic_trajectory("a", n_subtasks=2), synthetic_trajectory("b", n_subtasks=3)]
                if role == "planner" else [single_agent_record("a"), single_agent_record("b")])
     examples, _ = data.build_examples(records, role, tokenizer, 10_000)
-    shared = data.share_prefixes(examples)
-    assert len(shared) == 2 < len(examples)
-    assert sum(e.n_tokens for e in shared) < sum(e.n_tokens for e in examples)
+    merged = batching.merge_nested_examples(examples)
+    assert len(merged) == 2 < len(examples)
+    assert sum(e.n_tokens for e in merged) < sum(e.n_tokens for e in examples)
     step_targets = sum(e.n_targets for e in examples)
     model, params = random_adapter_model(ckpt)
     separate = step_gradients(model, params, [data.collate([e], tokenizer.pad_id) for e in examples], step_targets)
-    batch = data.collate(shared, tokenizer.pad_id)
+    batch = batching.collate_with_trunk(merged, tokenizer.pad_id)
     together = step_gradients(model, params, [batch], step_targets)
     n_terms = sum(e.n_tokens for e in examples)
     torch.testing.assert_close(together[0], separate[0], rtol=1e-6, atol=1e-6)
     for a, b in zip(together[1], separate[1]):
         assert_reordered_sums_close(a, b, n_terms)
     assert all(g.abs().sum() > 0 for g in separate[1])
-    # The tolerance still sees a real difference: one target of the shared sequences masked out.
+    # The tolerance still sees a real difference: one target of the merged sequences masked out.
     row, position = batch.mask.nonzero()[-1].tolist()
     broken_mask = batch.mask.clone()
     broken_mask[row, position] = 0
@@ -194,17 +197,17 @@ def test_shared_prefix_gradient_equals_the_separate_examples(base, role):
 @pytest.mark.parametrize("role", ["executor", "critic"])
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_shared_trunk_gradient_equals_the_separate_examples(base, role, checkpointing, monkeypatch):
-    """A micro-batch of one task's examples computes their common prefix once (model.SharedTrunk) and every
+    """A micro-batch of one task's examples computes their common prefix once (trunk.SharedTrunk) and every
     row attends to its keys and values; the reference is each example alone, one per micro-batch (no
     padding, no trunk): the same summed token loss and the same gradient of the step's mean token loss."""
-    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic conversations share a short system prompt
-    monkeypatch.setattr("model.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic conversations share a short system prompt
+    monkeypatch.setattr("trunk.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     records = [synthetic_trajectory("a", n_subtasks=3), synthetic_trajectory("b", n_subtasks=2, recovery_at=1)]
     examples, _ = data.build_examples(records, role, tokenizer, 10_000)
     by_task = [[e for e in examples if e.task_id == task] for task in ("a", "b")]
-    batches = [data.collate(group, tokenizer.pad_id) for group in by_task]
+    batches = [batching.collate_with_trunk(group, tokenizer.pad_id) for group in by_task]
     assert all(b.trunk >= 4 for b in batches) and all(len(group) >= 2 for group in by_task)
     step_targets = sum(e.n_targets for e in examples)
     model, params = random_adapter_model(ckpt)
@@ -220,7 +223,7 @@ def test_shared_trunk_gradient_equals_the_separate_examples(base, role, checkpoi
 def test_micro_batches_keep_tasks_together_only_where_that_computes_less(base):
     """Two tasks of two examples each. When a task's examples share a long prefix, pairing them by task (one
     trunk each) beats pairing by length, padding included; when they share nothing, pairing by length (less
-    padding) wins. With sharing off, the plan is by length."""
+    padding) wins. With trunks off, the plan is by length."""
     config = ModelConfig.from_hf(base[0])
     g = torch.Generator().manual_seed(0)
 
@@ -238,13 +241,12 @@ def test_micro_batches_keep_tasks_together_only_where_that_computes_less(base):
     for sequences, by_task in ((sharing, True), (differing, False)):
         lengths, indices = [e.n_tokens for e in sequences], list(range(4))
         plan = prost.epoch_micro_batches(sequences, 1, cfg, config)
-        groups = [e.task_id for e in sequences] if by_task else None
-        assert plan == data.plan_batches(indices, lengths, 2, cfg.seed, 1, groups=groups)
-        assert plan != data.plan_batches(indices, lengths, 2, cfg.seed, 1, groups=None if by_task else
-                                         [e.task_id for e in sequences])  # the two plans differ: a real choice
+        by_length = data.plan_batches(indices, lengths, 2, cfg.seed, 1)
+        grouped = batching.plan_batches_by_task(indices, lengths, 2, cfg.seed, 1, [e.task_id for e in sequences])
+        assert plan == (grouped if by_task else by_length)
+        assert grouped != by_length  # the two plans differ: a real choice
         assert prost.epoch_micro_batches(sequences, 1, prost.TrainConfig(model=str(base[0]), micro_batch_size=2,
-                                                                         share_prefixes=False), config) == \
-            data.plan_batches(indices, lengths, 2, cfg.seed, 1)
+                                                                         trunks=False), config) == by_length
     by_task = prost.epoch_micro_batches(sharing, 1, cfg, config)
     assert sorted(sorted(sharing[i].task_id for i in b) for b in by_task) == [["a", "a"], ["b", "b"]]
 
@@ -256,7 +258,7 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
-    batches = [data.collate(examples[i:i + 3], tokenizer.pad_id) for i in (0, 3)]
+    batches = [batching.collate_with_trunk(examples[i:i + 3], tokenizer.pad_id) for i in (0, 3)]
     step_targets = sum(e.n_targets for e in examples[:6])
     model, params = random_adapter_model(ckpt, dropout=0.2)
     results = []
@@ -277,7 +279,7 @@ def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, tr
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
     examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
-    batches = [data.collate(examples[:3], tokenizer.pad_id)]
+    batches = [batching.collate_with_trunk(examples[:3], tokenizer.pad_id)]
     step_targets = sum(e.n_targets for e in examples[:3])
     model, params = random_adapter_model(ckpt)
     eager = step_gradients(model, params, batches, step_targets)
@@ -321,7 +323,7 @@ def test_shared_trunk_flops_count_what_the_step_runs(base, monkeypatch):
     what autograd skips but prost counts: layer 0's input gradients, and the trunk's last layer, which only
     its keys and values leave, so its q, o and MLP projections and its attention get no backward."""
     from conftest import flop_counter
-    monkeypatch.setattr(data, "MIN_TRUNK", 4)
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)
     ckpt, _ = base
     g = torch.Generator().manual_seed(0)
     shared = torch.randint(3, 300, (10,), generator=g).tolist()
@@ -329,7 +331,7 @@ def test_shared_trunk_flops_count_what_the_step_runs(base, monkeypatch):
     for row in range(3):  # rows of one length (padding is not counted) that part after 10 tokens
         tail = [300 + row] + torch.randint(3, 300, (11,), generator=g).tolist()
         examples.append(data.Example("a", "executor", row, 1, shared + tail, [0] * 17 + [1] * 5))
-    batch = data.collate(examples, pad_id=0)
+    batch = batching.collate_with_trunk(examples, pad_id=0)
     P = batch.trunk
     assert P == 10
     model, params = random_adapter_model(ckpt)
@@ -380,7 +382,7 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
     assert "schedule: progressive, 1 new sub-task(s) per epoch" in out
     assert list(history[0]["dev_loss_by_subtask"]) == ["1", "2", "3", "4"]
     assert log_records(tmp_path / "planner") == json.loads(json.dumps(history))
-    # prefix sharing: each trajectory's planner examples are one sequence, so one micro-batch per epoch
+    # nested examples merged: each trajectory's planner examples are one sequence, so one micro-batch per epoch
     assert [r["sequences"] for r in history] == [2] * 5 and history[-1]["step"] == 5
     for key in ("tokens_per_s", "target_tokens_per_s", "peak_memory_gb"):
         assert history[-1][key] > 0
@@ -392,17 +394,17 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
 def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing, role,
                                                             monkeypatch):
     """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer. The planner's
-    examples share prefixes; the executor's micro-batches share trunks (one task's examples, side by side).
+    examples are nested (merged); the executor's micro-batches share trunks (one task's examples, side by side).
     The interrupted run may recompute its activations, the straight one does not. Its model and data folder
     move before it resumes: the run knows them by content, not by path."""
-    monkeypatch.setattr(data, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     if role == "executor":  # the premise: trunks are computed
         sequences = prost.epoch_sequences(data.build_examples(data.read_trajectories(trajectories), role,
                                                               Tokenizer.from_pretrained(base[0]), 10_000)[0], 1,
                                           config(base, trajectories, tmp_path, role=role, epochs=4))
         plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role),
                                          ModelConfig.from_hf(base[0]))
-        assert any(data.trunk_length([sequences[i] for i in b]) for b in plan)
+        assert any(batching.trunk_length([sequences[i] for i in b]) for b in plan)
     settings = dict(epochs=4, lora_dropout=0.1, role=role)
     straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
     settings.update(checkpoint_activations=checkpointing)
@@ -411,7 +413,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
 
     def inputs(folder):  # (base, trajectories) as config() takes them
         return (folder / "base",), folder / "train.jsonl"
-    first = prost.train(config(*inputs(tmp_path / "inputs"), tmp_path / "split", stop_after=2, **settings))
+    first = prost.train(config(*inputs(tmp_path / "inputs"), tmp_path / "split", stop_after_epochs=2, **settings))
     assert len(first) == 2 and (tmp_path / "split" / role / prost.STATE_FILE).exists()
     shutil.move(tmp_path / "inputs", tmp_path / "moved")
     resumed = prost.train(config(*inputs(tmp_path / "moved"), tmp_path / "split", resume=True, **settings))
@@ -419,6 +421,39 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
     a, b = adapter_tensors(tmp_path / "straight" / role), adapter_tensors(tmp_path / "split" / role)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [r["epoch"] for r in log_records(tmp_path / "split" / role)] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("role", ["planner", "executor"])
+def test_plain_run_equals_the_fast_paths(base, trajectories, tmp_path, role, monkeypatch):
+    """--plain (no nested merging, no trunks, micro-batches by length, textbook dropout, no compile) against
+    the defaults: micro-batches of 2 x 8 accumulated hold every sequence of an epoch either way, so each epoch
+    is one optimizer step on the gradient of the same mean token loss, summed in another grouping and order:
+    the same per-epoch losses and adapters up to fp32 reordering. The planner's fast run merges its nested
+    examples; the executor's computes shared trunks."""
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    settings = dict(role=role, epochs=4, micro_batch_size=2, grad_accum=8)
+    examples = data.build_examples(data.read_trajectories(trajectories), role, Tokenizer.from_pretrained(base[0]),
+                                   10_000)[0]
+    cfg = config(base, trajectories, tmp_path, **settings)
+    sequences = prost.epoch_sequences(examples, 4, cfg)
+    plan = prost.epoch_micro_batches(sequences, 4, cfg, ModelConfig.from_hf(base[0]))
+    if role == "planner":  # the premises: each fast path is taken
+        assert len(sequences) < len(examples)
+    else:
+        assert any(batching.trunk_length([sequences[i] for i in b]) for b in plan)
+    fast = prost.train(config(base, trajectories, tmp_path / "fast", **settings))
+    plain = prost.train(config(base, trajectories, tmp_path / "plain", plain=True, **settings))
+    assert [r["step"] for r in fast] == [r["step"] for r in plain] == [1, 2, 3, 4]
+    assert [r["examples"] for r in plain] == [r["sequences"] for r in plain]  # nothing merged
+    for f, p in zip(fast, plain):
+        assert f["target_tokens"] == p["target_tokens"]
+        assert f["train_loss"] == pytest.approx(p["train_loss"], rel=1e-5)
+    # AdamW moves an element by about lr per step whatever its gradient's size, so the reordering noise of a
+    # near-zero gradient element can shift it by a fraction of lr (seen: 0.005 lr); a tenth of lr is the bound
+    a, b = adapter_tensors(tmp_path / "fast" / role), adapter_tensors(tmp_path / "plain" / role)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.1 * cfg.lr)
 
 
 def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
@@ -494,14 +529,15 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
     shutil.copy(gold_train[1], default)
     before = default.read_bytes()
     monkeypatch.setenv("APPWORLD_ROOT", str(mini_world))
-    monkeypatch.setattr(prost, "DEFAULT_DATA", default)
+    monkeypatch.setattr(run_folder, "DEFAULT_DATA", default)
     # gold prompts are long for this 320-token vocabulary: a base with room for them, so none is dropped
     long_base = build_hf_checkpoint(tmp_path / "base", "qwen2", tie=True, seed=3, max_positions=4096)
-    code, err = run_cli(cli_args(long_base, None, tmp_path / "ck", data=None, epochs=0, stop_after=1,
+    code, err = run_cli(cli_args(long_base, None, tmp_path / "ck", data=None, epochs=0, stop_after_epochs=1,
                                  max_seq_len=4096), capsys)
     assert code == 0, err
     assert default.read_bytes() == before
-    [epoch] = [json.loads(line) for line in (tmp_path / "ck" / "planner" / prost.LOG_FILE).read_text().splitlines()]
+    log = (tmp_path / "ck" / "planner" / run_folder.LOG_FILE).read_text()
+    [epoch] = [json.loads(line) for line in log.splitlines()]
     assert epoch["max_subtask"] == 1 and epoch["examples"] == len(world.load_split("train", root=mini_world))
     assert (tmp_path / "ck" / "planner" / "adapter_model.safetensors").is_file()
 
@@ -533,7 +569,7 @@ def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path,
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
                                                                    monkeypatch):
-    good = prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after=1))
+    good = prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after_epochs=1))
     adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
     real = prost.target_token_losses
 
@@ -555,7 +591,7 @@ def test_help_documents_every_flag(capsys):
         prost.parse_args(["--help"])
     text = capsys.readouterr().out
     for name in prost.TrainConfig.__dataclass_fields__:
-        flag = "--" + ("no-" if name in ("progress", "share_prefixes") else "") + name.replace("_", "-")
+        flag = "--" + ("no-" if name in ("progress", "merge_nested", "trunks") else "") + name.replace("_", "-")
         assert flag in text, flag
     assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import evaluate
 import lora
 import prost
+import run_folder
 import store
+import systems
 from test_prost import adapter_tensors, base, cli_args, config, trajectories  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +134,7 @@ def test_checkpoint_size_estimate_covers_what_a_checkpoint_takes(base, trajector
     cfg = config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4)
     prost.train(cfg)
     written = sum(p.stat().st_size for p in (tmp_path / "planner").iterdir())
-    assert written <= prost.checkpoint_bytes(cfg) <= written + (2 << 20)
+    assert written <= run_folder.checkpoint_bytes(cfg.model, cfg.lora_r) <= written + (2 << 20)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -168,15 +169,15 @@ def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, 
     assert json.loads((folder / store.LOCK_FILE).read_text())["pid"] != os.getpid()  # the dead run's lock
     if (folder / lora.ADAPTER_CONFIG).exists():  # adapter files without their progress record: not evaluable
         with pytest.raises(ValueError, match="checkpoint write was interrupted"):
-            evaluate.adapter_provenance(str(folder), "planner", allow_unfinished=False)
+            systems.adapter_provenance(str(folder), "planner", allow_unfinished=False)
     resumed = prost.train(config(base, trajectories, out, resume=True, **settings))
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
     a, b = adapter_tensors(tmp_path / "straight" / "planner"), adapter_tensors(folder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [prost.RUN_FILE, prost.LOG_FILE, prost.STATE_FILE, store.PROGRESS_FILE, lora.ADAPTER_CONFIG,
+        [run_folder.RUN_FILE, run_folder.LOG_FILE, prost.STATE_FILE, store.PROGRESS_FILE, lora.ADAPTER_CONFIG,
          lora.ADAPTER_WEIGHTS])  # temp files and the stale lock are gone
-    provenance = evaluate.adapter_provenance(str(folder), "planner", allow_unfinished=False)
+    provenance = systems.adapter_provenance(str(folder), "planner", allow_unfinished=False)
     assert provenance["training"] == {"epoch": 1, "epochs": 1} and provenance["unfinished"] is None
 
 
@@ -184,20 +185,21 @@ def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, 
 # Unfinished and non-finite adapters.
 
 def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectories, tmp_path):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
     folder = str(tmp_path / "planner")
     with pytest.raises(ValueError, match=r"planner's adapter .* unfinished training run: its training run stopped "
-                                         r"after epoch 1 of 3 \(stopped by --stop-after 1\).*--allow-unfinished"):
-        evaluate.adapter_provenance(folder, "planner", allow_unfinished=False)
-    provenance = evaluate.adapter_provenance(folder, "planner", allow_unfinished=True)
+                                         r"after epoch 1 of 3 \(stopped by --stop-after-epochs 1\)"
+                                         r".*--allow-unfinished"):
+        systems.adapter_provenance(folder, "planner", allow_unfinished=False)
+    provenance = systems.adapter_provenance(folder, "planner", allow_unfinished=True)
     assert provenance["training"] == {"epoch": 1, "epochs": 3} and "after epoch 1 of 3" in provenance["unfinished"]
     assert provenance["sha256"] == store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
     prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
-    assert evaluate.adapter_provenance(folder, "planner", allow_unfinished=False)["unfinished"] is None
+    assert systems.adapter_provenance(folder, "planner", allow_unfinished=False)["unfinished"] is None
 
 
 def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectories, tmp_path, monkeypatch):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
     real = prost.target_token_losses
     monkeypatch.setattr(prost, "target_token_losses", lambda m, i, k, t: (real(m, i, k, t)[0] * float("nan"),
                                                                        real(m, i, k, t)[1]))
@@ -205,11 +207,11 @@ def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectories, tmp_pat
         prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     with pytest.raises(ValueError, match=r"stopped after epoch 1 of 3 \(diverged: non-finite loss or gradient "
                                          r"in epoch 2\)"):
-        evaluate.adapter_provenance(str(tmp_path / "planner"), "planner", allow_unfinished=False)
+        systems.adapter_provenance(str(tmp_path / "planner"), "planner", allow_unfinished=False)
 
 
 def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, stop_after=1))
+    prost.train(config(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, stop_after_epochs=1))
     state_path = tmp_path / "planner" / prost.STATE_FILE
     state = torch.load(state_path, weights_only=True)
     name = sorted(state["adapter"])[3]

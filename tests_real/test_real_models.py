@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 
 import gguf_io  # noqa: E402
 import model as M  # noqa: E402
+import model_io  # noqa: E402
 
 NAME = "smollm2-135m-instruct"
 MESSAGES = [{"role": "user", "content": "List the 3 largest planets of the solar system."}]
@@ -68,7 +69,7 @@ def test_gguf_weights_equal_transformers_gguf_loader(folder, ours):
     ref = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
                                                             dtype=torch.float32).eval()
     state = ref.state_dict()
-    direct = M.Transformer.from_pretrained(path)
+    direct = model_io.load_model(path)
     for name, p in direct.state_dict().items():
         assert torch.equal(p, state[name]), name
         assert torch.equal(p, ours.state_dict()[name]), name  # the converted folder holds the same values
@@ -99,6 +100,6 @@ def test_tokenizer_splits_digits_and_knows_its_specials(folder, tokenizer):
     assert pieces == ["in", "Ġ", "2", "0", "2", "4"]  # hand-checked: SmolLM2 splits every digit
     assert tokenizer.encode("<|im_start|><|im_end|><|endoftext|>") == [1, 2, 0]
     assert tokenizer.stop_ids == {0, 2} and tokenizer.eos_id == 2
-    gguf_tok = M.Tokenizer.from_pretrained(gguf_io.default_cache(REPO / "models") / f"{NAME}.gguf")
+    gguf_tok = model_io.load_tokenizer(gguf_io.default_cache(REPO / "models") / f"{NAME}.gguf")
     text = "def f(x):\n    return x * 1000  # Ünïcödé, 🙂"
     assert gguf_tok.encode(text) == tokenizer.encode(text)
