@@ -2,12 +2,12 @@
 
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
-`Tokenizer.chat` and decoded greedily by this file's `generate`. It imports no other prost file but store.py
-(stdlib only: atomic file writes).
+`Tokenizer.chat` and decoded greedily by this file's `generate`. It imports no other prost file but two
+stdlib-only leaves: config_checks.py (the checks on a config.json) and store.py (atomic file writes).
 
 What is here, top to bottom:
   1. ModelConfig   read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2),
-                   every value checked with an error that names the field
+                   every value checked (config_checks.py) with an error that names the field
   2. the network   RMSNorm, rotate-half RoPE, GQA attention, SwiGLU MLP, Transformer on plain nn.Linear;
                    parameter names equal the HF checkpoint keys, so checkpoints load strictly. A forward may
                    continue a cache: any object with `positions_and_mask(T, device)`, `attend(layer, q, k, v,
@@ -41,6 +41,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+import config_checks  # stdlib-only leaf: the checks on a config.json
 from store import atomic_write  # stdlib-only leaf: atomic file writes
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -50,12 +51,6 @@ from store import atomic_write  # stdlib-only leaf: atomic file writes
 # model_type -> the HF architecture name written into config.json when saving
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 REQUIRED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-ROPE_TYPES = ("default", "llama3")
-# Every number the network uses, by the check it must pass (ModelConfig.validate).
-POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "max_position_embeddings")
-POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta")
-FLAGS = ("attention_bias", "mlp_bias", "tie_word_embeddings")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -83,74 +78,15 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Check every value the network uses, so that a bad config fails here with the field's name rather
-        than as a shape error deep in the model, or (zero theta, negative eps) as silently wrong numbers."""
-        for name in POSITIVE_INTS:
-            _check_positive_int(name, getattr(self, name))
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_attention_heads "
-                                 f"({self.num_attention_heads}), or give head_dim")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        _check_positive_int("head_dim", self.head_dim)
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even, since RoPE rotates pairs of dimensions (got {self.head_dim})")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({self.num_key_value_heads})")
-        for name in POSITIVE_FLOATS:
-            setattr(self, name, _positive_float(name, getattr(self, name)))
-        for name in FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false (got {_shown(getattr(self, name))})")
-        if self.rope_scaling is not None:
-            s = self.rope_scaling
-            for key in ("factor", "low_freq_factor", "high_freq_factor"):
-                s[key] = _positive_float(f"rope_scaling.{key}", s.get(key))
-            _check_positive_int("rope_scaling.original_max_position_embeddings",
-                                s.get("original_max_position_embeddings"))
-            if s["high_freq_factor"] <= s["low_freq_factor"]:
-                raise ValueError(f"rope_scaling.high_freq_factor ({s['high_freq_factor']}) must exceed "
-                                 f"low_freq_factor ({s['low_freq_factor']})")
-        for name in ("bos_token_id", "eos_token_id"):
-            value = getattr(self, name)
-            ids = value if isinstance(value, list) else [] if value is None else [value]
-            if not all(_is_int(i) and 0 <= i for i in ids):
-                raise ValueError(f"{name} must be a token id, a list of them, or null (got {_shown(value)})")
+        config_checks.check_values(self)  # a bad value fails here, with the field's name
 
     @classmethod
     def from_hf(cls, source: dict | str | Path) -> "ModelConfig":
         """Parse a HF config: a dict, a config.json path, or a model folder containing config.json."""
-        if isinstance(source, dict):
-            hf, where = source, "config"
-        else:
-            path = Path(source)
-            path = path / "config.json" if path.is_dir() else path
-            if not path.is_file():
-                raise FileNotFoundError(f"no config.json at {path}: a model folder needs config.json + *.safetensors")
-            where = str(path)
-            try:
-                hf = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where} is not valid JSON ({e})") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{where} must hold a JSON object of config fields (got {type(hf).__name__})")
-        model_type = hf.get("model_type")
-        if model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {model_type!r} in {where}; supported: "
-                             f"{', '.join(ARCHITECTURES)} (Qwen2/Qwen2.5, Llama 2/3.x, SmolLM2)")
-        missing = [k for k in REQUIRED_FIELDS if k not in hf]
-        if missing:
-            raise ValueError(f"{where} lacks required field(s) {', '.join(missing)} for model_type {model_type!r}")
-        if hf.get("hidden_act", "silu") not in ("silu", "swish"):
-            raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r} in {where}; only silu (SwiGLU) is supported")
-        if hf.get("use_sliding_window"):
-            raise ValueError(f"use_sliding_window=true in {where} is not supported; set it to false")
-        theta, scaling = _read_rope(hf, where)
-        n_heads = hf["num_attention_heads"]
+        hf, where = (source, "config") if isinstance(source, dict) else config_checks.read_config_json(source)
+        config_checks.check_supported(hf, where, ARCHITECTURES, REQUIRED_FIELDS)
+        model_type, n_heads = hf["model_type"], hf["num_attention_heads"]
+        theta, scaling = read_rope(hf, where)
         dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
         try:
             return cls(
@@ -176,19 +112,13 @@ class ModelConfig:
         return hf
 
 
-def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
+def read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
     """(rope_theta, rope_scaling) from either the classic fields or transformers 5's `rope_parameters` dict."""
     params = dict(hf.get("rope_parameters") or {})
     scaling = dict(hf.get("rope_scaling") or params)
-    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))  # checked by ModelConfig.validate
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported RoPE type {rope_type!r} in {where}; supported: {', '.join(ROPE_TYPES)}")
-    if rope_type == "default":
+    theta = hf.get("rope_theta", params.get("rope_theta", 10000.0))
+    if config_checks.check_rope_scaling(scaling, where) == "default":
         return theta, None
-    need = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in scaling]
-    if need:
-        raise ValueError(f"llama3 rope scaling in {where} lacks {', '.join(need)}")
     return theta, {
         "rope_type": "llama3",
         "factor": scaling["factor"],
@@ -197,29 +127,6 @@ def _read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
         "original_max_position_embeddings": scaling.get("original_max_position_embeddings")
                                             or hf.get("max_position_embeddings", 8192),
     }
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON true is not a count
-
-
-def _shown(value) -> str:
-    """A config value as it reads in config.json (null, "192", ...)."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{name} must be a positive integer (got {_shown(value)})")
-
-
-def _positive_float(name: str, value) -> float:
-    if not (_is_int(value) or isinstance(value, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite positive number (got {_shown(value)})")
-    return float(value)
 
 
 # ----------------------------------------------------------------------------------------------------------------
