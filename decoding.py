@@ -457,3 +457,131 @@ def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings, window: 
     if stop_strings and any(s in tokenizer.decode(new[-window:]) for s in stop_strings):
         return stop_reason(new, stop_ids, tokenizer, stop_strings)
     return None, None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 5. Batch-invariant decoding
+# ----------------------------------------------------------------------------------------------------------------
+
+INVARIANT_ROWS = 16  # every product of a batch-invariant decode step runs on exactly this many rows
+
+
+def in_pieces(fn, x: torch.Tensor, rows: int):
+    """fn applied to x (N, ...) in pieces of exactly `rows` rows (N a multiple of rows), the pieces' outputs
+    concatenated (fn may return one tensor or a list). A matmul kernel picks its blocking, and so the order of
+    its sums, by the shape it is given; at one fixed shape, a row's result does not depend on the other rows."""
+    outs = [fn(piece) for piece in x.split(rows)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.cat(outs)
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def hidden_invariant(model: Transformer, fed: list[list[int]], caches: list[KVCache], rows: int = INVARIANT_ROWS
+                     ) -> torch.Tensor:
+    """Final-norm hidden states (N, D) of each row's fed tokens, row b continuing its own one-row caches[b]; the
+    rows' tokens are stacked (N = sum of len(fed[b])), in order.
+
+    A row's values are the same bits whichever rows it is decoded with: every product and norm runs on pieces of
+    exactly `rows` token rows (zero rows pad the last piece), and attention runs row by row on the row's own
+    cache, as it would alone. The rows share only the reading of the weights."""
+    spans, start = [], 0
+    for tokens in fed:
+        spans.append((start, start + len(tokens)))
+        start += len(tokens)
+    padded = -(-start // rows) * rows
+    device = caches[0].pad.device
+    ids = torch.tensor([t for tokens in fed for t in tokens] + [0] * (padded - start), device=device)
+    x = model.model.embed_tokens(ids)  # (Np, D)
+    ropes = []  # per row: RoPE cos/sin (1, 1, T, d) and mask of its new tokens, from its own cache
+    for (s, e), cache in zip(spans, caches):
+        positions, mask = cache.positions_and_mask(e - s, device)
+        ropes.append((*rope_cos_sin(model.inv_freq, positions, x.dtype), mask))
+    for block in model.model.layers:
+        attn, mlp = block.self_attn, block.mlp
+        q, k, v = in_pieces(lambda p: project_together(block.input_layernorm(p), None, attn.q_proj, attn.k_proj,
+                                                       attn.v_proj), x, rows)  # (Np, H*d), (Np, Hkv*d) x2
+        y = torch.zeros_like(q)  # (Np, H*d); padding rows attend to nothing
+        for (s, e), (cos, sin, mask), cache in zip(spans, ropes, caches):
+            y[s:e] = attn.attend(q[None, s:e], k[None, s:e], v[None, s:e], cos, sin, mask, cache)[0]
+        x = x + in_pieces(lambda p: project_together(p, None, attn.o_proj)[0], y, rows)
+        gate, up = in_pieces(lambda p: project_together(block.post_attention_layernorm(p), None, mlp.gate_proj,
+                                                        mlp.up_proj), x, rows)
+        x = x + in_pieces(lambda p: project_together(p, None, mlp.down_proj)[0], F.silu(gate) * up, rows)
+    for (s, e), cache in zip(spans, caches):
+        cache.length += e - s
+    return in_pieces(model.model.norm, x, rows)[:start]
+
+
+def logits_invariant(model: Transformer, h: torch.Tensor, rows: int = INVARIANT_ROWS) -> torch.Tensor:
+    """The vocabulary projection (N, V) of hidden states h (N, D), in pieces of exactly `rows` rows."""
+    n = h.shape[0]
+    padded = torch.cat([h, h.new_zeros(-n % rows, h.shape[1])])  # (Np, D)
+    return in_pieces(model.lm_head, padded, rows)[:n]
+
+
+@torch.inference_mode()
+def generate_invariant(model: Transformer, prompts: list[list[int]], max_new_tokens: int, stop_ids=(),
+                       tokenizer: Tokenizer | None = None, stop_strings=(), prompt_cache: PromptCache | None = None,
+                       namespace=None, prefill_chunk: int = 64, prompt_lookup: int = 0,
+                       rows: int = INVARIANT_ROWS) -> list[Generation]:
+    """model.generate's greedy continuations (up to fp rounding), decoded in one batch with batch-invariant
+    results: each prompt's tokens are the same bits whether it is decoded alone or with any other prompts, so
+    how calls are batched (--workers, --max-batch) never changes a trajectory or a metric.
+
+    Each prompt is prefilled on its own (in chunks of `prefill_chunk` tokens aligned at position 0, reusing and
+    storing whole chunks in the `prompt_cache`, so what the cache held never changes a bit either) into a one-row
+    KV cache of its own. Decode steps then feed every unfinished row's next token together (`hidden_invariant`).
+    With `prompt_lookup` k > 0 each row also feeds up to k draft tokens copied from its own context and keeps the
+    longest run its own predictions confirm: what a row drafts depends only on its tokens, and with products of
+    fixed shape a drafted token's values are those it gets decoded alone.
+    """
+    stops, stop_ids = check_prompts(prompts, stop_strings, tokenizer), set(stop_ids)
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    B = len(prompts)
+    caches, last, n_cached = [], [], []
+    for prompt in prompts:
+        cache = KVCache(model.config, 1, len(prompt) + max_new_tokens, device, dtype)
+        h, cached = _prefill_row(model, cache, 0, prompt, prompt_cache, namespace, prefill_chunk, lambda r: None)
+        cache.length = len(prompt)
+        if prompt_cache is not None:  # only whole prompt chunks are stored: decode steps round differently
+            _store_row(prompt_cache, namespace, cache, 0, prompt, len(prompt), prefill_chunk)
+        caches.append(cache)
+        last.append(h)
+        n_cached.append(cached)
+    windows = [max((len(s) for s in row_stops), default=0) + 8 for row_stops in stops]
+
+    new: list[list[int]] = [[] for _ in range(B)]
+    texts: list[str | None] = [None] * B
+    reasons: list[str | None] = [None] * B
+    indexes = [NgramIndex(p) for p in prompts] if prompt_lookup else None
+    live = list(range(B))  # prompts still decoding
+    steps = [[t] for t in logits_invariant(model, torch.stack(last), rows).argmax(-1).tolist()]
+    while True:
+        for b, tokens in zip(live, steps):
+            for t in tokens[:max_new_tokens - len(new[b])]:
+                new[b].append(t)
+                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stops[b], windows[b])
+                if reasons[b]:
+                    break  # drafted tokens after a stop are dropped
+        live = [b for b in live if reasons[b] is None and len(new[b]) < max_new_tokens]
+        if not live:
+            break
+        drafts = []
+        for b in live:
+            if indexes is None:
+                drafts.append([])
+                continue
+            index = indexes[b]
+            index.extend(new[b][len(index.tokens) - len(prompts[b]):])  # its tokens so far, the last included
+            drafts.append(index.draft(min(prompt_lookup, max_new_tokens - len(new[b]) - 1)))
+        fed = [[new[b][-1]] + draft for b, draft in zip(live, drafts)]
+        predicted = logits_invariant(model, hidden_invariant(model, fed, [caches[b] for b in live], rows),
+                                     rows).argmax(-1).tolist()  # the model's token after each fed one
+        steps, start = [], 0
+        for b, draft in zip(live, drafts):
+            mine = predicted[start:start + 1 + len(draft)]
+            start += 1 + len(draft)
+            accepted = next((j for j, (d, t) in enumerate(zip(draft, mine)) if d != t), len(draft))
+            caches[b].length -= len(draft) - accepted  # slots of rejected draft tokens are overwritten later
+            steps.append(mine[:accepted + 1])
+    return [finish(new[b], texts[b], reasons[b], len(prompts[b]), tokenizer, n_cached[b]) for b in range(B)]

@@ -6,10 +6,11 @@ Where this sits: agents.py defines the protocol as rollout generators and runs o
 engine (`agents.run_task`); this file is the fast path beside it. `run_rollouts` drives many rollouts at once:
 each round it sends all pending world requests to world sessions (worker processes, called from threads) and
 groups all pending model requests by (engine, adapter, stop strings), or by engine alone for one that mixes
-adapters, into one batched greedy `decoding.generate` call each. Rollouts only see their own results, so a
-LocalEngine in deterministic mode (every call decoded on its own) records the trajectories the plain driver
-records (tests/test_rollout.py checks it), and batched decoding differs from it only where a near-tie of two
-tokens rounds the other way. teacher.py's gold teacher and evaluate.py's evaluations run on this scheduler.
+adapters, into one batched greedy decoding call each. Rollouts only see their own results, and a LocalEngine in
+deterministic mode decodes batch-invariantly (`decoding.generate_invariant`: a call's tokens are the bits it gets
+decoded alone), so it records the trajectories the plain driver records whatever --workers and --max-batch are
+(tests/test_rollout.py checks it); `--decode batched` differs from it only where a near-tie of two tokens rounds
+the other way. teacher.py's gold teacher and evaluate.py's evaluations run on this scheduler.
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class LocalEngine:
     read fastest (`decoding.lay_out_for_decoding`).
 
     A prompt cache (per adapter, `prompt_cache_tokens` tokens at most, 0 = off) lets each call compute only the
-    prompt tokens no earlier call has computed. `deterministic` decodes every call on its own (batch 1, prompt
-    prefilled in aligned chunks): a call's tokens then depend on its prompt alone, not on which calls shared its
-    batch or what the cache held, so results do not change with --workers or --max-batch (see generate).
-    `prompt_lookup` drafts that many tokens from a lone row's own context per step (0 = off).
+    prompt tokens no earlier call has computed. `deterministic` decodes the calls of one complete() together but
+    batch-invariantly (`decoding.generate_invariant`: prompts prefilled alone in aligned chunks, decode steps on
+    products of one fixed shape): a call's tokens then depend on its prompt alone, not on which calls shared its
+    batch or what the cache held, so results do not change with --workers or --max-batch. `prompt_lookup`
+    drafts that many tokens per step from a row's own context (batched mode: only a row decoding alone; 0 = off).
     """
 
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
@@ -82,7 +84,7 @@ class LocalEngine:
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
         self.mixes_adapters = mix_adapters
-        self.batches = not deterministic
+        self.batches = True
 
     def load_adapter(self, folder: str, name: str) -> None:
         if self.mixes_adapters:  # unmerged on the base, inactive until a batch routes rows to it
@@ -111,16 +113,19 @@ class LocalEngine:
             return replies
         prompts = [self.tokenizer.chat(fitted[i], add_generation_prompt=True)[0] for i in runnable]
         start = time.perf_counter()
-        decode = lambda rows: decoding.generate(  # noqa: E731
-            net, [prompts[j] for j in rows], budgets.new_tokens, self.tokenizer.stop_ids, tokenizer=self.tokenizer,
-            stop_strings=[requests[runnable[j]].stop_strings for j in rows], prompt_cache=self.prompt_cache,
-            namespace=None if self.mixes_adapters else adapters[0],
-            adapters=[adapters[runnable[j]] for j in rows] if self.mixes_adapters else None,
-            prefill_chunk=DETERMINISTIC_CHUNK if self.deterministic else None, prompt_lookup=self.prompt_lookup)
+        stop_strings = [requests[i].stop_strings for i in runnable]
         with torch.no_grad():
             if self.deterministic:
-                generations = [decode([j])[0] for j in range(len(prompts))]
+                generations = decoding.generate_invariant(
+                    net, prompts, budgets.new_tokens, self.tokenizer.stop_ids, self.tokenizer, stop_strings,
+                    self.prompt_cache, adapters[0], DETERMINISTIC_CHUNK, self.prompt_lookup)
             else:  # rows of one adapter side by side: each adapter then updates its rows as one slice
+                decode = lambda rows: decoding.generate(  # noqa: E731
+                    net, [prompts[j] for j in rows], budgets.new_tokens, self.tokenizer.stop_ids,
+                    tokenizer=self.tokenizer, stop_strings=[stop_strings[j] for j in rows],
+                    prompt_cache=self.prompt_cache, namespace=None if self.mixes_adapters else adapters[0],
+                    adapters=[adapters[runnable[j]] for j in rows] if self.mixes_adapters else None,
+                    prompt_lookup=self.prompt_lookup)
                 order = sorted(range(len(prompts)), key=lambda j: str(adapters[runnable[j]]))
                 generations = [g for _, g in sorted(zip(order, decode(order)), key=lambda pair: pair[0])]
         share = (time.perf_counter() - start) / len(runnable)  # each call's share of the batch's time
@@ -492,8 +497,9 @@ def add_budget_flags(parser: argparse.ArgumentParser) -> None:
 def add_decode_flags(parser: argparse.ArgumentParser, default: str) -> None:
     """Flags of how local models decode (rollout.py and evaluate.py; evaluation defaults to deterministic)."""
     parser.add_argument("--decode", choices=("batched", "deterministic"), default=default,
-                        help="batched: pending calls share one generate batch (fastest; near-ties can go either "
-                        "way depending on the batch); deterministic: every call decoded on its own, so results "
+                        help="batched: pending calls share one generate batch, rows padded together (near-ties can "
+                        "go either way depending on the batch); deterministic: pending calls share a batch-invariant "
+                        "batch (each call's tokens are those it gets decoded alone), so results "
                         f"do not depend on --workers/--max-batch (default: {default})")
     parser.add_argument("--prompt-cache-tokens", type=int, default=PROMPT_CACHE_TOKENS,
                         help="tokens of keys/values kept to reuse across calls (least recently used evicted "
@@ -516,7 +522,7 @@ def engine_options(args) -> dict:
     if args.prompt_lookup < 0:
         raise ValueError("--prompt-lookup must be 0 (off) or positive")
     if args.mix_adapters and args.decode == "deterministic":
-        raise ValueError("--mix-adapters needs --decode batched (deterministic decoding runs every call alone)")
+        raise ValueError("--mix-adapters needs --decode batched (deterministic decoding runs one adapter per batch)")
     return {"prompt_cache_tokens": 0 if args.no_prompt_cache else args.prompt_cache_tokens,
             "deterministic": args.decode == "deterministic", "prompt_lookup": args.prompt_lookup,
             "mix_adapters": args.mix_adapters}

@@ -382,3 +382,90 @@ def test_prompt_lookup_drafts_keep_the_greedy_tokens_in_fewer_steps(qwen2_ckpt):
     prompts = [torch.randint(3, 320, (n,), generator=g).tolist() * 2 for n in (5, 9, 13)]
     alone = [decoding.generate(ours, [p], 30, stop_ids={7, 9, 11})[0].ids for p in prompts]
     assert [x.ids for x in decoding.generate(ours, prompts, 30, stop_ids={7, 9, 11}, prompt_lookup=4)] == alone
+
+
+# ---- batch-invariant decoding -----------------------------------------------------------------------------------
+
+def smollm_shaped(layers=2, vocab=2048, seed=0):
+    """A random model with SmolLM2-135M's layer shapes (576 wide, 9/3 heads of 64, MLP 1536): at these shapes the
+    CPU matmul kernels pick their blocking, and so their rounding, by the number of rows."""
+    cfg = M.ModelConfig(model_type="llama", vocab_size=vocab, hidden_size=576, intermediate_size=1536,
+                        num_hidden_layers=layers, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                        rope_theta=1e5, attention_bias=False, tie_word_embeddings=True, max_position_embeddings=1024,
+                        rms_norm_eps=1e-5)
+    torch.manual_seed(seed)
+    net = M.Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0.0, 0.05)
+    return net
+
+
+def prefilled(net, prompt: list[int], room: int) -> M.KVCache:
+    cache = M.KVCache(net.config, 1, len(prompt) + room, "cpu", torch.float32)
+    with torch.no_grad():
+        net.hidden(torch.tensor([prompt]), cache)
+    return cache
+
+
+@pytest.mark.parametrize("laid_out", [False, True], ids=["plain layout", "decoding layout"])
+def test_a_rows_hidden_states_are_the_same_bits_in_batches_of_1_3_and_8(laid_out):
+    """hidden_invariant on rows of different lengths feeding 1 to 3 tokens each: every row's hidden states are
+    bit-equal whether it runs alone, with 2 others or with 7; the plain padded batch (decoding.hidden) of the same
+    rows is not, which is what makes batched decoding's near-ties depend on the batch."""
+    net = smollm_shaped()
+    if laid_out:
+        decoding.lay_out_for_decoding(net)
+    prompts = [random_ids(n, seed=n, vocab=2048).tolist() for n in (5, 70, 33, 130, 9, 64, 200, 17)]
+    fed = [[p[-1], 7, 9][:1 + b % 3] for b, p in enumerate(prompts)]
+
+    def run(rows):
+        with torch.no_grad():
+            h = decoding.hidden_invariant(net, [fed[b] for b in rows], [prefilled(net, prompts[b], 3) for b in rows])
+        return list(h.split([len(fed[b]) for b in rows]))
+
+    alone = [run([b])[0] for b in range(8)]
+    for batch in ([0, 1, 2], [3, 4, 5], [6, 7], list(range(8))):
+        assert all(torch.equal(h, alone[b]) for b, h in zip(batch, run(batch)))
+    # the padded batch decoding.generate runs, one last prompt token per row: its rounding depends on the batch
+    heads = [p[:-1] for p in prompts]
+    with torch.no_grad():
+        invariant = decoding.hidden_invariant(net, [[p[-1]] for p in prompts], [prefilled(net, h, 1) for h in heads])
+        P = max(len(h) for h in heads)
+        batch = M.KVCache(net.config, 8, P + 1, "cpu", torch.float32, torch.tensor([P - len(h) for h in heads]))
+        net.hidden(torch.tensor([[0] * (P - len(h)) + h for h in heads]), batch)
+        padded = decoding.hidden(net, torch.tensor([[p[-1]] for p in prompts]), batch)[:, -1]  # (8, D)
+    assert torch.allclose(padded, invariant, atol=1e-4)
+    assert not torch.equal(padded, invariant)
+
+
+@pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
+def test_invariant_generate_gives_the_core_tokens_alone_and_in_any_batch(request, name):
+    """decoding.generate_invariant against model.generate (every Generation field but n_cached) on rows with
+    different prompt lengths, stop ids and stop strings, with prompt-lookup drafts and a warm prompt cache; and
+    each row's result is the same alone, in batches of 3 and in one batch of all 7."""
+    folder, _ = request.getfixturevalue(name)
+    ours, tok = M.Transformer.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
+    texts = ("The critic reads the output.", "Hello world!", "print(apis.venmo.show_transactions(page_index=0))",
+             "Task: 0123", "Hello world! numbers 0123456789.")
+    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": t}]) for t in texts]
+    prompts += [random_ids(n, seed=n).tolist() * 2 for n in (3, 11)]  # repeats: prompt-lookup drafts come true
+    free = M.generate(ours, prompts, 24, stop_ids=(), tokenizer=tok)
+    stop_ids = {free[0].ids[6], free[3].ids[15]}
+    stops = [(tok.decode(free[1].ids[:5])[-2:],), (), ("\x00never",), (), (tok.decode(free[4].ids[:9])[-3:],), (), ()]
+    want = [(g.ids, g.text, g.n_prompt, g.n_new, g.stop_reason)
+            for g in M.generate(ours, prompts, 24, stop_ids, tok, stops)]
+    assert {w[4] for w in want} == {"stop_id", "stop_string", "length"}
+    decoding.lay_out_for_decoding(ours)
+    cache = decoding.PromptCache(4096)
+
+    def invariant(rows, **kwargs):
+        out = decoding.generate_invariant(ours, [prompts[b] for b in rows], 24, stop_ids, tok,
+                                          [stops[b] for b in rows], **kwargs)
+        return [(g.ids, g.text, g.n_prompt, g.n_new, g.stop_reason) for g in out]
+
+    assert invariant(range(7)) == want
+    assert invariant(range(7), prompt_lookup=4, prompt_cache=cache) == want  # cold cache: rows share the system
+    assert invariant(range(7), prompt_lookup=4, prompt_cache=cache) == want  # warm
+    assert [invariant([b], prompt_lookup=4)[0] for b in range(7)] == want
+    assert invariant([0, 1, 2], prompt_lookup=4) + invariant([3, 4, 5], prompt_lookup=4) + invariant([6]) == want

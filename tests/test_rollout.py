@@ -121,26 +121,50 @@ def test_a_near_tie_flips_with_the_batch_today_but_not_in_deterministic_mode(qwe
     assert len(answers) == 1
 
 
+def near_tied(folder, out):
+    """The model at `folder` with an untied vocabulary projection whose rows come in twins: token 2j+1's row is
+    token 2j's plus a perturbation a millionth of its size, so that nearly every greedy step is a near-tie between
+    two tokens that the rounding of the hidden state decides. (Tokenizer files are copied along.)"""
+    net = M.Transformer.from_pretrained(folder)
+    head = net.lm_head.weight.detach().clone()  # (V, D)
+    noise = torch.randn(head[1::2].shape, generator=torch.Generator().manual_seed(0))
+    head[1::2] = head[0::2] + 1e-6 * head.abs().mean() * noise
+    net.lm_head.weight = torch.nn.Parameter(head)
+    net.config.tie_word_embeddings = False
+    M.save_pretrained(net, out)
+    for f in folder.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "generation")):
+            (out / f.name).write_bytes(f.read_bytes())
+    return out
+
+
 def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, mini_world, tmp_path):
+    """On a model whose every greedy step is a near-tie (`near_tied`), evaluation's deterministic decoding gives
+    the same metrics and trajectories with --workers 1 --max-batch 1 (every call decoded alone) and --workers 4
+    --max-batch 16 (calls of up to four tasks decoded together), while batched decoding does not."""
     budgets = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, new_tokens=12,
                              context=1024)
-    args = evaluate.build_parser().parse_args(["--model", str(micro)])
-    assert args.decode == "deterministic" and not args.no_prompt_cache  # evaluation's defaults
-    system = systems.load_system(systems.system_spec(None, None, str(micro), "multi"), "cpu", "float32",
-                                 rollout.engine_options(args))
+    base = near_tied(micro, tmp_path / "near-tied")
     runs = {}
     with world.WorldPool(4, root=mini_world) as pool:
-        for workers, max_batch in ((1, 1), (4, 16)):
-            out = tmp_path / f"w{workers}"
-            cfg = evaluate.EvalConfig(split="dev", out=str(out), root=str(mini_world), workers=workers,
-                                      max_batch=max_batch, limit=4, quiet=True)
-            results = evaluate.evaluate(system, budgets, cfg, pool=pool)  # the second run finds a warm cache
-            records = data.read_trajectories(out / result_files.TRAJECTORIES)
-            runs[workers] = results["metrics"], [{**r, "calls": [{k: v for k, v in c.items()
-                                                                  if k not in data.MEASURED_CALL_FIELDS}
-                                                                 for c in r["calls"]]} for r in records]
-    assert runs[1] == runs[4]
-    assert sum(len(r["calls"]) for r in runs[1][1]) > 4
+        for decode in ("deterministic", "batched"):
+            argv = ["--model", str(base)] + (["--decode", decode] if decode == "batched" else [])
+            args = evaluate.build_parser().parse_args(argv)
+            assert decode == "batched" or args.decode == "deterministic" and not args.no_prompt_cache  # defaults
+            system = systems.load_system(systems.system_spec(None, None, str(base), "multi"), "cpu", "float32",
+                                         rollout.engine_options(args))
+            for workers, max_batch in ((1, 1), (4, 16)):
+                out = tmp_path / f"{decode}-w{workers}"
+                cfg = evaluate.EvalConfig(split="dev", out=str(out), root=str(mini_world), workers=workers,
+                                          max_batch=max_batch, limit=4, quiet=True)
+                results = evaluate.evaluate(system, budgets, cfg, pool=pool)  # the second run finds a warm cache
+                records = data.read_trajectories(out / result_files.TRAJECTORIES)
+                runs[decode, workers] = results["metrics"], [
+                    {**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS}
+                                    for c in r["calls"]]} for r in records]
+    assert runs["deterministic", 1] == runs["deterministic", 4]
+    assert sum(len(r["calls"]) for r in runs["deterministic", 1][1]) > 4
+    assert runs["batched", 1][1] != runs["batched", 4][1]  # the near-ties are real: padded batches flip them
 
 
 # ----------------------------------------------------------------------------------------------------
