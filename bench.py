@@ -20,6 +20,10 @@ Sections:
   rollout  rollout.run_rollouts on the mini-world dev split (tiny preset and, with --real-model, a real model):
            prompt cache off/on, 1 vs 4 worlds, prompt-lookup, deterministic decoding: tasks/minute, prefill
            tokens computed per task, new tokens/s, model batch sizes, share of wall time outside the model.
+  evaluate a trained system (--agents, e.g. `make demo`'s ckpts/demo) evaluated on the demo's dev and test tasks
+           under the demo's budgets: one call at a time (unpadded, the speed of decoding every call alone) vs
+           deterministic decoding alone (--workers 1 --max-batch 1) vs deterministic decoding batched across tasks:
+           tasks/minute, TGC/SGC, and whether the two deterministic runs recorded the same trajectories.
 """
 
 import argparse
@@ -733,6 +737,68 @@ def bench_rollout() -> None:
               "apart) or mixed (--mix-adapters: both roles' calls in one batch, the adapters' matmuls run).")
 
 
+# ---- evaluate ---------------------------------------------------------------------------------------------------
+
+# the demo's evaluation (Makefile: BUDGETS, DEV, TEST)
+DEMO_BUDGETS = dict(subtasks=8, executor_turns=3, critic_retries=1, single_turns=12, new_tokens=320, context=2048)
+DEMO_SPLITS = (("dev", 2), ("test", 1))  # (split, scenarios)
+AGENTS = HERE / "ckpts" / "demo"
+# (label, workers, max batch, LocalEngine options)
+EVALUATE_SETTINGS = [
+    ("one call at a time, unpadded", 1, 1, dict(deterministic=False)),
+    ("deterministic, alone", 1, 1, dict(deterministic=True)),
+    ("deterministic, batched", 8, 16, dict(deterministic=True)),
+]
+
+
+def bench_evaluate() -> None:
+    import os
+
+    import agents
+    import data
+    import evaluate
+    import result_files
+    import systems
+    import world
+    if not (AGENTS / "planner").is_dir():
+        print(f"evaluate: skipped, no trained system in {AGENTS} (run `make demo`, or pass --agents)")
+        return
+    root = world.world_root()
+    spec = systems.system_spec(str(AGENTS))
+    budgets = agents.Budgets(**DEMO_BUDGETS)
+    print(f"evaluate: {AGENTS} on the mini-world's demo splits, fp32, {torch.get_num_threads()} torch threads, "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; budgets {DEMO_BUDGETS}")
+    print(f"  {'split':<5} {'setting':<30} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'ratio':>6} {'TGC':>6} "
+          f"{'SGC':>6} {'same as alone':>13}")
+    with tempfile.TemporaryDirectory() as tmp, world.WorldPool(max(w for _, w, _, _ in EVALUATE_SETTINGS),
+                                                                root=root) as pool:
+        for split, scenarios in DEMO_SPLITS:
+            first, alone = None, None
+            for label, workers, max_batch, options in EVALUATE_SETTINGS:
+                system = systems.load_system(spec, "cpu", "float32", options)
+                out = Path(tmp) / f"{split}-{label}"
+                cfg = evaluate.EvalConfig(split=split, out=str(out), root=str(root), workers=workers,
+                                          max_batch=max_batch, scenarios=scenarios, quiet=True)
+                start = time.perf_counter()
+                metrics = evaluate.evaluate(system, budgets, cfg, pool=pool)["metrics"]
+                rate = metrics["tasks"] / (time.perf_counter() - start) * 60
+                first = first or rate
+                records = [{**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS}
+                                           for c in r["calls"]]}
+                           for r in data.read_trajectories(out / result_files.TRAJECTORIES)]
+                records = sorted(records, key=lambda r: r["task_id"])
+                same = "" if not options["deterministic"] else "(reference)" if alone is None else (
+                    "yes" if records == alone else "NO")
+                if options["deterministic"] and alone is None:
+                    alone = records
+                print(f"  {split:<5} {label:<30} {metrics['tasks']:>5} {workers:>7} {rate:>9.2f} "
+                      f"{rate / first:>5.2f}x {metrics['tgc']:>5.1f}% {metrics['sgc']:>5.1f}% {same:>13}", flush=True)
+    print("  ratio: tasks/minute over the first row's. one call at a time: batched decoding with one world and one "
+          "call per batch (each call decoded alone, unpadded, with prompt-lookup drafts and a token-granular "
+          "prompt cache: at least as fast as decoding every call alone in aligned chunks). deterministic: "
+          "evaluate.py's default, batch-invariant, so it records the same trajectories alone and batched.")
+
+
 # ---- CLI --------------------------------------------------------------------------------------------------------
 
 SECTIONS = {
@@ -741,11 +807,12 @@ SECTIONS = {
     "train": lambda args: bench_train(str(REAL_MODEL) if (REAL_MODEL / "config.json").is_file() else None, args.data),
     "world": bench_world,
     "rollout": bench_rollout,
+    "evaluate": bench_evaluate,
 }
 
 
 def main(argv=None) -> None:
-    global REAL_MODEL
+    global REAL_MODEL, AGENTS
     ap = argparse.ArgumentParser(description="Benchmarks of prost against transformers/PEFT, section by section.")
     ap.add_argument("sections", nargs="*", metavar="section",
                     help=f"sections to run (default: all): {', '.join(SECTIONS)}")
@@ -753,10 +820,12 @@ def main(argv=None) -> None:
                     help=f"HF folder of a real model (e.g. SmolLM2-135M-Instruct from `make fetch`) for the decode, "
                     f"train and rollout sections (default: {REAL_MODEL.relative_to(HERE)}; those rows are skipped "
                     "when it is absent)")
+    ap.add_argument("--agents", default=str(AGENTS), help="evaluate: the trained system's checkpoint folder "
+                    f"(default: {AGENTS.relative_to(HERE)}, which `make demo` writes; skipped when absent)")
     ap.add_argument("--data", default=str(TRAIN_DATA), help="train: gold trajectories (rollout.py collect --teacher "
                     "gold --split train --limit 12)")
     args = ap.parse_args(argv)
-    REAL_MODEL = Path(args.real_model)
+    REAL_MODEL, AGENTS = Path(args.real_model), Path(args.agents)
     unknown = [s for s in args.sections if s not in SECTIONS]
     if unknown:
         print(f"error: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)

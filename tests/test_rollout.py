@@ -459,9 +459,9 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixin
 def test_a_slow_world_call_does_not_hold_back_other_rollouts_model_calls(in_step):
     """Rollout "slow" runs code whose world call only returns once rollout "fast" has had all three of its model
     calls answered (or after a timeout). A scheduler that waited for every world call of a round before serving
-    the next model calls would answer the fast rollout's second call only after that timeout. The engine decodes
-    each call alone, like evaluation's deterministic default, so by default rounds are not in step; in step (as
-    engines that batch, and collect, run them) the slow call times out and its rollout finishes first."""
+    the next model calls would answer the fast rollout's second call only after that timeout. The engine does not
+    batch, so by default rounds are not in step; in step (as engines that batch, and collect, run them) the slow
+    call times out and its rollout finishes first."""
     fast_done = threading.Event()
 
     class Session:
