@@ -45,6 +45,7 @@ import batching
 import data
 import dropout_masks
 import lora
+import memory_estimate
 import meter
 import model_io
 import run_folder
@@ -113,6 +114,8 @@ class TrainConfig:
                                         "the backward pass (less activation memory, one more forward; the same "
                                         "losses and gradients)")
     compile: bool = knob(False, "torch.compile each decoder block")
+    dry_run: bool = knob(False, "print the memory estimate of a micro-batch of --max-seq-len rows on this device "
+                         "(memory_estimate.py) and exit")
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,6 +133,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.plain:
         cfg = replace(cfg, merge_nested=False, trunks=False, compile=False)
     cluster = start_cluster(cfg.device)
+    if cfg.dry_run:
+        try:
+            memory = memory_estimate.plan_run(cfg, cluster.device, resolve_precision(cfg.precision, cluster.device),
+                                              LOSS_CHUNK)
+        finally:
+            stop_cluster(cluster)
+        if memory.refusal:
+            raise ValueError(memory.refusal)
+        print("\n".join(memory.lines))
+        return []
     try:
         need = run_folder.checkpoint_bytes(cfg.model, cfg.lora_r)  # every rank: a missing base stops them all
         with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
@@ -146,7 +159,14 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     precision = resolve_precision(cfg.precision, cluster.device)
     path, tokenizer, examples, dev, epochs, plans = prepare_data(cfg, log, cluster)
     out_dir = Path(cfg.out) / cfg.role
-    identity, saved, examples_sha256 = run_folder.open_run(out_dir, cfg, cluster, path, examples, epochs)
+    memory = memory_estimate.plan_run(cfg, cluster.device, precision, LOSS_CHUNK, max(e.n_tokens for e in examples))
+    if memory.refusal:
+        raise ValueError(memory.refusal)
+    log("\n".join(memory.lines))
+    cfg = replace(cfg, checkpoint_activations=memory.checkpointing)
+    # the identity holds the precision as resolved: `auto` trains bf16 on CUDA and fp32 on the CPU
+    identity, saved, examples_sha256 = run_folder.open_run(out_dir, replace(cfg, precision=precision), cluster, path,
+                                                           examples, epochs)
 
     model = build_model(cfg, cluster.device, precision)
     params = list(trainable_parameters(model).values())

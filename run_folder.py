@@ -34,7 +34,7 @@ RUN_FILE = store.IDENTITY_FILE
 DEFAULT_DATA = Path(__file__).resolve().parent / "trajectories" / "train.jsonl"
 # TrainConfig fields that do not change what is trained; every other one must match to resume a run.
 NOT_IDENTITY = {"model", "data", "dev_data", "out", "device", "resume", "stop_after_epochs", "peak_tflops",
-                "progress", "checkpoint_activations", "compile"}  # model and data: by content
+                "progress", "checkpoint_activations", "compile", "dry_run"}  # model and data: by content
 
 
 # ----------------------------------------------------------------------------------------------------
