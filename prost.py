@@ -307,6 +307,8 @@ def accumulate_gradients(model, micro_batches: list[data.Batch], step_targets: i
     summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
     total = torch.zeros((), device=device)
     for ids, mask, trunk in micro_batches:
+        if device.type == "cuda":  # a non_blocking copy overlaps with compute only from pinned host memory
+            ids, mask = ids.pin_memory(), mask.pin_memory()
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         with autocast(device, precision):
             losses, _ = target_token_losses(model, ids, mask, trunk)
