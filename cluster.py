@@ -64,9 +64,15 @@ def start_cluster(device_flag: str = "auto", backend: str | None = None,
                              f"node (torchrun --nproc-per-node), or pass --device cpu")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
+        join_process_group(device, backend, timeout)
     return Cluster(rank, world, device)
+
+
+def join_process_group(device: torch.device, backend: str | None = None,
+                       timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> None:
+    """Join torchrun's process group from this rank's device (backend None: nccl on a GPU, gloo on the CPU)."""
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
 
 
 def stop_cluster(cluster: Cluster) -> None:
