@@ -17,7 +17,8 @@ projection runs at target positions only. Then: the global gradient norm is clip
 the step's learning rate (warmup, then cosine decay), and every epoch ends in a checkpoint (`save_checkpoint`)
 from which `--resume` continues bit-exactly. The frozen base runs under bf16 autocast on CUDA; the adapter
 and the optimizer stay fp32. --checkpoint-activations keeps only each decoder block's input for the backward
-pass and recomputes the block (less memory, the same numbers).
+pass and recomputes the block (less memory, the same numbers); memory_estimate.py's estimate of the longest
+micro-batch is printed at start and turns it on where the step would not fit otherwise (`--dry-run`: print, exit).
 
 Fast paths, each tested equal to the plain loop and on by default; `--plain` turns every one off:
 batching.py merges nested examples (`--no-merge-nested`) and computes a micro-batch's shared trunk once,
