@@ -71,8 +71,7 @@ import memory_estimate
 import meter
 import prost
 import run_folder
-from cluster import (Cluster, child_env, exit_process, gather, join_process_group, start_cluster,
-                     stop_cluster)
+from cluster import Cluster, child_env, exit_process, join_process_group, start_cluster, stop_cluster
 from decoding import generate
 from model import ModelConfig, Transformer, save_pretrained
 from model_io import init_tiny
@@ -669,7 +668,8 @@ def collectives_run(device_flag: str, out: Path) -> None:
             join_process_group(cluster.device)
         world, rank = dist.get_world_size(), dist.get_rank()
         dist.barrier()
-        everyone = gather(Cluster(rank, world, cluster.device), {"rank": rank, "device": str(cluster.device)})
+        everyone = [None] * world  # cluster.gather's collective, called even for a group of one
+        dist.all_gather_object(everyone, {"rank": rank, "device": str(cluster.device)})
         total = torch.full((3,), float(rank + 1), device=cluster.device)
         dist.all_reduce(total)
         if rank == 0:

@@ -1,6 +1,7 @@
 """The CUDA-only decisions of training, taken on the CPU: a simulated one-GPU machine for cluster.py (LOCAL_RANK
 against the device count, nccl's device and timeout), a checkpoint with a CUDA RNG state resumed on the CPU, the
-precision a run's identity records, and the peak-FLOPs table's exact GPU names (issue #30, items 3 to 6)."""
+precision a run's identity records, the peak-FLOPs table's exact GPU names (issue #30, items 3 to 6), and
+gpu_check's collectives for a lone rank."""
 
 import json
 from datetime import timedelta
@@ -8,6 +9,7 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_child, torchrun
 from test_prost import base, config, trajectories  # noqa: F401  (fixtures and the run settings)
 
 import cluster
@@ -86,3 +88,14 @@ def test_peak_flops_match_the_exact_gpu_name(monkeypatch, name, tflops):
     peak = meter.peak_flops(torch.device("cuda:0"), 0.0)
     assert peak == (tflops * 1e12 if tflops else None)
     assert meter.peak_flops(torch.device("cuda:0"), 500.0) == 500e12  # --peak-tflops wins
+
+
+def test_a_lone_torchrun_rank_runs_the_collectives_in_a_group_of_one(tmp_path):
+    """What gpu_check's collectives row does on a one-GPU machine, on the CPU: start_cluster joins no group for
+    one process, so the row joins one of its own and still runs a barrier, an all_gather_object and an
+    all_reduce through torch.distributed."""
+    out = tmp_path / "collectives.pt"
+    run_child(torchrun(1, "gpu_check.py", "--collectives-worker", str(out), "--device", "cpu"))
+    got = torch.load(out)
+    assert (got["world"], got["backend"], got["sum"]) == (1, "gloo", [1.0, 1.0, 1.0])
+    assert got["gathered"] == [{"rank": 0, "device": "cpu"}]
