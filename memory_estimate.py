@@ -31,6 +31,7 @@ CPU), and the 1.5B default configuration against an 80 GB GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import dataclass
 
@@ -143,8 +144,7 @@ def device_memory(device: torch.device) -> float:
     """Bytes the device holds: a GPU's memory, or the machine's RAM for the CPU."""
     if device.type == "cuda":
         return float(torch.cuda.get_device_properties(device).total_memory)
-    with open("/proc/meminfo") as f:
-        return float(next(int(line.split()[1]) for line in f if line.startswith("MemTotal:")) * 1024)
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 @dataclass
