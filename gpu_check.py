@@ -366,7 +366,8 @@ def check_training(name: str, folder: Path, sizes: Sizes, device: torch.device, 
 
 def check_shared_trunk(name: str, folder: Path, sizes: Sizes, device: torch.device) -> Row:
     """One micro-batch of 4 rows sharing their first half (computed once, trunk.SharedTrunk) against each row
-    alone: the same fp32 gradients, through the device's masked attention kernel."""
+    alone: the same fp32 gradients, through the attention form rows after a trunk take on the device
+    (attention_masks.py: causal_lower_right on CUDA)."""
     vocab, half = ModelConfig.from_hf(folder).vocab_size, sizes.train_tokens // 2
     shared, tails = random_ids(vocab, 1, half, seed=5)[0].tolist(), random_ids(vocab, 4, half, seed=6).tolist()
     mask = [0] * (half + half // 2) + [1] * (half - half // 2)
