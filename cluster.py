@@ -24,6 +24,11 @@ import torch
 import torch.distributed as dist
 
 
+# How long a rank waits for the others at a collective. Rank 0 alone builds the default data (the mini-world and
+# its gold trajectories) while the other ranks wait at a barrier, which can outlast nccl's 10-minute default.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
 @dataclass
 class Cluster:
     rank: int = 0
@@ -36,11 +41,13 @@ class Cluster:
 
 
 def start_cluster(device_flag: str = "auto", backend: str | None = None,
-                  timeout: timedelta | None = None) -> Cluster:
+                  timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> Cluster:
     """This process's rank and device; under torchrun (WORLD_SIZE > 1) it joins the process group.
 
     device_flag: auto (this rank's GPU when CUDA is there, else the CPU), cpu or cuda (this rank's GPU,
-    LOCAL_RANK). backend: None picks nccl between GPUs and gloo between CPU processes."""
+    LOCAL_RANK). backend: None picks nccl between GPUs and gloo between CPU processes. nccl gets the rank's
+    device (`device_id`: the communicator is made now, on the right GPU, instead of at the first collective on
+    a device guessed from the rank)."""
     if device_flag not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda (got {device_flag}); under torchrun each process "
                          f"takes the GPU of its LOCAL_RANK")
@@ -51,11 +58,21 @@ def start_cluster(device_flag: str = "auto", backend: str | None = None,
     use_cuda = torch.cuda.is_available() if device_flag == "auto" else device_flag == "cuda"
     device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK {local_rank} would compute on cuda:{local_rank}, but this machine shows "
+                             f"{torch.cuda.device_count()} CUDA device(s); start at most that many processes per "
+                             f"node (torchrun --nproc-per-node), or pass --device cpu")
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"),
-                                **({"timeout": timeout} if timeout else {}))
+        join_process_group(device, backend, timeout)
     return Cluster(rank, world, device)
+
+
+def join_process_group(device: torch.device, backend: str | None = None,
+                       timeout: timedelta = PROCESS_GROUP_TIMEOUT) -> None:
+    """Join torchrun's process group from this rank's device (backend None: nccl on a GPU, gloo on the CPU)."""
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(backend, timeout=timeout, **({"device_id": device} if backend == "nccl" else {}))
 
 
 def stop_cluster(cluster: Cluster) -> None:

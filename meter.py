@@ -12,8 +12,23 @@ import sys
 
 import torch
 
-# Dense bf16 peak of common training GPUs, for MFU (override with --peak-tflops).
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+# Dense bf16 peak TFLOP/s of common training GPUs (NVIDIA's datasheets, without sparsity), for MFU, by the exact
+# name torch.cuda.get_device_name reports: variants of one chip differ (an H100 PCIe runs at 3/4 of an SXM's peak),
+# so a name not listed gets no MFU rather than a neighbour's figure (give it with --peak-tflops).
+PEAK_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989.0,  # SXM5
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H200": 989.0,  # SXM
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L40S": 362.0,
+    "NVIDIA A10G": 125.0,
+    "NVIDIA L4": 121.0,
+}
 
 
 class ProgressBar:
@@ -57,13 +72,13 @@ def status_kib(field: str) -> int:
 
 def peak_flops(device: torch.device, override_tflops: float) -> float | None:
     """The device's peak FLOP/s: --peak-tflops if given (any device; bench.py measures a CPU's), else the
-    GPU's dense bf16 peak by name, else None (no MFU)."""
+    GPU's dense bf16 peak by its exact name, else None (no MFU)."""
     if override_tflops:
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((tf * 1e12 for key, tf in PEAK_TFLOPS.items() if key in name), None)
+    tflops = PEAK_TFLOPS.get(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 def model_flops_utilisation(stats, peak: float | None, world: int) -> float | None:

@@ -3,7 +3,8 @@
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
 `Tokenizer.chat` and decoded greedily by this file's `generate`. It imports no other prost file but two
-stdlib-only leaves: config_checks.py (the checks on a config.json) and store.py (atomic file writes).
+leaves: config_checks.py (the checks on a config.json), store.py (atomic file writes) and
+attention_masks.py (the mask form each device's attention kernels take).
 
 What is here, top to bottom:
   1. ModelConfig   read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2),
@@ -41,6 +42,7 @@ import torch.utils.checkpoint
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+import attention_masks  # torch-only leaf: the mask form each device's attention kernels take
 import config_checks  # stdlib-only leaf: the checks on a config.json
 from store import atomic_write  # stdlib-only leaf: atomic file writes
 
@@ -199,21 +201,13 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # slots filled so far (the same for every row); Transformer.hidden advances it
 
-    def positions_and_mask(self, T: int, device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RoPE positions (B, T) of the next T slots, and a boolean mask (B|1, 1, T, S) of the keys each of
-        them sees, or None where plain causal attention is the same."""
+    def positions_and_mask(self, T: int, device) -> tuple[torch.Tensor, attention_masks.Mask]:
+        """RoPE positions (B, T) of the next T slots, and the mask of the keys each of them sees, in the form
+        this device's attention kernels take (attention_masks.py: causal, or a boolean (B|1, 1, T, S) mask)."""
         slots = torch.arange(self.length, self.length + T, device=device)  # (T,)
         positions = (slots[None] - self.pad[:, None]).clamp(min=0)  # (B, T)
-        padded = bool(self.pad.any())
-        if not padded and (self.length == 0 or T == 1):
-            return positions, None  # causal over the new tokens, or one new token that sees every key
-        keys = torch.arange(self.length + T, device=device)  # (S,)
-        mask = keys[None, None, :] <= slots[None, :, None]  # (1, T, S) causal
-        if padded:
-            real = keys[None, None, :] >= self.pad[:, None, None]  # (B, 1, S)
-            # a padding query sees itself, so no softmax row is empty (an empty row gives NaN keys later)
-            mask = mask & (real | (keys[None, None, :] == slots[None, :, None]))  # (B, T, S)
-        return positions, mask[:, None]  # (B|1, 1, T, S)
+        form = attention_masks.mask_form(device.type, T, self.length + T, self.pad.tolist())
+        return positions, attention_masks.build_mask(form, T, self.length + T, self.pad, device)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
         """Write k, v (B, Hkv, T, d) at the next T slots; q (B, H, T, d) attends to every filled slot."""
@@ -222,7 +216,7 @@ class KVCache:
             raise ValueError(f"KV cache overflow: {end} slots needed, {self.max_len} allocated")
         self.k[layer][:, :, self.length:end] = k
         self.v[layer][:, :, self.length:end] = v
-        return attention(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)  # (B, H, T, d)
+        return attention_masks.attend(q, self.k[layer][:, :, :end], self.v[layer][:, :, :end], mask)  # (B, H, T, d)
 
 
 class Attention(nn.Module):
@@ -311,7 +305,7 @@ class Transformer(nn.Module):
         if cache is None:
             positions, mask = torch.arange(T, device=x.device)[None], None  # (1, T), causal
         else:
-            positions, mask = cache.positions_and_mask(T, x.device)  # (B|1, T), (B|1, 1, T, S) or None
+            positions, mask = cache.positions_and_mask(T, x.device)  # (B|1, T), the cache's own mask
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B|1, 1, T, d)
         for block in self.model.layers:
             if self.checkpoint_blocks and torch.is_grad_enabled():  # same RNG state on recomputation: same dropout

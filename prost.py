@@ -17,7 +17,8 @@ projection runs at target positions only. Then: the global gradient norm is clip
 the step's learning rate (warmup, then cosine decay), and every epoch ends in a checkpoint (`save_checkpoint`)
 from which `--resume` continues bit-exactly. The frozen base runs under bf16 autocast on CUDA; the adapter
 and the optimizer stay fp32. --checkpoint-activations keeps only each decoder block's input for the backward
-pass and recomputes the block (less memory, the same numbers).
+pass and recomputes the block (less memory, the same numbers); memory_estimate.py's estimate of the longest
+micro-batch is printed at start and turns it on where the step would not fit otherwise (`--dry-run`: print, exit).
 
 Fast paths, each tested equal to the plain loop and on by default; `--plain` turns every one off:
 batching.py merges nested examples (`--no-merge-nested`) and computes a micro-batch's shared trunk once,
@@ -45,6 +46,7 @@ import batching
 import data
 import dropout_masks
 import lora
+import memory_estimate
 import meter
 import model_io
 import run_folder
@@ -113,6 +115,8 @@ class TrainConfig:
                                         "the backward pass (less activation memory, one more forward; the same "
                                         "losses and gradients)")
     compile: bool = knob(False, "torch.compile each decoder block")
+    dry_run: bool = knob(False, "print the memory estimate of a micro-batch of --max-seq-len rows on this device "
+                         "(memory_estimate.py) and exit")
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,6 +134,16 @@ def train(cfg: TrainConfig) -> list[dict]:
     if cfg.plain:
         cfg = replace(cfg, merge_nested=False, trunks=False, compile=False)
     cluster = start_cluster(cfg.device)
+    if cfg.dry_run:
+        try:
+            memory = memory_estimate.plan_run(cfg, cluster.device, resolve_precision(cfg.precision, cluster.device),
+                                              LOSS_CHUNK)
+        finally:
+            stop_cluster(cluster)
+        if memory.refusal:
+            raise ValueError(memory.refusal)
+        print("\n".join(memory.lines))
+        return []
     try:
         need = run_folder.checkpoint_bytes(cfg.model, cfg.lora_r)  # every rank: a missing base stops them all
         with store.exclusive_output(Path(cfg.out) / cfg.role, need_bytes=need, is_main=cluster.is_main,
@@ -146,7 +160,14 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     precision = resolve_precision(cfg.precision, cluster.device)
     path, tokenizer, examples, dev, epochs, plans = prepare_data(cfg, log, cluster)
     out_dir = Path(cfg.out) / cfg.role
-    identity, saved, examples_sha256 = run_folder.open_run(out_dir, cfg, cluster, path, examples, epochs)
+    memory = memory_estimate.plan_run(cfg, cluster.device, precision, LOSS_CHUNK, max(e.n_tokens for e in examples))
+    if memory.refusal:
+        raise ValueError(memory.refusal)
+    log("\n".join(memory.lines))
+    cfg = replace(cfg, checkpoint_activations=memory.checkpointing)
+    # the identity holds the precision as resolved: `auto` trains bf16 on CUDA and fp32 on the CPU
+    identity, saved, examples_sha256 = run_folder.open_run(out_dir, replace(cfg, precision=precision), cluster, path,
+                                                           examples, epochs)
 
     model = build_model(cfg, cluster.device, precision)
     params = list(trainable_parameters(model).values())
@@ -287,6 +308,8 @@ def accumulate_gradients(model, micro_batches: list[data.Batch], step_targets: i
     summed gradients are those of the mean token loss over the step. Returns the summed token loss."""
     total = torch.zeros((), device=device)
     for ids, mask, trunk in micro_batches:
+        if device.type == "cuda":  # a non_blocking copy overlaps with compute only from pinned host memory
+            ids, mask = ids.pin_memory(), mask.pin_memory()
         ids, mask = ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         with autocast(device, precision):
             losses, _ = target_token_losses(model, ids, mask, trunk)

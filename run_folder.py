@@ -34,7 +34,7 @@ RUN_FILE = store.IDENTITY_FILE
 DEFAULT_DATA = Path(__file__).resolve().parent / "trajectories" / "train.jsonl"
 # TrainConfig fields that do not change what is trained; every other one must match to resume a run.
 NOT_IDENTITY = {"model", "data", "dev_data", "out", "device", "resume", "stop_after_epochs", "peak_tflops",
-                "progress", "checkpoint_activations", "compile"}  # model and data: by content
+                "progress", "checkpoint_activations", "compile", "dry_run"}  # model and data: by content
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -154,14 +154,21 @@ def rng_states(cluster: Cluster) -> list[dict]:
 
 
 def restore_rng(states: list[dict], cluster: Cluster) -> None:
-    """This rank's RNG states, when the run saved them for as many ranks as it has now."""
+    """This rank's RNG states, when the run saved them for as many ranks as it has now. A run saved on CUDA and
+    resumed on the CPU (or the reverse) restores the CPU generator only: its dropout draws then come from another
+    generator than the saved run's, so it continues correctly but not bit-identically, and says so."""
     if len(states) != cluster.world:
         return
     mine = states[cluster.rank]
     torch.set_rng_state(mine["torch"])
     random.setstate(mine["python"])
-    if mine["cuda"] is not None:
+    on_cuda = cluster.device.type == "cuda"
+    if mine["cuda"] is not None and on_cuda:
         torch.cuda.set_rng_state(mine["cuda"], cluster.device)
+    elif (mine["cuda"] is not None) != on_cuda and cluster.is_main:
+        saved, now = ("CUDA", "the CPU") if mine["cuda"] is not None else ("the CPU", "CUDA")
+        print(f"resuming on {now} a run saved on {saved}: dropout draws continue from another generator, so the "
+              f"run continues correctly but not bit-identically to one that stayed on {saved}")
 
 
 # ----------------------------------------------------------------------------------------------------

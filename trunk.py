@@ -13,9 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+import attention_masks
 from model import attention
 
-ATTENTION_BLOCK = 256  # queries per attention call after a shared trunk (attend_after)
+ATTENTION_BLOCK = 256  # queries per attention call after a shared trunk on the CPU (attend_after)
 
 
 class SharedTrunk:
@@ -55,11 +56,17 @@ class SharedTrunk:
 
 def attend_after(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Causal attention of T queries q (B, H, T, d) that follow P = S - T earlier keys: query i sees keys
-    0..P + i of k, v (B, Hkv, S, d); the same as model.attention with a (T, S) causal mask. One call with that
-    mask would make CPU flash attention compute every query-key pair of the rectangle, since it skips no masked
-    block; in blocks of ATTENTION_BLOCK queries each call reads only the keys its queries see, wasting at most
-    half a block of pairs per query."""
+    0..P + i of k, v (B, Hkv, S, d); the same as model.attention with a (T, S) causal mask.
+
+    On CUDA that is one call with causal_lower_right (attention_masks.mask_form), which flash attention runs
+    skipping the masked blocks. On the CPU it is a boolean mask, and one call with it would make CPU flash
+    attention compute every query-key pair of the rectangle, since it skips no masked block; in blocks of
+    ATTENTION_BLOCK queries each call reads only the keys its queries see, wasting at most half a block of pairs
+    per query."""
     T, S = q.shape[2], k.shape[2]
+    form = attention_masks.mask_form(q.device.type, T, S)
+    if form.kind != attention_masks.BOOLEAN:
+        return attention_masks.attend(q, k, v, attention_masks.build_mask(form, T, S))
     out = []
     for start in range(0, T, ATTENTION_BLOCK):
         end = min(start + ATTENTION_BLOCK, T)

@@ -18,6 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+# The suite is the CPU contract; `make gpu-check` (gpu_check.py) is the CUDA one. On a GPU machine every test, and
+# every child it starts, sees no CUDA device, so `--device auto` means the CPU there too (fp32, bit-exact resume,
+# no MFU, gloo ranks) rather than bf16 on cuda:LOCAL_RANK. Set before anything initialises CUDA.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the repo's flat modules (model.py, ...)
 
