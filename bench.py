@@ -319,7 +319,8 @@ def _train_examples(model_dir: str, data_path: str, role: str):
     """The role's examples (every sub-task) of the first TRAIN_TASKS multi-agent gold trajectories, rendered by
     the model's tokenizer."""
     import data
-    records = [r for r in data.read_trajectories(data_path) if r["system"]["kind"] == "multi"][:TRAIN_TASKS]
+    import trajectories
+    records = [r for r in trajectories.read_trajectories(data_path) if r["system"]["kind"] == "multi"][:TRAIN_TASKS]
     return data.build_examples(records, role, M.Tokenizer.from_pretrained(model_dir), 4096)[0]
 
 

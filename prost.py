@@ -49,9 +49,10 @@ import meter
 import model_io
 import run_folder
 import store
+import trajectories
 from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, start_cluster,
                      stop_cluster)
-from data import ROLES, SCHEDULES  # inside TrainConfig, the field `data` hides the module
+from data import SCHEDULES  # inside TrainConfig, the field `data` hides the module
 from model import ModelConfig, train_flops
 from run_folder import ADAPTER, STATE_FILE
 from store import atomic_write
@@ -69,7 +70,7 @@ def knob(default, help: str, **flag):
 class TrainConfig:
     """Every knob of a run; defaults suit Qwen2.5-1.5B on one 80 GB GPU."""
     model: str = knob("Qwen/Qwen2.5-1.5B", "base model: Hugging Face id or local folder")
-    role: str = knob("planner", f"role to train: one of {', '.join(ROLES)}")
+    role: str = knob("planner", f"role to train: one of {', '.join(trajectories.ROLES)}")
     data: str | None = knob(None, "training trajectories (JSONL); without it, the mini-world's gold-teacher "
                             "trajectories, built and collected into trajectories/train.jsonl on first use")
     dev_data: str | None = knob(None, "dev trajectories for the per-sub-task dev loss")
@@ -463,8 +464,8 @@ def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> tuple
 # Configuration and data.
 
 def check_config(cfg: TrainConfig) -> None:
-    if cfg.role not in data.ROLES:
-        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
+    if cfg.role not in trajectories.ROLES:
+        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(trajectories.ROLES)})")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule})")
     for name in ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r"):
@@ -493,7 +494,7 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster):
 
 
 def load_role_examples(path: str | Path, role: str, tokenizer, max_seq_len: int, log) -> list[data.Example]:
-    records = data.read_trajectories(path)
+    records = trajectories.read_trajectories(path)
     examples, report = data.build_examples(records, role, tokenizer, max_seq_len)
     for line in report.lines():
         log(f"{path}: {line}")

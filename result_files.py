@@ -4,7 +4,7 @@ Where this sits: beside evaluate.py, which rolls a system out and computes the p
 sub-task errors, FLOPs per task). Everything that makes an evaluation folder (default `results/<name>/`)
 resumable, shardable and readable lives here:
 
-- the files: `trajectories.jsonl` (data.py's format, in split order), `results.json` (metrics plus per-task
+- the files: `trajectories.jsonl` (trajectories.py's format, in split order), `results.json` (metrics plus per-task
   rows), `report.md` and `timing.jsonl` (each task's wall time), all written atomically (store.py);
 - the claim: one evaluation writes a folder at a time (a second is refused, naming the first), and `run.json`
   records what the trajectories depend on (`evaluation_identity`), so a different system in the same folder is
@@ -25,9 +25,9 @@ import statistics
 import sys
 from pathlib import Path
 
-import data
 import model_io
 import store
+import trajectories
 import world
 from cluster import Cluster, barrier, first_error
 from store import atomic_write
@@ -130,7 +130,7 @@ def timing_path(part: Path) -> Path:
 def keep_finished(part: Path, record: dict, wall_seconds: float) -> None:
     """Append a finished task to a process's part, its wall time first (so every recorded trajectory has one)."""
     store.append_lines(timing_path(part), [{"task_id": record["task_id"], "wall_seconds": round(wall_seconds, 4)}])
-    data.write_trajectory(part, record)
+    trajectories.write_trajectory(part, record)
 
 
 def finished_records(out: Path) -> dict[str, dict]:
@@ -138,7 +138,7 @@ def finished_records(out: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     for path in [out / TRAJECTORIES, *part_paths(out)]:
         if path.is_file():
-            for record in data.read_trajectories(path):
+            for record in trajectories.read_trajectories(path):
                 records.setdefault(record["task_id"], record)
     return records
 
@@ -217,7 +217,7 @@ def timing_summary(records: list[dict], timings: dict[str, float], stats: list) 
 
 def in_role_order(roles) -> list[str]:
     """Roles in protocol order (planner, executor, critic, single), whatever order they were found in."""
-    return sorted(roles, key=lambda r: data.ROLES.index(r) if r in data.ROLES else len(data.ROLES))
+    return sorted(roles, key=lambda r: trajectories.ROLES.index(r) if r in trajectories.ROLES else len(trajectories.ROLES))
 
 
 def fmt_flops(x: float) -> str:

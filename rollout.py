@@ -35,6 +35,7 @@ import lora
 import model
 import model_io
 import store
+import trajectories
 import world
 from agents import BUDGET_HELP, CODE_RE, Budgets, ModelReply, ModelRequest, System, single_engine_system
 from teacher import GoldEngine, teacher_rollout
@@ -420,7 +421,7 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
                 for record in records:
                     if tokenizer is not None:
                         count_tokens(record, tokenizer)
-                data.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
+                trajectories.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
         # in step: trajectories are appended as tasks finish, and training follows the file's order
         summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
@@ -435,7 +436,7 @@ def collected_task_ids(out: Path) -> set[str]:
     if not out.exists():
         return set()
     kinds: dict[str, set[str]] = {}
-    for record in data.read_trajectories(out):
+    for record in trajectories.read_trajectories(out):
         if record["system"].get("teacher") is not None:
             kinds.setdefault(record["task_id"], set()).add(record["system"]["kind"])
     partial = {t for t, k in kinds.items() if k != {"multi", "single"}}
@@ -443,17 +444,17 @@ def collected_task_ids(out: Path) -> set[str]:
         store.drop_lines(out, lambda r: isinstance(r, dict) and r.get("task_id") in partial)
         print(f"{out}: {len(partial)} task(s) had only part of their records (an interrupted write); "
               f"running them again: {', '.join(sorted(partial))}", file=sys.stderr)
-    return data.completed_task_ids(out)
+    return trajectories.completed_task_ids(out)
 
 
 def run(system: System, split: str, out, budgets: Budgets, *, root=None, workers: int = 4,
         max_batch: int = 16, limit: int | None = None, scenarios: int | None = None, pool=None) -> RunStats:
     """Roll out a system on a split, appending every trajectory to `out` (tasks already there are
     skipped)."""
-    done = data.completed_task_ids(out)
+    done = trajectories.completed_task_ids(out)
     todo = [t for t in world.select_tasks(split, root, scenarios=scenarios, limit=limit) if t not in done]
     return run_rollouts(todo, system, budgets, split=split, root=root, workers=workers, max_batch=max_batch,
-                        pool=pool, on_trajectory=lambda record: data.write_trajectory(out, record))
+                        pool=pool, on_trajectory=lambda record: trajectories.write_trajectory(out, record))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -555,7 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="base model id or folder for every role")
     r.add_argument("--single", action="store_true", help="run the single-agent ReAct baseline instead "
                    "of planner/executor/critic")
-    for role in data.ROLES:
+    for role in trajectories.ROLES:
         r.add_argument(f"--{role}-model", default=None, help=f"base model for the {role} (overrides --model)")
         r.add_argument(f"--{role}-adapter", default=None, help=f"LoRA adapter folder for the {role}")
     add_common_flags(r)
@@ -582,12 +583,12 @@ def main(argv: list[str] | None = None) -> int:
             print(summary.stats.summary())
         else:
             kind = "single" if args.single else "multi"
-            models = {role: getattr(args, f"{role}_model") or args.model for role in data.ROLES}
-            adapters = {role: getattr(args, f"{role}_adapter") for role in data.ROLES}
+            models = {role: getattr(args, f"{role}_model") or args.model for role in trajectories.ROLES}
+            adapters = {role: getattr(args, f"{role}_adapter") for role in trajectories.ROLES}
             system = local_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                         max_batch=args.max_batch, limit=args.limit, scenarios=args.scenarios)
-            records = [r for r in data.read_trajectories(args.out) if r["split"] == args.split]
+            records = [r for r in trajectories.read_trajectories(args.out) if r["split"] == args.split]
             passed = sum(r["evaluation"]["success"] for r in records if r["evaluation"])
             print(f"{passed}/{len(records)} tasks of {args.split} in {args.out} pass evaluation")
             print(stats.summary())

@@ -20,6 +20,7 @@ import batching
 import data
 import prost
 import run_folder
+import trajectories
 import world
 from conftest import assert_reordered_sums_close, build_hf_checkpoint, run_child, torchrun
 from model import ModelConfig, Tokenizer, Transformer
@@ -35,8 +36,8 @@ def base(tmp_path_factory):
 def trajectories(tmp_path_factory):
     """Two tasks with 2 and 3 sub-tasks: the planner has sub-task indices 1..4 (4 = 'finished')."""
     path = tmp_path_factory.mktemp("traj") / "train.jsonl"
-    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
-    data.write_trajectory(path, synthetic_trajectory("b", n_subtasks=3, recovery_at=3))
+    trajectories.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
+    trajectories.write_trajectory(path, synthetic_trajectory("b", n_subtasks=3, recovery_at=3))
     return path
 
 
@@ -68,7 +69,7 @@ def test_target_token_losses_match_transformers_logits(base, trajectories, with_
     monkeypatch.setattr("trunk.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, hf_model = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectories), "executor", tokenizer, 10_000)
     collate = batching.collate_with_trunk if with_trunk else data.collate
     ids, mask, trunk = collate(examples[:3], tokenizer.pad_id)
     assert (trunk >= 4) == with_trunk
@@ -111,7 +112,7 @@ def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
     """One micro-batch of 8 and four of 2 give the same gradient of the mean token loss (padding differs)."""
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "planner", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectories), "planner", tokenizer, 10_000)
     examples = examples[:8]
     step_targets = sum(e.n_targets for e in examples)
     cfg = prost.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=0.0)
@@ -257,7 +258,7 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
     monkeypatch.setattr(prost, "LOSS_CHUNK", 7)
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectories), "executor", tokenizer, 10_000)
     batches = [batching.collate_with_trunk(examples[i:i + 3], tokenizer.pad_id) for i in (0, 3)]
     step_targets = sum(e.n_targets for e in examples[:6])
     model, params = random_adapter_model(ckpt, dropout=0.2)
@@ -278,7 +279,7 @@ def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, tr
     as a thread count) would split it and run the pieces eagerly. fullgraph=True makes a break an error."""
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectories), "executor", tokenizer, 10_000)
     batches = [batching.collate_with_trunk(examples[:3], tokenizer.pad_id)]
     step_targets = sum(e.n_targets for e in examples[:3])
     model, params = random_adapter_model(ckpt)
@@ -297,7 +298,7 @@ def test_training_flops_count_what_the_step_runs(base, trajectories):
     from conftest import flop_counter
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectories), "executor", tokenizer, 10_000)
     example = max(examples, key=lambda e: e.n_tokens)
     model, params = random_adapter_model(ckpt)
     counter = flop_counter()
@@ -399,7 +400,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
     move before it resumes: the run knows them by content, not by path."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     if role == "executor":  # the premise: trunks are computed
-        sequences = prost.epoch_sequences(data.build_examples(data.read_trajectories(trajectories), role,
+        sequences = prost.epoch_sequences(data.build_examples(trajectories.read_trajectories(trajectories), role,
                                                               Tokenizer.from_pretrained(base[0]), 10_000)[0], 1,
                                           config(base, trajectories, tmp_path, role=role, epochs=4))
         plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role),
@@ -432,7 +433,7 @@ def test_plain_run_equals_the_fast_paths(base, trajectories, tmp_path, role, mon
     examples; the executor's computes shared trunks."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     settings = dict(role=role, epochs=4, micro_batch_size=2, grad_accum=8)
-    examples = data.build_examples(data.read_trajectories(trajectories), role, Tokenizer.from_pretrained(base[0]),
+    examples = data.build_examples(trajectories.read_trajectories(trajectories), role, Tokenizer.from_pretrained(base[0]),
                                    10_000)[0]
     cfg = config(base, trajectories, tmp_path, **settings)
     sequences = prost.epoch_sequences(examples, 4, cfg)
