@@ -26,9 +26,10 @@ from pathlib import Path
 import torch
 
 import gguf_io
+from checkpoint_checks import expected_tensors, set_parameter
 from lora import adapter_base, load_adapter, merged_state_dict, set_adapter
 from model import (DTYPES, ENDOFTEXT, IM_END, IM_START, CHATML_TEMPLATE, ModelConfig, Tokenizer, Transformer, as_dtype,
-                   expected_tensors, save_pretrained, set_parameter)
+                   save_pretrained)
 from store import atomic_write, sampled_sha256
 
 # ----------------------------------------------------------------------------------------------------------------
