@@ -37,7 +37,6 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
