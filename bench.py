@@ -330,7 +330,9 @@ def _micro_batches(examples, model_dir: str, shared: bool):
     batches of the plain case. (With one task, both plans hold the same examples in the same batches.)"""
     import batching
     import prost
-    cfg = prost.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, merge_nested=shared, trunks=shared)
+    import train_config
+    cfg = train_config.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, merge_nested=shared,
+                                   trunks=shared)
     sequences = batching.merge_nested_examples(examples) if shared else examples
     plan = prost.epoch_micro_batches(sequences, 1, cfg, M.ModelConfig.from_hf(model_dir))
     return [[sequences[i] for i in batch] for batch in plan]
@@ -343,6 +345,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     import data
     import lora
     import prost
+    import train_config
     torch.manual_seed(0)
     examples = _train_examples(model_dir, data_path, role)
     batches = _micro_batches(examples, model_dir, shared=which == "prost")
@@ -351,7 +354,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]
     step_targets = sum(e.n_targets for e in examples)
     if which.startswith("prost"):
-        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+        cfg = train_config.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16")
         params = list(prost.trainable_parameters(model).values())
 
@@ -420,6 +423,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     import lora
     import meter
     import prost
+    import train_config
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(4)
     vocab = M.ModelConfig.from_hf(model_dir).vocab_size
@@ -427,7 +431,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     mask = torch.zeros(rows, LONG_SEQ, dtype=torch.bool)  # (B, T)
     mask[:, -LONG_TARGETS:] = True
     if which == "prost":
-        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+        cfg = train_config.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                                 checkpoint_activations=checkpointing)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
         before, start = meter.status_kib("VmRSS:") * 1024, time.process_time()

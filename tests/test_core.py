@@ -29,12 +29,12 @@ BUDGETS = ["--max-subtasks", "2", "--max-executor-turns", "2", "--max-critic-ret
 MEASURED = set(trajectories.MEASURED_CALL_FIELDS)
 
 
-def train_and_evaluate(base, trajectories, world_root, out, plain: bool) -> dict:
+def train_and_evaluate(base, trajectory_file, world_root, out, plain: bool) -> dict:
     """prost.py, then evaluate.py on the multi-agent system and on the single agent, all with or all without
     --plain: {"log", "adapter", and per kind "results", "run" (run.json), "records"}."""
     flag = ["--plain"] if plain else []
     ckpts = out / "ckpts"
-    run_child([sys.executable, "prost.py", "--model", str(base), "--role", "planner", "--data", str(trajectories),
+    run_child([sys.executable, "prost.py", "--model", str(base), "--role", "planner", "--data", str(trajectory_file),
                "--out", str(ckpts), "--epochs", "2", "--subtasks-per-epoch", "3", "--micro-batch-size", "4",
                "--grad-accum", "8", "--lr", "5e-3", "--lora-r", "4", "--lora-dropout", "0", "--max-seq-len", "2048",
                "--no-progress", *flag])

@@ -313,12 +313,13 @@ def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro,
 
 def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_world, tmp_path, capsys):
     import prost
+    import train_config
     from test_data import synthetic_trajectory
-    trajectories = tmp_path / "train.jsonl"
-    trajectories.write_trajectories(trajectories, [synthetic_trajectory("a", n_subtasks=2)])
-    prost.train(prost.TrainConfig(model=str(micro), role="planner", data=str(trajectories), out=str(tmp_path / "ck"),
-                                  epochs=2, subtasks_per_epoch=2, stop_after_epochs=1, micro_batch_size=2,
-                                  grad_accum=1, max_seq_len=256, lora_r=2, progress=False))
+    trajectory_file = tmp_path / "train.jsonl"
+    trajectories.write_trajectories(trajectory_file, [synthetic_trajectory("a", n_subtasks=2)])
+    prost.train(train_config.TrainConfig(model=str(micro), role="planner", data=str(trajectory_file),
+                                         out=str(tmp_path / "ck"), epochs=2, subtasks_per_epoch=2, stop_after_epochs=1,
+                                         micro_batch_size=2, grad_accum=1, max_seq_len=256, lora_r=2, progress=False))
     for role in ("executor", "critic"):
         shutil.copytree(tmp_path / "ck" / "planner", tmp_path / "ck" / role)
     argv = ["--agents", str(tmp_path / "ck"), "--root", str(mini_world), "--limit", "1", "--workers", "1",
