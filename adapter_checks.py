@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
 # a saved key: lora.PEFT_PREFIX, the module path inside the LM, then the A or B half
 PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<AB>[AB])\.weight$")
@@ -95,3 +96,30 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{where}: tensor {key} holds {bad} non-finite value(s) (NaN or inf); this adapter "
                              "is unusable: retrain it or resume from an earlier checkpoint")
+
+
+def check_shapes(model: nn.Module, pairs: dict, in_dir: Path, linear_types: tuple[type, ...]) -> None:
+    """Each (A, B) pair of `pairs` must target a linear layer (one of `linear_types`) of the model's shape."""
+    for module, (a, b) in pairs.items():
+        try:
+            layer = model.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"{in_dir}: adapter targets {module}, which this model does not have "
+                             f"(wrong base model?)") from None
+        if not isinstance(layer, linear_types):
+            raise ValueError(f"{in_dir}: adapter targets {module}, which is not a linear layer")
+        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+            raise ValueError(f"{in_dir}: {module} is {layer.in_features}->{layer.out_features} in this model "
+                             f"but {a.shape[1]}->{b.shape[0]} in the adapter (wrong base model?)")
+
+
+def check_matches_existing(existing: dict, name: str, spec, modules: set[str], in_dir: Path) -> None:
+    """Loading into adapter `name` already on the model (module path -> its lora.AdapterSpec in `existing`)
+    needs the same rank, alpha and modules as the file's (`spec`, `modules`)."""
+    have = next(iter(existing.values()))
+    if (have.r, have.alpha) != (spec.r, spec.alpha):
+        raise ValueError(f"{in_dir} has r={spec.r}, alpha={spec.alpha} but adapter {name!r} on the model "
+                         f"has r={have.r}, alpha={have.alpha} (wrong rank)")
+    if set(existing) != modules:
+        raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
+                         f"{len(existing)}; the target modules differ")

@@ -195,7 +195,7 @@ def bench_decode() -> None:
             # loading memory: a bf16 checkpoint, loaded as bf16 (same dtype) and as fp32 (converted while loading)
             folder = Path(tmp) / "32M"
             bf16 = Path(tmp) / "bf16"
-            M.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
+            model_io.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
             size = sum(f.stat().st_size for f in bf16.glob("*.safetensors"))
             print(f"  loading: peak RSS growth of a fresh process loading the 32M model's bf16 checkpoint "
                   f"({size / 2**20:.1f} MiB)")

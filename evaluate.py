@@ -23,9 +23,10 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
 result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report;
-comparison.py puts several evaluations side by side (the `pareto` and `compare` subcommands). How the tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
-(many worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential
-driver over model.generate, one task at a time. With deterministic decoding (the default here) both record the
+comparison.py puts several evaluations side by side (the `pareto` and `compare` subcommands). How the tasks
+run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler (many
+worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential driver
+over model.generate, one task at a time. With deterministic decoding (the default here) both record the
 same trajectories (tests/test_core.py). Every metric is a function of the trajectories alone, so a resumed or
 multi-process run reports exactly what one uninterrupted process would.
 """
@@ -342,25 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def planned_system(args) -> tuple[systems.SystemSpec | None, str]:
-    """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
-    an unfinished training run is refused here, before any model loads."""
-    if args.gold:
-        if args.agents or args.single or args.model:
-            raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
-        return None, "gold"
-    spec = systems.system_spec(args.agents, args.single, args.model, args.kind)
-    systems.adapters_provenance(spec.adapters, args.allow_unfinished)
-    return spec, spec.label
-
-
-def load_planned(spec: systems.SystemSpec | None, args, device: str) -> agents.System:
-    if spec is None:
-        return systems.gold_system(args.root)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
-    return systems.load_system(spec, device, dtype, rollout.engine_options(args), plain=args.plain)
-
-
 def summary_line(scored: dict) -> str:
     m, t = scored["metrics"], scored["timing"]
     return (f"{scored['name']}: TGC {m['tgc']:.1f} ({m['passed']}/{m['tasks']}), SGC {m['sgc']:.1f} "
@@ -382,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         budgets = rollout.budgets_from(args)
         # an unknown split or an empty selection fails before any model loads
         world.select_tasks(args.split, args.root, scenarios=args.scenarios, limit=args.limit)
-        spec, label = planned_system(args)
+        spec, label = systems.planned_system(args)
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
                          scenarios=args.scenarios, stop_after_tasks=args.stop_after_tasks, quiet=args.quiet,
                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished, plain=args.plain)
         with result_files.folder_lock(Path(cfg.out), cluster):  # a folder in use is refused before any model loads
-            scored = evaluate(load_planned(spec, args, str(cluster.device)), budgets, cfg, cluster=cluster)
+            scored = evaluate(systems.load_planned(spec, args, str(cluster.device)), budgets, cfg,
+                              cluster=cluster)
         if scored is not None:
             out = Path(cfg.out)
             print(summary_line(scored))

@@ -54,8 +54,8 @@ import prost
 import train_config
 from cluster import Cluster, child_env, exit_process, start_cluster, stop_cluster
 from decoding import generate
-from model import ModelConfig, Transformer, save_pretrained
-from model_io import init_tiny
+from model import ModelConfig, Transformer
+from model_io import init_tiny, save_pretrained
 
 HERE = Path(__file__).resolve().parent
 

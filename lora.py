@@ -408,20 +408,6 @@ def adapter_base(in_dir: str | os.PathLike) -> str:
     return base
 
 
-def _check_shapes(model: nn.Module, pairs: dict, in_dir: Path) -> None:
-    for module, (a, b) in pairs.items():
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            raise ValueError(f"{in_dir}: adapter targets {module}, which this model does not have "
-                             f"(wrong base model?)") from None
-        if not isinstance(layer, (nn.Linear, LoRALinear)):
-            raise ValueError(f"{in_dir}: adapter targets {module}, which is not a linear layer")
-        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise ValueError(f"{in_dir}: {module} is {layer.in_features}->{layer.out_features} in this model "
-                             f"but {a.shape[1]}->{b.shape[0]} in the adapter (wrong base model?)")
-
-
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_base: bool = True) -> None:
     """Load a PEFT LoRA folder into the model as adapter `name` (does not activate it).
 
@@ -438,10 +424,11 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_b
                          f"load that base, or pass check_base=False if they are the same weights")
     spec = AdapterSpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
     pairs = adapter_checks.read_adapter_tensors(in_dir / ADAPTER_WEIGHTS, spec.r)
-    _check_shapes(model, pairs, in_dir)
+    adapter_checks.check_shapes(model, pairs, in_dir, (nn.Linear, LoRALinear))
 
     if name in adapter_names(model):
-        _check_matches_existing(model, name, spec, set(pairs), in_dir)
+        existing = {path: m.specs[name] for path, m in lora_layers(model).items() if name in m.specs}
+        adapter_checks.check_matches_existing(existing, name, spec, set(pairs), in_dir)
     else:
         _add_at_paths(model, name, spec, sorted(pairs))
     layers = lora_layers(model)
@@ -449,15 +436,3 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_b
         for module, (a, b) in pairs.items():
             layers[module].lora_A[name].copy_(a)
             layers[module].lora_B[name].copy_(b)
-
-
-def _check_matches_existing(model: nn.Module, name: str, spec: AdapterSpec, modules: set[str],
-                            in_dir: Path) -> None:
-    existing = {path: m.specs[name] for path, m in lora_layers(model).items() if name in m.specs}
-    have = next(iter(existing.values()))
-    if (have.r, have.alpha) != (spec.r, spec.alpha):
-        raise ValueError(f"{in_dir} has r={spec.r}, alpha={spec.alpha} but adapter {name!r} on the model "
-                         f"has r={have.r}, alpha={have.alpha} (wrong rank)")
-    if set(existing) != modules:
-        raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
-                         f"{len(existing)}; the target modules differ")

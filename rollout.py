@@ -264,7 +264,7 @@ class Slot:
     request: object
 
 
-def serve_world(session, request):
+def timed_world_call(session, request):
     """Answer a world request in the rollout's session (called from a thread); returns (result, seconds)."""
     start = time.perf_counter()
     result = agents.serve_world(session, request)
@@ -328,7 +328,7 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
                 waiting = {i: s for i, s in active.items() if isinstance(s.request, ModelRequest)}
                 for i, s in active.items():
                     if i not in waiting and i not in in_world:
-                        in_world[i] = threads.submit(serve_world, sessions[i], s.request)
+                        in_world[i] = threads.submit(timed_world_call, sessions[i], s.request)
                 # Model calls are served while world calls run. Engines that batch get rounds in step: every
                 # world call of a round finishes before the next model calls, which then share batches. Others
                 # (each call decoded alone) gain nothing from waiting: a rollout whose world call is still

@@ -152,3 +152,25 @@ def adapter_provenance(folder: str, role: str, allow_unfinished: bool) -> dict:
 
 def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool) -> dict[str, dict]:
     return {role: adapter_provenance(folder, role, allow_unfinished) for role, folder in adapters.items() if folder}
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate.py's command line: what to load, checked before anything loads; then loading it.
+
+def planned_system(args) -> tuple[SystemSpec | None, str]:
+    """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
+    an unfinished training run is refused here, before any model loads."""
+    if args.gold:
+        if args.agents or args.single or args.model:
+            raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
+        return None, "gold"
+    spec = system_spec(args.agents, args.single, args.model, args.kind)
+    adapters_provenance(spec.adapters, args.allow_unfinished)
+    return spec, spec.label
+
+
+def load_planned(spec: SystemSpec | None, args, device: str) -> agents.System:
+    if spec is None:
+        return gold_system(args.root)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    return load_system(spec, device, dtype, rollout.engine_options(args), plain=args.plain)

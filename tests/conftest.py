@@ -8,7 +8,6 @@ Builders are plain functions (usable from any test file) plus session-scoped fix
 """
 
 import json
-import math
 import os
 import signal
 import subprocess
