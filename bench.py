@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -43,10 +44,7 @@ HERE = Path(__file__).resolve().parent
 DECODE_MODEL = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                     tie_word_embeddings=True)  # ~32M parameters: small enough for 2 CPU cores, big enough to matter
-_tiny = model_io.PRESETS["tiny"]
-TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, intermediate_size=_tiny.intermediate_size,
-                  num_hidden_layers=_tiny.num_hidden_layers, num_attention_heads=_tiny.num_attention_heads,
-                  num_key_value_heads=_tiny.num_key_value_heads, max_position_embeddings=4096,
+TINY_MODEL = dict(asdict(model_io.PRESETS["tiny"]), max_position_embeddings=4096,
                   tie_word_embeddings=True)  # the `tiny` preset the demo trains and runs
 PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 128, 64, 3
 LOOKUP = 4  # draft tokens of prompt-lookup decoding, prost's and transformers' (prompt_lookup_num_tokens)

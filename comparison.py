@@ -131,8 +131,6 @@ def compare_table(runs: list[dict]) -> str:
     return "\n".join(markdown_table(header, rows)) + "\n"
 
 
-
-
 def plot_pareto(rows: list, path: Path) -> bool:
     """TGC against FLOPs per task (ParetoRow rows) with the front drawn; False when matplotlib is not
     installed."""

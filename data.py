@@ -114,7 +114,6 @@ def format_schedule(plans: list[EpochPlan], schedule: str, step: int) -> str:
     return "\n".join(rows)
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # Per-role, per-sub-task examples.
 

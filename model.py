@@ -271,7 +271,8 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    """Embeddings, decoder layers and final norm: the `model.` prefix of the HF keys."""
+    """Embeddings, decoder layers and final norm: the `model.` prefix of the HF keys. Hence `model.model.layers`:
+    a module's path is its tensors' key in HF checkpoints and in PEFT adapter files, so this level stays."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()

@@ -51,9 +51,8 @@ DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prompt 
 PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (decoding.generate's prompt_lookup)
 
 
-class LocalEngine:
-    """A model loaded in this process (prost's own Transformer), shared by the roles that run on it, decoded by
-    the fast decoding engine (decoding.py).
+class LocalEngine(agents.PlainEngine):
+    """agents.PlainEngine's model and tokenizer, decoded by the fast decoding engine (decoding.py).
 
     By default each role's adapter runs merged into its own copy of the weights the adapter changes
     (`lora.merged_copy`; embeddings, norms and the vocabulary projection stay shared): a call then costs exactly
@@ -73,12 +72,9 @@ class LocalEngine:
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
                  prompt_cache_tokens: int = PROMPT_CACHE_TOKENS, deterministic: bool = False,
                  prompt_lookup: int = PROMPT_LOOKUP, mix_adapters: bool = False):
-        self.name = str(name_or_path)
-        self.base = decoding.lay_out_for_decoding(
-            model_io.load_model(name_or_path, device=device, dtype=getattr(torch, dtype)).eval())
-        self.tokenizer = model_io.load_tokenizer(name_or_path)
+        super().__init__(name_or_path, device, dtype)
+        self.base = decoding.lay_out_for_decoding(self.base)
         self.models: dict[str | None, model.Transformer] = {None: self.base}  # adapter name -> what runs it
-        self.adapter_weights: dict[str | None, int] = {None: 0}  # what each call runs besides the base's weights
         self.prompt_cache = decoding.PromptCache(prompt_cache_tokens) if prompt_cache_tokens else None
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
@@ -95,9 +91,6 @@ class LocalEngine:
             self.adapter_weights[name] = 0
         if self.prompt_cache is not None:
             self.prompt_cache.clear()  # keys/values cached under this name may come from other weights
-
-    def count(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.chat(messages, add_generation_prompt=True)[0])
 
     def complete(self, requests: list[ModelRequest], adapters: list[str | None], budgets: Budgets
                  ) -> list[ModelReply]:
@@ -352,7 +345,6 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
             pool.close()
     stats.seconds = time.perf_counter() - began
     return stats
-
 
 
 # ----------------------------------------------------------------------------------------------------
