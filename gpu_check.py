@@ -51,11 +51,11 @@ import data
 import lora
 import meter
 import prost
-import train_config
 from cluster import Cluster, child_env, exit_process, start_cluster, stop_cluster
 from decoding import generate
 from model import ModelConfig, Transformer
 from model_io import init_tiny, save_pretrained
+from train_config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -261,13 +261,13 @@ def synthetic_examples(vocab: int, n: int, tokens: int, seed: int) -> list[data.
     return [data.Example(f"synthetic-{i}", "planner", 0, 1, ids[i].tolist(), mask) for i in range(n)]
 
 
-def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> train_config.TrainConfig:
-    return train_config.TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
-                                       grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
-                                       schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
+def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> TrainConfig:
+    return TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
+                                 grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
+                                 schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
 
 
-def train_steps(cfg: train_config.TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
+def train_steps(cfg: TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
                 out_dir: Path):
     """Run each entry of `steps` as one epoch of prost.run_epoch; returns (model, optimizer, stats per epoch)."""
     model = prost.build_model(cfg, cluster.device, precision)
