@@ -24,7 +24,7 @@ The protocol (prost's concrete reading of the paper):
               which step it is on (this is how single-agent calls get sub-task indices).
 
 A rollout is a Python generator. It yields requests (OpenRequest, ModelRequest, ExecRequest, EvalRequest),
-receives their results, and returns the finished trajectory record (data.py's format). A System says which
+receives their results, and returns the finished trajectory record (trajectories.py's format). A System says which
 engine (and adapter) answers each role. `run_task` drives one rollout: each world request goes to a world
 session, each model request to its role's engine, one at a time. The PlainEngine answers a call with the
 model's plain greedy `model.generate`, the role's LoRA adapter switched on (`lora.set_adapter`). Rollouts
@@ -43,6 +43,7 @@ import data
 import lora
 import model
 import model_io
+import trajectories
 
 FINISH = "FINISH"
 CODE_STOP = ("```\n",)  # a code block's closing fence; the opening one is "```python\n", never "```\n"
@@ -275,7 +276,7 @@ class ModelReply:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Recording a trajectory (the format is data.py's; see data.validate_trajectory).
+# Recording a trajectory (the format is trajectories.py's, checked by validate_trajectory).
 
 @dataclass
 class Conversation:
@@ -293,7 +294,7 @@ class Recorder:
     def __init__(self, task, split: str, system: dict):
         self.task = task
         self.completed = False  # complete_task ran without error
-        self.record = {"schema": data.SCHEMA_VERSION, "task_id": task.task_id, "split": split,
+        self.record = {"schema": trajectories.SCHEMA_VERSION, "task_id": task.task_id, "split": split,
                        "system": system, "instruction": task.instruction, "calls": [], "executions": [],
                        "subtasks": [], "evaluation": None, "budget_stops": []}
         self._conversations: dict[str, int] = {}
@@ -521,7 +522,7 @@ class System:
 
 
 def role_names(kind: str) -> tuple[str, ...]:
-    return data.MULTI_AGENT_ROLES if kind == "multi" else ("single",)
+    return trajectories.MULTI_AGENT_ROLES if kind == "multi" else ("single",)
 
 
 def build_system(kind: str, models: dict[str, str], adapters: dict[str, str | None], load_engine=None) -> System:

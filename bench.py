@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -47,10 +48,7 @@ HERE = Path(__file__).resolve().parent
 DECODE_MODEL = dict(vocab_size=16384, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
                     tie_word_embeddings=True)  # ~32M parameters: small enough for 2 CPU cores, big enough to matter
-_tiny = model_io.PRESETS["tiny"]
-TINY_MODEL = dict(vocab_size=_tiny.vocab_size, hidden_size=_tiny.hidden_size, intermediate_size=_tiny.intermediate_size,
-                  num_hidden_layers=_tiny.num_hidden_layers, num_attention_heads=_tiny.num_attention_heads,
-                  num_key_value_heads=_tiny.num_key_value_heads, max_position_embeddings=4096,
+TINY_MODEL = dict(asdict(model_io.PRESETS["tiny"]), max_position_embeddings=4096,
                   tie_word_embeddings=True)  # the `tiny` preset the demo trains and runs
 PROMPT_LEN, NEW_TOKENS, DECODE_ROUNDS = 128, 64, 3
 LOOKUP = 4  # draft tokens of prompt-lookup decoding, prost's and transformers' (prompt_lookup_num_tokens)
@@ -199,7 +197,7 @@ def bench_decode() -> None:
             # loading memory: a bf16 checkpoint, loaded as bf16 (same dtype) and as fp32 (converted while loading)
             folder = Path(tmp) / "32M"
             bf16 = Path(tmp) / "bf16"
-            M.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
+            model_io.save_pretrained(M.Transformer.from_pretrained(folder, dtype=torch.bfloat16), bf16)
             size = sum(f.stat().st_size for f in bf16.glob("*.safetensors"))
             print(f"  loading: peak RSS growth of a fresh process loading the 32M model's bf16 checkpoint "
                   f"({size / 2**20:.1f} MiB)")
@@ -323,7 +321,8 @@ def _train_examples(model_dir: str, data_path: str, role: str):
     """The role's examples (every sub-task) of the first TRAIN_TASKS multi-agent gold trajectories, rendered by
     the model's tokenizer."""
     import data
-    records = [r for r in data.read_trajectories(data_path) if r["system"]["kind"] == "multi"][:TRAIN_TASKS]
+    import trajectories
+    records = [r for r in trajectories.read_trajectories(data_path) if r["system"]["kind"] == "multi"][:TRAIN_TASKS]
     return data.build_examples(records, role, M.Tokenizer.from_pretrained(model_dir), 4096)[0]
 
 
@@ -333,7 +332,9 @@ def _micro_batches(examples, model_dir: str, shared: bool):
     batches of the plain case. (With one task, both plans hold the same examples in the same batches.)"""
     import batching
     import prost
-    cfg = prost.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, merge_nested=shared, trunks=shared)
+    import train_config
+    cfg = train_config.TrainConfig(model=model_dir, micro_batch_size=TRAIN_MICRO, seed=0, merge_nested=shared,
+                                   trunks=shared)
     sequences = batching.merge_nested_examples(examples) if shared else examples
     plan = prost.epoch_micro_batches(sequences, 1, cfg, M.ModelConfig.from_hf(model_dir))
     return [[sequences[i] for i in batch] for batch in plan]
@@ -346,6 +347,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     import data
     import lora
     import prost
+    import train_config
     torch.manual_seed(0)
     examples = _train_examples(model_dir, data_path, role)
     batches = _micro_batches(examples, model_dir, shared=which == "prost")
@@ -354,7 +356,7 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
     lengths = [torch.tensor([e.n_tokens for e in b]) for b in batches]
     step_targets = sum(e.n_targets for e in examples)
     if which.startswith("prost"):
-        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05)
+        cfg = train_config.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16")
         params = list(prost.trainable_parameters(model).values())
 
@@ -423,6 +425,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     import lora
     import meter
     import prost
+    import train_config
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(4)
     vocab = M.ModelConfig.from_hf(model_dir).vocab_size
@@ -430,7 +433,7 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     mask = torch.zeros(rows, LONG_SEQ, dtype=torch.bool)  # (B, T)
     mask[:, -LONG_TARGETS:] = True
     if which == "prost":
-        cfg = prost.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
+        cfg = train_config.TrainConfig(model=model_dir, lora_r=16, lora_alpha=32, lora_dropout=0.05,
                                 checkpoint_activations=checkpointing)
         model = prost.build_model(cfg, torch.device("cpu"), "bf16").train()
         before, start = meter.status_kib("VmRSS:") * 1024, time.process_time()
@@ -755,10 +758,10 @@ def bench_evaluate() -> None:
     import os
 
     import agents
-    import data
     import evaluate
     import result_files
     import systems
+    import trajectories
     import world
     if not (AGENTS / "planner").is_dir():
         print(f"evaluate: skipped, no trained system in {AGENTS} (run `make demo`, or pass --agents)")
@@ -783,9 +786,9 @@ def bench_evaluate() -> None:
                 metrics = evaluate.evaluate(system, budgets, cfg, pool=pool)["metrics"]
                 rate = metrics["tasks"] / (time.perf_counter() - start) * 60
                 first = first or rate
-                records = [{**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS}
+                records = [{**r, "calls": [{k: v for k, v in c.items() if k not in trajectories.MEASURED_CALL_FIELDS}
                                            for c in r["calls"]]}
-                           for r in data.read_trajectories(out / result_files.TRAJECTORIES)]
+                           for r in trajectories.read_trajectories(out / result_files.TRAJECTORIES)]
                 records = sorted(records, key=lambda r: r["task_id"])
                 same = "" if not options["deterministic"] else "(reference)" if alone is None else (
                     "yes" if records == alone else "NO")

@@ -22,10 +22,11 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
-result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report. How the
-tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
-(many worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential
-driver over model.generate, one task at a time. With deterministic decoding (the default here) both record the
+result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report;
+comparison.py puts several evaluations side by side (the `pareto` and `compare` subcommands). How the tasks
+run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler (many
+worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential driver
+over model.generate, one task at a time. With deterministic decoding (the default here) both record the
 same trajectories (tests/test_core.py). Every metric is a function of the trajectories alone, so a resumed or
 multi-process run reports exactly what one uninterrupted process would.
 """
@@ -33,8 +34,6 @@ multi-process run reports exactly what one uninterrupted process would.
 from __future__ import annotations
 
 import argparse
-import re
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -43,12 +42,13 @@ from datetime import timedelta
 from pathlib import Path
 
 import agents
+import comparison
 import result_files
 import rollout
 import systems
 import world
 from cluster import Cluster, barrier, exit_process, gather, start_cluster, stop_cluster
-from result_files import fmt_flops, fmt_seconds, in_role_order, markdown_table
+from result_files import fmt_flops, fmt_seconds, in_role_order
 
 DIST_TIMEOUT = timedelta(hours=72)  # ranks wait at the final barrier while the slowest shard finishes
 
@@ -294,80 +294,6 @@ def roll_out(task_ids: list[str], system: agents.System, budgets: agents.Budgets
 
 
 # ----------------------------------------------------------------------------------------------------
-# The Pareto table over several results.json files: TGC against FLOPs per task.
-
-SEED_SUFFIX = re.compile(r"[-_](?:seed|s)\d+$")
-
-
-def system_name(run: dict) -> str:
-    """Runs that differ only by a seed suffix (-seed1, -s2) are seeds of one system."""
-    return SEED_SUFFIX.sub("", run["name"])
-
-
-@dataclass
-class ParetoRow:
-    system: str
-    runs: int
-    tgc: float
-    tgc_sd: float
-    sgc: float
-    sgc_sd: float
-    flops: float
-    optimal: bool = False
-
-
-def spread(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def pareto_rows(runs: list[dict]) -> list[ParetoRow]:
-    """One row per system (mean and standard deviation over its seeds), sorted by FLOPs per task."""
-    groups: dict[str, list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[system_name(r)].append(r["metrics"])
-    rows = [ParetoRow(name, len(ms), statistics.fmean(m["tgc"] for m in ms), spread([m["tgc"] for m in ms]),
-                      statistics.fmean(m["sgc"] for m in ms), spread([m["sgc"] for m in ms]),
-                      statistics.fmean(m["flops_per_task"] for m in ms)) for name, ms in groups.items()]
-    for row in rows:
-        row.optimal = not any(dominates(other, row) for other in rows)
-    return sorted(rows, key=lambda r: (r.flops, -r.tgc, r.system))
-
-
-def dominates(a: ParetoRow, b: ParetoRow) -> bool:
-    """a is at least as effective for at most the compute, and strictly better in one of them."""
-    return a.tgc >= b.tgc and a.flops <= b.flops and (a.tgc > b.tgc or a.flops < b.flops)
-
-
-def pareto_table(rows: list[ParetoRow]) -> str:
-    lines = markdown_table(["system", "runs", "TGC", "SGC", "FLOPs/task", "Pareto"],
-                           [[r.system, r.runs, f"{r.tgc:.1f} ± {r.tgc_sd:.1f}", f"{r.sgc:.1f} ± {r.sgc_sd:.1f}",
-                             fmt_flops(r.flops), "*" if r.optimal else ""] for r in rows])
-    return "\n".join(lines) + "\n\n* = Pareto-optimal: no other system has higher TGC for no more FLOPs per task.\n"
-
-
-def pareto_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
-                                "evaluations, Pareto-optimal systems marked; seeds of one system (names ending "
-                                "in -seedN or -sN) are averaged.")
-    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
-    p.add_argument("--plot", default=None, help="where to write the plot when matplotlib is installed "
-                   "(default: pareto.png beside the first results folder)")
-    args = p.parse_args(argv)
-    try:
-        runs = result_files.load_results(args.results)
-        result_files.check_comparable(runs, args.results)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = pareto_rows(runs)
-    print(pareto_table(rows), end="")
-    plot = Path(args.plot) if args.plot else Path(args.results[0]).resolve().parent.parent / "pareto.png"
-    if result_files.plot_pareto(rows, plot):
-        print(f"plot: {plot}")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line.
 
 def build_parser() -> argparse.ArgumentParser:
@@ -417,25 +343,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def planned_system(args) -> tuple[systems.SystemSpec | None, str]:
-    """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
-    an unfinished training run is refused here, before any model loads."""
-    if args.gold:
-        if args.agents or args.single or args.model:
-            raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
-        return None, "gold"
-    spec = systems.system_spec(args.agents, args.single, args.model, args.kind)
-    systems.adapters_provenance(spec.adapters, args.allow_unfinished)
-    return spec, spec.label
-
-
-def load_planned(spec: systems.SystemSpec | None, args, device: str) -> agents.System:
-    if spec is None:
-        return systems.gold_system(args.root)
-    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
-    return systems.load_system(spec, device, dtype, rollout.engine_options(args), plain=args.plain)
-
-
 def summary_line(scored: dict) -> str:
     m, t = scored["metrics"], scored["timing"]
     return (f"{scored['name']}: TGC {m['tgc']:.1f} ({m['passed']}/{m['tasks']}), SGC {m['sgc']:.1f} "
@@ -446,9 +353,9 @@ def summary_line(scored: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["pareto"]:
-        return pareto_main(argv[1:])
+        return comparison.pareto_main(argv[1:])
     if argv[:1] == ["compare"]:
-        return result_files.compare_main(argv[1:])
+        return comparison.compare_main(argv[1:])
     args = build_parser().parse_args(argv)
     cluster = None
     try:
@@ -457,14 +364,15 @@ def main(argv: list[str] | None = None) -> int:
         budgets = rollout.budgets_from(args)
         # an unknown split or an empty selection fails before any model loads
         world.select_tasks(args.split, args.root, scenarios=args.scenarios, limit=args.limit)
-        spec, label = planned_system(args)
+        spec, label = systems.planned_system(args)
         name = args.name or f"{label}-{args.split}"
         cfg = EvalConfig(split=args.split, out=args.out or str(Path("results") / name), name=name, root=args.root,
                          workers=args.workers, max_batch=args.max_batch, limit=args.limit,
                          scenarios=args.scenarios, stop_after_tasks=args.stop_after_tasks, quiet=args.quiet,
                          overwrite=args.overwrite, allow_unfinished=args.allow_unfinished, plain=args.plain)
         with result_files.folder_lock(Path(cfg.out), cluster):  # a folder in use is refused before any model loads
-            scored = evaluate(load_planned(spec, args, str(cluster.device)), budgets, cfg, cluster=cluster)
+            scored = evaluate(systems.load_planned(spec, args, str(cluster.device)), budgets, cfg,
+                              cluster=cluster)
         if scored is not None:
             out = Path(cfg.out)
             print(summary_line(scored))

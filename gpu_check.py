@@ -73,8 +73,9 @@ import prost
 import run_folder
 from cluster import Cluster, child_env, exit_process, join_process_group, start_cluster, stop_cluster
 from decoding import generate
-from model import ModelConfig, Transformer, save_pretrained
-from model_io import init_tiny
+from model import ModelConfig, Transformer
+from model_io import init_tiny, save_pretrained
+from train_config import TrainConfig
 
 HERE = Path(__file__).resolve().parent
 
@@ -296,13 +297,13 @@ def synthetic_examples(vocab: int, n: int, tokens: int, seed: int) -> list[data.
     return [data.Example(f"synthetic-{i}", "planner", 0, 1, ids[i].tolist(), mask) for i in range(n)]
 
 
-def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> prost.TrainConfig:
-    return prost.TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
-                                       grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
-                                       schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
+def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> TrainConfig:
+    return TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
+                                 grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
+                                 schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
 
 
-def train_steps(cfg: prost.TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
+def train_steps(cfg: TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
                 out_dir: Path, first_gradients: dict | None = None):
     """Run each entry of `steps` as one epoch of prost.run_epoch; returns (model, optimizer, stats per epoch).
     `first_gradients` receives the first optimizer step's gradients (summed over ranks), by parameter name."""

@@ -18,7 +18,8 @@ to find the base model. Adapters are stored in PEFT's on-disk layout, so a prost
 PEFT / transformers / vLLM and a PEFT adapter can be used by prost. Beside it: dropout_masks.py (a faster
 dropout with the same distribution), decoding.py (a batch whose rows each run their own adapter) and
 model_io.py (`python model_io.py merge ADAPTER OUT`: an adapter folded into a plain Hugging Face folder).
-It imports no other prost file but store.py (atomic file writes).
+It imports no other prost file but two leaves: adapter_checks.py (every check on an adapter folder it reads)
+and store.py (atomic file writes).
 
 Dtype rule: adapter weights are created in fp32 (they are small, and the optimizer's small updates would
 be rounded away in bf16). The base may be bf16 or fp32. Outside autocast the adapter path casts its input
@@ -40,9 +41,9 @@ from typing import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+import adapter_checks
 from store import atomic_write
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -51,7 +52,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # PEFT wraps the causal LM twice (PeftModel.base_model = LoraModel, LoraModel.model = the LM), so every
 # saved key starts with this prefix followed by the module path inside the LM.
 PEFT_PREFIX = "base_model.model."
-PEFT_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<AB>[AB])\.weight$")
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -400,104 +400,12 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, name: str) -> Pat
     return out_dir
 
 
-def read_adapter_config(in_dir: str | os.PathLike) -> dict:
-    """Parse and sanity-check `adapter_config.json` of a PEFT LoRA folder."""
-    in_dir = Path(in_dir)
-    if not in_dir.is_dir():
-        raise FileNotFoundError(f"adapter folder {in_dir} does not exist")
-    path = in_dir / ADAPTER_CONFIG
-    if not path.is_file():
-        raise FileNotFoundError(f"{in_dir} has no {ADAPTER_CONFIG}; is it a PEFT LoRA adapter folder?")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        got = config.get("peft_type") if isinstance(config, dict) else config
-        raise ValueError(f"{path}: peft_type must be 'LORA', got {got!r}")
-    unsupported = {
-        "bias": config.get("bias", "none") != "none",
-        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
-        "use_rslora": bool(config.get("use_rslora")),
-        "use_dora": bool(config.get("use_dora")),
-        "modules_to_save": bool(config.get("modules_to_save")),
-        "rank_pattern": bool(config.get("rank_pattern")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-    }
-    bad = [k for k, v in unsupported.items() if v]
-    if bad:
-        raise ValueError(f"{path}: prost supports plain LoRA only; unsupported settings: {bad}")
-    return config
-
-
 def adapter_base(in_dir: str | os.PathLike) -> str:
     """The base model an adapter folder was trained on (`base_model_name_or_path`)."""
-    base = read_adapter_config(in_dir).get("base_model_name_or_path")
+    base = adapter_checks.read_adapter_config(Path(in_dir) / ADAPTER_CONFIG).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{Path(in_dir) / ADAPTER_CONFIG} records no base_model_name_or_path")
     return base
-
-
-def _same_base(a: str, b: str) -> bool:
-    """Whether two model references name the same base (identical ids, or paths to one folder)."""
-    if a == b:
-        return True
-    pa, pb = Path(a).expanduser(), Path(b).expanduser()
-    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
-
-
-def _read_adapter_tensors(in_dir: Path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{module path: (A (r, in), B (out, r))} from adapter_model.safetensors, keys checked."""
-    path = in_dir / ADAPTER_WEIGHTS
-    if not path.is_file():
-        raise FileNotFoundError(f"{in_dir} has no {ADAPTER_WEIGHTS} (prost reads safetensors adapters only)")
-    try:
-        raw = load_file(path)
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file ({e})") from None
-    check_finite(raw, str(path))
-    halves: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in raw.items():
-        m = PEFT_KEY.match(key)
-        if m is None:
-            raise ValueError(f"{path}: unexpected key {key!r} (expected base_model.model.<module>.lora_A/B.weight)")
-        halves.setdefault(m["path"], {})[m["AB"]] = tensor
-    pairs = {}
-    for module, ab in halves.items():
-        if set(ab) != {"A", "B"}:
-            raise ValueError(f"{path}: module {module} has lora_{''.join(ab)} but not its partner")
-        a, b = ab["A"], ab["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != r or b.shape[1] != r:
-            raise ValueError(f"{path}: {module} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}, "
-                             f"but adapter_config.json says r={r} (wrong rank)")
-        pairs[module] = (a, b)
-    if not pairs:
-        raise ValueError(f"{path} holds no LoRA tensors")
-    return pairs
-
-
-def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
-    """Refuse weights holding NaN or inf (a diverged or corrupted run): loaded, they would silently turn
-    every output of the role into garbage."""
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise ValueError(f"{where}: tensor {key} holds {bad} non-finite value(s) (NaN or inf); this adapter "
-                             "is unusable: retrain it or resume from an earlier checkpoint")
-
-
-def _check_shapes(model: nn.Module, pairs: dict, in_dir: Path) -> None:
-    for module, (a, b) in pairs.items():
-        try:
-            layer = model.get_submodule(module)
-        except AttributeError:
-            raise ValueError(f"{in_dir}: adapter targets {module}, which this model does not have "
-                             f"(wrong base model?)") from None
-        if not isinstance(layer, (nn.Linear, LoRALinear)):
-            raise ValueError(f"{in_dir}: adapter targets {module}, which is not a linear layer")
-        if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-            raise ValueError(f"{in_dir}: {module} is {layer.in_features}->{layer.out_features} in this model "
-                             f"but {a.shape[1]}->{b.shape[0]} in the adapter (wrong base model?)")
 
 
 def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_base: bool = True) -> None:
@@ -509,17 +417,18 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_b
     With check_base, the base recorded in the folder must be the base the model was loaded from.
     """
     in_dir = Path(in_dir)
-    config = read_adapter_config(in_dir)
+    config = adapter_checks.read_adapter_config(in_dir / ADAPTER_CONFIG)
     recorded, ours = config.get("base_model_name_or_path"), getattr(model, "name_or_path", None)
-    if check_base and recorded and ours and not _same_base(recorded, ours):
+    if check_base and recorded and ours and not adapter_checks.same_base(recorded, ours):
         raise ValueError(f"{in_dir} is an adapter for base '{recorded}' but the model is '{ours}'; "
                          f"load that base, or pass check_base=False if they are the same weights")
     spec = AdapterSpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout", 0.0)))
-    pairs = _read_adapter_tensors(in_dir, spec.r)
-    _check_shapes(model, pairs, in_dir)
+    pairs = adapter_checks.read_adapter_tensors(in_dir / ADAPTER_WEIGHTS, spec.r)
+    adapter_checks.check_shapes(model, pairs, in_dir, (nn.Linear, LoRALinear))
 
     if name in adapter_names(model):
-        _check_matches_existing(model, name, spec, set(pairs), in_dir)
+        existing = {path: m.specs[name] for path, m in lora_layers(model).items() if name in m.specs}
+        adapter_checks.check_matches_existing(existing, name, spec, set(pairs), in_dir)
     else:
         _add_at_paths(model, name, spec, sorted(pairs))
     layers = lora_layers(model)
@@ -527,15 +436,3 @@ def load_adapter(model: nn.Module, in_dir: str | os.PathLike, name: str, check_b
         for module, (a, b) in pairs.items():
             layers[module].lora_A[name].copy_(a)
             layers[module].lora_B[name].copy_(b)
-
-
-def _check_matches_existing(model: nn.Module, name: str, spec: AdapterSpec, modules: set[str],
-                            in_dir: Path) -> None:
-    existing = {path: m.specs[name] for path, m in lora_layers(model).items() if name in m.specs}
-    have = next(iter(existing.values()))
-    if (have.r, have.alpha) != (spec.r, spec.alpha):
-        raise ValueError(f"{in_dir} has r={spec.r}, alpha={spec.alpha} but adapter {name!r} on the model "
-                         f"has r={have.r}, alpha={have.alpha} (wrong rank)")
-    if set(existing) != modules:
-        raise ValueError(f"{in_dir} covers {len(modules)} modules but adapter {name!r} on the model covers "
-                         f"{len(existing)}; the target modules differ")

@@ -3,8 +3,8 @@
 ProST trains small LMs as a planner, an executor and a critic for AppWorld tasks. Every one of those roles is
 this file's `Transformer` (plus a LoRA adapter from lora.py), fed ChatML conversations rendered by this file's
 `Tokenizer.chat` and decoded greedily by this file's `generate`. It imports no other prost file but two
-leaves: config_checks.py (the checks on a config.json), store.py (atomic file writes) and
-attention_masks.py (the mask form each device's attention kernels take).
+leaves: config_checks.py (the checks on a config.json), checkpoint_checks.py (the checks that a
+checkpoint's tensors fill the model) and attention_masks.py (the mask form each device's attention kernels take).
 
 What is here, top to bottom:
   1. ModelConfig   read a Hugging Face config.json (Qwen2/Qwen2.5, Llama 2/3.x incl. "llama3" RoPE, SmolLM2),
@@ -15,12 +15,12 @@ What is here, top to bottom:
                    mask)` and a `length`; KVCache is the one for decoding (trunk.SharedTrunk, for training,
                    is another)
   3. loading       `Transformer.from_pretrained` of a local HF folder (single or sharded safetensors), tensor
-                   by tensor onto a model built on the meta device; `save_pretrained`
+                   by tensor onto a model built on the meta device
   4. Tokenizer     `tokenizers`-based; ChatML rendering with a loss mask on the assistant's own tokens
   5. generate      batched greedy decoding: left padding, per-row positions, stop ids and stop strings
   6. FLOPs         `forward_flops` (the one counting rule), `generate_flops`, `train_flops`
 
-Beside it: model_io.py (hub ids, GGUF files, the tiny preset, the CLI), decoding.py (the fast `generate`,
+Beside it: model_io.py (hub ids, GGUF files, saving, the tiny preset, the CLI), decoding.py (the fast `generate`,
 tested token-equal to this one), trunk.py (training rows that share a prefix).
 
 Numerics follow transformers' Qwen2/Llama modeling: RMSNorm variance in fp32, RoPE cos/sin computed in fp32
@@ -33,18 +33,17 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 import attention_masks  # torch-only leaf: the mask form each device's attention kernels take
+import checkpoint_checks  # leaf: the checks that a checkpoint's tensors fill the model
 import config_checks  # stdlib-only leaf: the checks on a config.json
-from store import atomic_write  # stdlib-only leaf: atomic file writes
 
 # ----------------------------------------------------------------------------------------------------------------
 # 1. Configuration
@@ -104,14 +103,6 @@ class ModelConfig:
                 bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-
-    def to_hf(self) -> dict:
-        """The config.json dict for this config (readable by transformers 4.x and 5.x)."""
-        hf = {"architectures": [ARCHITECTURES[self.model_type]], **asdict(self), "hidden_act": "silu"}
-        if self.model_type == "qwen2":
-            del hf["attention_bias"], hf["mlp_bias"]  # not Qwen2 config fields
-            hf["use_sliding_window"] = False
-        return hf
 
 
 def read_rope(hf: dict, where: str) -> tuple[float, dict | None]:
@@ -273,7 +264,8 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    """Embeddings, decoder layers and final norm: the `model.` prefix of the HF keys."""
+    """Embeddings, decoder layers and final norm: the `model.` prefix of the HF keys. Hence `model.model.layers`:
+    a module's path is its tensors' key in HF checkpoints and in PEFT adapter files, so this level stays."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -350,86 +342,20 @@ def as_dtype(dtype) -> torch.dtype:
 # 3. Loading and saving
 # ----------------------------------------------------------------------------------------------------------------
 
-def checkpoint_files(folder: Path) -> dict[str, Path]:
-    """tensor name -> the safetensors file holding it, for a single-file or sharded checkpoint."""
-    index, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = {k: folder / f for k, f in weight_map.items()}
-        for f in sorted(set(files.values())):
-            if not f.is_file():
-                raise FileNotFoundError(f"shard {f.name} listed in {index} is missing; re-download the checkpoint")
-        return files
-    if single.is_file():
-        with _open_safetensors(single) as f:
-            return {k: single for k in f.keys()}
-    raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {folder} "
-                            "(only safetensors checkpoints are supported)")
-
-
-def _open_safetensors(path: Path):
-    try:
-        return safe_open(path, framework="pt")
-    except SafetensorError as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt: {e}); "
-                         "re-download or re-save it") from None
-
-
 def load_safetensors(model: Transformer, folder: Path, device, dtype) -> None:
     """Give each (meta) parameter of `model` its tensor from the checkpoint, converted to dtype on device,
     one tensor at a time (the peak is the finished model plus one tensor)."""
-    files = checkpoint_files(folder)
-    expected = expected_tensors(model, files, f"checkpoint in {folder}", "config.json")
+    files = checkpoint_checks.checkpoint_files(folder)
+    expected = checkpoint_checks.expected_tensors(model, files, f"checkpoint in {folder}", "config.json")
     for path in sorted({files[k] for k in expected}):
-        with _open_safetensors(path) as f:
+        with checkpoint_checks.open_safetensors(path) as f:
             for k in sorted(k for k in expected if files[k] == path):
                 if k not in f.keys():
                     raise ValueError(f"tensor {k} is missing from {path.name} although the index lists it there")
-                set_parameter(model, k, tuple(f.get_slice(k).get_shape()), path.name, "config.json",
-                              lambda: f.get_tensor(k).to(device=device, dtype=dtype))
+                checkpoint_checks.set_parameter(model, k, tuple(f.get_slice(k).get_shape()), path.name,
+                                                "config.json", lambda: f.get_tensor(k).to(device=device, dtype=dtype))
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-
-
-def expected_tensors(model: Transformer, names, where: str, config_name: str) -> set[str]:
-    """The parameter names a checkpoint holding `names` must fill; errors for missing or unexpected tensors."""
-    expected = set(dict(model.named_parameters(remove_duplicate=False)))
-    if model.config.tie_word_embeddings:
-        expected.discard("lm_head.weight")  # tied checkpoints store the embedding once
-    # old Llama checkpoints carry rotary_emb.inv_freq buffers; tied ones may carry a redundant lm_head copy
-    extra = {k for k in names if k not in expected and not k.endswith("rotary_emb.inv_freq") and k != "lm_head.weight"}
-    missing = sorted(expected - set(names))
-    if missing:
-        raise ValueError(f"{where} lacks {len(missing)} tensor(s) that {config_name} implies, e.g. "
-                         f"{', '.join(missing[:3])}; the checkpoint is incomplete or does not match {config_name}")
-    if extra:
-        raise ValueError(f"{where} has {len(extra)} unexpected tensor(s), e.g. "
-                         f"{', '.join(sorted(extra)[:3])}; it does not match {config_name}")
-    return expected
-
-
-def set_parameter(model: Transformer, name: str, shape: tuple, file_name: str, config_name: str, read) -> None:
-    """Check a checkpoint tensor's shape against the (meta) parameter, then make `read()` its storage."""
-    want = tuple(model.get_parameter(name).shape)
-    if shape != want:
-        raise ValueError(f"tensor {name} in {file_name} has shape {shape} but {config_name} implies {want}")
-    module_name, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(module_name), leaf, nn.Parameter(read()))
-
-
-def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
-    """Write config.json + model.safetensors in the HF layout (a tied lm_head is stored once, as the embedding)."""
-    from safetensors.torch import save_file
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        del tensors["lm_head.weight"]
-    dtype = next(iter(tensors.values())).dtype
-    hf = {**model.config.to_hf(), "torch_dtype": str(dtype).removeprefix("torch.")}
-    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    atomic_write(out / "config.json", json.dumps(hf, indent=2) + "\n")
-    (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win over our file
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,14 +364,6 @@ def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 CHAT_ROLES = ("system", "user", "assistant")
-
-# A plain ChatML template (no default system message), written into tokenizers that build_tokenizer makes.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 # The literal system turn a template emits when the conversation has none, e.g. Qwen2.5-Instruct's
 # '<|im_start|>system\nYou are Qwen, ...<|im_end|>\n' or SmolLM2's (with a raw newline instead of \n).

@@ -3,8 +3,9 @@
 model.py loads a local HF folder (`Transformer.from_pretrained`, `Tokenizer.from_pretrained`). This file is the
 entry point for everything else a user may name as a model: `load_model` / `load_tokenizer` take a local
 folder, a Hugging Face hub id (fetched into the HF cache) or a GGUF file (read by gguf_io.py); `fingerprint`
-is what run identities record of a model. It also makes models: `init_tiny` (a random tiny Qwen2 with a BPE
-tokenizer, to train on CPU) and `export_merged` (a LoRA adapter folded into a plain HF folder).
+is what run identities record of a model. It also writes models: `save_pretrained` (the HF folder layout),
+`init_tiny` (a random tiny Qwen2 with a BPE tokenizer, to train on CPU) and `export_merged` (a LoRA adapter
+folded into a plain HF folder).
 
 CLI: `python model_io.py --model M --prompt P [--chat]` (greedy completion), `python model_io.py init-tiny ...`,
 `python model_io.py convert IN.gguf OUT/`, `python model_io.py fetch NAME` (see gguf_io.py),
@@ -20,15 +21,15 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 import gguf_io
+from checkpoint_checks import expected_tensors, set_parameter
 from lora import adapter_base, load_adapter, merged_state_dict, set_adapter
-from model import (DTYPES, ENDOFTEXT, IM_END, IM_START, CHATML_TEMPLATE, ModelConfig, Tokenizer, Transformer, as_dtype,
-                   expected_tensors, save_pretrained, set_parameter)
+from model import ARCHITECTURES, DTYPES, ENDOFTEXT, IM_END, IM_START, ModelConfig, Tokenizer, Transformer, as_dtype
 from store import atomic_write, sampled_sha256
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,6 +114,30 @@ def load_gguf(model: Transformer, weights, device, dtype) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
+def hf_config(config: ModelConfig) -> dict:
+    """The config.json dict of a config (readable by transformers 4.x and 5.x)."""
+    hf = {"architectures": [ARCHITECTURES[config.model_type]], **asdict(config), "hidden_act": "silu"}
+    if config.model_type == "qwen2":
+        del hf["attention_bias"], hf["mlp_bias"]  # not Qwen2 config fields
+        hf["use_sliding_window"] = False
+    return hf
+
+
+def save_pretrained(model: Transformer, out_dir: str | Path) -> None:
+    """Write config.json + model.safetensors in the HF layout (a tied lm_head is stored once, as the embedding)."""
+    from safetensors.torch import save_file
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del tensors["lm_head.weight"]
+    dtype = next(iter(tensors.values())).dtype
+    hf = {**hf_config(model.config), "torch_dtype": str(dtype).removeprefix("torch.")}
+    atomic_write(out / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(out / "config.json", json.dumps(hf, indent=2) + "\n")
+    (out / "model.safetensors.index.json").unlink(missing_ok=True)  # a stale index would win over our file
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Making models: the tiny preset, merged adapters
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,6 +161,14 @@ PRESETS = {
     "micro": TinyPreset(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024),
 }
+
+# A plain ChatML template (no default system message), written into tokenizers that build_tokenizer makes.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def build_tokenizer(texts, vocab_size: int, out_dir: str | Path) -> Tokenizer:
@@ -205,7 +238,7 @@ TOKENIZER_FILES = (
 def export_merged(model: Transformer, out_dir: str | Path) -> Path:
     """Write the model with its active adapter merged as a plain Hugging Face folder.
 
-    The folder holds config.json + model.safetensors (via model.save_pretrained) and the tokenizer files
+    The folder holds config.json + model.safetensors (via save_pretrained) and the tokenizer files
     of the base model's folder, so `Transformer.from_pretrained` and transformers both load it. The
     model itself is left unchanged.
     """

@@ -23,22 +23,21 @@ micro-batch is printed at start and turns it on where the step would not fit oth
 Fast paths, each tested equal to the plain loop and on by default; `--plain` turns every one off:
 batching.py merges nested examples (`--no-merge-nested`) and computes a micro-batch's shared trunk once,
 planning micro-batches by task where that computes less (`--no-trunks`); dropout_masks.py draws the
-adapter's dropout masks faster; `--compile` compiles each decoder block.
+adapter's dropout masks faster; `--compile` compiles each decoder block. Every knob and its flag is
+train_config.py's.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
@@ -51,72 +50,16 @@ import meter
 import model_io
 import run_folder
 import store
+import train_config
+import trajectories
 from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, start_cluster,
                      stop_cluster)
-from data import ROLES, SCHEDULES  # inside TrainConfig, the field `data` hides the module
 from model import ModelConfig, train_flops
 from run_folder import ADAPTER, STATE_FILE
 from store import atomic_write
+from train_config import TrainConfig
 
 LOSS_CHUNK = 1024  # target tokens per recomputed piece of the vocabulary projection under checkpointing
-LR_SCHEDULES = ("cosine", "cosine-restarts")
-
-
-def knob(default, help: str, **flag):
-    """A TrainConfig field and its command-line flag: --the-name, or --no-the-name for a bool that is on."""
-    return field(default=default, metadata=dict(help=help, **flag))
-
-
-@dataclass
-class TrainConfig:
-    """Every knob of a run; defaults suit Qwen2.5-1.5B on one 80 GB GPU."""
-    model: str = knob("Qwen/Qwen2.5-1.5B", "base model: Hugging Face id or local folder")
-    role: str = knob("planner", f"role to train: one of {', '.join(ROLES)}")
-    data: str | None = knob(None, "training trajectories (JSONL); without it, the mini-world's gold-teacher "
-                            "trajectories, built and collected into trajectories/train.jsonl on first use")
-    dev_data: str | None = knob(None, "dev trajectories for the per-sub-task dev loss")
-    out: str = knob("ckpts", "output root; the run goes to OUT/ROLE/")
-    schedule: str = knob("progressive", "progressive: add sub-tasks epoch by epoch; full: every sub-task every "
-                         "epoch (SFT)", choices=SCHEDULES)
-    subtasks_per_epoch: int = knob(1, "sub-task indices the progressive schedule adds per epoch")
-    epochs: int = knob(0, "epochs (0: until the schedule covers every sub-task, plus one)")
-    micro_batch_size: int = knob(4, "sequences per forward pass")
-    grad_accum: int = knob(4, "micro-batches per optimizer step and process (global batch = this x micro x "
-                           "processes)")
-    max_seq_len: int = knob(4096, "longer examples are fitted by shortening old outputs, oldest first, as rollouts "
-                            "do (and reported); set it to the evaluation's --max-context to train on what roles see")
-    lr: float = knob(2e-4, "peak learning rate")
-    lr_schedule: str = knob("cosine", "cosine: one warmup and cosine decay over the whole run; cosine-restarts: "
-                            "warmup and decay restarted each epoch in which the progressive schedule adds "
-                            "sub-tasks", choices=LR_SCHEDULES)
-    min_lr_ratio: float = knob(0.1, "final LR as a fraction of --lr")
-    warmup_ratio: float = knob(0.03, "fraction of steps warming up")
-    weight_decay: float = knob(0.01, "AdamW decay on adapter matrices")
-    grad_clip: float = knob(1.0, "max global gradient norm")
-    lora_r: int = knob(16, "adapter rank")
-    lora_alpha: float = knob(32.0, "adapter scale numerator (alpha/r)")
-    lora_dropout: float = knob(0.05, "dropout on the adapter input")
-    precision: str = knob("auto", "auto: bf16 autocast on CUDA (fp32 adapter and optimizer), fp32 on CPU",
-                          choices=("auto", "bf16", "fp32"))
-    device: str = knob("auto", "auto, cpu or cuda (under torchrun: the local GPU)")
-    seed: int = knob(0, "seed for adapter init, data order and dropout")
-    resume: bool = knob(False, "continue the run saved in OUT/ROLE/")
-    stop_after_epochs: int = knob(0, "stop after this epoch as if interrupted (0: run to the end); resume with "
-                                  "--resume")
-    peak_tflops: float = knob(0.0, "GPU peak bf16 TFLOP/s for MFU (0: look up the GPU name in meter.PEAK_TFLOPS)")
-    progress: bool = knob(True, "no progress bar")
-    merge_nested: bool = knob(True, "train every example as its own sequence, even one whose tokens begin a "
-                              "longer example of the same conversation (the same loss terms, more tokens and steps)")
-    trunks: bool = knob(True, "compute each row of a micro-batch in full, with micro-batches planned by length "
-                        "alone (the same loss terms, more tokens)")
-    plain: bool = knob(False, "every training fast path off: --no-merge-nested --no-trunks, textbook adapter "
-                       "dropout and no --compile (the plain loop the fast paths are tested against)")
-    checkpoint_activations: bool = knob(False, "keep only each decoder block's input and recompute the block in "
-                                        "the backward pass (less activation memory, one more forward; the same "
-                                        "losses and gradients)")
-    compile: bool = knob(False, "torch.compile each decoder block")
-    dry_run: bool = knob(False, "print the memory estimate of a micro-batch of --max-seq-len rows on this device "
-                         "(memory_estimate.py) and exit")
 
 
 class TrainingDiverged(RuntimeError):
@@ -130,7 +73,7 @@ def train(cfg: TrainConfig) -> list[dict]:
     """Run (or resume) training as configured; returns the per-epoch log records. OUT/ROLE is checked
     (a file, not writable, too little space for a checkpoint) and locked against a second run before any
     data is read."""
-    check_config(cfg)
+    train_config.check_config(cfg)
     if cfg.plain:
         cfg = replace(cfg, merge_nested=False, trunks=False, compile=False)
     cluster = start_cluster(cfg.device)
@@ -485,21 +428,6 @@ def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> tuple
 # ----------------------------------------------------------------------------------------------------
 # Configuration and data.
 
-def check_config(cfg: TrainConfig) -> None:
-    if cfg.role not in data.ROLES:
-        raise ValueError(f"unknown role '{cfg.role}' (expected one of {', '.join(data.ROLES)})")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ValueError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {cfg.lr_schedule})")
-    for name in ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("epochs", "stop_after_epochs", "weight_decay", "lora_dropout", "warmup_ratio", "min_lr_ratio"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
-    if cfg.max_seq_len < 2 or cfg.lr <= 0 or cfg.grad_clip <= 0:
-        raise ValueError("--max-seq-len must be at least 2, and --lr and --grad-clip positive")
-
-
 def prepare_data(cfg: TrainConfig, log, cluster: Cluster):
     """(trajectory file, tokenizer, examples, dev examples, epochs, the schedule's plan of each epoch)."""
     path = Path(cfg.data) if cfg.data else run_folder.collect_default_data(cluster)
@@ -516,7 +444,7 @@ def prepare_data(cfg: TrainConfig, log, cluster: Cluster):
 
 
 def load_role_examples(path: str | Path, role: str, tokenizer, max_seq_len: int, log) -> list[data.Example]:
-    records = data.read_trajectories(path)
+    records = trajectories.read_trajectories(path)
     examples, report = data.build_examples(records, role, tokenizer, max_seq_len)
     for line in report.lines():
         log(f"{path}: {line}")
@@ -533,22 +461,8 @@ def load_role_examples(path: str | Path, role: str, tokenizer, max_seq_len: int,
 # ----------------------------------------------------------------------------------------------------
 # CLI.
 
-def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    p = argparse.ArgumentParser(description="Train one ProST role as a LoRA adapter on teacher trajectories "
-                                            "with progressive sub-task training (writes OUT/ROLE/).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool":
-            p.add_argument("--no-" + flag[2:] if f.default else flag, dest=f.name, default=f.default,
-                           action="store_false" if f.default else "store_true", help=f.metadata["help"])
-        else:
-            p.add_argument(flag, default=f.default, type={"int": int, "float": float}.get(f.type, str), **f.metadata)
-    return TrainConfig(**vars(p.parse_args(argv)))
-
-
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg = train_config.parse_args(argv)
     try:
         train(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad settings or inputs (a missing model or data file)

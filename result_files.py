@@ -4,7 +4,7 @@ Where this sits: beside evaluate.py, which rolls a system out and computes the p
 sub-task errors, FLOPs per task). Everything that makes an evaluation folder (default `results/<name>/`)
 resumable, shardable and readable lives here:
 
-- the files: `trajectories.jsonl` (data.py's format, in split order), `results.json` (metrics plus per-task
+- the files: `trajectories.jsonl` (trajectories.py's format, in split order), `results.json` (metrics plus per-task
   rows), `report.md` and `timing.jsonl` (each task's wall time), all written atomically (store.py);
 - the claim: one evaluation writes a folder at a time (a second is refused, naming the first), and `run.json`
   records what the trajectories depend on (`evaluation_identity`), so a different system in the same folder is
@@ -12,22 +12,19 @@ resumable, shardable and readable lives here:
 - parts: while a run is going, each process appends its finished tasks durably to `parts/rank<r>.jsonl` (their
   wall times beside); a rerun skips them (`finished_records`), and `merge_parts` folds them into the final
   files in split order, so a resumed or multi-process run writes what one uninterrupted process would;
-- reading back: `load_results`, `check_comparable` (runs compared must share the split, the tasks and the
-  budgets), the systems x splits `compare` table, the Pareto plot, and the Markdown report.
+- the Markdown report, and the number formats and tables that comparison.py and study.py share.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 
-import data
 import model_io
 import store
+import trajectories
 import world
 from cluster import Cluster, barrier, first_error
 from store import atomic_write
@@ -130,7 +127,7 @@ def timing_path(part: Path) -> Path:
 def keep_finished(part: Path, record: dict, wall_seconds: float) -> None:
     """Append a finished task to a process's part, its wall time first (so every recorded trajectory has one)."""
     store.append_lines(timing_path(part), [{"task_id": record["task_id"], "wall_seconds": round(wall_seconds, 4)}])
-    data.write_trajectory(part, record)
+    trajectories.write_trajectory(part, record)
 
 
 def finished_records(out: Path) -> dict[str, dict]:
@@ -138,7 +135,7 @@ def finished_records(out: Path) -> dict[str, dict]:
     records: dict[str, dict] = {}
     for path in [out / TRAJECTORIES, *part_paths(out)]:
         if path.is_file():
-            for record in data.read_trajectories(path):
+            for record in trajectories.read_trajectories(path):
                 records.setdefault(record["task_id"], record)
     return records
 
@@ -217,7 +214,8 @@ def timing_summary(records: list[dict], timings: dict[str, float], stats: list) 
 
 def in_role_order(roles) -> list[str]:
     """Roles in protocol order (planner, executor, critic, single), whatever order they were found in."""
-    return sorted(roles, key=lambda r: data.ROLES.index(r) if r in data.ROLES else len(data.ROLES))
+    order = trajectories.ROLES
+    return sorted(roles, key=lambda r: order.index(r) if r in order else len(order))
 
 
 def fmt_flops(x: float) -> str:
@@ -307,116 +305,3 @@ def markdown_report(results: dict) -> str:
     if m["budget_stops"]:
         lines += ["", "Budget stops: " + ", ".join(f"{k} {v}" for k, v in m["budget_stops"].items()) + "."]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reading results.json files back: which runs may share a table, the systems x splits table, the Pareto plot.
-
-def load_results(paths: list[str]) -> list[dict]:
-    if not paths:
-        raise ValueError("give at least one results.json")
-    loaded = []
-    for p in paths:
-        path = Path(p)
-        if not path.is_file():
-            raise FileNotFoundError(f"results file {path} does not exist (evaluate.py writes OUT/{RESULTS})")
-        try:
-            r = json.loads(path.read_text())
-            r["metrics"]["tgc"], r["metrics"]["sgc"], r["metrics"]["flops_per_task"], r["name"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path} is not an evaluate.py results.json") from None
-        loaded.append(r)
-    return loaded
-
-
-# What must be equal for two runs to share a Pareto table: the tasks they were scored on and the budgets they
-# ran under (a larger --max-new-tokens buys TGC with FLOPs; that is a different operating point, not a
-# better system).
-COMPARED = {"split": lambda r: r.get("split"), "scenarios": lambda r: r.get("scenarios"),
-            "limit": lambda r: r.get("limit"),
-            "budgets": lambda r: (r.get("system") or {}).get("budgets"),
-            "tasks": lambda r: [t["task_id"] for t in r["tasks"]] if "tasks" in r else None}
-
-
-def check_comparable(runs: list[dict], paths: list[str]) -> None:
-    """Refuse runs with different splits, limits, budgets or task lists, naming the first field that differs."""
-    for field, value in COMPARED.items():
-        first = value(runs[0])
-        for r, path in zip(runs[1:], paths[1:]):
-            if value(r) != first:
-                what = "the task ids" if field == "tasks" else f"{json.dumps(first)} vs {json.dumps(value(r))}"
-                raise ValueError(f"{paths[0]} and {path} differ in {field} ({what}); a Pareto table compares "
-                                 "systems on the same split, --scenarios, --limit and budgets")
-
-
-def compare_table(runs: list[dict]) -> str:
-    """One row per system name, one group of columns per split (in the order first seen): the demo's
-    zero-shot vs trained vs gold table. Runs of one split must be comparable (check_comparable)."""
-    splits = list(dict.fromkeys(r["split"] for r in runs))
-    systems = list(dict.fromkeys(r["name"] for r in runs))
-    cells: dict[tuple[str, str], dict] = {}
-    for r in runs:
-        if (r["name"], r["split"]) in cells:
-            raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
-        cells[r["name"], r["split"]] = r
-    header = ["system"] + [f"{split} {col}" for split in splits for col in ("TGC", "SGC", "FLOPs/task")]
-    rows = []
-    for name in systems:
-        row = [name]
-        for split in splits:
-            m = cells[name, split]["metrics"] if (name, split) in cells else None
-            row += (["-"] * 3 if m is None else
-                    [f"{m['tgc']:.1f} ({m['passed']}/{m['tasks']})", f"{m['sgc']:.1f} ({m['scenarios_passed']}/"
-                     f"{m['scenarios']})", fmt_flops(m["flops_per_task"])])
-        rows.append(row)
-    return "\n".join(markdown_table(header, rows)) + "\n"
-
-
-def compare_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py compare", description="TGC, SGC and FLOPs per task of "
-                                "several systems on several splits in one table (a row per --name, a column "
-                                "group per split).")
-    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
-    args = p.parse_args(argv)
-    try:
-        runs = load_results(args.results)
-        for split in dict.fromkeys(r["split"] for r in runs):
-            same = [(r, path) for r, path in zip(runs, args.results) if r["split"] == split]
-            check_comparable([r for r, _ in same], [path for _, path in same])
-        print(compare_table(runs), end="")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def plot_pareto(rows: list, path: Path) -> bool:
-    """TGC against FLOPs per task (evaluate.ParetoRow rows) with the front drawn; False when matplotlib is not
-    installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-    fig, ax = plt.subplots(figsize=(7.5, 4))
-    for i, r in enumerate(rows):  # a legend, not labels on the points: systems often sit on top of each other
-        ax.errorbar(max(r.flops, 1.0), r.tgc, yerr=r.tgc_sd, fmt="o" if r.optimal else "x", capsize=3,
-                    color=f"C{i % 10}", label=r.system + (" *" if r.optimal else ""))
-    front = [r for r in rows if r.optimal]
-    ax.step([max(r.flops, 1.0) for r in front], [r.tgc for r in front], where="post", linestyle="--",
-            color="grey", linewidth=1)
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: fmt_flops(x)))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel("FLOPs per task (log scale)")
-    ax.set_ylabel("TGC (%)")
-    ax.set_ylim(-5, 112)  # the whole percentage scale, also when every system scores 0
-    ax.set_title("Effectiveness vs efficiency (* = Pareto-optimal)")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format=path.suffix.lstrip(".")))
-    plt.close(fig)
-    return True

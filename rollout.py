@@ -36,6 +36,7 @@ import lora
 import model
 import model_io
 import store
+import trajectories
 import world
 from agents import BUDGET_HELP, CODE_RE, Budgets, ModelReply, ModelRequest, System, single_engine_system
 from teacher import GoldEngine, teacher_rollout
@@ -48,12 +49,11 @@ from teacher import GoldEngine, teacher_rollout
 
 PROMPT_CACHE_TOKENS = 16384  # default bound of a LocalEngine's prompt cache (SmolLM2-135M fp32: 46 KiB/token)
 DETERMINISTIC_CHUNK = 64  # prefill chunk of deterministic decoding: the prompt cache's reuse granularity
-PROMPT_LOOKUP = 4  # draft tokens a lone row verifies per step (decoding.generate's prompt_lookup)
+PROMPT_LOOKUP = 4  # draft tokens a row verifies per step (deterministic: every row; batched: a row decoding alone)
 
 
-class LocalEngine:
-    """A model loaded in this process (prost's own Transformer), shared by the roles that run on it, decoded by
-    the fast decoding engine (decoding.py).
+class LocalEngine(agents.PlainEngine):
+    """agents.PlainEngine's model and tokenizer, decoded by the fast decoding engine (decoding.py).
 
     By default each role's adapter runs merged into its own copy of the weights the adapter changes
     (`lora.merged_copy`; embeddings, norms and the vocabulary projection stay shared): a call then costs exactly
@@ -74,12 +74,9 @@ class LocalEngine:
     def __init__(self, name_or_path: str, device: str = "cpu", dtype: str = "float32",
                  prompt_cache_tokens: int = PROMPT_CACHE_TOKENS, deterministic: bool = False,
                  prompt_lookup: int = PROMPT_LOOKUP, mix_adapters: bool = False):
-        self.name = str(name_or_path)
-        self.base = decoding.lay_out_for_decoding(
-            model_io.load_model(name_or_path, device=device, dtype=getattr(torch, dtype)).eval())
-        self.tokenizer = model_io.load_tokenizer(name_or_path)
+        super().__init__(name_or_path, device, dtype)
+        self.base = decoding.lay_out_for_decoding(self.base)
         self.models: dict[str | None, model.Transformer] = {None: self.base}  # adapter name -> what runs it
-        self.adapter_weights: dict[str | None, int] = {None: 0}  # what each call runs besides the base's weights
         self.prompt_cache = decoding.PromptCache(prompt_cache_tokens) if prompt_cache_tokens else None
         self.deterministic = deterministic
         self.prompt_lookup = prompt_lookup
@@ -96,9 +93,6 @@ class LocalEngine:
             self.adapter_weights[name] = 0
         if self.prompt_cache is not None:
             self.prompt_cache.clear()  # keys/values cached under this name may come from other weights
-
-    def count(self, messages: list[dict]) -> int:
-        return len(self.tokenizer.chat(messages, add_generation_prompt=True)[0])
 
     def complete(self, requests: list[ModelRequest], adapters: list[str | None], budgets: Budgets
                  ) -> list[ModelReply]:
@@ -268,7 +262,7 @@ class Slot:
     request: object
 
 
-def serve_world(session, request):
+def timed_world_call(session, request):
     """Answer a world request in the rollout's session (called from a thread); returns (result, seconds)."""
     start = time.perf_counter()
     result = agents.serve_world(session, request)
@@ -332,7 +326,7 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
                 waiting = {i: s for i, s in active.items() if isinstance(s.request, ModelRequest)}
                 for i, s in active.items():
                     if i not in waiting and i not in in_world:
-                        in_world[i] = threads.submit(serve_world, sessions[i], s.request)
+                        in_world[i] = threads.submit(timed_world_call, sessions[i], s.request)
                 # Model calls are served while world calls run. Engines that batch get rounds in step: every
                 # world call of a round finishes before the next model calls, which then share batches. Others
                 # (each call decoded alone) gain nothing from waiting: a rollout whose world call is still
@@ -356,7 +350,6 @@ def run_rollouts(task_ids: list[str], system: System, budgets: Budgets, *, split
             pool.close()
     stats.seconds = time.perf_counter() - began
     return stats
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -425,7 +418,7 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
                 for record in records:
                     if tokenizer is not None:
                         count_tokens(record, tokenizer)
-                data.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
+                trajectories.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
         # in step: trajectories are appended as tasks finish, and training follows the file's order
         summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
@@ -440,7 +433,7 @@ def collected_task_ids(out: Path) -> set[str]:
     if not out.exists():
         return set()
     kinds: dict[str, set[str]] = {}
-    for record in data.read_trajectories(out):
+    for record in trajectories.read_trajectories(out):
         if record["system"].get("teacher") is not None:
             kinds.setdefault(record["task_id"], set()).add(record["system"]["kind"])
     partial = {t for t, k in kinds.items() if k != {"multi", "single"}}
@@ -448,17 +441,17 @@ def collected_task_ids(out: Path) -> set[str]:
         store.drop_lines(out, lambda r: isinstance(r, dict) and r.get("task_id") in partial)
         print(f"{out}: {len(partial)} task(s) had only part of their records (an interrupted write); "
               f"running them again: {', '.join(sorted(partial))}", file=sys.stderr)
-    return data.completed_task_ids(out)
+    return trajectories.completed_task_ids(out)
 
 
 def run(system: System, split: str, out, budgets: Budgets, *, root=None, workers: int = 4,
         max_batch: int = 16, limit: int | None = None, scenarios: int | None = None, pool=None) -> RunStats:
     """Roll out a system on a split, appending every trajectory to `out` (tasks already there are
     skipped)."""
-    done = data.completed_task_ids(out)
+    done = trajectories.completed_task_ids(out)
     todo = [t for t in world.select_tasks(split, root, scenarios=scenarios, limit=limit) if t not in done]
     return run_rollouts(todo, system, budgets, split=split, root=root, workers=workers, max_batch=max_batch,
-                        pool=pool, on_trajectory=lambda record: data.write_trajectory(out, record))
+                        pool=pool, on_trajectory=lambda record: trajectories.write_trajectory(out, record))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -561,7 +554,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="base model id or folder for every role")
     r.add_argument("--single", action="store_true", help="run the single-agent ReAct baseline instead "
                    "of planner/executor/critic")
-    for role in data.ROLES:
+    for role in trajectories.ROLES:
         r.add_argument(f"--{role}-model", default=None, help=f"base model for the {role} (overrides --model)")
         r.add_argument(f"--{role}-adapter", default=None, help=f"LoRA adapter folder for the {role}")
     add_common_flags(r)
@@ -588,12 +581,12 @@ def main(argv: list[str] | None = None) -> int:
             print(summary.stats.summary())
         else:
             kind = "single" if args.single else "multi"
-            models = {role: getattr(args, f"{role}_model") or args.model for role in data.ROLES}
-            adapters = {role: getattr(args, f"{role}_adapter") for role in data.ROLES}
+            models = {role: getattr(args, f"{role}_model") or args.model for role in trajectories.ROLES}
+            adapters = {role: getattr(args, f"{role}_adapter") for role in trajectories.ROLES}
             system = local_system(kind, models, adapters, args.device, args.dtype, **engine_options(args))
             stats = run(system, args.split, args.out, budgets, root=args.root, workers=args.workers,
                         max_batch=args.max_batch, limit=args.limit, scenarios=args.scenarios)
-            records = [r for r in data.read_trajectories(args.out) if r["split"] == args.split]
+            records = [r for r in trajectories.read_trajectories(args.out) if r["split"] == args.split]
             passed = sum(r["evaluation"]["success"] for r in records if r["evaluation"])
             print(f"{passed}/{len(records)} tasks of {args.split} in {args.out} pass evaluation")
             print(stats.summary())

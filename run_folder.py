@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+import adapter_checks
 import lora
 import store
 from cluster import Cluster, barrier, gather
@@ -88,7 +89,7 @@ def read_checkpoint(out_dir: Path, identity: dict, resume: bool) -> dict | None:
         if not resume:
             raise ValueError(f"{out_dir} already holds this run (epoch {state['epoch']} of "
                              f"{identity['epochs']} done); pass --resume to continue it, or choose another --out")
-        lora.check_finite(state["adapter"], str(state_path))
+        adapter_checks.check_finite(state["adapter"], str(state_path))
         return state
     if not out_dir.exists():
         return None

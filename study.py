@@ -29,9 +29,9 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-import evaluate
+import comparison
 import result_files
-from evaluate import system_name
+from comparison import system_name
 from result_files import fmt_flops, in_role_order, markdown_table
 from store import atomic_write
 
@@ -57,7 +57,7 @@ def role_flops(runs: list[dict]) -> dict[str, float]:
 
 
 def systems_table(results: list[dict]) -> str:
-    rows = evaluate.pareto_rows(results)
+    rows = comparison.pareto_rows(results)
     runs = by_system(results)
     roles = in_role_order({role for r in results for role in r["metrics"].get("roles", {})})
     header = ["system", "runs", "TGC", "TGC per seed", "SGC", "FLOPs/task", *roles, "Pareto"]
@@ -84,7 +84,7 @@ def schedule_pairs(systems: dict[str, list[dict]]) -> list[tuple[str, list[dict]
 
 
 def seed_of(result: dict) -> str:
-    match = evaluate.SEED_SUFFIX.search(result["name"])
+    match = comparison.SEED_SUFFIX.search(result["name"])
     return match.group().lstrip("-_") if match else "-"
 
 
@@ -95,7 +95,7 @@ def seed_comparison(progressive: list[dict], full: list[dict]) -> str:
     seeds = sorted(set(tgc[0]) & set(tgc[1]))
     wins = [sum(tgc[0][s] > tgc[1][s] for s in seeds), sum(tgc[1][s] > tgc[0][s] for s in seeds)]
     difference = statistics.fmean(tgc[0].values()) - statistics.fmean(tgc[1].values())
-    largest_sd = max(evaluate.spread(list(t.values())) for t in tgc)
+    largest_sd = max(comparison.spread(list(t.values())) for t in tgc)
     if min(len(t) for t in tgc) < 2:
         verdict = "one seed, so no spread to compare it with"
     else:
@@ -217,10 +217,10 @@ def load_study(results_dir: Path) -> dict[str, list[dict]]:
         raise FileNotFoundError(f"no {results_dir}/<split>/<run>/{result_files.RESULTS} found; run `make study` "
                                 "first, or pass the folder it wrote")
     splits: dict[str, list[tuple[dict, str]]] = defaultdict(list)
-    for result, path in zip(result_files.load_results(paths), paths):
+    for result, path in zip(comparison.load_results(paths), paths):
         splits[result["split"]].append((result, path))
     for runs in splits.values():
-        result_files.check_comparable([r for r, _ in runs], [p for _, p in runs])
+        comparison.check_comparable([r for r, _ in runs], [p for _, p in runs])
     return {split: [r for r, _ in runs] for split, runs in splits.items()}
 
 
@@ -229,7 +229,7 @@ def split_section(split: str, results: list[dict], out_dir: Path) -> list[str]:
              "* = Pareto-optimal: no other system has higher TGC for no more FLOPs per task. TGC ± the sample "
              "standard deviation over seeds; FLOPs per task as the mean over seeds, in total and by role.", ""]
     plot = out_dir / f"pareto-{split}.png"
-    if result_files.plot_pareto(evaluate.pareto_rows(results), plot):
+    if comparison.plot_pareto(comparison.pareto_rows(results), plot):
         lines += [f"![TGC vs FLOPs per task on {split}]({plot.name})", ""]
     for name, progressive, full in schedule_pairs(by_system(results)):
         lines += [f"### {name}: progressive vs standard on {split}", "", seed_comparison(progressive, full),

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import agents
-import data
 import lora
 import model_io
 import rollout
 import store
+import trajectories
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ class SystemSpec:
 
     @property
     def roles(self) -> tuple[str, ...]:
-        return data.MULTI_AGENT_ROLES if self.kind == "multi" else ("single",)
+        return trajectories.MULTI_AGENT_ROLES if self.kind == "multi" else ("single",)
 
 
 def role_folders(agents_dir: str | Path) -> dict[str, str]:
@@ -45,12 +45,12 @@ def role_folders(agents_dir: str | Path) -> dict[str, str]:
     if not root.is_dir():
         raise FileNotFoundError(f"agents folder {root} does not exist; train the roles first with "
                                 f"`python prost.py --role ROLE --out {root}`")
-    found = {role: str(root / role) for role in data.MULTI_AGENT_ROLES
+    found = {role: str(root / role) for role in trajectories.MULTI_AGENT_ROLES
              if (root / role / lora.ADAPTER_CONFIG).is_file()}
     if not found:
         raise ValueError(f"{root} holds no trained role: expected sub-folders planner/, executor/ and critic/, "
                          f"each with {lora.ADAPTER_CONFIG} (what `python prost.py --out {root}` writes)")
-    missing = [role for role in data.MULTI_AGENT_ROLES if role not in found]
+    missing = [role for role in trajectories.MULTI_AGENT_ROLES if role not in found]
     if missing:
         raise ValueError(f"{root} has no adapter for the {', '.join(missing)} (no {lora.ADAPTER_CONFIG} in "
                          f"{', '.join(str(root / r) for r in missing)}); train it with prost.py --role")
@@ -152,3 +152,25 @@ def adapter_provenance(folder: str, role: str, allow_unfinished: bool) -> dict:
 
 def adapters_provenance(adapters: dict[str, str | None], allow_unfinished: bool) -> dict[str, dict]:
     return {role: adapter_provenance(folder, role, allow_unfinished) for role, folder in adapters.items() if folder}
+
+
+# ----------------------------------------------------------------------------------------------------
+# evaluate.py's command line: what to load, checked before anything loads; then loading it.
+
+def planned_system(args) -> tuple[SystemSpec | None, str]:
+    """(what to load, its default name), checked but not loaded yet (None: the gold replay). An adapter of
+    an unfinished training run is refused here, before any model loads."""
+    if args.gold:
+        if args.agents or args.single or args.model:
+            raise ValueError("give exactly one of --agents CKPTS, --single CKPTS/single, --model ID or --gold")
+        return None, "gold"
+    spec = system_spec(args.agents, args.single, args.model, args.kind)
+    adapters_provenance(spec.adapters, args.allow_unfinished)
+    return spec, spec.label
+
+
+def load_planned(spec: SystemSpec | None, args, device: str) -> agents.System:
+    if spec is None:
+        return gold_system(args.root)
+    dtype = args.dtype if args.dtype != "auto" else "bfloat16" if device.startswith("cuda") else "float32"
+    return load_system(spec, device, dtype, rollout.engine_options(args), plain=args.plain)

@@ -158,7 +158,6 @@ def choose_mistake(task_id: str, subtasks: list[dict], share: float) -> tuple[in
     return options[(h // 1000) % len(options)] if options else None
 
 
-
 # ----------------------------------------------------------------------------------------------------
 # What a teacher records: a multi-agent rollout and its single-agent view.
 

@@ -8,7 +8,6 @@ Builders are plain functions (usable from any test file) plus session-scoped fix
 """
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -185,9 +184,9 @@ def gold_train(mini_world, world_pool, tmp_path_factory):
 def tiny_model(gold_train, tmp_path_factory):
     """A random-init micro model whose tokenizer is trained on the gold trajectories' text (rollouts of
     agents.py and rollout.py)."""
-    import data
     import model_io
-    records = data.read_trajectories(gold_train[1])
+    import trajectories
+    records = trajectories.read_trajectories(gold_train[1])
     texts = [m["content"] for r in records for c in r["calls"] for m in c["messages"] + [
         {"content": c["output"]}]]
     return model_io.init_tiny(tmp_path_factory.mktemp("micro"), texts, preset="micro", seed=0)
@@ -283,5 +282,6 @@ def tiny_preset_model(gold_train, tmp_path_factory):
     train trajectories' text as `make demo` does (data.py texts, then model_io.py init-tiny)."""
     import data
     import model_io
-    texts = data.trajectory_texts(data.read_trajectories(gold_train[1]))
+    import trajectories
+    texts = data.trajectory_texts(trajectories.read_trajectories(gold_train[1]))
     return model_io.init_tiny(tmp_path_factory.mktemp("tiny"), texts, preset="tiny", seed=0)

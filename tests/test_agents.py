@@ -13,6 +13,7 @@ import pytest
 import agents
 import data
 import model
+import trajectories
 import world
 
 TINY = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
@@ -84,7 +85,7 @@ def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_pre
             out.append(model.Generation(ids, text, len(prompt), len(ids), "stop_string"))
         return out
 
-    models = {r: str(tiny_preset_model) for r in data.ROLES}
+    models = {r: str(tiny_preset_model) for r in trajectories.ROLES}
     if fast:
         import decoding
         import rollout
@@ -111,7 +112,7 @@ def test_every_recorded_call_trains_on_exactly_the_prompt_the_model_saw(tiny_pre
     # one token less than the executor's report prompt: fitting must shorten its first output there
     budgets = agents.Budgets(new_tokens=64, context=executor[2]["prompt_tokens"] - 1 + 64)
     record = roll_out(budgets)
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
     calls = record["calls"]
     assert [c["role"] for c in calls].count("executor") == 6 and not record["budget_stops"]
     assert any("more characters]" in m["content"] for c in calls for m in c["messages"])  # fitting happened
@@ -163,12 +164,12 @@ def check_within_budgets(record, budgets):
 @pytest.mark.parametrize("single", [False, True])
 def test_tiny_random_model_rollout_stays_within_budgets(tiny_model, mini_world, world_pool, tmp_path, single):
     kind = "single" if single else "multi"
-    system = agents.build_system(kind, {r: str(tiny_model) for r in data.ROLES}, {})
+    system = agents.build_system(kind, {r: str(tiny_model) for r in trajectories.ROLES}, {})
     out = tmp_path / "run.jsonl"
     dev = world.load_split("dev", root=mini_world)[:2]
     for record in run_tasks(dev, system, TINY, world_pool):
-        data.write_trajectory(out, record)
-    records = data.read_trajectories(out)  # data.py's reader accepts them
+        trajectories.write_trajectory(out, record)
+    records = trajectories.read_trajectories(out)  # data.py's reader accepts them
     assert [r["task_id"] for r in records] == dev
     for record in records:
         check_within_budgets(record, TINY)
@@ -213,7 +214,7 @@ def test_every_budget_stops_the_multi_agent_protocol(mini_world, world_pool):
     # unparseable verdicts are recorded but never learned; the well-formed replies are targets
     assert {c["role"]: c["train"] for c in record["calls"]} == {"planner": True, "executor": True, "critic": False}
     assert [c["train"] for c in record["calls"] if c["role"] == "critic"] == [False] * 4
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
 
 
 def test_a_role_the_system_lacks_is_a_clear_error(mini_world, world_pool):

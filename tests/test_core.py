@@ -19,22 +19,22 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import lora
 import result_files
+import trajectories
 from conftest import run_child
 
 BUDGETS = ["--max-subtasks", "2", "--max-executor-turns", "2", "--max-critic-retries", "1",
            "--max-format-retries", "1", "--max-single-turns", "3", "--max-new-tokens", "12", "--max-context", "1024"]
-MEASURED = set(data.MEASURED_CALL_FIELDS)
+MEASURED = set(trajectories.MEASURED_CALL_FIELDS)
 
 
-def train_and_evaluate(base, trajectories, world_root, out, plain: bool) -> dict:
+def train_and_evaluate(base, trajectory_file, world_root, out, plain: bool) -> dict:
     """prost.py, then evaluate.py on the multi-agent system and on the single agent, all with or all without
     --plain: {"log", "adapter", and per kind "results", "run" (run.json), "records"}."""
     flag = ["--plain"] if plain else []
     ckpts = out / "ckpts"
-    run_child([sys.executable, "prost.py", "--model", str(base), "--role", "planner", "--data", str(trajectories),
+    run_child([sys.executable, "prost.py", "--model", str(base), "--role", "planner", "--data", str(trajectory_file),
                "--out", str(ckpts), "--epochs", "2", "--subtasks-per-epoch", "3", "--micro-batch-size", "4",
                "--grad-accum", "8", "--lr", "5e-3", "--lora-r", "4", "--lora-dropout", "0", "--max-seq-len", "2048",
                "--no-progress", *flag])
@@ -48,7 +48,7 @@ def train_and_evaluate(base, trajectories, world_root, out, plain: bool) -> dict
                    "--out", str(folder), "--workers", "1", "--device", "cpu", "--quiet", *BUDGETS, *flag])
         found[kind] = {"results": json.loads((folder / result_files.RESULTS).read_text()),
                        "run": json.loads((folder / "run.json").read_text()),
-                       "records": data.read_trajectories(folder / result_files.TRAJECTORIES)}
+                       "records": trajectories.read_trajectories(folder / result_files.TRAJECTORIES)}
     return found
 
 
@@ -61,7 +61,7 @@ def comparable(record: dict) -> dict:
 
 def test_plain_training_and_evaluation_equal_the_fast_paths(tiny_preset_model, gold_train, mini_world, tmp_path):
     few = tmp_path / "train.jsonl"  # the gold records (multi-agent and single-agent view) of 3 train tasks
-    data.write_trajectories(few, data.read_trajectories(gold_train[1])[:6])
+    trajectories.write_trajectories(few, trajectories.read_trajectories(gold_train[1])[:6])
     fast = train_and_evaluate(tiny_preset_model, few, mini_world, tmp_path / "fast", plain=False)
     plain = train_and_evaluate(tiny_preset_model, few, mini_world, tmp_path / "plain", plain=True)
 

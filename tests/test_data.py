@@ -12,6 +12,7 @@ import torch
 
 import data
 import store
+import trajectories
 
 # ----------------------------------------------------------------------------------------------------
 # Synthetic trajectories.
@@ -65,7 +66,7 @@ def synthetic_trajectory(task_id="t1", n_subtasks=3, recovery_at=2, words=1):
         subtasks.append({"index": k, "text": f"step {k}", "attempts": attempts})
     return {"schema": 2, "task_id": task_id, "split": "train",
             "system": {"kind": "multi", "teacher": "gold",
-                       "roles": {r: {"model": "gold", "adapter": None} for r in data.MULTI_AGENT_ROLES},
+                       "roles": {r: {"model": "gold", "adapter": None} for r in trajectories.MULTI_AGENT_ROLES},
                        "budgets": {"subtasks": 10}},
             "instruction": f"Task {task_id}", "calls": calls, "executions": executions,
             "subtasks": subtasks, "evaluation": {"success": True, "passes": ["a"], "failures": [],
@@ -118,22 +119,22 @@ def test_write_then_read_round_trips(tmp_path):
     path = tmp_path / "sub" / "t.jsonl"
     records = [synthetic_trajectory("a"), synthetic_trajectory("b", n_subtasks=1, recovery_at=0)]
     for r in records:
-        data.write_trajectory(path, r)
-    assert data.read_trajectories(path) == records
-    assert data.completed_task_ids(path) == {"a", "b"}
-    assert data.completed_task_ids(tmp_path / "missing.jsonl") == set()
+        trajectories.write_trajectory(path, r)
+    assert trajectories.read_trajectories(path) == records
+    assert trajectories.completed_task_ids(path) == {"a", "b"}
+    assert trajectories.completed_task_ids(tmp_path / "missing.jsonl") == set()
 
 
 def test_torn_last_line_is_skipped_then_repaired(tmp_path, capsys):
     path = tmp_path / "t.jsonl"
-    data.write_trajectory(path, synthetic_trajectory("a"))
+    trajectories.write_trajectory(path, synthetic_trajectory("a"))
     whole = json.dumps(synthetic_trajectory("b"))
     with open(path, "a") as f:
         f.write(whole[:100])  # a crash mid-write
-    assert [r["task_id"] for r in data.read_trajectories(path)] == ["a"]
+    assert [r["task_id"] for r in trajectories.read_trajectories(path)] == ["a"]
     assert "t.jsonl:2: skipping a torn last line" in capsys.readouterr().err
-    data.write_trajectory(path, synthetic_trajectory("c"))  # the resumed collection appends
-    assert [r["task_id"] for r in data.read_trajectories(path)] == ["a", "c"]
+    trajectories.write_trajectory(path, synthetic_trajectory("c"))  # the resumed collection appends
+    assert [r["task_id"] for r in trajectories.read_trajectories(path)] == ["a", "c"]
     assert path.read_text().count("\n") == 2
 
 
@@ -141,8 +142,8 @@ def test_complete_last_line_without_newline_is_kept(tmp_path):
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(synthetic_trajectory("a")))
     assert store.repair_torn_tail(path) == 0
-    data.write_trajectory(path, synthetic_trajectory("b"))
-    assert [r["task_id"] for r in data.read_trajectories(path)] == ["a", "b"]
+    trajectories.write_trajectory(path, synthetic_trajectory("b"))
+    assert [r["task_id"] for r in trajectories.read_trajectories(path)] == ["a", "b"]
 
 
 def write_lines(path, records):
@@ -169,11 +170,11 @@ def test_reader_names_file_line_and_problem(tmp_path, corrupt, message):
     path = tmp_path / "t.jsonl"
     write_lines(path, [synthetic_trajectory("good"), bad])
     with pytest.raises(ValueError) as err:
-        data.read_trajectories(path)
+        trajectories.read_trajectories(path)
     assert str(err.value).startswith(f"{path}:2: ")
     assert message in str(err.value)
     with pytest.raises(ValueError, match="malformed"):
-        data.write_trajectory(tmp_path / "other.jsonl", bad)
+        trajectories.write_trajectory(tmp_path / "other.jsonl", bad)
     assert not (tmp_path / "other.jsonl").exists()
 
 
@@ -181,12 +182,12 @@ def test_reader_rejects_non_json_and_missing_files(tmp_path):
     path = tmp_path / "t.jsonl"
     write_lines(path, ["{not json", synthetic_trajectory()])
     with pytest.raises(ValueError, match=r"t.jsonl:1: not valid JSON"):
-        data.read_trajectories(path)
+        trajectories.read_trajectories(path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.read_trajectories(tmp_path / "nope.jsonl")
+        trajectories.read_trajectories(tmp_path / "nope.jsonl")
     (tmp_path / "binary.jsonl").write_bytes(b"\xff\xfe\x00")
     with pytest.raises(ValueError, match="cannot read trajectory file"):
-        data.read_trajectories(tmp_path / "binary.jsonl")
+        trajectories.read_trajectories(tmp_path / "binary.jsonl")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def test_single_agent_examples_follow_subtasks():
     record.update(calls=calls, system={"kind": "single", "teacher": "gold",
                                             "roles": {"single": {"model": "m", "adapter": None}},
                                             "budgets": {}})
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
     examples, _ = examples_of("single", [record])
     tok = CharTokenizer()
     assert [e.subtask for e in examples] == [1, 2]
@@ -328,7 +329,7 @@ def test_a_reasked_planner_reply_is_not_a_target():
     record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
     record["calls"] = [c for c in record["calls"] if c["role"] != "planner"] + conversation_calls(
         "planner", 0, "You plan.", "Task t1", turns)
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
     examples, _ = examples_of("planner", [record])
     tok = CharTokenizer()
     assert [e.subtask for e in examples] == [1, 2]
@@ -362,7 +363,7 @@ def test_a_target_whose_prompt_was_fitted_differently_gets_its_own_example():
     calls[3]["messages"][3] = {"role": "user", "content": data.shorten("x" * 300, data.TRUNCATED_KEEP)}
     record = synthetic_trajectory(n_subtasks=1, recovery_at=0)
     record["calls"] = [c for c in record["calls"] if c["role"] != "executor"] + calls
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
     examples, _ = examples_of("executor", [record])
     tok = CharTokenizer()
     assert [(e.conversation, e.subtask) for e in examples] == [(1, 1), (1, 1)]
@@ -470,7 +471,7 @@ def test_mask_with_real_tokenizer_checked_by_hand(tmp_path):
 def test_cli_checks_and_prints_the_schedule(tmp_path, capsys):
     from conftest import build_chatml_tokenizer
     path = tmp_path / "t.jsonl"
-    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
+    trajectories.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
     assert data.main(["check", str(path)]) == 0
     # planner 3 (2 decisions + finished), executor 2 + 3 (a mistake at sub-task 2), critic 1 + 2
     assert capsys.readouterr().out == f"{path}: 1 valid trajectories, 11 model calls\n"
@@ -497,7 +498,7 @@ def test_trajectory_texts_lists_each_distinct_line_once_in_order(tmp_path, capsy
          "output": "FINISH"}]}]
     assert data.trajectory_texts(records) == ["You plan.", "Task: a", "b", "Sub-task: b", "Report: ok", "FINISH"]
     path = tmp_path / "t.jsonl"
-    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=1, recovery_at=0))
+    trajectories.write_trajectory(path, synthetic_trajectory("a", n_subtasks=1, recovery_at=0))
     assert data.main(["texts", str(path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(set(lines)) and "Task finished." in lines and "You judge." in lines

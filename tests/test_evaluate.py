@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import agents
-import data
 import evaluate
 import lora
 import model
@@ -25,6 +24,7 @@ import result_files
 import rollout
 import store
 import systems
+import trajectories
 import world
 from conftest import REPO, run_child, torchrun
 
@@ -47,7 +47,7 @@ def config(out, root, **kw) -> evaluate.EvalConfig:
 
 def without_timing(records: list[dict]) -> list[dict]:
     """Trajectories without the fields that measure the engine rather than the rollout."""
-    return [{**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS} for c in r["calls"]]}
+    return [{**r, "calls": [{k: v for k, v in c.items() if k not in trajectories.MEASURED_CALL_FIELDS} for c in r["calls"]]}
             for r in records]
 
 
@@ -90,7 +90,7 @@ def test_gold_replay_under_the_demos_budgets_scores_100_on_the_dev_split(mini_wo
     assert (m["tasks"], m["passed"], m["tgc"]) == (len(dev), len(dev), 100.0)
     assert m["scenarios"] == len({t.split("_")[0] for t in dev}) and m["sgc"] == 100.0
     assert m["scenarios_left_out"] == 0 and m["budget_stops"] == {}
-    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert [r["task_id"] for r in records] == dev  # merged in split order
     assert all(r["evaluation"]["passes"] and not r["evaluation"]["failures"] for r in records)
     difficulties = {world.task_metadata(t, root=mini_world)["difficulty"] for t in dev}
@@ -112,7 +112,7 @@ def test_a_do_nothing_system_scores_0(mini_world, pool, tmp_path):
     results = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world), pool=pool)
     m = results["metrics"]
     assert (m["tgc"], m["sgc"], m["passed"]) == (0.0, 0.0, 0)
-    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert all(r["evaluation"]["failures"] and not r["executions"] for r in records)
     assert m["subtask_errors"] == {"1": {"planner": {"n": len(records), "errors": 0, "rate": 0.0}}}
 
@@ -140,11 +140,11 @@ def hand_record(task_id, passed, planner, subtasks):
                           "messages": [{"role": "user", "content": "judge"}], "output": f"Verdict: {verdict}",
                           "prompt_tokens": 1, "new_tokens": 1, "flops": 1.0, "seconds": 0.0, "train": True})
             critic += 1
-    record = {"schema": data.SCHEMA_VERSION, "task_id": task_id, "split": "dev",
+    record = {"schema": trajectories.SCHEMA_VERSION, "task_id": task_id, "split": "dev",
               "system": {"kind": "multi", "teacher": None, "roles": {}, "budgets": {}}, "instruction": "Task",
               "calls": calls, "executions": executions, "subtasks": rows,
               "evaluation": {"success": passed, "passes": [], "failures": [], "num_tests": 1}, "budget_stops": []}
-    data.validate_trajectory(record)
+    trajectories.validate_trajectory(record)
     return record
 
 
@@ -182,15 +182,15 @@ def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
 def uninterrupted(micro, mini_world, pool, tmp_path_factory):
     """The micro model in every role on the first dev tasks, one world at a time: (results, records)."""
     out = tmp_path_factory.mktemp("straight")
-    system = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    system = rollout.local_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {})
     results = evaluate.evaluate(system, SMALL, config(out, mini_world, limit=N_SMALL, workers=1), pool=pool)
-    return results, data.read_trajectories(out / result_files.TRAJECTORIES)
+    return results, trajectories.read_trajectories(out / result_files.TRAJECTORIES)
 
 
 def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_world, pool, tmp_path):
     straight, straight_records = uninterrupted
     assert straight["metrics"]["flops_per_task"] > 0 and straight["metrics"]["roles"]["planner"]["calls_per_task"] >= 1
-    system = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    system = rollout.local_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {})
     with pytest.raises(evaluate.StopEvaluation):
         evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1, stop_after_tasks=2),
                           pool=pool)
@@ -198,7 +198,7 @@ def test_resumed_evaluation_equals_uninterrupted(uninterrupted, micro, mini_worl
     assert len(before.splitlines()) == 2
     resumed = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, workers=1), pool=pool)
     assert resumed["metrics"] == straight["metrics"]
-    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert without_timing(records) == without_timing(straight_records)
     merged = (tmp_path / result_files.TRAJECTORIES).read_text()
     assert merged.startswith(before)  # the two finished tasks were kept as written, not re-run
@@ -208,12 +208,12 @@ def test_plain_evaluation_equals_the_fast_path(uninterrupted, micro, mini_world,
     """cfg.plain (evaluate.py --plain): agents.run_task on agents.PlainEngine (model.generate), one task after
     another in one world session, records what rollout.run_rollouts on the fast LocalEngine records."""
     straight, straight_records = uninterrupted
-    system = agents.build_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {})
+    system = agents.build_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {})
     plain = evaluate.evaluate(system, SMALL, config(tmp_path, mini_world, limit=N_SMALL, plain=True), pool=pool)
     assert plain["metrics"] == straight["metrics"]
-    records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert without_timing(records) == without_timing(straight_records)
-    assert store.read_identity(tmp_path)["decode"] == {role: "plain" for role in data.MULTI_AGENT_ROLES}
+    assert store.read_identity(tmp_path)["decode"] == {role: "plain" for role in trajectories.MULTI_AGENT_ROLES}
 
 
 def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
@@ -225,10 +225,10 @@ def test_resume_refuses_a_folder_of_another_system(mini_world, pool, tmp_path):
 
 def test_evaluation_identity_knows_world_and_models_by_content_so_moved_copies_resume(micro, mini_world, tmp_path):
     def system(folder):
-        return rollout.local_system("multi", {r: str(folder) for r in data.MULTI_AGENT_ROLES}, {})
+        return rollout.local_system("multi", {r: str(folder) for r in trajectories.MULTI_AGENT_ROLES}, {})
     identity = result_files.evaluation_identity
     saved = identity(system(micro), SMALL, "dev", mini_world, {})
-    mixing = rollout.local_system("multi", {r: str(micro) for r in data.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
+    mixing = rollout.local_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
     with pytest.raises(ValueError, match=r'holds a different run \(decode.critic.adapters: "merged" there vs "mixed"'):
         store.check_identity(tmp_path, saved, identity(mixing, SMALL, "dev", mini_world, {}), "-")
     shutil.copytree(mini_world, tmp_path / "world")
@@ -255,14 +255,14 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
     merged = json.loads((tmp_path / result_files.RESULTS).read_text())
     assert merged["metrics"] == straight["metrics"]
     assert merged["timing"]["this_run"]["processes"] == 2
-    merged_records = data.read_trajectories(tmp_path / result_files.TRAJECTORIES)
+    merged_records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert without_timing(merged_records) == without_timing(straight_records)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Rebuilding a system from prost.py's output folder.
 
-def write_role_adapters(base: Path, out: Path, roles=data.MULTI_AGENT_ROLES, dropout=0.0, scale=0.02) -> None:
+def write_role_adapters(base: Path, out: Path, roles=trajectories.MULTI_AGENT_ROLES, dropout=0.0, scale=0.02) -> None:
     """A PEFT-layout adapter per role on the same base, each with its own non-zero weights."""
     net = model.Transformer.from_pretrained(base)
     for i, role in enumerate(roles):
@@ -278,14 +278,14 @@ def write_role_adapters(base: Path, out: Path, roles=data.MULTI_AGENT_ROLES, dro
 def test_agents_folder_rebuilds_roles_on_one_shared_base(micro, mini_world, pool, tmp_path):
     write_role_adapters(micro, tmp_path / "ckpts")
     spec = systems.system_spec(agents_dir=tmp_path / "ckpts")
-    assert spec.models == {r: str(micro) for r in data.MULTI_AGENT_ROLES}  # the base each adapter recorded
+    assert spec.models == {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}  # the base each adapter recorded
     system = systems.load_system(spec, "cpu", "float32")
     engines = {id(b.engine) for b in system.roles.values()}
     assert len(engines) == 1 and {r: b.adapter for r, b in system.roles.items()} == {
-        r: r for r in data.MULTI_AGENT_ROLES}
+        r: r for r in trajectories.MULTI_AGENT_ROLES}
     results = evaluate.evaluate(system, SMALL, config(tmp_path / "out", mini_world, limit=1), pool=pool)
     assert {r: b["adapter"] for r, b in results["system"]["roles"].items()} == {
-        r: str(tmp_path / "ckpts" / r) for r in data.MULTI_AGENT_ROLES}
+        r: str(tmp_path / "ckpts" / r) for r in trajectories.MULTI_AGENT_ROLES}
 
 
 def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro, mini_world, pool, tmp_path):
@@ -313,12 +313,13 @@ def test_a_changed_adapter_in_the_same_folder_is_refused_unless_overwrite(micro,
 
 def test_unfinished_adapters_are_refused_then_reported_when_allowed(micro, mini_world, tmp_path, capsys):
     import prost
+    import train_config
     from test_data import synthetic_trajectory
-    trajectories = tmp_path / "train.jsonl"
-    data.write_trajectories(trajectories, [synthetic_trajectory("a", n_subtasks=2)])
-    prost.train(prost.TrainConfig(model=str(micro), role="planner", data=str(trajectories), out=str(tmp_path / "ck"),
-                                  epochs=2, subtasks_per_epoch=2, stop_after_epochs=1, micro_batch_size=2,
-                                  grad_accum=1, max_seq_len=256, lora_r=2, progress=False))
+    trajectory_file = tmp_path / "train.jsonl"
+    trajectories.write_trajectories(trajectory_file, [synthetic_trajectory("a", n_subtasks=2)])
+    prost.train(train_config.TrainConfig(model=str(micro), role="planner", data=str(trajectory_file),
+                                         out=str(tmp_path / "ck"), epochs=2, subtasks_per_epoch=2, stop_after_epochs=1,
+                                         micro_batch_size=2, grad_accum=1, max_seq_len=256, lora_r=2, progress=False))
     for role in ("executor", "critic"):
         shutil.copytree(tmp_path / "ck" / "planner", tmp_path / "ck" / role)
     argv = ["--agents", str(tmp_path / "ck"), "--root", str(mini_world), "--limit", "1", "--workers", "1",
@@ -340,7 +341,7 @@ def test_a_system_loaded_from_ckpts_runs_without_dropout_and_repeats_itself(micr
     runs = [evaluate.evaluate(system, SMALL, config(tmp_path / f"run{i}", mini_world, limit=2, workers=1), pool=pool)
             for i in (1, 2)]
     assert runs[0]["metrics"] == runs[1]["metrics"]
-    first, second = (without_timing(data.read_trajectories(tmp_path / f"run{i}" / result_files.TRAJECTORIES))
+    first, second = (without_timing(trajectories.read_trajectories(tmp_path / f"run{i}" / result_files.TRAJECTORIES))
                      for i in (1, 2))
     assert first == second
 
@@ -430,7 +431,7 @@ def test_bad_inputs_give_one_clear_line(mini_world, micro, tmp_path, capsys):
     assert "no adapter for the critic" in one_error_line(["--agents", str(tmp_path / "partial"), *common], capsys)
     moved = tmp_path / "moved_base"
     write_role_adapters(micro, tmp_path / "orphans")
-    for role in data.MULTI_AGENT_ROLES:  # as if the base model's folder had been moved away
+    for role in trajectories.MULTI_AGENT_ROLES:  # as if the base model's folder had been moved away
         config_path = tmp_path / "orphans" / role / lora.ADAPTER_CONFIG
         config_path.write_text(config_path.read_text().replace(json.dumps(str(micro)), json.dumps(str(moved))))
     err = one_error_line(["--agents", str(tmp_path / "orphans"), *common], capsys)

@@ -366,7 +366,7 @@ def test_missing_shard(tmp_path, sharded_ckpt):
 @pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
 def test_save_pretrained_loads_in_transformers(tmp_path, request, name):
     folder, hf = request.getfixturevalue(name)
-    M.save_pretrained(M.Transformer.from_pretrained(folder), tmp_path / "out")
+    model_io.save_pretrained(M.Transformer.from_pretrained(folder), tmp_path / "out")
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert ("lm_head.weight" in saved) == (name == "llama_ckpt")  # tied: stored once, as the embedding
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)

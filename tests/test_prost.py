@@ -20,6 +20,8 @@ import batching
 import data
 import prost
 import run_folder
+import train_config
+import trajectories
 import world
 from conftest import assert_reordered_sums_close, build_hf_checkpoint, run_child, torchrun
 from model import ModelConfig, Tokenizer, Transformer
@@ -32,20 +34,20 @@ def base(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trajectories(tmp_path_factory):
+def trajectory_file(tmp_path_factory):
     """Two tasks with 2 and 3 sub-tasks: the planner has sub-task indices 1..4 (4 = 'finished')."""
     path = tmp_path_factory.mktemp("traj") / "train.jsonl"
-    data.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
-    data.write_trajectory(path, synthetic_trajectory("b", n_subtasks=3, recovery_at=3))
+    trajectories.write_trajectory(path, synthetic_trajectory("a", n_subtasks=2))
+    trajectories.write_trajectory(path, synthetic_trajectory("b", n_subtasks=3, recovery_at=3))
     return path
 
 
-def config(base, trajectories, out, **overrides):
-    settings = dict(model=str(base[0]), role="planner", data=str(trajectories), out=str(out), epochs=4,
+def config(base, trajectory_file, out, **overrides):
+    settings = dict(model=str(base[0]), role="planner", data=str(trajectory_file), out=str(out), epochs=4,
                     micro_batch_size=2, grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0,
                     progress=False)
     settings.update(overrides)
-    return prost.TrainConfig(**settings)
+    return train_config.TrainConfig(**settings)
 
 
 def adapter_tensors(out_dir: Path) -> dict[str, torch.Tensor]:
@@ -61,14 +63,14 @@ def log_records(out_dir: Path) -> list[dict]:
 
 
 @pytest.mark.parametrize("with_trunk", [False, True])
-def test_target_token_losses_match_transformers_logits(base, trajectories, with_trunk, monkeypatch):
+def test_target_token_losses_match_transformers_logits(base, trajectory_file, with_trunk, monkeypatch):
     """With a shared trunk, the rows' common prefix runs once and each row continues it; the reference is
     transformers on each full row."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     monkeypatch.setattr("trunk.ATTENTION_BLOCK", 5)  # rows attend in several blocks of queries (attend_after)
     ckpt, hf_model = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectory_file), "executor", tokenizer, 10_000)
     collate = batching.collate_with_trunk if with_trunk else data.collate
     ids, mask, trunk = collate(examples[:3], tokenizer.pad_id)
     assert (trunk >= 4) == with_trunk
@@ -94,7 +96,7 @@ def test_cosine_restarts_restart_warmup_and_decay_when_subtasks_enter():
     counts = [2, 3, 4, 5]  # optimizer steps per epoch
     assert prost.lr_cycles(counts, plans, "cosine") == [(0, 14)]
     assert prost.lr_cycles(counts, plans, "cosine-restarts") == [(0, 2), (2, 3), (5, 9)]  # epoch 4 adds nothing
-    cfg = prost.TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_ratio=0.25)
+    cfg = train_config.TrainConfig(lr=1.0, min_lr_ratio=0.0, warmup_ratio=0.25)
     cycles = [(0, 2), (2, 3), (5, 9)]
     lrs = [prost.cycle_learning_rate(s, cycles, cfg) for s in range(14)]
 
@@ -107,14 +109,14 @@ def test_cosine_restarts_restart_warmup_and_decay_when_subtasks_enter():
     assert lrs == pytest.approx(expected)
 
 
-def test_grad_accumulation_1x8_equals_4x2(base, trajectories):
+def test_grad_accumulation_1x8_equals_4x2(base, trajectory_file):
     """One micro-batch of 8 and four of 2 give the same gradient of the mean token loss (padding differs)."""
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "planner", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectory_file), "planner", tokenizer, 10_000)
     examples = examples[:8]
     step_targets = sum(e.n_targets for e in examples)
-    cfg = prost.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=0.0)
+    cfg = train_config.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=0.0)
     model = prost.build_model(cfg, torch.device("cpu"), "fp32")
     params = list(prost.trainable_parameters(model).values())
     with torch.no_grad():  # B starts at zero; give it values so every adapter gradient is non-trivial
@@ -147,7 +149,7 @@ def single_agent_record(task_id: str) -> dict:
 
 def random_adapter_model(ckpt, dropout=0.0):
     """fp32 model with a randomised adapter (B starts at zero: give every adapter gradient a value)."""
-    model = prost.build_model(prost.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=dropout),
+    model = prost.build_model(train_config.TrainConfig(model=str(ckpt), lora_r=4, lora_dropout=dropout),
                               torch.device("cpu"), "fp32")
     params = list(prost.trainable_parameters(model).values())
     with torch.no_grad():
@@ -237,7 +239,7 @@ def test_micro_batches_keep_tasks_together_only_where_that_computes_less(base):
                example("a", prefix["a"] + tokens(10)), example("b", prefix["b"] + tokens(12))]
     differing = [example("a", tokens(200)), example("b", tokens(190)), example("a", tokens(20)),
                  example("b", tokens(25))]
-    cfg = prost.TrainConfig(model=str(base[0]), micro_batch_size=2)
+    cfg = train_config.TrainConfig(model=str(base[0]), micro_batch_size=2)
     for sequences, by_task in ((sharing, True), (differing, False)):
         lengths, indices = [e.n_tokens for e in sequences], list(range(4))
         plan = prost.epoch_micro_batches(sequences, 1, cfg, config)
@@ -245,19 +247,19 @@ def test_micro_batches_keep_tasks_together_only_where_that_computes_less(base):
         grouped = batching.plan_batches_by_task(indices, lengths, 2, cfg.seed, 1, [e.task_id for e in sequences])
         assert plan == (grouped if by_task else by_length)
         assert grouped != by_length  # the two plans differ: a real choice
-        assert prost.epoch_micro_batches(sequences, 1, prost.TrainConfig(model=str(base[0]), micro_batch_size=2,
+        assert prost.epoch_micro_batches(sequences, 1, train_config.TrainConfig(model=str(base[0]), micro_batch_size=2,
                                                                          trunks=False), config) == by_length
     by_task = prost.epoch_micro_batches(sharing, 1, cfg, config)
     assert sorted(sorted(sharing[i].task_id for i in b) for b in by_task) == [["a", "a"], ["b", "b"]]
 
 
-def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectories, monkeypatch):
+def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectory_file, monkeypatch):
     """With dropout on: the recomputed blocks must draw the same dropout masks as the first forward. The
     vocabulary projection is recomputed in pieces of 7 targets."""
     monkeypatch.setattr(prost, "LOSS_CHUNK", 7)
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectory_file), "executor", tokenizer, 10_000)
     batches = [batching.collate_with_trunk(examples[i:i + 3], tokenizer.pad_id) for i in (0, 3)]
     step_targets = sum(e.n_targets for e in examples[:6])
     model, params = random_adapter_model(ckpt, dropout=0.2)
@@ -273,12 +275,12 @@ def test_checkpointed_blocks_give_the_same_losses_and_gradients(base, trajectori
         assert_reordered_sums_close(a, b, sum(e.n_tokens for e in examples[:6]))  # chunked logits
 
 
-def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, trajectories):
+def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, trajectory_file):
     """--compile compiles each decoder block; a graph break (a Python value torch.compile cannot trace, such
     as a thread count) would split it and run the pieces eagerly. fullgraph=True makes a break an error."""
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectory_file), "executor", tokenizer, 10_000)
     batches = [batching.collate_with_trunk(examples[:3], tokenizer.pad_id)]
     step_targets = sum(e.n_targets for e in examples[:3])
     model, params = random_adapter_model(ckpt)
@@ -291,13 +293,13 @@ def test_compiled_blocks_trace_as_one_graph_and_give_the_same_gradients(base, tr
         assert_reordered_sums_close(a, b, sum(e.n_tokens for e in examples[:3]))  # compiled kernels
 
 
-def test_training_flops_count_what_the_step_runs(base, trajectories):
+def test_training_flops_count_what_the_step_runs(base, trajectory_file):
     """Against torch's FlopCounterMode over a real step: every matmul the forward and backward run (counted
     by torch, not by prost), plus causal attention counted by hand (torch counts attention as full T x T)."""
     from conftest import flop_counter
     ckpt, _ = base
     tokenizer = Tokenizer.from_pretrained(ckpt)
-    examples, _ = data.build_examples(data.read_trajectories(trajectories), "executor", tokenizer, 10_000)
+    examples, _ = data.build_examples(trajectories.read_trajectories(trajectory_file), "executor", tokenizer, 10_000)
     example = max(examples, key=lambda e: e.n_tokens)
     model, params = random_adapter_model(ckpt)
     counter = flop_counter()
@@ -362,8 +364,8 @@ def test_shared_trunk_flops_count_what_the_step_runs(base, monkeypatch):
 # Training runs.
 
 
-def test_tiny_model_overfits_a_handful_of_examples(base, trajectories, tmp_path):
-    history = prost.train(config(base, trajectories, tmp_path, role="executor", schedule="full", epochs=16,
+def test_tiny_model_overfits_a_handful_of_examples(base, trajectory_file, tmp_path):
+    history = prost.train(config(base, trajectory_file, tmp_path, role="executor", schedule="full", epochs=16,
                                  micro_batch_size=5, grad_accum=1, lr=2e-2, lora_r=16, lora_alpha=32,
                                  warmup_ratio=0.0))
     first, last = history[0]["train_loss"], history[-1]["train_loss"]
@@ -373,8 +375,8 @@ def test_tiny_model_overfits_a_handful_of_examples(base, trajectories, tmp_path)
     assert saved["base_model_name_or_path"] == str(base[0]) and saved["peft_type"] == "LORA"
 
 
-def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_path, capsys):
-    history = prost.train(config(base, trajectories, tmp_path, dev_data=str(trajectories), epochs=5))
+def test_epochs_follow_the_progressive_schedule_and_log(base, trajectory_file, tmp_path, capsys):
+    history = prost.train(config(base, trajectory_file, tmp_path, dev_data=str(trajectory_file), epochs=5))
     out = capsys.readouterr().out
     # planner sub-tasks: a -> 1, 2, 3 (finished); b -> 1, 2, 3, 4 (finished)
     assert [r["max_subtask"] for r in history] == [1, 2, 3, 4, 4]
@@ -391,7 +393,7 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectories, tmp_
 
 @pytest.mark.parametrize("role", ["planner", "executor"])
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, tmp_path, checkpointing, role,
+def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectory_file, tmp_path, checkpointing, role,
                                                             monkeypatch):
     """Dropout is on, so the restored RNG states matter as much as the adapter and optimizer. The planner's
     examples are nested (merged); the executor's micro-batches share trunks (one task's examples, side by side).
@@ -399,17 +401,17 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
     move before it resumes: the run knows them by content, not by path."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     if role == "executor":  # the premise: trunks are computed
-        sequences = prost.epoch_sequences(data.build_examples(data.read_trajectories(trajectories), role,
+        sequences = prost.epoch_sequences(data.build_examples(trajectories.read_trajectories(trajectory_file), role,
                                                               Tokenizer.from_pretrained(base[0]), 10_000)[0], 1,
-                                          config(base, trajectories, tmp_path, role=role, epochs=4))
-        plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectories, tmp_path, role=role),
+                                          config(base, trajectory_file, tmp_path, role=role, epochs=4))
+        plan = prost.epoch_micro_batches(sequences, 1, config(base, trajectory_file, tmp_path, role=role),
                                          ModelConfig.from_hf(base[0]))
         assert any(batching.trunk_length([sequences[i] for i in b]) for b in plan)
     settings = dict(epochs=4, lora_dropout=0.1, role=role)
-    straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
+    straight = prost.train(config(base, trajectory_file, tmp_path / "straight", **settings))
     settings.update(checkpoint_activations=checkpointing)
     shutil.copytree(base[0], tmp_path / "inputs" / "base")
-    shutil.copy(trajectories, tmp_path / "inputs" / "train.jsonl")
+    shutil.copy(trajectory_file, tmp_path / "inputs" / "train.jsonl")
 
     def inputs(folder):  # (base, trajectories) as config() takes them
         return (folder / "base",), folder / "train.jsonl"
@@ -424,7 +426,7 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectories, 
 
 
 @pytest.mark.parametrize("role", ["planner", "executor"])
-def test_plain_run_equals_the_fast_paths(base, trajectories, tmp_path, role, monkeypatch):
+def test_plain_run_equals_the_fast_paths(base, trajectory_file, tmp_path, role, monkeypatch):
     """--plain (no nested merging, no trunks, micro-batches by length, textbook dropout, no compile) against
     the defaults: micro-batches of 2 x 8 accumulated hold every sequence of an epoch either way, so each epoch
     is one optimizer step on the gradient of the same mean token loss, summed in another grouping and order:
@@ -432,17 +434,17 @@ def test_plain_run_equals_the_fast_paths(base, trajectories, tmp_path, role, mon
     examples; the executor's computes shared trunks."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     settings = dict(role=role, epochs=4, micro_batch_size=2, grad_accum=8)
-    examples = data.build_examples(data.read_trajectories(trajectories), role, Tokenizer.from_pretrained(base[0]),
+    examples = data.build_examples(trajectories.read_trajectories(trajectory_file), role, Tokenizer.from_pretrained(base[0]),
                                    10_000)[0]
-    cfg = config(base, trajectories, tmp_path, **settings)
+    cfg = config(base, trajectory_file, tmp_path, **settings)
     sequences = prost.epoch_sequences(examples, 4, cfg)
     plan = prost.epoch_micro_batches(sequences, 4, cfg, ModelConfig.from_hf(base[0]))
     if role == "planner":  # the premises: each fast path is taken
         assert len(sequences) < len(examples)
     else:
         assert any(batching.trunk_length([sequences[i] for i in b]) for b in plan)
-    fast = prost.train(config(base, trajectories, tmp_path / "fast", **settings))
-    plain = prost.train(config(base, trajectories, tmp_path / "plain", plain=True, **settings))
+    fast = prost.train(config(base, trajectory_file, tmp_path / "fast", **settings))
+    plain = prost.train(config(base, trajectory_file, tmp_path / "plain", plain=True, **settings))
     assert [r["step"] for r in fast] == [r["step"] for r in plain] == [1, 2, 3, 4]
     assert [r["examples"] for r in plain] == [r["sequences"] for r in plain]  # nothing merged
     for f, p in zip(fast, plain):
@@ -456,9 +458,9 @@ def test_plain_run_equals_the_fast_paths(base, trajectories, tmp_path, role, mon
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0.1 * cfg.lr)
 
 
-def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
+def test_ddp_two_gloo_processes_equal_one_process(base, trajectory_file, tmp_path):
     """Global batch 4 either way: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2."""
-    common = ["--model", str(base[0]), "--role", "executor", "--data", str(trajectories), "--epochs", "2",
+    common = ["--model", str(base[0]), "--role", "executor", "--data", str(trajectory_file), "--epochs", "2",
               "--schedule", "full", "--micro-batch-size", "2", "--lr", "5e-3", "--lora-r", "4",
               "--lora-dropout", "0", "--no-progress"]
     run_child([sys.executable, "prost.py", *common, "--grad-accum", "2", "--out", str(tmp_path / "one")])
@@ -477,9 +479,9 @@ def test_ddp_two_gloo_processes_equal_one_process(base, trajectories, tmp_path):
 # Failures.
 
 
-def cli_args(base, trajectories, out, **flags) -> list[str]:
+def cli_args(base, trajectory_file, out, **flags) -> list[str]:
     """The command line equivalent of config(...): flags given as keyword arguments override."""
-    settings = dict(model=str(base[0]), data=str(trajectories), out=str(out), epochs=4, micro_batch_size=2,
+    settings = dict(model=str(base[0]), data=str(trajectory_file), out=str(out), epochs=4, micro_batch_size=2,
                     grad_accum=2, lr=5e-3, lora_r=4, lora_alpha=8, lora_dropout=0.0)
     settings.update(flags)
     args = ["--no-progress"]
@@ -496,9 +498,9 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, tmp_path, capsys):
+def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectory_file, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(trajectories.read_text().splitlines()[0] + "\n{\"schema\": 2}\n")
+    bad.write_text(trajectory_file.read_text().splitlines()[0] + "\n{\"schema\": 2}\n")
     cases = [
         (dict(role="judge"), "unknown role 'judge'"),
         (dict(role="single"), "holds no single calls"),
@@ -514,7 +516,7 @@ def test_bad_inputs_are_clear_errors_leaving_no_checkpoint(base, trajectories, t
         (dict(max_seq_len=8), "longer than --max-seq-len 8 even with its old outputs shortened"),
     ]
     for flags, message in cases:
-        code, err = run_cli(cli_args(base, trajectories, tmp_path / "ck", **flags), capsys)
+        code, err = run_cli(cli_args(base, trajectory_file, tmp_path / "ck", **flags), capsys)
         assert code == 2 and err.startswith("error: ") and message in err, (flags, err)
         assert "Traceback" not in err and not (tmp_path / "ck").exists()
 
@@ -542,34 +544,34 @@ def test_without_data_it_trains_on_the_mini_worlds_gold_trajectories(base, mini_
     assert (tmp_path / "ck" / "planner" / "adapter_model.safetensors").is_file()
 
 
-def test_out_folder_holding_another_run_is_refused(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4))
+def test_out_folder_holding_another_run_is_refused(base, trajectory_file, tmp_path, capsys):
+    prost.train(config(base, trajectory_file, tmp_path, epochs=1, subtasks_per_epoch=4))
     state = tmp_path / "planner" / prost.STATE_FILE
     before = state.read_bytes()
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4, lr=1e-3), capsys)
+    code, err = run_cli(cli_args(base, trajectory_file, tmp_path, epochs=1, subtasks_per_epoch=4, lr=1e-3), capsys)
     assert code == 2 and "holds a different run (lr: 0.005 there vs 0.001 now)" in err
     other_weights = build_hf_checkpoint(tmp_path / "other-base", "qwen2", tie=True, seed=4)
-    code, err = run_cli(cli_args(other_weights, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4,
+    code, err = run_cli(cli_args(other_weights, trajectory_file, tmp_path, epochs=1, subtasks_per_epoch=4,
                                  resume=True), capsys)
     assert code == 2 and "holds a different run (model_sha256: " in err
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4), capsys)
+    code, err = run_cli(cli_args(base, trajectory_file, tmp_path, epochs=1, subtasks_per_epoch=4), capsys)
     assert code == 2 and "already holds this run (epoch 1 of 1 done); pass --resume" in err
     assert state.read_bytes() == before
     stray = tmp_path / "other" / "planner"
     stray.mkdir(parents=True)
     (stray / "notes.txt").write_text("mine")
-    code, err = run_cli(cli_args(base, trajectories, tmp_path / "other"), capsys)
+    code, err = run_cli(cli_args(base, trajectory_file, tmp_path / "other"), capsys)
     assert code == 2 and "is not empty and holds no prost run" in err
     assert sorted(p.name for p in stray.iterdir()) == ["notes.txt"]
     # A crash inside the first checkpoint leaves this run's files but no state: the run starts over.
     crashed = tmp_path / "crashed" / "planner"
     shutil.copytree(tmp_path / "planner", crashed, ignore=shutil.ignore_patterns(prost.STATE_FILE))
-    assert len(prost.train(config(base, trajectories, tmp_path / "crashed", epochs=1, subtasks_per_epoch=4))) == 1
+    assert len(prost.train(config(base, trajectory_file, tmp_path / "crashed", epochs=1, subtasks_per_epoch=4))) == 1
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectories, tmp_path, capsys,
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajectory_file, tmp_path, capsys,
                                                                    monkeypatch):
-    good = prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after_epochs=1))
+    good = prost.train(config(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=2, stop_after_epochs=1))
     adapter_after_epoch_1 = adapter_tensors(tmp_path / "planner")
     real = prost.target_token_losses
 
@@ -578,7 +580,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajecto
         return losses * float("nan"), rows
 
     monkeypatch.setattr(prost, "target_token_losses", poisoned)
-    code, err = run_cli(cli_args(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=2, resume=True), capsys)
+    code, err = run_cli(cli_args(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=2, resume=True), capsys)
     assert code == 1
     assert "non-finite loss or gradient at epoch 2, step 1" in err and "last good checkpoint (epoch 1)" in err
     kept = adapter_tensors(tmp_path / "planner")
@@ -588,19 +590,19 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, trajecto
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit):
-        prost.parse_args(["--help"])
+        train_config.parse_args(["--help"])
     text = capsys.readouterr().out
-    for name in prost.TrainConfig.__dataclass_fields__:
+    for name in train_config.TrainConfig.__dataclass_fields__:
         flag = "--" + ("no-" if name in ("progress", "merge_nested", "trunks") else "") + name.replace("_", "-")
         assert flag in text, flag
-    assert "Qwen/Qwen2.5-1.5B" in prost.TrainConfig().model
+    assert "Qwen/Qwen2.5-1.5B" in train_config.TrainConfig().model
 
 
-def test_bf16_autocast_on_cpu_keeps_fp32_adapter_and_optimizer(base, trajectories, tmp_path):
-    history = prost.train(config(base, trajectories, tmp_path, precision="bf16", epochs=2, schedule="full"))
+def test_bf16_autocast_on_cpu_keeps_fp32_adapter_and_optimizer(base, trajectory_file, tmp_path):
+    history = prost.train(config(base, trajectory_file, tmp_path, precision="bf16", epochs=2, schedule="full"))
     assert all(math.isfinite(r["train_loss"]) for r in history)
     assert all(t.dtype == torch.float32 for t in adapter_tensors(tmp_path / "planner").values())
     state = torch.load(tmp_path / "planner" / prost.STATE_FILE, weights_only=True)
     assert all(s["exp_avg"].dtype == torch.float32 for s in state["optimizer"]["state"].values())
-    model = prost.build_model(config(base, trajectories, tmp_path), torch.device("cpu"), "bf16")
+    model = prost.build_model(config(base, trajectory_file, tmp_path), torch.device("cpu"), "bf16")
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16

@@ -21,14 +21,15 @@ from test_decoding import two_adapters
 from test_teacher import records_by_kind
 
 import agents
-import data
 import evaluate
 import lora
 import model as M
+import model_io
 import result_files
 import rollout
 import store
 import systems
+import trajectories
 import world
 
 
@@ -131,7 +132,7 @@ def near_tied(folder, out):
     head[1::2] = head[0::2] + 1e-6 * head.abs().mean() * noise
     net.lm_head.weight = torch.nn.Parameter(head)
     net.config.tie_word_embeddings = False
-    M.save_pretrained(net, out)
+    model_io.save_pretrained(net, out)
     for f in folder.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "generation")):
             (out / f.name).write_bytes(f.read_bytes())
@@ -158,9 +159,9 @@ def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, min
                 cfg = evaluate.EvalConfig(split="dev", out=str(out), root=str(mini_world), workers=workers,
                                           max_batch=max_batch, limit=4, quiet=True)
                 results = evaluate.evaluate(system, budgets, cfg, pool=pool)  # the second run finds a warm cache
-                records = data.read_trajectories(out / result_files.TRAJECTORIES)
+                records = trajectories.read_trajectories(out / result_files.TRAJECTORIES)
                 runs[decode, workers] = results["metrics"], [
-                    {**r, "calls": [{k: v for k, v in c.items() if k not in data.MEASURED_CALL_FIELDS}
+                    {**r, "calls": [{k: v for k, v in c.items() if k not in trajectories.MEASURED_CALL_FIELDS}
                                     for c in r["calls"]]} for r in records]
     assert runs["deterministic", 1] == runs["deterministic", 4]
     assert sum(len(r["calls"]) for r in runs["deterministic", 1][1]) > 4
@@ -251,7 +252,7 @@ def without_wall_times(record):
     cache happened to hold (which depends on the calls served before)."""
     record = json.loads(json.dumps(record))
     for call in record["calls"]:
-        for measured in data.MEASURED_CALL_FIELDS:
+        for measured in trajectories.MEASURED_CALL_FIELDS:
             call.pop(measured)
     return record
 
@@ -280,7 +281,7 @@ def test_the_scheduler_and_local_engine_record_what_the_plain_driver_records(tin
     scripted planner always plans, so that the executor (with an adapter) and the critic (the base) both run."""
     adapters = random_adapters(tiny_model, tmp_path)
     kind = "single" if single else "multi"
-    models = {r: str(tiny_model) for r in data.ROLES}
+    models = {r: str(tiny_model) for r in trajectories.ROLES}
     roles = {"single": adapters["a"]} if single else {"executor": adapters["a"], "critic": None}
     plain = agents.build_system(kind, models, roles)
     fast = rollout.local_system(kind, models, roles, deterministic=True)
@@ -302,7 +303,7 @@ def test_the_scheduler_and_local_engine_record_what_the_plain_driver_records(tin
 @pytest.mark.parametrize("single", [False, True])
 def test_batched_concurrent_rollouts_equal_one_task_at_a_time(tiny_model, mini_world, world_pool, single):
     kind = "single" if single else "multi"
-    system = rollout.local_system(kind, {r: str(tiny_model) for r in data.ROLES}, {})
+    system = rollout.local_system(kind, {r: str(tiny_model) for r in trajectories.ROLES}, {})
     dev = world.load_split("dev", root=mini_world)[:2]
     results = {}
     for workers in (1, 2):
@@ -430,7 +431,7 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixin
                                                                                           world_pool, tmp_path):
     random = random_adapters(tiny_model, tmp_path)
     adapters = {"executor": random["a"], "critic": random["b"]}
-    shared = rollout.local_system("multi", {r: str(tiny_model) for r in data.ROLES}, adapters)
+    shared = rollout.local_system("multi", {r: str(tiny_model) for r in trajectories.ROLES}, adapters)
     assert shared.roles["executor"].engine is shared.roles["critic"].engine
     shared.roles["planner"] = agents.Binding(Scripted())  # plans always parse, so executor and critic run
     separate = {}  # the reference: one engine per adapter, nothing shared
@@ -444,7 +445,7 @@ def test_roles_sharing_a_base_share_one_engine_and_answer_like_separate_or_mixin
                                        ("executor", "critic")}})
     dev = world.load_split("dev", root=mini_world)[:2]
     runs = {}
-    mixed = rollout.local_system("multi", {r: str(tiny_model) for r in data.ROLES}, adapters, mix_adapters=True)
+    mixed = rollout.local_system("multi", {r: str(tiny_model) for r in trajectories.ROLES}, adapters, mix_adapters=True)
     mixed.roles["planner"] = agents.Binding(Scripted())
     for name, system in (("shared", shared), ("separate", separate), ("base", plain), ("mixed", mixed)):
         records = []
@@ -500,7 +501,7 @@ def test_collect_limit_takes_the_splits_first_tasks_and_a_rerun_adds_nothing(min
     system = rollout.teacher_system("gold", root=mini_world)
     rollout.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
     first = out.read_bytes()
-    assert {r["task_id"] for r in data.read_trajectories(out)} == set(world.load_split("train", mini_world)[:2])
+    assert {r["task_id"] for r in trajectories.read_trajectories(out)} == set(world.load_split("train", mini_world)[:2])
     summary = rollout.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
     assert summary.skipped == 2 and not summary.kept and out.read_bytes() == first
 
@@ -520,7 +521,7 @@ def test_collect_writes_a_tasks_records_as_one_unit_and_reruns_a_task_left_incom
     summary = rollout.collect(system, "train", out, agents.Budgets(), root=mini_world, pool=world_pool, limit=2)
     assert summary.skipped == 1 and summary.kept == [second]
     assert out.read_text().startswith("".join(complete))
-    kinds = [(r["task_id"], r["system"]["kind"]) for r in data.read_trajectories(out)]
+    kinds = [(r["task_id"], r["system"]["kind"]) for r in trajectories.read_trajectories(out)]
     assert kinds == [(first, "multi"), (first, "single"), (second, "multi"), (second, "single")]
 
 

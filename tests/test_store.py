@@ -24,7 +24,7 @@ import prost
 import run_folder
 import store
 import systems
-from test_prost import adapter_tensors, base, cli_args, config, trajectories  # noqa: F401 (fixtures)
+from test_prost import adapter_tensors, base, cli_args, config, trajectory_file  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds, for every subprocess
@@ -70,9 +70,9 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
         assert not (folder / store.LOCK_FILE).exists()
 
 
-def test_prost_refuses_a_folder_in_use_before_reading_any_data(base, trajectories, tmp_path, capsys):
+def test_prost_refuses_a_folder_in_use_before_reading_any_data(base, trajectory_file, tmp_path, capsys):
     with lock_held_elsewhere(tmp_path / "ck" / "planner") as proc:
-        assert prost.main(cli_args(base, trajectories, tmp_path / "ck")) == 2
+        assert prost.main(cli_args(base, trajectory_file, tmp_path / "ck")) == 2
         captured = capsys.readouterr()
         err = captured.err.strip()
         assert len(err.splitlines()) == 1 and f"is in use by process {proc.pid}" in err
@@ -80,17 +80,17 @@ def test_prost_refuses_a_folder_in_use_before_reading_any_data(base, trajectorie
         assert [p.name for p in (tmp_path / "ck" / "planner").iterdir()] == [store.LOCK_FILE]
 
 
-def test_out_that_is_a_file_is_refused_up_front(base, trajectories, tmp_path, capsys):
+def test_out_that_is_a_file_is_refused_up_front(base, trajectory_file, tmp_path, capsys):
     (tmp_path / "ck").write_text("not a folder")
-    assert prost.main(cli_args(base, trajectories, tmp_path / "ck")) == 2
+    assert prost.main(cli_args(base, trajectory_file, tmp_path / "ck")) == 2
     captured = capsys.readouterr()
     assert captured.err.strip() == (f"error: --out {tmp_path / 'ck' / 'planner'}: {tmp_path / 'ck'} is a file, "
                                     "not a folder; choose another --out")
     assert "examples from" not in captured.out
 
 
-def test_refused_input_leaves_no_folder_behind(base, trajectories, tmp_path, capsys):
-    assert prost.main(cli_args(base, trajectories, tmp_path / "ck", data=str(tmp_path / "missing.jsonl"))) == 2
+def test_refused_input_leaves_no_folder_behind(base, trajectory_file, tmp_path, capsys):
+    assert prost.main(cli_args(base, trajectory_file, tmp_path / "ck", data=str(tmp_path / "missing.jsonl"))) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not (tmp_path / "ck").exists()
 
@@ -119,10 +119,10 @@ def prost_on_tmpfs(mount_options: str, mount_point: Path, args: list[str]) -> su
     ("ro,size=1m", "is not writable (Read-only file system); choose another --out"),
     ("size=256k", "KiB free but the first checkpoint needs about 1.1 MiB; free some space or choose another --out"),
 ])
-def test_read_only_or_full_out_is_refused_before_training(base, trajectories, tmp_path, options, message):
+def test_read_only_or_full_out_is_refused_before_training(base, trajectory_file, tmp_path, options, message):
     mount_point = tmp_path / "mnt"
     mount_point.mkdir()
-    run = prost_on_tmpfs(options, mount_point, cli_args(base, trajectories, mount_point / "ck", epochs=1,
+    run = prost_on_tmpfs(options, mount_point, cli_args(base, trajectory_file, mount_point / "ck", epochs=1,
                                                         subtasks_per_epoch=4))
     assert run.returncode == 2, run.stderr
     err = run.stderr.strip()
@@ -130,8 +130,8 @@ def test_read_only_or_full_out_is_refused_before_training(base, trajectories, tm
     assert "Traceback" not in err and "examples from" not in run.stdout
 
 
-def test_checkpoint_size_estimate_covers_what_a_checkpoint_takes(base, trajectories, tmp_path):
-    cfg = config(base, trajectories, tmp_path, epochs=1, subtasks_per_epoch=4)
+def test_checkpoint_size_estimate_covers_what_a_checkpoint_takes(base, trajectory_file, tmp_path):
+    cfg = config(base, trajectory_file, tmp_path, epochs=1, subtasks_per_epoch=4)
     prost.train(cfg)
     written = sum(p.stat().st_size for p in (tmp_path / "planner").iterdir())
     assert written <= run_folder.checkpoint_bytes(cfg.model, cfg.lora_r) <= written + (2 << 20)
@@ -155,13 +155,13 @@ sys.exit(prost.main(sys.argv[3:]))
 
 
 @pytest.mark.parametrize("killed_at", [prost.STATE_FILE, lora.ADAPTER_WEIGHTS, store.PROGRESS_FILE])
-def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, trajectories, tmp_path,
+def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, trajectory_file, tmp_path,
                                                                            killed_at):
     settings = dict(epochs=1, subtasks_per_epoch=4, schedule="full")
-    straight = prost.train(config(base, trajectories, tmp_path / "straight", **settings))
+    straight = prost.train(config(base, trajectory_file, tmp_path / "straight", **settings))
     out = tmp_path / "killed"
     run = subprocess.run([sys.executable, "-c", KILL_BEFORE_RENAME, str(REPO), killed_at,
-                          *cli_args(base, trajectories, out, **settings)], cwd=REPO, capture_output=True,
+                          *cli_args(base, trajectory_file, out, **settings)], cwd=REPO, capture_output=True,
                          text=True, timeout=TIMEOUT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert run.returncode == -signal.SIGKILL, run.stderr
     folder = out / "planner"
@@ -170,7 +170,7 @@ def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, 
     if (folder / lora.ADAPTER_CONFIG).exists():  # adapter files without their progress record: not evaluable
         with pytest.raises(ValueError, match="checkpoint write was interrupted"):
             systems.adapter_provenance(str(folder), "planner", allow_unfinished=False)
-    resumed = prost.train(config(base, trajectories, out, resume=True, **settings))
+    resumed = prost.train(config(base, trajectory_file, out, resume=True, **settings))
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
     a, b = adapter_tensors(tmp_path / "straight" / "planner"), adapter_tensors(folder)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -184,8 +184,8 @@ def test_kill_during_the_first_checkpoint_leaves_a_folder_resume_finishes(base, 
 # ----------------------------------------------------------------------------------------------------
 # Unfinished and non-finite adapters.
 
-def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectories, tmp_path):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
+def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectory_file, tmp_path):
+    prost.train(config(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
     folder = str(tmp_path / "planner")
     with pytest.raises(ValueError, match=r"planner's adapter .* unfinished training run: its training run stopped "
                                          r"after epoch 1 of 3 \(stopped by --stop-after-epochs 1\)"
@@ -194,30 +194,30 @@ def test_an_adapter_of_a_stopped_run_is_refused_unless_allowed(base, trajectorie
     provenance = systems.adapter_provenance(folder, "planner", allow_unfinished=True)
     assert provenance["training"] == {"epoch": 1, "epochs": 3} and "after epoch 1 of 3" in provenance["unfinished"]
     assert provenance["sha256"] == store.files_sha256(folder, [lora.ADAPTER_CONFIG, lora.ADAPTER_WEIGHTS])
-    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
+    prost.train(config(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     assert systems.adapter_provenance(folder, "planner", allow_unfinished=False)["unfinished"] is None
 
 
-def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectories, tmp_path, monkeypatch):
-    prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
+def test_a_diverged_run_marks_its_adapter_unfinished(base, trajectory_file, tmp_path, monkeypatch):
+    prost.train(config(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=4, stop_after_epochs=1))
     real = prost.target_token_losses
     monkeypatch.setattr(prost, "target_token_losses", lambda m, i, k, t: (real(m, i, k, t)[0] * float("nan"),
                                                                        real(m, i, k, t)[1]))
     with pytest.raises(prost.TrainingDiverged):
-        prost.train(config(base, trajectories, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
+        prost.train(config(base, trajectory_file, tmp_path, epochs=3, subtasks_per_epoch=4, resume=True))
     with pytest.raises(ValueError, match=r"stopped after epoch 1 of 3 \(diverged: non-finite loss or gradient "
                                          r"in epoch 2\)"):
         systems.adapter_provenance(str(tmp_path / "planner"), "planner", allow_unfinished=False)
 
 
-def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(base, trajectories, tmp_path, capsys):
-    prost.train(config(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, stop_after_epochs=1))
+def test_a_checkpoint_holding_nan_is_refused_naming_the_tensor(base, trajectory_file, tmp_path, capsys):
+    prost.train(config(base, trajectory_file, tmp_path, epochs=2, subtasks_per_epoch=4, stop_after_epochs=1))
     state_path = tmp_path / "planner" / prost.STATE_FILE
     state = torch.load(state_path, weights_only=True)
     name = sorted(state["adapter"])[3]
     state["adapter"][name][0, 0] = float("nan")
     torch.save(state, state_path)
-    assert prost.main(cli_args(base, trajectories, tmp_path, epochs=2, subtasks_per_epoch=4, resume=True)) == 2
+    assert prost.main(cli_args(base, trajectory_file, tmp_path, epochs=2, subtasks_per_epoch=4, resume=True)) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"tensor {name} holds 1 non-finite value(s)" in err
 

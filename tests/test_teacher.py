@@ -12,6 +12,7 @@ import data
 import miniworld
 import model
 import teacher
+import trajectories
 import world
 
 
@@ -21,7 +22,7 @@ def chat_tokenizer(tmp_path_factory):
 
 
 def records_by_kind(path, kind):
-    return {r["task_id"]: r for r in data.read_trajectories(path) if r["system"]["kind"] == kind}
+    return {r["task_id"]: r for r in trajectories.read_trajectories(path) if r["system"]["kind"] == kind}
 
 
 def target_text(tokenizer, example):
@@ -82,9 +83,9 @@ def test_gold_recovery_examples_show_a_real_error_and_the_corrected_retry(gold_t
 
 def test_gold_trajectories_rerender_into_every_role(gold_train, chat_tokenizer):
     _, path = gold_train
-    records = data.read_trajectories(path)
+    records = trajectories.read_trajectories(path)
     multi = [r for r in records if r["system"]["kind"] == "multi"]
-    counts = {role: len(data.build_examples(records, role, chat_tokenizer, 100_000)[0]) for role in data.ROLES}
+    counts = {role: len(data.build_examples(records, role, chat_tokenizer, 100_000)[0]) for role in trajectories.ROLES}
     n_subtasks = sum(len(r["subtasks"]) for r in multi)
     assert counts["planner"] == n_subtasks + len(multi)  # one per decision, FINISH included
     assert counts["executor"] == n_subtasks
