@@ -1157,7 +1157,7 @@ class WorldSession:
         if not (Path(self.root) / "data" / "tasks" / self.task.task_id / "ground_truth").is_dir():
             raise RuntimeError(f"task {self.task.task_id} has no ground truth, so it cannot be evaluated")
         try:
-            files = self._task_call(self.start_timeout, SNAPSHOT_LIMIT, "snapshot")
+            files = self._task_call(self.timeout + self.grace, SNAPSHOT_LIMIT, "snapshot")
         except (WorkerLost, RuntimeError) as failure:  # e.g. over SNAPSHOT_LIMIT: the evaluator refuses it
             self.lost = self.lost or isinstance(failure, WorkerLost)
             files = {"(no snapshot)": str(failure)}
