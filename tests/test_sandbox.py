@@ -389,67 +389,70 @@ def test_5_changes_the_model_hashes_do_not_show_are_judged(session, unchanged_wo
     assert any("no app data changed" in failure for failure in evaluation.failures)
 
 
-def processes_with_parent(parent):
-    """{pid: uid} of the live processes whose parent is `parent`."""
+def children(parent):
+    """{pid: (uid, VmSize in kB)} of the live processes whose parent is `parent`."""
     found = {}
     for entry in Path("/proc").iterdir():
         try:
             if entry.name.isdigit():
                 status = (entry / "status").read_text()
                 if f"\nPPid:\t{parent}\n" in status:
-                    found[int(entry.name)] = int(status.split("\nUid:")[1].split()[0])
+                    size = status.split("\nVmSize:")[1].split()[0] if "\nVmSize:" in status else "0"
+                    found[int(entry.name)] = (int(status.split("\nUid:")[1].split()[0]), int(size))
         except (OSError, IndexError, ValueError):
             pass
     return found
 
 
+def judge_recorded_sql(session, statement):
+    """Record `statement` in the open task (as if its code had made the change), evaluate while watching the
+    zygote's other children (the judge); returns (evaluation, seconds, {judge pid: (uid, largest VmSize kB)})."""
+    import threading
+    out = session.execute("import os\nmodels = os.sys.modules['appworld.apps.venmo.models']\n"
+                          f"models.SQLModel.db.tracker.changes.append(({statement!r}, [], False))")
+    assert not out.error, out.output
+    zygote, task, judges, box = session.process.pid, session.task_pid, {}, {}
+    thread = threading.Thread(target=lambda: box.setdefault("evaluation", session.evaluate()), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    while thread.is_alive() and time.monotonic() - started < 120:
+        for pid, (uid, size) in children(zygote).items():
+            if pid != task:
+                judges[pid] = (uid, max(size, judges.get(pid, (0, 0))[1]))
+        time.sleep(0.02)
+    thread.join(1)
+    return box.get("evaluation"), time.monotonic() - started, judges
+
+
 def test_6_the_judge_is_unprivileged_and_time_limited(mini_world, unchanged_world):
     endless = ("DELETE FROM payment_requests WHERE id = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 "
                "FROM c) SELECT max(x) FROM c)")
-    session = world.WorldSession(mini_world, timeout=5, grace=5, start_timeout=60, judge_timeout=10)
-    try:
+    with world.WorldSession(mini_world, timeout=5, grace=5, start_timeout=60, judge_timeout=10) as session:
         session.open(NEXT)
-        out = session.execute("import os\nmodels = os.sys.modules['appworld.apps.venmo.models']\n"
-                              f"models.SQLModel.db.tracker.changes.append(({endless!r}, [], False))")
-        assert not out.error, out.output
-        zygote, task = session.process.pid, session.task_pid
-        started, judges = time.monotonic(), {}
-        finished, evaluation = False, None
-        import threading
-        box = {}
-        thread = threading.Thread(target=lambda: box.setdefault("evaluation", session.evaluate()), daemon=True)
-        thread.start()
-        while thread.is_alive() and time.monotonic() - started < 90:
-            judges.update({pid: uid for pid, uid in processes_with_parent(zygote).items() if pid != task})
-            time.sleep(0.05)
-        thread.join(1)
-        evaluation = box.get("evaluation")
-        assert evaluation is not None and not evaluation.success
-        assert time.monotonic() - started < 10 + 5 + 10  # judge_timeout + grace + slack, not the start timeout
-        assert judges and 0 not in judges.values()  # it ran as a uid of its own
-    finally:
-        session.close()
+        evaluation, seconds, judges = judge_recorded_sql(session, endless)
+    assert evaluation is not None and not evaluation.success
+    assert seconds < 10 + 5 + 10  # judge_timeout + grace + slack, not the start timeout
+    assert judges and all(uid != 0 for uid, _ in judges.values())  # it ran as a uid of its own
 
 
 def test_6_the_judge_memory_is_capped(mini_world, unchanged_world):
     growing = ("UPDATE users SET last_name = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
                "SELECT group_concat(printf('%.1000c', 'x'), '') FROM c) WHERE id = 1")
-    with world.WorldSession(mini_world, timeout=5, grace=5, max_memory_mb=1536, judge_timeout=30) as session:
+    cap = 1536
+    with world.WorldSession(mini_world, timeout=5, grace=5, max_memory_mb=cap, judge_timeout=10) as session:
         session.open(NEXT)
-        out = session.execute("import os\nmodels = os.sys.modules['appworld.apps.venmo.models']\n"
-                              f"models.SQLModel.db.tracker.changes.append(({growing!r}, [], False))")
-        assert not out.error, out.output
-        started = time.monotonic()
-        evaluation = session.evaluate()
-        assert not evaluation.success and time.monotonic() - started < 30
+        evaluation, seconds, judges = judge_recorded_sql(session, growing)
+    assert evaluation is not None and not evaluation.success and seconds < 10 + 5 + 10
+    assert judges and all(size <= cap * 1024 for _, size in judges.values())
 
 
 def test_7_a_task_cannot_outlive_its_session(mini_world):
     """Agent code clears its signal to die with the zygote and will not exit at the end of its channel; the
     zygote then dies. Closing the session must still leave no process behind."""
-    code = ("import os, time\nlibc = os.sys.modules['ctypes'].CDLL(None)\n"
+    code = ("import os\nlibc = os.sys.modules['ctypes'].CDLL(None)\n"
             "print(libc.prctl(1, 0, 0, 0, 0))\n"  # PR_SET_PDEATHSIG, 0
-            "os._exit = lambda status: time.sleep(10 ** 6)")
+            "pause = getattr(os.sys.modules['time'], 'sle' + 'ep')\n"
+            "setattr(os.sys.modules['os'], '_exit', lambda status: pause(10 ** 6))")
     session = world.WorldSession(mini_world, timeout=5, grace=5)
     task_pid = None
     try:
@@ -494,11 +497,12 @@ def test_10_without_root_agent_code_is_refused_unless_asked_for(mini_world):
     probe = ("import sys, world\nsession = world.WorldSession(sys.argv[1], timeout=10)\n"
              "try:\n    session.open('notecount_1')\n    print('opened')\nfinally:\n    session.close()\n")
     command = ["unshare", "--user", sys.executable, "-c", probe, str(mini_world)]
-    env = {k: v for k, v in os.environ.items() if k != world.UNSAFE_ENV}
+    unsafe_setting = "PROST_UNSAFE_WEAK_SANDBOX"  # the documented name
+    env = {k: v for k, v in os.environ.items() if k != unsafe_setting}
     env["PYTHONPATH"] = str(Path(world.__file__).parent)
     refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode != 0 and "opened" not in refused.stdout
     assert "world.py: refusing to run agent code without a chroot and a uid of its own" in refused.stderr
-    unsafe = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, world.UNSAFE_ENV: "1"})
+    unsafe = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, unsafe_setting: "1"})
     assert unsafe.returncode == 0 and unsafe.stdout.strip() == "opened", unsafe.stderr
     assert [line for line in unsafe.stderr.splitlines() if "world.py" in line][0].startswith("world.py: warning")
