@@ -11,12 +11,16 @@ The tasks come from an AppWorld data root: the embedded synthetic mini-world tha
 AppWorld freezes the whole process clock, allows one world per process and times out code with SIGALRM
 on the main thread, so worlds run in worker processes. The caller only ever sends code
 strings. Agent code is untrusted, so each task gets a fresh process forked from a privileged worker that
-never runs agent code (the zygote): the fork opens the task (without its ground truth) and then locks
-itself in (an empty chroot, a uid of its own, seccomp, Landlock, resource limits) before it runs any code
-in AppWorld's guarded executor. A task is judged by AppWorld's evaluator in another fork of the zygote,
-from a checked snapshot of the task's database changes. A hung, dead or misbehaving task process is
-killed and the call reported as a failed execution, so the caller never hangs; before the next call a
-new process reopens the task and the task's earlier code is replayed to restore its state.
+never runs agent code (the zygote, a fresh interpreter holding nothing of the caller's program): the fork
+opens the task (without its ground truth) and then locks itself in (an empty chroot, a uid of its own,
+seccomp, Landlock, resource limits) before it runs any code in AppWorld's guarded executor. A task is judged
+by AppWorld's evaluator in another fork of the zygote, which trusts nothing the task sent: it checks the
+snapshot of the task's database changes, works out from them which tables changed, and drops to a uid of
+its own, with limits and a guarded SQLite, before it runs them. Every read from a task process has a
+deadline: a hung, dead or misbehaving task process is killed and the call reported as a failed execution
+(a failed judgement fails the task), so the caller never hangs; before the next call a new process reopens
+the task and the task's earlier code is replayed to restore its state. Where this machine cannot build the
+whole sandbox, sessions refuse to start unless told to run unsafely ($PROST_UNSAFE_WEAK_SANDBOX=1).
 
 This module never imports torch, and imports appworld only inside worker processes.
 """
@@ -169,8 +173,9 @@ def truncate(text: str, limit: int) -> str:
 # with appworld imported and warmed up, that never runs agent code). The fork opens the task as root, without its
 # ground truth, closes every file it holds, then locks itself in: an empty chroot, a uid of its own that owns no
 # file, an empty network namespace, a seccomp filter, Landlock and resource limits. Only then does agent code run.
-# Evaluation runs in another fork of the zygote, from a snapshot of the task's database changes that the sandboxed
-# process sends back and that the evaluator checks before applying. See README "The sandbox".
+# Evaluation runs in another fork of the zygote (the judge), from a snapshot of the task's database changes that
+# the sandboxed process sends back: the judge parses it with limits, recomputes what it needs, and drops its own
+# privileges before SQLite runs any of it. See docs/sandbox.md.
 
 SANDBOX_UID_BASE = 2_000_000_000  # a task process runs as uid = gid = base + its pid: unique, owns no file
 SANDBOX_MAX_THREADS = 16  # RLIMIT_NPROC of that uid: AppWorld's API client needs a thread per call
@@ -1209,8 +1214,12 @@ class WorldPool:
         self.sessions = [WorldSession(**session_kwargs) for _ in range(n)]
         self._free: list[WorldSession] = list(self.sessions)
         self._lock = threading.Condition()
-        with ThreadPoolExecutor(n) as starter:  # import appworld in all workers at once
-            list(starter.map(WorldSession.start, self.sessions))
+        try:
+            with ThreadPoolExecutor(n) as starter:  # import appworld in all workers at once
+                list(starter.map(WorldSession.start, self.sessions))
+        except BaseException:  # e.g. SandboxUnavailable: stop the workers that did start
+            self.close()
+            raise
 
     def _acquire(self) -> WorldSession:
         with self._lock:
