@@ -518,8 +518,10 @@ def _parse_snapshot(files: Any, apps: list[str]) -> dict[str, list[list]]:
     """A task's snapshot, {app}.jsonl -> its recorded changes, checked line by line; every app gets a list (an
     app the task left out has none: its absent log would start it from an empty database)."""
     allowed = {f"{app}.jsonl": app for app in apps}
-    if not isinstance(files, dict) or not set(files) <= set(allowed) or not all(isinstance(v, str) for v in files.values()):
-        raise ValueError(f"unexpected files {sorted(set(files) - set(allowed))[:3]}")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("not a snapshot: a mapping of file names to text")
+    if not set(files) <= set(allowed):
+        raise ValueError(f"unexpected files {sorted(map(str, set(files) - set(allowed)))[:3]}")
     changes = {app: [] for app in apps}
     for name, text in files.items():
         changes[allowed[name]] = [_parse_change(line) for line in text.splitlines()]
