@@ -910,8 +910,7 @@ def _warn_once(missing: list[str]) -> None:
     line = ", ".join(missing)
     if line and line not in _warned:
         _warned.add(line)
-        print(f"world.py: warning: {UNSAFE_ENV} is set, so agent code runs without {line} (docs/sandbox.md)",
-              file=sys.stderr)
+        print(f"world.py: warning: code runs without {line}, as asked (docs/sandbox.md)", file=sys.stderr)
 
 
 class WorldSession:

@@ -506,3 +506,16 @@ def test_10_without_root_agent_code_is_refused_unless_asked_for(mini_world):
     unsafe = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, unsafe_setting: "1"})
     assert unsafe.returncode == 0 and unsafe.stdout.strip() == "opened", unsafe.stderr
     assert [line for line in unsafe.stderr.splitlines() if "world.py" in line][0].startswith("world.py: warning")
+
+
+def test_10_gold_collection_still_runs_without_root(mini_world, tmp_path):
+    """Our own gold solutions are not a model's code: collecting them needs no root (and says so in one line)."""
+    collect = ("import sys, agents, rollout\nroot, out = sys.argv[1:]\n"
+               "summary = rollout.collect(rollout.teacher_system('gold', root=root), 'train', out, agents.Budgets(),"
+               " root=root, workers=1, limit=1)\nprint(len(summary.kept))")
+    env = {k: v for k, v in os.environ.items() if k != "PROST_UNSAFE_WEAK_SANDBOX"}
+    env["PYTHONPATH"] = str(Path(world.__file__).parent)
+    done = subprocess.run(["unshare", "--user", sys.executable, "-c", collect, str(mini_world),
+                           str(tmp_path / "train.jsonl")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "1", done.stderr
+    assert "world.py: warning: code runs without" in done.stderr
