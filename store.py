@@ -56,7 +56,7 @@ def atomic_write(path: str | Path, content) -> None:
     os.close(fd)
     try:
         if isinstance(content, str):
-            Path(tmp).write_text(content, encoding="utf-8")
+            Path(tmp).write_text(content, encoding="utf-8", errors="backslashreplace")  # a lone surrogate: \udcxx
         elif isinstance(content, bytes):
             Path(tmp).write_bytes(content)
         else:

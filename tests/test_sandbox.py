@@ -337,6 +337,8 @@ def test_3_output_with_a_lone_surrogate_is_stored_as_it_is(session, tmp_path, un
     store.append_lines(path, [{"output": out.output}])  # used to raise UnicodeEncodeError
     assert [store.parse_line(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
         {"output": out.output}]
+    store.atomic_write(tmp_path / "report.md", out.output)  # text: the surrogate written as its escape
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == out.output.replace("\udcff", "\\udcff")
 
 
 REGENERATE = ("import os\nmw = os.sys.modules['miniworld']\n"
