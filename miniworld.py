@@ -11,9 +11,10 @@ sub-tasks {text, code}. world.py then serves these tasks exactly as it serves th
 
 Each scenario is a small pure function of (rng, population, supervisor) returning the instruction, the gold
 sub-tasks and declarative checks; one generic evaluation.py interprets the checks. The generated folder
-(default `miniworld/`) is git-ignored; a rebuild from the same seed is byte-identical.
+(default `miniworld/`) is git-ignored; a rebuild from the same seed and secret is byte-identical. The secret
+(random per build, kept in the data root) makes the held-out variants unknowable from this file and the seed.
 
-CLI: `python miniworld.py build [--root DIR] [--seed N]` writes the world; `python miniworld.py check` runs
+CLI: `python miniworld.py build [--root DIR] [--seed N] [--secret S]` writes the world; `python miniworld.py check` runs
 every gold solution through AppWorld's evaluator; `python miniworld.py show ID` prints a task's instruction
 and gold sub-tasks. This module never imports torch, and imports appworld only inside the builder process.
 """
@@ -26,6 +27,7 @@ import multiprocessing
 import os
 import random
 import re
+import secrets
 import shutil
 import sys
 import time
@@ -1656,15 +1658,19 @@ def task_ids_by_split() -> dict[str, list[str]]:
     return splits
 
 
-def generate_tasks(pop: Population, seed: int) -> dict[str, tuple[Scenario, Person, Gold]]:
-    """Every task of every split: scenario, supervisor (a different person per variant) and gold."""
+def generate_tasks(pop: Population, seed: int, secret: str = "") -> dict[str, tuple[Scenario, Person, Gold]]:
+    """Every task of every split: scenario, supervisor (a different person per variant) and gold. The held-out
+    variants (dev and test) are drawn from the build's secret too, so that code knowing the generator and the
+    seed, but not the secret, cannot rebuild their answers; train's follow from the seed alone."""
     tasks = {}
     for sc in SCENARIOS.values():
         n_variants = TEST_VARIANTS if sc.held_out else TRAIN_VARIANTS + DEV_VARIANTS
         sup_rng = random.Random(f"prost-{seed}-{sc.name}-supervisors")
         supervisors = sup_rng.sample(pop.supervisors, n_variants)
         for variant, supervisor in enumerate(supervisors, start=1):
-            rng = random.Random(f"prost-{seed}-{sc.name}-{variant}")
+            held_out = sc.held_out or variant > TRAIN_VARIANTS
+            rng = random.Random(f"prost-{seed}-{secret}-{sc.name}-{variant}" if held_out
+                                else f"prost-{seed}-{sc.name}-{variant}")
             gold = sc.make(rng, pop, supervisor)
             if not 2 <= len(gold.subtasks) <= 8:
                 raise RuntimeError(f"{sc.name}: {len(gold.subtasks)} sub-tasks, expected 2 to 8")
@@ -1719,7 +1725,7 @@ def _write_task_db_changes(dbs_dir: Path, task_id: str, base_dir: Path, supervis
         (dbs_dir / f"{app}.jsonl").touch()
 
 
-def _build_in_process(root: str, seed: int) -> dict:
+def _build_in_process(root: str, seed: int, secret: str) -> dict:
     """The whole build; runs in a fresh process because appworld caches APPWORLD_ROOT at import."""
     staging = Path(root) / ".building"
     shutil.rmtree(staging, ignore_errors=True)
@@ -1732,7 +1738,7 @@ def _build_in_process(root: str, seed: int) -> dict:
     from appworld.common.utils import freeze_time
 
     pop = make_population(seed)
-    tasks = generate_tasks(pop, seed)
+    tasks = generate_tasks(pop, seed, secret)
     docs = _write_api_docs(data_dir)
     with freeze_time(SEED_TIME):
         models = ModelCollection.load(to_db_home_path=":memory:prostbase", load_apps=get_all_apps(), create_db=True)
@@ -1754,7 +1760,7 @@ def _build_in_process(root: str, seed: int) -> dict:
             _write_ground_truth(task_dir / "ground_truth", sc, gold)
     for split, ids in task_ids_by_split().items():
         _write_text(data_dir / "datasets" / f"{split}.txt", "".join(f"{i}\n" for i in ids))
-    _write_json(data_dir / MARKER_FILE, {"generator": "prost miniworld.py", "seed": seed})
+    _write_json(data_dir / MARKER_FILE, {"generator": "prost miniworld.py", "seed": seed, "secret": secret})
     final = Path(root) / "data"
     shutil.rmtree(final, ignore_errors=True)
     os.replace(data_dir, final)
@@ -1776,17 +1782,24 @@ def world_summary(tasks: dict[str, tuple[Scenario, Person, Gold]]) -> dict:
     }
 
 
-def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0) -> dict:
-    """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary."""
+def build_world(root: str | Path = DEFAULT_ROOT, seed: int = 0, secret: str | None = None) -> dict:
+    """Write a complete AppWorld data root at `root` (its data/ folder is replaced); returns a summary.
+    secret: what the held-out variants are drawn from besides the seed (see generate_tasks); by default the one
+    a mini-world already at `root` was built with (so a rebuild is byte-identical), else a fresh random one. It is
+    kept in <root>/data/prost_miniworld.json, which agent code, locked in, cannot read."""
     root = Path(root).resolve()
     data = root / "data"
     if data.is_dir() and any(data.iterdir()) and not (data / MARKER_FILE).is_file():
         raise ValueError(f"{data} holds data that is not a prost mini-world (e.g. AppWorld's own download); "
                          "refusing to replace it: choose another --root")
+    if secret is None:
+        marker = json.loads((data / MARKER_FILE).read_text()) if (data / MARKER_FILE).is_file() else {}
+        secret = marker.get("secret") if marker.get("seed") == seed else None
+        secret = secret or secrets.token_hex(16)
     root.mkdir(parents=True, exist_ok=True)
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_build_in_process, (str(root), seed))
+        return pool.apply(_build_in_process, (str(root), seed, secret))
 
 
 
@@ -1810,7 +1823,7 @@ def check_gold(root: str | Path | None = None, splits: tuple[str, ...] = ("train
         return evaluation.success and not any(e.error for e in executions)
 
     failed = {}
-    with WorldPool(workers, root=root) as pool:
+    with WorldPool(workers, root=root, unsafe_weak_sandbox=True) as pool:  # gold code: ours, not a model's
         for split in splits:
             ids = load_split(split, root)
             failed[split] = [t for t, ok in zip(ids, pool.map(run, ids)) if not ok]
@@ -1833,6 +1846,9 @@ def main(argv: list[str] | None = None) -> int:
     build = sub.add_parser("build", help="generate the data root (replaces <root>/data if it is a mini-world)")
     build.add_argument("--root", default=str(DEFAULT_ROOT), help="AppWorld root to write (default: miniworld/)")
     build.add_argument("--seed", type=int, default=0, help="seed for people, content and task variants")
+    build.add_argument("--secret", default=None, help="what dev and test variants are drawn from besides the seed "
+                       "(default: the secret of the mini-world already at --root, else a fresh random one); give "
+                       "a past build's (data/prost_miniworld.json) to rebuild it exactly")
     check = sub.add_parser("check", help="run every gold solution through AppWorld's evaluator")
     check.add_argument("--root", default=None, help="AppWorld root (default: $APPWORLD_ROOT or miniworld/)")
     check.add_argument("--split", action="append", help="split to check (repeatable; default: train, dev, test)")
@@ -1844,7 +1860,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         started = time.perf_counter()
         if args.command == "build":
-            summary = build_world(args.root, args.seed)
+            summary = build_world(args.root, args.seed, args.secret)
             summary["seconds"] = round(time.perf_counter() - started, 1)
             print(json.dumps(summary, indent=2))
         elif args.command == "check":

@@ -27,7 +27,7 @@ import store
 import trajectories
 import world
 from cluster import Cluster, barrier, first_error
-from store import atomic_write
+from store import atomic_write, json_line
 
 TRAJECTORIES = "trajectories.jsonl"
 RESULTS = "results.json"
@@ -163,7 +163,7 @@ def merge_parts(out: Path, task_ids: list[str]) -> tuple[list[dict], dict[str, f
     chosen = set(task_ids)
     extra = [r for t, r in found.items() if t not in chosen]
     timings = finished_timings(out)
-    atomic_write(out / TRAJECTORIES, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records + extra))
+    atomic_write(out / TRAJECTORIES, "".join(json_line(r) for r in records + extra))
     atomic_write(out / TIMINGS, "".join(json.dumps({"task_id": t, "wall_seconds": s}) + "\n"
                                         for t, s in timings.items()))
     for part in part_paths(out):  # now in the merged files

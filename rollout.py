@@ -421,8 +421,10 @@ def collect(system: System, split: str, out, budgets: Budgets, *, root=None, wor
                 trajectories.write_trajectories(out, records)  # one write; if a crash tears it, see collected_task_ids
 
         # in step: trajectories are appended as tasks finish, and training follows the file's order
+        gold = {"unsafe_weak_sandbox": True} if system.teacher == "gold" else None  # our code, not a model's
         summary.stats = run_rollouts(todo, system, budgets, split=split, root=root, workers=workers,
                                      max_batch=max_batch, on_trajectory=keep, pool=pool, in_step=True,
+                                     session_options=gold,
                                      rollout=lambda t: teacher_rollout(t, budgets, split, multi, single))
     return summary
 

@@ -9,7 +9,7 @@ files, so the rules live here, once, and this file imports nothing else from pro
   the new one, never half of one. `make_readable` gives such a temp file (or folder) the umask's mode;
   `clean_temp_files` removes the temp files a killed writer leaves.
 - `append_lines`: durable JSONL appends (several lines as one write); `repair_torn_tail` first ends or
-  drops a last line torn by a crash.
+  drops a last line torn by a crash. `json_line` writes any value, invalid Unicode included, as valid UTF-8.
 - `OutputLock`: one writer per output folder or file (an `flock`'d lock file holding pid, host and command);
   a second writer is refused with a line naming the holder; the kernel drops the lock when its holder dies,
   so a lock left by a killed run is simply taken over.
@@ -56,7 +56,7 @@ def atomic_write(path: str | Path, content) -> None:
     os.close(fd)
     try:
         if isinstance(content, str):
-            Path(tmp).write_text(content, encoding="utf-8")
+            Path(tmp).write_text(content, encoding="utf-8", errors="backslashreplace")  # a lone surrogate: \udcxx
         elif isinstance(content, bytes):
             Path(tmp).write_bytes(content)
         else:
@@ -158,6 +158,17 @@ def parse_line(line: str):
         return None
 
 
+def json_line(obj) -> str:
+    """`obj` as one line of JSON text that is always valid UTF-8: readable characters as they are, but a string
+    holding a lone surrogate (a model's output can) escaped as JSON's \\udcxx, which reads back the same."""
+    text = json.dumps(obj, ensure_ascii=False)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(obj)
+    return text + "\n"
+
+
 def append_lines(path: str | Path, objects: list) -> None:
     """Append one JSON line per object in a single write, flushed and fsync'd; a torn last line left by an
     earlier crash is repaired first (reported on stderr when bytes are dropped)."""
@@ -166,7 +177,7 @@ def append_lines(path: str | Path, objects: list) -> None:
     dropped = repair_torn_tail(path)
     if dropped:
         print(f"{path}: dropped a torn last line ({dropped} bytes) left by an interrupted write", file=sys.stderr)
-    text = "".join(json.dumps(obj, ensure_ascii=False) + "\n" for obj in objects)
+    text = "".join(json_line(obj) for obj in objects)
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)  # one write: a crash can only tear the end of the file
         f.flush()

@@ -11,12 +11,16 @@ The tasks come from an AppWorld data root: the embedded synthetic mini-world tha
 AppWorld freezes the whole process clock, allows one world per process and times out code with SIGALRM
 on the main thread, so worlds run in worker processes. The caller only ever sends code
 strings. Agent code is untrusted, so each task gets a fresh process forked from a privileged worker that
-never runs agent code (the zygote): the fork opens the task (without its ground truth) and then locks
-itself in (an empty chroot, a uid of its own, seccomp, Landlock, resource limits) before it runs any code
-in AppWorld's guarded executor. A task is judged by AppWorld's evaluator in another fork of the zygote,
-from a checked snapshot of the task's database changes. A hung, dead or misbehaving task process is
-killed and the call reported as a failed execution, so the caller never hangs; before the next call a
-new process reopens the task and the task's earlier code is replayed to restore its state.
+never runs agent code (the zygote, a fresh interpreter holding nothing of the caller's program): the fork
+opens the task (without its ground truth) and then locks itself in (an empty chroot, a uid of its own,
+seccomp, Landlock, resource limits) before it runs any code in AppWorld's guarded executor. A task is judged
+by AppWorld's evaluator in another fork of the zygote, which trusts nothing the task sent: it checks the
+snapshot of the task's database changes, works out from them which tables changed, and drops to a uid of
+its own, with limits and a guarded SQLite, before it runs them. Every read from a task process has a
+deadline: a hung, dead or misbehaving task process is killed and the call reported as a failed execution
+(a failed judgement fails the task), so the caller never hangs; before the next call a new process reopens
+the task and the task's earlier code is replayed to restore its state. Where this machine cannot build the
+whole sandbox, sessions refuse to start unless told to run unsafely ($PROST_UNSAFE_WEAK_SANDBOX=1).
 
 This module never imports torch, and imports appworld only inside worker processes.
 """
@@ -24,13 +28,14 @@ This module never imports torch, and imports appworld only inside worker process
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import select
 import shutil
 import signal
 import socket
 import stat
+import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -168,14 +173,17 @@ def truncate(text: str, limit: int) -> str:
 # with appworld imported and warmed up, that never runs agent code). The fork opens the task as root, without its
 # ground truth, closes every file it holds, then locks itself in: an empty chroot, a uid of its own that owns no
 # file, an empty network namespace, a seccomp filter, Landlock and resource limits. Only then does agent code run.
-# Evaluation runs in another fork of the zygote, from a snapshot of the task's database changes that the sandboxed
-# process sends back and that the evaluator checks before applying. See README "The sandbox".
+# Evaluation runs in another fork of the zygote (the judge), from a snapshot of the task's database changes that
+# the sandboxed process sends back: the judge parses it with limits, recomputes what it needs, and drops its own
+# privileges before SQLite runs any of it. See docs/sandbox.md.
 
 SANDBOX_UID_BASE = 2_000_000_000  # a task process runs as uid = gid = base + its pid: unique, owns no file
 SANDBOX_MAX_THREADS = 16  # RLIMIT_NPROC of that uid: AppWorld's API client needs a thread per call
 SANDBOX_MAX_FILES = 64  # RLIMIT_NOFILE
 SANDBOX_CWD = "/prost-sandbox"  # the working directory inside the (empty) chroot
 SNAPSHOT_LIMIT = 256 * 2**20  # bytes: a task's database changes, as sent back for evaluation
+MAX_CHANGE_CHARS = 16 * 2**20  # one recorded change in a snapshot (a statement and its parameters)
+UNSAFE_SQL_FUNCTIONS = {"fts3_tokenizer", "load_extension"}  # a pointer argument, native code: never in the judge
 CHANGE_STATEMENTS = ("INSERT", "UPDATE", "DELETE", "CREATE", "DROP")  # all AppWorld's change tracker records
 WARM_UP_MODULES = (  # imported inside functions by Python or AppWorld while serving a task
     "_strptime", "unicodedata", "encodings.idna", "decimal", "unittest.mock", "base64", "pickle", "secrets",
@@ -184,7 +192,8 @@ WARM_UP_MODULES = (  # imported inside functions by Python or AppWorld while ser
     "cryptography.hazmat.primitives.padding", "cryptography.hazmat.primitives.ciphers")
 _LANDLOCK_SYSCALLS = (444, 445, 446)  # create_ruleset, add_rule, restrict_self: same on x86_64 and aarch64
 _CLONE_NEWNET = 0x40000000
-_PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG = 38, 1
+_PR_SET_NO_NEW_PRIVS, _PR_SET_PDEATHSIG, _PR_SET_KEEPCAPS, _PR_CAPBSET_DROP = 38, 1, 8, 24
+_CAP_DAC_READ_SEARCH = 2
 
 
 def _libc():
@@ -215,17 +224,38 @@ def _landlock(libc) -> int:
         os.close(ruleset)
 
 
+_SECCOMP_REFUSED = (  # other routes to new processes, files, sockets, other processes' memory, the kernel
+    "fork", "vfork", "execve", "execveat", "io_uring_setup", "io_uring_enter", "io_uring_register", "bpf",
+    "userfaultfd", "perf_event_open", "ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "unshare",
+    "setns", "mount", "umount2", "pivot_root", "chroot", "fsopen", "fsmount", "move_mount", "open_tree",
+    "open_by_handle_at", "name_to_handle_at", "mknod", "mknodat", "keyctl", "add_key", "request_key", "kexec_load",
+    "init_module", "finit_module")
 _SECCOMP_ARCHES = {  # machine -> (audit arch, syscall numbers) for the filter below
-    "x86_64": (0xC000003E, {"seccomp": 317, "clone": 56, "clone3": 435, "socket": 41, "fork": 57, "vfork": 58,
-                            "execve": 59, "execveat": 322}),
-    "aarch64": (0xC00000B7, {"seccomp": 277, "clone": 220, "clone3": 435, "socket": 198, "execve": 221,
-                             "execveat": 281}),
+    "x86_64": (0xC000003E, {
+        "seccomp": 317, "clone": 56, "clone3": 435, "socket": 41, "socketpair": 53, "prctl": 157, "fork": 57,
+        "vfork": 58, "execve": 59, "execveat": 322, "io_uring_setup": 425, "io_uring_enter": 426,
+        "io_uring_register": 427, "bpf": 321, "userfaultfd": 323, "perf_event_open": 298, "ptrace": 101,
+        "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_getfd": 438, "unshare": 272, "setns": 308,
+        "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161, "fsopen": 430, "fsmount": 432,
+        "move_mount": 429, "open_tree": 428, "open_by_handle_at": 304, "name_to_handle_at": 303, "mknod": 133,
+        "mknodat": 259, "keyctl": 250, "add_key": 248, "request_key": 249, "kexec_load": 246, "init_module": 175,
+        "finit_module": 313}),
+    "aarch64": (0xC00000B7, {  # the generic table: no fork, vfork or mknod
+        "seccomp": 277, "clone": 220, "clone3": 435, "socket": 198, "socketpair": 199, "prctl": 167, "execve": 221,
+        "execveat": 281, "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "bpf": 280,
+        "userfaultfd": 282, "perf_event_open": 241, "ptrace": 117, "process_vm_readv": 270,
+        "process_vm_writev": 271, "pidfd_getfd": 438, "unshare": 97, "setns": 268, "mount": 40, "umount2": 39,
+        "pivot_root": 41, "chroot": 51, "fsopen": 430, "fsmount": 432, "move_mount": 429, "open_tree": 428,
+        "open_by_handle_at": 265, "name_to_handle_at": 264, "mknodat": 33, "keyctl": 219, "add_key": 217,
+        "request_key": 218, "kexec_load": 104, "init_module": 105, "finit_module": 273}),
 }
 
 
 def _seccomp(libc) -> bool:
     """Install a seccomp filter on every thread: no new process (threads only), no program, no socket but Unix
-    ones. clone3 answers ENOSYS, so that threads fall back to clone, whose flags a filter can read."""
+    ones (by socket, socketpair or io_uring), none of the other routes in _SECCOMP_REFUSED, and no clearing of
+    the signal that ends this process with its parent. clone3 answers ENOSYS, so that threads fall back to
+    clone, whose flags a filter can read."""
     import ctypes
     if os.uname().machine not in _SECCOMP_ARCHES:
         return False
@@ -233,14 +263,19 @@ def _seccomp(libc) -> bool:
     load, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06  # BPF: load word, jumps (offsets skip), return
     allow, deny, nosys, kill = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38, 0x80000000  # EPERM, ENOSYS
     number, arch_word, arg0 = 0, 4, 16  # offsets in struct seccomp_data (arg0's low half, little-endian)
+    af_unix, clone_thread = 1, 0x00010000
     prog = [(load, 0, 0, arch_word), (jeq, 1, 0, arch), (ret, 0, 0, kill),  # another ABI's numbers
             (load, 0, 0, number), (jge, 0, 1, 0x40000000), (ret, 0, 0, deny)]  # x32 numbers
-    for name in ("fork", "vfork", "execve", "execveat"):
+    for name in _SECCOMP_REFUSED:
         if name in nr:
             prog += [(jeq, 0, 1, nr[name]), (ret, 0, 0, deny)]
-    prog += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, nosys),
-             (jeq, 0, 4, nr["socket"]), (load, 0, 0, arg0), (jeq, 0, 1, 1), (ret, 0, 0, allow), (ret, 0, 0, deny),
-             (jeq, 0, 4, nr["clone"]), (load, 0, 0, arg0), (jset, 0, 1, 0x00010000), (ret, 0, 0, allow),
+    prog += [(jeq, 0, 1, nr["clone3"]), (ret, 0, 0, nosys)]
+    for name in ("socket", "socketpair"):  # each test of arg0 returns on both branches (the number is gone)
+        prog += [(jeq, 0, 4, nr[name]), (load, 0, 0, arg0), (jeq, 0, 1, af_unix), (ret, 0, 0, allow),
+                 (ret, 0, 0, deny)]
+    prog += [(jeq, 0, 4, nr["prctl"]), (load, 0, 0, arg0), (jeq, 0, 1, _PR_SET_PDEATHSIG), (ret, 0, 0, deny),
+             (ret, 0, 0, allow),
+             (jeq, 0, 4, nr["clone"]), (load, 0, 0, arg0), (jset, 0, 1, clone_thread), (ret, 0, 0, allow),
              (ret, 0, 0, deny),  # clone without CLONE_THREAD
              (ret, 0, 0, allow)]
 
@@ -314,6 +349,7 @@ def _lock_in(jail: str, max_memory_mb: int | None) -> list[str]:
         os.setresuid(uid, uid, uid)
     else:
         missing.append("a chroot and a uid of its own (needs root)")
+    libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # after setuid, which clears it, before seccomp, which keeps it
     seccomp = _seccomp(libc)
     if not seccomp:
         missing.append("a seccomp filter (needs x86_64 or aarch64 Linux)")
@@ -323,8 +359,45 @@ def _lock_in(jail: str, max_memory_mb: int | None) -> list[str]:
         missing.append("network isolation")
     if not (root or seccomp):
         missing.append("a stop to new processes")
-    libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # after setuid, which clears it: die with the zygote
     return missing
+
+
+# -- the task's channel: length-prefixed JSON messages, every read on the caller's side with a deadline ------------
+_FRAME_HEADER = struct.Struct("!Q")  # a message's length in bytes
+
+
+def _set_deadline(sock: socket.socket, deadline: float | None) -> None:
+    if deadline is not None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        sock.settimeout(left)
+
+
+def send_message(sock: socket.socket, payload: bytes, deadline: float | None = None) -> None:
+    """One message: its length, then its bytes. Raises TimeoutError at the deadline (time.monotonic())."""
+    _set_deadline(sock, deadline)
+    sock.sendall(_FRAME_HEADER.pack(len(payload)) + payload)
+
+
+def _recv_exactly(sock: socket.socket, size: int, deadline: float | None) -> bytes:
+    received = bytearray()
+    while len(received) < size:
+        _set_deadline(sock, deadline)  # a peer that sends part of a message and stops meets the deadline here
+        chunk = sock.recv(min(size - len(received), 1 << 20))
+        if not chunk:
+            raise EOFError("the other end closed the channel")
+        received += chunk
+    return bytes(received)
+
+
+def recv_message(sock: socket.socket, limit: int, deadline: float | None = None) -> bytes:
+    """The next message, refused (ValueError) over `limit` bytes; TimeoutError at the deadline, EOFError at the
+    end."""
+    (size,) = _FRAME_HEADER.unpack(_recv_exactly(sock, _FRAME_HEADER.size, deadline))
+    if size > limit:
+        raise ValueError(f"a message of {size} bytes, over the limit of {limit}")
+    return _recv_exactly(sock, size, deadline)
 
 
 class _CappedLog(list):
@@ -341,7 +414,7 @@ class _CappedLog(list):
 class _TaskProcess:
     """The sandboxed side: one opened AppWorld task; serves JSON requests {id, command, args} on a channel."""
 
-    def __init__(self, channel, max_output_chars: int):
+    def __init__(self, channel: socket.socket, max_output_chars: int):
         self.channel, self.max_output_chars, self.world = channel, max_output_chars, None
 
     def open(self, task_id: str, timeout: int, outputs: str) -> dict:
@@ -367,23 +440,21 @@ class _TaskProcess:
 
     def snapshot(self) -> dict[str, str]:
         """The task's database changes in AppWorld's "changes" format, {file name: text}, as `save_state` writes
-        them (rebuilt here in memory: this process has nowhere to write)."""
-        from appworld.apps.model_lib import ModelHashHandler
+        them (rebuilt here in memory: this process has nowhere to write). No model hashes: the judge works out
+        which tables changed from these changes itself."""
         from appworld.common.utils import import_models_module
         apps = dict.fromkeys([*self.world.task.allowed_apps, "admin", "supervisor"])
-        files = {f"{app}.jsonl": "".join(json.dumps(change) + "\n"
-                                         for change in import_models_module(app).SQLModel.db.tracker.changes)
-                 for app in apps}
-        files["model_hashes.json"] = json.dumps(ModelHashHandler.data[self.world.models_to_db_home_path])
-        return files
+        return {f"{app}.jsonl": "".join(json.dumps(change) + "\n"
+                                        for change in import_models_module(app).SQLModel.db.tracker.changes)
+                for app in apps}
 
     def reply(self, request_id: int, **fields: Any) -> None:
-        self.channel.send_bytes(json.dumps({"id": request_id, **fields}).encode())
+        send_message(self.channel, json.dumps({"id": request_id, **fields}).encode())
 
     def serve(self) -> None:
         while True:
             try:
-                request = json.loads(self.channel.recv_bytes())
+                request = json.loads(recv_message(self.channel, limit=1 << 40))  # the caller is trusted
             except (EOFError, OSError):
                 return
             command, args = request["command"], request["args"]
@@ -397,7 +468,7 @@ class _TaskProcess:
                 return
 
 
-def _task_main(channel, task_id: str, timeout: int, outputs: str, jail: str, max_output_chars: int,
+def _task_main(channel: socket.socket, task_id: str, timeout: int, outputs: str, jail: str, max_output_chars: int,
                max_memory_mb: int | None) -> None:
     """Body of a forked task process: open the task with privileges, lock in, serve agent code."""
     task = _TaskProcess(channel, max_output_chars)
@@ -418,40 +489,145 @@ def _task_main(channel, task_id: str, timeout: int, outputs: str, jail: str, max
     task.serve()
 
 
-def _check_snapshot(files: dict[str, str], apps: list[str]) -> None:
-    """Refuse a snapshot that AppWorld's own save could not have written: the evaluator runs its statements."""
-    allowed = {f"{app}.jsonl" for app in apps} | {"model_hashes.json"}
-    if not isinstance(files, dict) or not set(files) <= allowed or not all(isinstance(v, str) for v in files.values()):
-        raise ValueError(f"unexpected files {sorted(set(files) - allowed)[:3]}")
+def _parse_change(line: str) -> list:
+    """One recorded database change as AppWorld's tracker records it, [statement, parameters, many], with
+    parameters a row of plain values (many: a list of rows); ValueError for anything else, of any size or depth."""
+    if len(line) > MAX_CHANGE_CHARS:
+        raise ValueError(f"a recorded change of {len(line)} characters (limit {MAX_CHANGE_CHARS})")
+    try:
+        change = json.loads(line)
+    except RecursionError:  # the decoder's own depth limit
+        raise ValueError("a recorded change nested too deeply")
+    if not (isinstance(change, list) and len(change) == 3):
+        raise ValueError(f"not a recorded database change: {line[:80]!r}")
+    statement, parameters, many = change
+    words = statement.split(None, 1) if isinstance(statement, str) else []
+    rows = parameters if many is True and isinstance(parameters, list) else [parameters]
+    if (not words or words[0].upper() not in CHANGE_STATEMENTS or not isinstance(many, bool)
+            or not all(_is_row(row) for row in rows)):
+        raise ValueError(f"not a recorded database change: {str(statement)[:80]!r}")
+    return change
+
+
+def _is_row(row: Any) -> bool:
+    values = row.values() if isinstance(row, dict) else row if isinstance(row, list) else None
+    return values is not None and all(isinstance(value, (str, int, float, bool, type(None))) for value in values)
+
+
+def _parse_snapshot(files: Any, apps: list[str]) -> dict[str, list[list]]:
+    """A task's snapshot, {app}.jsonl -> its recorded changes, checked line by line; every app gets a list (an
+    app the task left out has none: its absent log would start it from an empty database)."""
+    allowed = {f"{app}.jsonl": app for app in apps}
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ValueError("not a snapshot: a mapping of file names to text")
+    if not set(files) <= set(allowed):
+        raise ValueError(f"unexpected files {sorted(map(str, set(files) - set(allowed)))[:3]}")
+    changes = {app: [] for app in apps}
     for name, text in files.items():
-        if name == "model_hashes.json":
-            json.loads(text)
-            continue
-        for line in text.splitlines():
-            statement, parameters, many = json.loads(line)
-            words = statement.split(None, 1) if isinstance(statement, str) else []
-            if (not words or words[0].upper() not in CHANGE_STATEMENTS or not isinstance(parameters, (list, dict))
-                    or not isinstance(many, bool)):
-                raise ValueError(f"not a recorded database change: {str(statement)[:80]!r}")
+        changes[allowed[name]] = [_parse_change(line) for line in text.splitlines()]
+    return changes
+
+
+def _changed_model_hashes(changes: dict[str, list[list]]) -> dict[str, dict[str, int]]:
+    """AppWorld's model hashes (which tables changed) worked out from the change log, never taken from the task:
+    every table of an app with any recorded change is marked changed, with a value no count of changes takes,
+    so the evaluator compares all of them row by row (a cascade or a trigger reaches tables no statement names)."""
+    from appworld.common.utils import import_models_module
+    return {app: {name: -1 for name in import_models_module(app).SQLModel.name_to_model() if name != "SQLModel"}
+            for app, app_changes in changes.items() if app_changes}
+
+
+def _sql_authorizer(action: int, arg1: str | None, arg2: str | None, database: str | None,
+                    trigger: str | None) -> int:
+    """SQLite's authorizer in the judge: no function that takes a pointer or loads code, no other database."""
+    import sqlite3
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in UNSAFE_SQL_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
+    if action in (sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH):
+        return sqlite3.SQLITE_DENY
+    return sqlite3.SQLITE_OK
+
+
+def _guard_sqlite() -> None:
+    """Give every SQLite connection this process opens from now on the authorizer above (SQLAlchemy connects
+    through sqlite3.dbapi2, AppWorld through sqlite3; the judge opens its databases after this)."""
+    import sqlite3
+    connect = sqlite3.dbapi2.connect
+
+    def guarded_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+        connection = connect(*args, **kwargs)
+        connection.set_authorizer(_sql_authorizer)
+        return connection
+
+    sqlite3.connect = sqlite3.dbapi2.connect = guarded_connect
+
+
+def _keep_only_file_reading(libc, uid: int) -> None:
+    """Become `uid`, keeping one capability, CAP_DAC_READ_SEARCH (read any file: the world root may be readable
+    by root alone), and none that could be regained."""
+    import ctypes
+    last = int(Path("/proc/sys/kernel/cap_last_cap").read_text())
+    for capability in range(last + 1):
+        if capability != _CAP_DAC_READ_SEARCH:
+            libc.prctl(_PR_CAPBSET_DROP, capability, 0, 0, 0)
+    libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0)
+    os.setgroups([])
+    os.setresgid(uid, uid, uid)
+    os.setresuid(uid, uid, uid)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    bit = 1 << _CAP_DAC_READ_SEARCH
+    sets = (ctypes.c_uint32 * 6)(bit, bit, 0, 0, 0, 0)  # (effective, permitted, inheritable) x (low, high word)
+    if libc.capset(header, sets) != 0:
+        raise OSError(ctypes.get_errno(), "capset failed")
+
+
+def _become_judge(outputs: str, timeout: float, max_memory_mb: int | None) -> None:
+    """Drop this (forked, judging) process's privileges before it touches a task's recorded SQL: a uid of its
+    own that owns `outputs` alone and may read but not write other files, limits on memory, CPU time, file
+    size, files and threads, and the task processes' seccomp filter."""
+    import resource
+    libc = _libc()
+    _set_memory_limit(max_memory_mb)
+    cpu = int(timeout) + 1
+    for limit, (soft, hard) in ((resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
+                                (resource.RLIMIT_FSIZE, (SNAPSHOT_LIMIT, SNAPSHOT_LIMIT)),
+                                (resource.RLIMIT_NOFILE, (256, 256))):
+        resource.setrlimit(limit, (soft, hard))
+    if os.geteuid() == 0:
+        uid = SANDBOX_UID_BASE + os.getpid()
+        for folder, names, files in os.walk(outputs):
+            for path in [folder, *(os.path.join(folder, name) for name in names + files)]:
+                os.chown(path, uid, uid)
+        resource.setrlimit(resource.RLIMIT_NPROC, (SANDBOX_MAX_THREADS, SANDBOX_MAX_THREADS))
+        _keep_only_file_reading(libc, uid)
+    libc.prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)
+    if not _seccomp(libc) and os.uname().machine in _SECCOMP_ARCHES:
+        raise OSError("the judge could not install its seccomp filter")
 
 
 class _Refused(Exception):
     """The agent's saved state cannot be judged: the task fails."""
 
 
-def _judge(task_id: str, files: dict[str, str], outputs: str) -> dict:
+def _judge(task_id: str, files: Any, outputs: str, timeout: float, max_memory_mb: int | None) -> dict:
+    """AppWorld's evaluator on a task's snapshot, trusting nothing in it: the changes are checked and written
+    out again by this process, the model hashes worked out from them, and privileges dropped before SQLite
+    runs any of them."""
     from appworld.evaluator import evaluate_task
     from appworld.task import Task
 
     task = Task.load(task_id=task_id, load_ground_truth=False)
     try:
-        _check_snapshot(files, [*task.allowed_apps, "admin", "supervisor"])
-    except (ValueError, TypeError) as error:
-        raise _Refused(f"the task's saved state was refused: {error}")
+        changes = _parse_snapshot(files, [*task.allowed_apps, "admin", "supervisor"])
+    except Exception as error:  # of any kind: the snapshot is the agent's doing
+        raise _Refused(f"the task's saved state was refused: {type(error).__name__}: {error}")
     dbs = Path(outputs) / "tasks" / task_id / "dbs"
     dbs.mkdir(parents=True)
-    for name, text in files.items():
-        (dbs / name).write_text(text)
+    for app, app_changes in changes.items():
+        (dbs / f"{app}.jsonl").write_text("".join(json.dumps(change) + "\n" for change in app_changes))
+    (dbs / "model_hashes.json").write_text(json.dumps(_changed_model_hashes(changes)))
+    _become_judge(outputs, timeout, max_memory_mb)
+    _guard_sqlite()
     try:  # an absolute experiment name makes AppWorld read the state from `outputs`; no report is written
         tracker = evaluate_task(task_id=task_id, experiment_name=outputs, save_report=False).to_dict()
     except Exception as error:  # e.g. a statement SQLite refuses: the state is the agent's doing
@@ -462,11 +638,11 @@ def _judge(task_id: str, files: dict[str, str], outputs: str) -> dict:
             "traces": {f["requirement"]: f["trace"] for f in tracker["failures"]}}
 
 
-def _evaluate_main(write_end: int, task_id: str, files: dict[str, str]) -> None:
-    """Body of a forked evaluator (it never runs agent code): check the snapshot, judge it, reply on write_end."""
+def _evaluate_main(write_end: int, task_id: str, files: Any, timeout: float, max_memory_mb: int | None) -> None:
+    """Body of a forked judge (it never runs agent code): check the snapshot, judge it, reply on write_end."""
     outputs = tempfile.mkdtemp(prefix="prost-eval-")
     try:
-        reply = {"ok": True, "result": _judge(task_id, files, outputs)}
+        reply = {"ok": True, "result": _judge(task_id, files, outputs, timeout, max_memory_mb)}
     except _Refused as refused:
         reply = {"ok": True, "result": {"success": False, "num_tests": 1, "passes": [], "failures": [str(refused)],
                                         "traces": {}}}
@@ -476,6 +652,39 @@ def _evaluate_main(write_end: int, task_id: str, files: dict[str, str]) -> None:
         shutil.rmtree(outputs, ignore_errors=True)
     with os.fdopen(write_end, "wb") as pipe:
         pipe.write(json.dumps(reply).encode())
+
+
+def _judgement(reply: bytes) -> dict:
+    """A judge's reply, checked: a judge that ran a task's SQL is trusted no more than the task."""
+    try:
+        parsed = json.loads(reply or b'{"ok": false, "error": "the judge died"}')
+        if not parsed["ok"]:
+            raise RuntimeError(str(parsed["error"])[:2000])
+        result = parsed["result"]
+        checked = {"success": result["success"], "num_tests": result["num_tests"],
+                   "passes": [str(p) for p in result["passes"]], "failures": [str(f) for f in result["failures"]],
+                   "traces": {str(k): str(v) for k, v in result["traces"].items()}}
+        if not isinstance(checked["success"], bool) or not isinstance(checked["num_tests"], int):
+            raise TypeError("success or num_tests of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:
+        raise RuntimeError(f"the judge sent a malformed reply: {type(error).__name__}: {error}")
+    return checked
+
+
+def _kill_sandbox_process(pid: int) -> None:
+    """SIGKILL a task process whose zygote is gone, and so was not reaped: its pid may belong to another process
+    by now, so only if it still runs as its sandbox uid (with root) or leads its own process group (without)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        uid = int(status.split("\nUid:")[1].split()[0])
+        group = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[2])
+    except (OSError, IndexError, ValueError):
+        return
+    if uid == SANDBOX_UID_BASE + pid or (uid == os.geteuid() != 0 and group == pid):
+        try:
+            os.killpg(pid, signal.SIGKILL) if group == pid else os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def _kill_uid(uid: int) -> None:
@@ -504,6 +713,44 @@ class _Zygote:
         os.mkdir(self.jail + SANDBOX_CWD, 0o700)
         self.tasks: set[int] = set()  # pids of task processes not yet ended (not reaped, so never reused)
         self._warm_up()
+        self.missing = self._probe()
+
+    def _probe(self) -> list[str]:
+        """The protections this machine cannot give a task process: a fork locks itself in and says."""
+        def lock_in_and_report(write_end: int) -> None:
+            os.write(write_end, json.dumps(_lock_in(self.jail, self.max_memory_mb)).encode())
+        return [str(m) for m in json.loads(self._fork_and_read(lock_in_and_report, 60, 1 << 16, "the probe"))]
+
+    def _fork_and_read(self, body: Callable[[int], None], timeout: float, limit: int, what: str) -> bytes:
+        """Fork a child that runs body(write_end); what it writes there, read until it ends. A child that runs
+        past `timeout` or writes over `limit` bytes is killed (RuntimeError)."""
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(read_end)
+                body(write_end)
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        received, deadline, ended = bytearray(), time.monotonic() + timeout, False
+        try:
+            while not ended and len(received) <= limit:
+                ready, _, _ = select.select([read_end], [], [], max(deadline - time.monotonic(), 0))
+                if not ready:
+                    break
+                chunk = os.read(read_end, 1 << 20)
+                received += chunk
+                ended = not chunk
+        finally:
+            os.close(read_end)
+        if not ended:
+            os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if not ended:
+            raise RuntimeError(f"{what} did not finish within {timeout:.0f}s" if len(received) <= limit
+                               else f"{what} wrote over {limit} bytes")
+        return bytes(received)
 
     def _warm_up(self) -> None:
         """Import here every module a task may need (a locked-in task process can import nothing new): all
@@ -540,8 +787,6 @@ class _Zygote:
 
     def open(self, conn, task_id: str, timeout: int) -> tuple[int, socket.socket]:
         """Fork a task process for task_id; returns its pid and the caller's end of its channel."""
-        from multiprocessing.connection import Connection
-
         ours, theirs = socket.socketpair()
         outputs = os.path.join(self.scratch, f"task-{len(self.tasks)}-{time.monotonic_ns()}")
         pid = os.fork()
@@ -549,7 +794,7 @@ class _Zygote:
             try:
                 ours.close()
                 conn.close()
-                _task_main(Connection(theirs.detach()), task_id, timeout, outputs, self.jail,
+                _task_main(theirs, task_id, timeout, outputs, self.jail,
                            self.max_output_chars, self.max_memory_mb)
             finally:
                 os._exit(0)
@@ -571,35 +816,11 @@ class _Zygote:
             _kill_uid(SANDBOX_UID_BASE + pid)
         os.waitpid(pid, 0)
 
-    def evaluate(self, task_id: str, files: dict[str, str], timeout: float) -> dict:
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            try:
-                os.close(read_end)
-                _evaluate_main(write_end, task_id, files)
-            finally:
-                os._exit(0)
-        os.close(write_end)
-        chunks, deadline = [], time.monotonic() + timeout
-        try:
-            while True:
-                ready, _, _ = select.select([read_end], [], [], max(deadline - time.monotonic(), 0))
-                chunk = os.read(read_end, 1 << 20) if ready else None
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(read_end)
-        if chunk is None:
-            os.kill(pid, signal.SIGKILL)
-        os.waitpid(pid, 0)
-        if chunk is None:
-            raise RuntimeError(f"the evaluator did not finish within {timeout:.0f}s")
-        reply = json.loads(b"".join(chunks) or b'{"ok": false, "error": "the evaluator died"}')
-        if not reply["ok"]:
-            raise RuntimeError(reply["error"])
-        return reply["result"]
+    def evaluate(self, task_id: str, files: Any, timeout: float) -> dict:
+        """Judge a task's snapshot in a fresh fork that drops its privileges first (see _judge)."""
+        def judge(write_end: int) -> None:
+            _evaluate_main(write_end, task_id, files, timeout, self.max_memory_mb)
+        return _judgement(self._fork_and_read(judge, timeout, 64 * 2**20, "the judge"))
 
     def cpu_seconds(self) -> float:
         """CPU time of this process, its reaped forks, and its live task processes."""
@@ -620,16 +841,28 @@ class _Zygote:
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
+# `python -I -c ZYGOTE_ENTRY REPO FD SETTINGS`: a fresh interpreter that imports world.py and AppWorld and nothing of
+# the program that started it (multiprocessing's spawn would import that program's main script again: the
+# mini-world's generator, say, from which agent code could rebuild the answers).
+ZYGOTE_ENTRY = "import sys; sys.path.insert(0, sys.argv[1]); import world; world._zygote_entry()"
+
+
+def _zygote_entry() -> None:
+    from multiprocessing.connection import Connection
+    fd, settings = int(sys.argv[2]), json.loads(sys.argv[3])
+    _zygote_main(Connection(fd), **settings)
+
+
 def _zygote_main(conn, root: str, max_output_chars: int, max_memory_mb: int | None) -> None:
-    """Entry point of a world worker process (spawned, so appworld is imported fresh). Requests from the session
-    are (id, command, *args); each reply is (id, status, payload)."""
+    """Body of a world worker process. Requests from the session are (id, command, *args); each reply is
+    (id, status, payload); the first reply, to request 0, lists the protections this machine cannot give."""
     import traceback
     from multiprocessing.reduction import send_handle
 
     os.environ["APPWORLD_ROOT"] = root  # must precede the first appworld import: paths are cached
     try:
         zygote = _Zygote(max_output_chars, max_memory_mb)
-        conn.send((0, "ok", None))
+        conn.send((0, "ok", zygote.missing))
     except BaseException:
         conn.send((0, "error", traceback.format_exc()))
         return
@@ -657,6 +890,18 @@ class WorkerLost(RuntimeError):
     """The worker process died, did not answer in time, or answered out of turn (it has been killed)."""
 
 
+class SandboxUnavailable(ValueError):
+    """This machine cannot build the full sandbox, and running agent code without it was not asked for."""
+
+
+UNSAFE_ENV = "PROST_UNSAFE_WEAK_SANDBOX"  # set to 1: run agent code even where the full sandbox cannot be built
+
+
+def sandbox_refusal(missing: list[str]) -> str:
+    return (f"world.py: refusing to run agent code without {', '.join(missing)}: run as root on Linux (sudo, or "
+            f"as root in a container), or set {UNSAFE_ENV}=1 to run it without them (unsafe: see docs/sandbox.md)")
+
+
 _warned: set[str] = set()
 
 
@@ -665,7 +910,7 @@ def _warn_once(missing: list[str]) -> None:
     line = ", ".join(missing)
     if line and line not in _warned:
         _warned.add(line)
-        print(f"world.py: warning: agent code runs without {line}; see README 'The sandbox'", file=sys.stderr)
+        print(f"world.py: warning: code runs without {line}, as asked (docs/sandbox.md)", file=sys.stderr)
 
 
 class WorldSession:
@@ -682,15 +927,20 @@ class WorldSession:
     earlier code replayed before the next call. budget_seconds: total wall time per opened task, after which
     execute refuses. max_output_chars: execute outputs, and AppWorld's log of them, are truncated to this size
     (head and tail kept). max_memory_mb: address-space cap of a task process, so runaway code gets a
-    MemoryError, not the machine.
+    MemoryError, not the machine; the judge gets the same cap. judge_timeout: seconds a judgement may take
+    (past it the task counts as failed). unsafe_weak_sandbox: run agent code even where this machine cannot build
+    the full sandbox (default: $PROST_UNSAFE_WEAK_SANDBOX=1); otherwise start() raises SandboxUnavailable.
     """
 
     def __init__(self, root: str | Path | None = None, timeout: float = 20, max_output_chars: int = 20_000,
                  budget_seconds: float | None = None, start_timeout: float = 180, grace: float = 10,
-                 max_memory_mb: int | None = 6144):
+                 max_memory_mb: int | None = 6144, judge_timeout: float = 60,
+                 unsafe_weak_sandbox: bool | None = None):
         self.root = str(Path(root or world_root()).resolve())
         self.timeout, self.max_output_chars, self.budget_seconds = timeout, max_output_chars, budget_seconds
         self.start_timeout, self.grace, self.max_memory_mb = start_timeout, grace, max_memory_mb
+        self.judge_timeout = judge_timeout
+        self.unsafe = os.environ.get(UNSAFE_ENV) == "1" if unsafe_weak_sandbox is None else unsafe_weak_sandbox
         self.process = self.conn = None  # the zygote
         self.channel, self.task_pid = None, None  # the open task's process
         self.task: TaskInfo | None = None
@@ -703,25 +953,36 @@ class WorldSession:
 
     # -- the zygote ------------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the worker process now (open() does it lazily); returns once appworld is imported."""
-        if self.process is not None and self.process.is_alive():
+        """Start the worker process now (open() does it lazily); returns once appworld is imported, or raises
+        SandboxUnavailable where the full sandbox cannot be built (and unsafe_weak_sandbox is off)."""
+        from multiprocessing.connection import Connection
+
+        if self._zygote_alive():
             return
         self._kill()
-        ctx = multiprocessing.get_context("spawn")
-        self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_zygote_main, daemon=True, name="prost-world",
-                                   args=(child, self.root, self.max_output_chars, self.max_memory_mb))
-        self.process.start()
-        child.close()
-        self._reply(0, self.start_timeout, "start")
+        ours, theirs = socket.socketpair()
+        settings = {"root": self.root, "max_output_chars": self.max_output_chars, "max_memory_mb": self.max_memory_mb}
+        with theirs:
+            self.process = subprocess.Popen([sys.executable, "-I", "-c", ZYGOTE_ENTRY, str(REPO),
+                                             str(theirs.fileno()), json.dumps(settings)],
+                                            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        self.conn = Connection(ours.detach())
+        self.missing = self._reply(0, self.start_timeout, "start")
+        if self.missing and not self.unsafe:
+            self._kill()
+            raise SandboxUnavailable(sandbox_refusal(self.missing))
+        _warn_once(self.missing)
+
+    def _zygote_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def _kill(self) -> None:
         self._drop_channel()
         if self.process is None:
             return
-        if self.process.is_alive():
+        if self._zygote_alive():
             self.process.kill()
-        self.process.join(5)
+        self.process.wait(5)
         self.conn.close()
         self.process = self.conn = None
 
@@ -746,7 +1007,7 @@ class WorldSession:
         return payload
 
     def _call(self, timeout: float, command: str, *args: Any) -> Any:
-        if self.process is None or not self.process.is_alive():
+        if not self._zygote_alive():
             self._kill()
             raise WorkerLost(f"the world worker died before {command}")
         request_id = self._next_id()
@@ -759,27 +1020,33 @@ class WorldSession:
 
     # -- the task process (untrusted: its replies are checked JSON, never unpickled) -------------------
     def _drop_channel(self) -> None:
-        """End the open task's process (and all it started) if there is one."""
+        """End the open task's process (and all it started) if there is one: through the zygote, which reaps
+        it, or, if the zygote is gone, directly (the task cannot clear its signal to die with the zygote, so
+        this is for a task caught between the two)."""
         channel, pid, self.channel, self.task_pid = self.channel, self.task_pid, None, None
         if channel is not None:
             channel.close()
-        if pid is not None and self.process is not None and self.process.is_alive():
+        if pid is None:
+            return
+        if self._zygote_alive():
             try:
                 self._call(self.start_timeout, "end", pid)
+                return
             except (WorkerLost, RuntimeError):
                 pass
+        _kill_sandbox_process(pid)
 
     def _task_reply(self, request_id: int, timeout: float, limit: int, what: str) -> Any:
-        if not self.channel.poll(timeout):
+        try:
+            reply = json.loads(recv_message(self.channel, limit, time.monotonic() + timeout))
+            answered, ok = reply["id"], reply["ok"]
+        except TimeoutError:  # no reply, or part of one: either way the process is stuck or hostile
             self._drop_channel()
             raise WorkerLost(f"the world worker did not answer {what} within {timeout:.0f}s and was killed")
-        try:
-            reply = json.loads(self.channel.recv_bytes(limit))
-            answered, ok = reply["id"], reply["ok"]
         except (EOFError, OSError):
             self._drop_channel()
             raise WorkerLost(f"the world worker died during {what}")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             self._drop_channel()
             raise WorkerLost(f"the world worker sent a malformed reply to {what} and was killed")
         if answered != request_id:
@@ -796,9 +1063,10 @@ class WorldSession:
         if self.channel is None:
             raise WorkerLost(f"the world worker died before {command}")
         request_id = self._next_id()
-        try:
-            self.channel.send_bytes(json.dumps({"id": request_id, "command": command, "args": args}).encode())
-        except OSError:
+        try:  # a task that stops reading must not block the caller either
+            send_message(self.channel, json.dumps({"id": request_id, "command": command, "args": args}).encode(),
+                         time.monotonic() + timeout)
+        except OSError:  # TimeoutError included
             self._drop_channel()
             raise WorkerLost(f"the world worker died before {command}")
         return self._task_reply(request_id, timeout, limit, command)
@@ -806,22 +1074,23 @@ class WorldSession:
     # -- task API --------------------------------------------------------------------------------------
     def open(self, task_id: str) -> TaskInfo:
         """Open a task (closing any open one) in a fresh sandboxed process; returns what the agent may see."""
-        from multiprocessing.connection import Connection
         from multiprocessing.reduction import recv_handle
 
         task_dir(task_id, self.root)  # a clear error for unknown ids, before touching the worker
         self.start()
         self._drop_channel()
         pid = self._call(self.start_timeout, "open", task_id, int(self.timeout))
-        self.channel, self.task_pid = Connection(recv_handle(self.conn)), pid
+        self.channel, self.task_pid = socket.socket(fileno=recv_handle(self.conn)), pid
         opened = self._task_reply(0, self.start_timeout, 1 << 24, "open")
         try:
             info, missing = TaskInfo(**opened["info"]), [str(m) for m in opened["missing"]]
         except (KeyError, TypeError) as error:
             self._drop_channel()
             raise WorkerLost(f"the world worker sent a malformed reply to open: {error}")
+        if missing and not self.unsafe:  # the probe at start said otherwise: refuse all the same
+            self._drop_channel()
+            raise SandboxUnavailable(sandbox_refusal(missing))
         self.missing = missing
-        _warn_once(missing)
         self.task, self.history, self.opened_at, self.lost = info, [], time.monotonic(), False
         return self.task
 
@@ -894,12 +1163,15 @@ class WorldSession:
         if not (Path(self.root) / "data" / "tasks" / self.task.task_id / "ground_truth").is_dir():
             raise RuntimeError(f"task {self.task.task_id} has no ground truth, so it cannot be evaluated")
         try:
-            files = self._task_call(self.start_timeout, SNAPSHOT_LIMIT, "snapshot")
+            files = self._task_call(self.timeout + self.grace, SNAPSHOT_LIMIT, "snapshot")
         except (WorkerLost, RuntimeError) as failure:  # e.g. over SNAPSHOT_LIMIT: the evaluator refuses it
             self.lost = self.lost or isinstance(failure, WorkerLost)
             files = {"(no snapshot)": str(failure)}
-        return Evaluation(**self._call(self.start_timeout, "evaluate", self.task.task_id, files,
-                                       self.start_timeout))
+        try:
+            return Evaluation(**self._call(self.judge_timeout + self.grace, "evaluate", self.task.task_id, files,
+                                           self.judge_timeout))
+        except (WorkerLost, RuntimeError) as failure:  # a judge that crashed, hung or sent junk: the task fails
+            return Evaluation(False, [], [f"the judge failed, so the task counts as failed: {failure}"], 1)
 
     def cpu_seconds(self) -> float:
         """CPU time the worker and its task and evaluator processes have used so far (for benchmarks)."""
@@ -907,7 +1179,7 @@ class WorldSession:
 
     def close(self) -> None:
         """Close the task and stop the worker process; no process of the session is left behind."""
-        if self.process is not None and self.process.is_alive():
+        if self._zygote_alive():
             self._drop_channel()
             try:
                 self._call(30, "shutdown")
@@ -923,7 +1195,7 @@ class WorldSession:
         self.close()
 
     def __del__(self) -> None:
-        if getattr(self, "process", None) is not None and self.process.is_alive():
+        if getattr(self, "process", None) is not None and self.process.poll() is None:
             self.process.kill()
 
 
@@ -943,8 +1215,12 @@ class WorldPool:
         self.sessions = [WorldSession(**session_kwargs) for _ in range(n)]
         self._free: list[WorldSession] = list(self.sessions)
         self._lock = threading.Condition()
-        with ThreadPoolExecutor(n) as starter:  # import appworld in all workers at once
-            list(starter.map(WorldSession.start, self.sessions))
+        try:
+            with ThreadPoolExecutor(n) as starter:  # import appworld in all workers at once
+                list(starter.map(WorldSession.start, self.sessions))
+        except BaseException:  # e.g. SandboxUnavailable: stop the workers that did start
+            self.close()
+            raise
 
     def _acquire(self) -> WorldSession:
         with self._lock:

@@ -27,6 +27,9 @@ sys.path.insert(0, str(REPO))  # the repo's flat modules (model.py, ...)
 
 from cluster import child_env  # noqa: E402  (the product's own launch environment, shared with gpu_check.py)
 
+if os.geteuid() != 0:  # the full sandbox needs root (tests/test_sandbox.py then skips); the other tests run
+    os.environ.setdefault("PROST_UNSAFE_WEAK_SANDBOX", "1")  # gold and tiny random models' code, as before
+
 CORPUS = [
     "The planner splits the task into sub-tasks; the executor writes code for each one.",
     "The critic reads the output and says whether the sub-task succeeded.",

@@ -1,4 +1,5 @@
-"""Tests for world.py's sandbox: each attack from issue 17, tried through a real WorldSession on the mini-world.
+"""Tests for world.py's sandbox: each attack from issues 17 and 31, tried through a real WorldSession on the
+mini-world (issue 31's are numbered as in the issue).
 
 For every attack: the task it runs in fails (or the attack has no effect), no file under the world root changes
 (the whole tree is hashed before and after), and the next task in the same session is unaffected: its gold
@@ -7,8 +8,11 @@ The sandbox's full protections need root (a chroot and a uid of its own); the te
 """
 
 import hashlib
+import json
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -243,3 +247,277 @@ def test_a_dead_zygote_takes_its_task_with_it(mini_world):
         assert session.execute("print(2)").output.strip() == "2"
     finally:
         session.close()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Issue 31: the judge trusts nothing from the task, the host never waits forever, and the sandbox fails closed.
+
+HELD_OUT_QUESTION = "notecount_5"  # a dev variant of a question scenario: drawn from the build's secret
+PARTIAL = b"\x00\x00\x10\x00\x00\x00\x00"  # the start of a message's length, and then nothing more
+TASK_PROCESS = "[o for o in os.sys.modules['gc'].get_objects() if type(o).__name__ == '_TaskProcess'][0]"
+
+
+def in_thread(call, seconds):
+    """call() in a daemon thread; (finished, result or exception) after at most `seconds`."""
+    import threading
+    box = {}
+
+    def run():
+        try:
+            box["result"] = call()
+        except BaseException as error:  # noqa: B036 - handed back to the test
+            box["result"] = error
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return not thread.is_alive(), box.get("result")
+
+
+def judge_gold_plus(session, changes):
+    """Open NEXT, run its gold solution, record `changes` as if the task had made them; evaluate."""
+    session.open(NEXT)
+    for step in miniworld.gold_subtasks(NEXT, session.root):
+        assert not session.execute(step["code"]).error
+    code = (f"import os\nmodels = os.sys.modules['appworld.apps.venmo.models']\n"
+            f"models.SQLModel.db.tracker.changes.extend({changes!r})")
+    out = session.execute(code)
+    assert not out.error, out.output
+    return session.evaluate()
+
+
+@pytest.mark.parametrize("step", ["execute", "snapshot"])
+def test_1_a_partial_reply_does_not_hang_the_host(mini_world, step, unchanged_world):
+    """A task process that sends part of a message and stops (spinning in C, where the alarm cannot reach) is
+    killed at its deadline; the session recovers."""
+    stall = f"os.sys.modules['posix'].write({TASK_PROCESS}.channel.fileno(), {PARTIAL!r})\nsum(range(10 ** 15))"
+    session = world.WorldSession(mini_world, timeout=3, grace=3)
+    try:
+        session.open(NEXT)
+        if step == "execute":
+            finished, out = in_thread(lambda: session.execute(f"import os\n{stall}"), 30)
+            assert finished, "execute hung on a partial reply"
+            assert out.error and "restarted" in out.output
+        else:
+            code = f"import os\ntask = {TASK_PROCESS}\ndef stalled():\n" + "".join(f"    {line}\n" for line in
+                                                                                  stall.splitlines())
+            assert not session.execute(code + "task.snapshot = stalled").error
+            finished, evaluation = in_thread(session.evaluate, 30)
+            assert finished, "evaluate hung on a partial snapshot"
+            assert not evaluation.success
+        assert session.execute("print(6 * 7)").output.strip() == "42"
+    finally:
+        if session.task_pid:
+            _kill_quietly(session.task_pid)  # unblocks a hung read on the old code
+        session.close()
+
+
+def _kill_quietly(pid):
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize("name", ["venmo.jsonl", "model_hashes.json"])
+def test_2_a_deeply_nested_snapshot_fails_the_task_and_the_run_goes_on(session, name, unchanged_world):
+    deep = "[" * 100_000 + "]" * 100_000
+    code = f"import os\ntask = {TASK_PROCESS}\ntask.snapshot = lambda: {{{name!r}: {deep!r}}}"
+    session.open(NEXT)
+    assert not session.execute(code).error
+    evaluation = session.evaluate()  # used to raise RecursionError's report out of the judge
+    assert not evaluation.success and "refused" in evaluation.failures[0]
+
+
+def test_3_output_with_a_lone_surrogate_is_stored_as_it_is(session, tmp_path, unchanged_world):
+    import store
+    session.open(NEXT)
+    out = session.execute("print('a\\udcff b \u00fc')")
+    assert not out.error and "\udcff" in out.output
+    path = tmp_path / "trajectories.jsonl"
+    store.append_lines(path, [{"output": out.output}])  # used to raise UnicodeEncodeError
+    assert [store.parse_line(line) for line in path.read_text(encoding="utf-8").splitlines()] == [
+        {"output": out.output}]
+    store.atomic_write(tmp_path / "report.md", out.output)  # text: the surrogate written as its escape
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == out.output.replace("\udcff", "\\udcff")
+
+
+REGENERATE = ("import os\nmw = os.sys.modules['miniworld']\n"
+              "tasks = mw.generate_tasks(mw.make_population(0), 0)\n"
+              f"apis.supervisor.complete_task(answer=tasks[{HELD_OUT_QUESTION!r}][2].answer)")
+
+
+def test_4_the_generator_is_not_in_the_task_process(mini_world, tmp_path):
+    """A program whose main script imports the mini-world's generator (as `miniworld.py check` or evaluate.py
+    do): the task process must not hold it, or agent code rebuilds the answers from the public seed."""
+    script = tmp_path / "host.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(world.__file__).parent)!r})\n"
+        "import miniworld  # noqa: F401  (the generator, loaded in the host)\n"
+        "import world\n\n\n"
+        "def main(root, task_id, code):\n"
+        "    with world.WorldSession(root, timeout=10) as session:\n"
+        "        session.open(task_id)\n"
+        "        out = session.execute(code)\n"
+        "        print(json.dumps({'output': out.output, 'success': session.evaluate().success}))\n\n\n"
+        "if __name__ == '__main__':\n"
+        "    main(*sys.argv[1:])\n")
+    done = subprocess.run([sys.executable, str(script), str(mini_world), HELD_OUT_QUESTION, REGENERATE],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not result["success"]
+    assert "KeyError" in result["output"] and "miniworld" in result["output"]
+
+
+def test_4_held_out_tasks_do_not_follow_from_the_public_seed(mini_world):
+    public = miniworld.generate_tasks(miniworld.make_population(0), 0)  # what code without the secret can rebuild
+    splits = {split: world.load_split(split, mini_world) for split in ("train", "dev", "test")}
+
+    def same(task_id):
+        specs = json.loads((Path(mini_world) / "data" / "tasks" / task_id / "specs.json").read_text())
+        return specs["instruction"] == public[task_id][2].instruction
+    assert all(same(t) for t in splits["train"])  # training data follows from the seed: reproducible
+    for split in ("dev", "test"):
+        assert sum(same(t) for t in splits[split]) < len(splits[split]) / 2, split
+
+
+def test_5_changes_the_model_hashes_do_not_show_are_judged(session, unchanged_world):
+    """The gold solution plus a deleted unrelated record that no model hash shows (AppWorld's ORM never saw it):
+    the judge works out from the change log which tables to compare, and finds it."""
+    evaluation = judge_gold_plus(session, [("DELETE FROM payment_requests WHERE id IN (SELECT min(id) FROM "
+                                            "payment_requests)", [], False)])
+    assert not evaluation.success
+    assert any("no app data changed" in failure for failure in evaluation.failures)
+
+
+def children(parent):
+    """{pid: (uid, VmSize in kB)} of the live processes whose parent is `parent`."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit():
+                status = (entry / "status").read_text()
+                if f"\nPPid:\t{parent}\n" in status:
+                    size = status.split("\nVmSize:")[1].split()[0] if "\nVmSize:" in status else "0"
+                    found[int(entry.name)] = (int(status.split("\nUid:")[1].split()[0]), int(size))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
+
+
+def judge_recorded_sql(session, statement):
+    """Record `statement` in the open task (as if its code had made the change), evaluate while watching the
+    zygote's other children (the judge); returns (evaluation, seconds, {judge pid: (uid, largest VmSize kB)})."""
+    import threading
+    out = session.execute("import os\nmodels = os.sys.modules['appworld.apps.venmo.models']\n"
+                          f"models.SQLModel.db.tracker.changes.append(({statement!r}, [], False))")
+    assert not out.error, out.output
+    zygote, task, judges, box = session.process.pid, session.task_pid, {}, {}
+    thread = threading.Thread(target=lambda: box.setdefault("evaluation", session.evaluate()), daemon=True)
+    started = time.monotonic()
+    thread.start()
+    while thread.is_alive() and time.monotonic() - started < 120:
+        for pid, (uid, size) in children(zygote).items():
+            if pid != task:
+                judges[pid] = (uid, max(size, judges.get(pid, (0, 0))[1]))
+        time.sleep(0.02)
+    thread.join(1)
+    return box.get("evaluation"), time.monotonic() - started, judges
+
+
+def test_6_the_judge_is_unprivileged_and_time_limited(mini_world, unchanged_world):
+    endless = ("DELETE FROM payment_requests WHERE id = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 "
+               "FROM c) SELECT max(x) FROM c)")
+    with world.WorldSession(mini_world, timeout=5, grace=5, start_timeout=60, judge_timeout=10) as session:
+        session.open(NEXT)
+        evaluation, seconds, judges = judge_recorded_sql(session, endless)
+    assert evaluation is not None and not evaluation.success
+    assert seconds < 10 + 5 + 10  # judge_timeout + grace + slack, not the start timeout
+    assert judges and all(uid != 0 for uid, _ in judges.values())  # it ran as a uid of its own
+
+
+def test_6_the_judge_memory_is_capped(mini_world, unchanged_world):
+    growing = ("UPDATE users SET last_name = (WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) "
+               "SELECT group_concat(printf('%.1000c', 'x'), '') FROM c) WHERE id = 1")
+    cap = 1536
+    with world.WorldSession(mini_world, timeout=5, grace=5, max_memory_mb=cap, judge_timeout=10) as session:
+        session.open(NEXT)
+        evaluation, seconds, judges = judge_recorded_sql(session, growing)
+    assert evaluation is not None and not evaluation.success and seconds < 10 + 5 + 10
+    assert judges and all(size <= cap * 1024 for _, size in judges.values())
+
+
+def test_7_a_task_cannot_outlive_its_session(mini_world):
+    """Agent code clears its signal to die with the zygote and will not exit at the end of its channel; the
+    zygote then dies. Closing the session must still leave no process behind."""
+    code = ("import os\nlibc = os.sys.modules['ctypes'].CDLL(None)\n"
+            "print(libc.prctl(1, 0, 0, 0, 0))\n"  # PR_SET_PDEATHSIG, 0
+            "pause = getattr(os.sys.modules['time'], 'sle' + 'ep')\n"
+            "setattr(os.sys.modules['os'], '_exit', lambda status: pause(10 ** 6))")
+    session = world.WorldSession(mini_world, timeout=5, grace=5)
+    task_pid = None
+    try:
+        session.open(NEXT)
+        task_pid = session.task_pid
+        out = session.execute(code)
+        assert not out.error, out.output
+        assert out.output.strip() == "-1"  # refused by seccomp
+        os.kill(session.process.pid, signal.SIGKILL)
+        session.process.wait()
+        session.close()
+        deadline = time.monotonic() + 10
+        while running(task_pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(task_pid)
+    finally:
+        if task_pid and running(task_pid):
+            _kill_quietly(task_pid)
+
+
+@pytest.mark.parametrize("argument", ["'simple'", "'simple', x'4141414141414141'"])
+def test_8_the_judge_refuses_fts3_tokenizer(session, argument, unchanged_world):
+    """fts3_tokenizer returns (one argument) or installs (two) a pointer the judge's SQLite would call through."""
+    evaluation = judge_gold_plus(session, [(f"UPDATE users SET last_name = fts3_tokenizer({argument}) "
+                                            "WHERE id = 1", [], False)])
+    assert not evaluation.success
+    assert "not authorized" in evaluation.failures[0]
+
+
+def test_9_io_uring_is_refused(session, unchanged_world):
+    code = ("import os\nctypes = os.sys.modules['ctypes']\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "params = ctypes.create_string_buffer(120)\n"
+            "print(libc.syscall(425, 8, params), ctypes.get_errno())")  # io_uring_setup(8 entries, params)
+    session.open(NEXT)
+    out = session.execute(code)
+    assert out.output.split() == ["-1", "1"], out.output  # EPERM
+
+
+def test_10_without_root_agent_code_is_refused_unless_asked_for(mini_world):
+    """Run as another user (here: root in a user namespace of its own, which is uid 65534 and cannot chroot or
+    change uid), a session refuses to start with one line; the unsafe setting runs with one warning line."""
+    probe = ("import sys, world\nsession = world.WorldSession(sys.argv[1], timeout=10)\n"
+             "try:\n    session.open('notecount_1')\n    print('opened')\nfinally:\n    session.close()\n")
+    command = ["unshare", "--user", sys.executable, "-c", probe, str(mini_world)]
+    unsafe_setting = "PROST_UNSAFE_WEAK_SANDBOX"  # the documented name
+    env = {k: v for k, v in os.environ.items() if k != unsafe_setting}
+    env["PYTHONPATH"] = str(Path(world.__file__).parent)
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode != 0 and "opened" not in refused.stdout
+    assert "world.py: refusing to run agent code without a chroot and a uid of its own" in refused.stderr
+    unsafe = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**env, unsafe_setting: "1"})
+    assert unsafe.returncode == 0 and unsafe.stdout.strip() == "opened", unsafe.stderr
+    assert [line for line in unsafe.stderr.splitlines() if "world.py" in line][0].startswith("world.py: warning")
+
+
+def test_10_gold_collection_still_runs_without_root(mini_world, tmp_path):
+    """Our own gold solutions are not a model's code: collecting them needs no root (and says so in one line)."""
+    collect = ("import sys, agents, rollout\nroot, out = sys.argv[1:]\n"
+               "summary = rollout.collect(rollout.teacher_system('gold', root=root), 'train', out, agents.Budgets(),"
+               " root=root, workers=1, limit=1)\nprint(len(summary.kept))")
+    env = {k: v for k, v in os.environ.items() if k != "PROST_UNSAFE_WEAK_SANDBOX"}
+    env["PYTHONPATH"] = str(Path(world.__file__).parent)
+    done = subprocess.run(["unshare", "--user", sys.executable, "-c", collect, str(mini_world),
+                           str(tmp_path / "train.jsonl")], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "1", done.stderr
+    assert "world.py: warning: code runs without" in done.stderr

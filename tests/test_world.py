@@ -291,7 +291,7 @@ def test_hostile_code_never_breaks_the_session(world_build, pool, tmp_path):
         assert out.error and "restarted" in out.output and time.monotonic() - started < timeout + grace + 2
         still_works()
         session.process.kill()  # a worker that dies on its own
-        session.process.join()
+        session.process.wait()
         out = session.execute("print(marker)")
         assert out.error and "died" in out.output
         still_works()
