@@ -963,7 +963,9 @@ class WorldSession:
         ours, theirs = socket.socketpair()
         settings = {"root": self.root, "max_output_chars": self.max_output_chars, "max_memory_mb": self.max_memory_mb}
         with theirs:
-            self.process = subprocess.Popen([sys.executable, "-I", "-c", ZYGOTE_ENTRY, str(REPO),
+            # -I: none of the caller's paths or environment; -B: importing a task's evaluation.py (the judge)
+            # must not write bytecode into the world
+            self.process = subprocess.Popen([sys.executable, "-I", "-B", "-c", ZYGOTE_ENTRY, str(REPO),
                                              str(theirs.fileno()), json.dumps(settings)],
                                             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         self.conn = Connection(ours.detach())

@@ -139,10 +139,11 @@ def sharded_ckpt(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def world_build(tmp_path_factory):
-    """(root, build summary) of the mini-world with seed 0."""
+    """(root, build summary) of the mini-world with seed 0 and a fixed secret, so that every test session runs the
+    same held-out variants."""
     import miniworld
     root = tmp_path_factory.mktemp("miniworld")
-    return root, miniworld.build_world(root, seed=0)
+    return root, miniworld.build_world(root, seed=0, secret="prost-tests")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import torch
 import transformers
 import test_decoding
 import test_prost
-from test_prost import base, trajectories  # noqa: F401  (fixtures)
+from test_prost import base, trajectory_file  # noqa: F401  (fixtures)
 
 import attention_masks as A
 import decoding
@@ -106,7 +106,8 @@ def test_lower_right_rows_after_a_trunk_give_the_blocked_boolean_values_and_grad
 # ---- decoding and training under the CUDA forms, against transformers ---------------------------------------
 
 def test_cuda_forms_prompt_cache_turns_equal_transformers(cuda_forms, qwen2_ckpt):
-    test_decoding.test_prompt_cache_turns_equal_transformers_and_reuse_the_previous_turn(qwen2_ckpt)  # padded rows, chunks
+    # padded rows, chunks
+    test_decoding.test_prompt_cache_turns_equal_transformers_and_reuse_the_previous_turn(qwen2_ckpt)
 
 
 def test_cuda_forms_generate_under_a_small_memory_bound_equals_transformers(cuda_forms, qwen2_ckpt):
@@ -114,7 +115,8 @@ def test_cuda_forms_generate_under_a_small_memory_bound_equals_transformers(cuda
 
 
 def test_cuda_forms_prompt_lookup_equals_transformers(cuda_forms, qwen2_ckpt):
-    test_decoding.test_prompt_lookup_drafts_keep_the_greedy_tokens_in_fewer_steps(qwen2_ckpt)  # lone rows of a padded batch
+    # lone rows of a padded batch
+    test_decoding.test_prompt_lookup_drafts_keep_the_greedy_tokens_in_fewer_steps(qwen2_ckpt)
 
 
 def test_cuda_forms_padded_batch_with_chunks_equals_transformers_per_prompt(cuda_forms, qwen2_ckpt):
@@ -130,5 +132,6 @@ def test_cuda_forms_padded_batch_with_chunks_equals_transformers_per_prompt(cuda
     assert [x.ids for x in chunked] == want  # padding cut off, lower right
 
 
-def test_cuda_forms_shared_trunk_losses_equal_transformers(cuda_forms, base, trajectories, monkeypatch):  # noqa: F811
-    test_prost.test_target_token_losses_match_transformers_logits(base, trajectories, True, monkeypatch)
+def test_cuda_forms_shared_trunk_losses_equal_transformers(cuda_forms, base, trajectory_file,  # noqa: F811
+                                                            monkeypatch):
+    test_prost.test_target_token_losses_match_transformers_logits(base, trajectory_file, True, monkeypatch)

@@ -47,7 +47,8 @@ def config(out, root, **kw) -> evaluate.EvalConfig:
 
 def without_timing(records: list[dict]) -> list[dict]:
     """Trajectories without the fields that measure the engine rather than the rollout."""
-    return [{**r, "calls": [{k: v for k, v in c.items() if k not in trajectories.MEASURED_CALL_FIELDS} for c in r["calls"]]}
+    return [{**r, "calls": [{k: v for k, v in c.items() if k not in trajectories.MEASURED_CALL_FIELDS}
+                            for c in r["calls"]]}
             for r in records]
 
 
@@ -228,7 +229,8 @@ def test_evaluation_identity_knows_world_and_models_by_content_so_moved_copies_r
         return rollout.local_system("multi", {r: str(folder) for r in trajectories.MULTI_AGENT_ROLES}, {})
     identity = result_files.evaluation_identity
     saved = identity(system(micro), SMALL, "dev", mini_world, {})
-    mixing = rollout.local_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {}, mix_adapters=True)
+    mixing = rollout.local_system("multi", {r: str(micro) for r in trajectories.MULTI_AGENT_ROLES}, {},
+                                  mix_adapters=True)
     with pytest.raises(ValueError, match=r'holds a different run \(decode.critic.adapters: "merged" there vs "mixed"'):
         store.check_identity(tmp_path, saved, identity(mixing, SMALL, "dev", mini_world, {}), "-")
     shutil.copytree(mini_world, tmp_path / "world")

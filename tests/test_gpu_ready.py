@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from conftest import run_child, torchrun
-from test_prost import base, config, trajectories  # noqa: F401  (fixtures and the run settings)
+from test_prost import base, config, trajectory_file  # noqa: F401  (fixtures and the run settings)
 
 import cluster
 import meter
@@ -67,14 +67,14 @@ def test_a_cuda_rng_state_resumed_on_the_cpu_restores_the_cpu_generator_and_says
     assert "resuming on the CPU a run saved on CUDA" in capsys.readouterr().out
 
 
-def test_the_run_identity_records_the_resolved_precision(base, trajectories, tmp_path):  # noqa: F811
+def test_the_run_identity_records_the_resolved_precision(base, trajectory_file, tmp_path):  # noqa: F811
     settings = dict(epochs=2, schedule="full", stop_after_epochs=1)
-    prost.train(config(base, trajectories, tmp_path, precision="auto", **settings))
+    prost.train(config(base, trajectory_file, tmp_path, precision="auto", **settings))
     assert json.loads((tmp_path / "planner" / store.IDENTITY_FILE).read_text())["precision"] == "fp32"
     # in bf16 it is another run; asked for as fp32 explicitly, the same one
     with pytest.raises(ValueError, match="different run.*precision"):
-        prost.train(config(base, trajectories, tmp_path, precision="bf16", resume=True, **settings))
-    assert len(prost.train(config(base, trajectories, tmp_path, precision="fp32", resume=True, epochs=2,
+        prost.train(config(base, trajectory_file, tmp_path, precision="bf16", resume=True, **settings))
+    assert len(prost.train(config(base, trajectory_file, tmp_path, precision="fp32", resume=True, epochs=2,
                                   schedule="full"))) == 2
 
 

@@ -434,8 +434,8 @@ def test_plain_run_equals_the_fast_paths(base, trajectory_file, tmp_path, role, 
     examples; the executor's computes shared trunks."""
     monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
     settings = dict(role=role, epochs=4, micro_batch_size=2, grad_accum=8)
-    examples = data.build_examples(trajectories.read_trajectories(trajectory_file), role, Tokenizer.from_pretrained(base[0]),
-                                   10_000)[0]
+    records = trajectories.read_trajectories(trajectory_file)
+    examples = data.build_examples(records, role, Tokenizer.from_pretrained(base[0]), 10_000)[0]
     cfg = config(base, trajectory_file, tmp_path, **settings)
     sequences = prost.epoch_sequences(examples, 4, cfg)
     plan = prost.epoch_micro_batches(sequences, 4, cfg, ModelConfig.from_hf(base[0]))
