@@ -382,12 +382,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     steps = [[t] for t in logits(model, h).argmax(-1).tolist()]  # per batch row: its new tokens this step
     lookup = None  # the n-gram index of a lone row's tokens, for prompt-lookup drafts
     while True:
-        for b, tokens in zip(rows, steps):
-            for t in tokens[:max_new_tokens - len(new[b])]:
-                new[b].append(t)
-                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stops[b], windows[b])
-                if reasons[b]:
-                    break  # drafted tokens after a stop are dropped
+        _append_steps(rows, steps, new, reasons, texts, max_new_tokens, stop_ids, tokenizer, stops, windows)
         finished = [reasons[b] is not None or len(new[b]) == max_new_tokens for b in rows]
         if prompt_cache is not None:
             for i, b in enumerate(rows):
@@ -446,6 +441,18 @@ def _store_row(prompt_cache: PromptCache, namespace, cache: KVCache, i: int, fed
     k = [layer[i, :, start:start + n].clone() for layer in cache.k]  # (Hkv, n, d) each
     v = [layer[i, :, start:start + n].clone() for layer in cache.v]
     prompt_cache.store(namespace, tuple(fed[:n]), k, v)
+
+
+def _append_steps(rows, steps, new, reasons, texts, max_new_tokens: int, stop_ids: set, tokenizer, stops, windows
+                  ) -> None:
+    """Append each row's tokens of this step (its next token, then any accepted draft tokens) to new[row] until
+    the row stops, recording why (reasons) and its text where a stop string ended it (texts)."""
+    for b, tokens in zip(rows, steps):
+        for t in tokens[:max_new_tokens - len(new[b])]:
+            new[b].append(t)
+            reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stops[b], windows[b])
+            if reasons[b]:
+                break  # drafted tokens after a stop are dropped
 
 
 def _check_stop(new: list[int], stop_ids: set, tokenizer, stop_strings, window: int
@@ -557,12 +564,7 @@ def generate_invariant(model: Transformer, prompts: list[list[int]], max_new_tok
     live = list(range(B))  # prompts still decoding
     steps = [[t] for t in logits_invariant(model, torch.stack(last), rows).argmax(-1).tolist()]
     while True:
-        for b, tokens in zip(live, steps):
-            for t in tokens[:max_new_tokens - len(new[b])]:
-                new[b].append(t)
-                reasons[b], texts[b] = _check_stop(new[b], stop_ids, tokenizer, stops[b], windows[b])
-                if reasons[b]:
-                    break  # drafted tokens after a stop are dropped
+        _append_steps(live, steps, new, reasons, texts, max_new_tokens, stop_ids, tokenizer, stops, windows)
         live = [b for b in live if reasons[b] is None and len(new[b]) < max_new_tokens]
         if not live:
             break

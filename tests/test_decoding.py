@@ -47,6 +47,21 @@ SYSTEM = {"role": "system", "content": "The planner splits the task into sub-tas
 
 # ---- the fast generate equals the core's ------------------------------------------------------------------------
 
+def stop_cases(ours, tok):
+    """Prompts of different lengths (chat turns, and repeats that prompt-lookup drafts come true on), stop ids and
+    per-row stop strings that end some rows early, and model.generate's 24-token greedy Generations of them."""
+    texts = ("The critic reads the output.", "Hello world!", "print(apis.venmo.show_transactions(page_index=0))",
+             "Task: 0123", "Hello world! numbers 0123456789.")
+    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": t}]) for t in texts]
+    prompts += [random_ids(n, seed=n).tolist() * 2 for n in (3, 11)]
+    free = M.generate(ours, prompts, 24, stop_ids=(), tokenizer=tok)
+    stop_ids = {free[0].ids[6], free[3].ids[15]}
+    stops = [(tok.decode(free[1].ids[:5])[-2:],), (), ("\x00never",), (), (tok.decode(free[4].ids[:9])[-3:],), (), ()]
+    want = [(g.ids, g.text, g.n_prompt, g.n_new, g.stop_reason)
+            for g in M.generate(ours, prompts, 24, stop_ids, tok, stops)]
+    return prompts, stop_ids, stops, want
+
+
 @pytest.mark.parametrize("name", ["qwen2_ckpt", "llama_ckpt"])
 def test_fast_generate_gives_the_core_generates_tokens(request, name):
     """decoding.generate against model.generate on a batch of rows with different prompt lengths, stop ids and
@@ -54,15 +69,7 @@ def test_fast_generate_gives_the_core_generates_tokens(request, name):
     with prompt lookup. Every Generation field is equal (n_cached aside, which only the prompt cache sets)."""
     folder, _ = request.getfixturevalue(name)
     ours, tok = M.Transformer.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
-    texts = ("The critic reads the output.", "Hello world!", "print(apis.venmo.show_transactions(page_index=0))",
-             "Task: 0123", "Hello world! numbers 0123456789.")
-    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": t}]) for t in texts]
-    prompts += [random_ids(n, seed=n).tolist() * 2 for n in (3, 11)]  # repeats: prompt-lookup drafts come true
-    free = M.generate(ours, prompts, 24, stop_ids=(), tokenizer=tok)
-    stop_ids = {free[0].ids[6], free[3].ids[15]}
-    stops = [(tok.decode(free[1].ids[:5])[-2:],), (), ("\x00never",), (), (tok.decode(free[4].ids[:9])[-3:],), (), ()]
-    want = [(g.ids, g.text, g.n_prompt, g.n_new, g.stop_reason)
-            for g in M.generate(ours, prompts, 24, stop_ids, tok, stops)]
+    prompts, stop_ids, stops, want = stop_cases(ours, tok)
     assert {w[4] for w in want} == {"stop_id", "stop_string", "length"} and len({w[3] for w in want}) > 2
 
     def fast(**kwargs):
@@ -446,15 +453,7 @@ def test_invariant_generate_gives_the_core_tokens_alone_and_in_any_batch(request
     each row's result is the same alone, in batches of 3 and in one batch of all 7."""
     folder, _ = request.getfixturevalue(name)
     ours, tok = M.Transformer.from_pretrained(folder), M.Tokenizer.from_pretrained(folder)
-    texts = ("The critic reads the output.", "Hello world!", "print(apis.venmo.show_transactions(page_index=0))",
-             "Task: 0123", "Hello world! numbers 0123456789.")
-    prompts = [chat_ids(tok, [SYSTEM, {"role": "user", "content": t}]) for t in texts]
-    prompts += [random_ids(n, seed=n).tolist() * 2 for n in (3, 11)]  # repeats: prompt-lookup drafts come true
-    free = M.generate(ours, prompts, 24, stop_ids=(), tokenizer=tok)
-    stop_ids = {free[0].ids[6], free[3].ids[15]}
-    stops = [(tok.decode(free[1].ids[:5])[-2:],), (), ("\x00never",), (), (tok.decode(free[4].ids[:9])[-3:],), (), ()]
-    want = [(g.ids, g.text, g.n_prompt, g.n_new, g.stop_reason)
-            for g in M.generate(ours, prompts, 24, stop_ids, tok, stops)]
+    prompts, stop_ids, stops, want = stop_cases(ours, tok)
     assert {w[4] for w in want} == {"stop_id", "stop_string", "length"}
     decoding.lay_out_for_decoding(ours)
     cache = decoding.PromptCache(4096)
