@@ -23,7 +23,8 @@ Sections:
   evaluate a trained system (--agents, e.g. `make demo`'s ckpts/demo) evaluated on the demo's dev and test tasks
            under the demo's budgets: one call at a time (unpadded, the speed of decoding every call alone) vs
            deterministic decoding alone (--workers 1 --max-batch 1) vs deterministic decoding batched across tasks:
-           tasks/minute, TGC/SGC, and whether the two deterministic runs recorded the same trajectories.
+           tasks/minute, TGC/SGC, and whether the two deterministic runs recorded the same trajectories; first,
+           the decode-step time of one unpadded row against the batch-invariant fixed-shape pieces.
 """
 
 import argparse
@@ -754,6 +755,43 @@ EVALUATE_SETTINGS = [
 ]
 
 
+STEP_KV = 1200  # keys each sequence of the decode-step rows attends to
+
+
+def _decode_steps(folder: str) -> None:
+    """Milliseconds per decode step of the model at `folder` (fp32, decoding layout): one unpadded row (decoding.hidden)
+    against decoding.hidden_invariant's fixed-shape pieces of 16 and 32 rows, by sequences x fed tokens."""
+    net = decoding.lay_out_for_decoding(model_io.load_model(folder, dtype=torch.float32).eval())
+    caches = []
+    for _ in range(4):
+        cache = M.KVCache(net.config, 1, STEP_KV + 8, "cpu", torch.float32)
+        with torch.inference_mode():
+            net.hidden(torch.arange(100, 100 + STEP_KV)[None], cache)
+        caches.append(cache)
+
+    def best_ms(step) -> float:
+        times = []
+        for _ in range(4):  # the first round warms up
+            for cache in caches:
+                cache.length = STEP_KV
+            start = time.perf_counter()
+            with torch.inference_mode():
+                step()
+            times.append(time.perf_counter() - start)
+        return min(times[1:]) * 1e3
+
+    plain = [best_ms(lambda t=t: decoding.logits(net, decoding.hidden(net, torch.full((1, t), 5), caches[0])))
+             for t in (1, 5)]
+    print(f"  decode step, ms (KV length {STEP_KV}): unpadded one row: 1 token {plain[0]:.1f}, 1 + 4 drafts "
+          f"{plain[1]:.1f}")
+    for rows in (16, 32):
+        ms = [best_ms(lambda t=t, n=n: decoding.logits_invariant(
+            net, decoding.hidden_invariant(net, [[5] * t] * n, caches[:n], rows), rows))
+            for n, t in ((1, 1), (1, 5), (4, 1), (4, 5))]
+        print(f"  invariant, pieces of {rows} rows: sequences x tokens 1x1 {ms[0]:.1f}, 1x5 {ms[1]:.1f}, "
+              f"4x1 {ms[2]:.1f}, 4x5 {ms[3]:.1f}")
+
+
 def bench_evaluate() -> None:
     import os
 
@@ -771,6 +809,7 @@ def bench_evaluate() -> None:
     budgets = agents.Budgets(**DEMO_BUDGETS)
     print(f"evaluate: {AGENTS} on the mini-world's demo splits, fp32, {torch.get_num_threads()} torch threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; budgets {DEMO_BUDGETS}")
+    _decode_steps(spec.models["executor"])
     print(f"  {'split':<5} {'setting':<30} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'ratio':>6} {'TGC':>6} "
           f"{'SGC':>6} {'same as alone':>13}")
     with tempfile.TemporaryDirectory() as tmp, world.WorldPool(max(w for _, w, _, _ in EVALUATE_SETTINGS),
