@@ -171,7 +171,22 @@ def test_evaluation_is_the_same_with_1_or_4_workers_and_any_max_batch(micro, min
 # ----------------------------------------------------------------------------------------------------
 # The OpenAI-compatible teacher: concurrent requests, retries, a clear error after the last one.
 
-class FlakyHandler(http.server.BaseHTTPRequestHandler):
+class JSONHandler(http.server.BaseHTTPRequestHandler):
+    """A quiet HTTP handler that answers with JSON bodies."""
+
+    def answer(self, code: int, obj: dict) -> None:
+        payload = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+class FlakyHandler(JSONHandler):
     """Answers 503 to the first `failures` tries of each request (by its user message), then an answer once all
     `together` requests are waiting at the same time (a barrier: requests sent one by one never get past it)."""
     failures, together, tries, barrier = 0, 1, {}, None
@@ -189,16 +204,6 @@ class FlakyHandler(http.server.BaseHTTPRequestHandler):
             return self.answer(500, {"error": "requests did not arrive together"})
         self.answer(200, {"choices": [{"message": {"content": f"echo {key}"}, "finish_reason": "stop"}]})
 
-    def answer(self, code: int, obj: dict) -> None:
-        payload = json.dumps(obj).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture
@@ -319,7 +324,7 @@ def test_batched_concurrent_rollouts_equal_one_task_at_a_time(tiny_model, mini_w
 # ----------------------------------------------------------------------------------------------------
 # The OpenAI-compatible teacher against a local HTTP server.
 
-class ChatHandler(http.server.BaseHTTPRequestHandler):
+class ChatHandler(JSONHandler):
     """Answers /v1/chat/completions by role, deterministically; records what it received."""
     received = []
 
@@ -339,16 +344,7 @@ class ChatHandler(http.server.BaseHTTPRequestHandler):
                 "Printed my first name."
         else:
             text = "Verdict: success\nReason: the name was printed."
-        answer = {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]}
-        payload = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
+        self.answer(200, {"choices": [{"message": {"role": "assistant", "content": text}, "finish_reason": "stop"}]})
 
 
 @pytest.fixture
