@@ -205,7 +205,6 @@ class FlakyHandler(JSONHandler):
         self.answer(200, {"choices": [{"message": {"content": f"echo {key}"}, "finish_reason": "stop"}]})
 
 
-
 @pytest.fixture
 def flaky_server():
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FlakyHandler)  # a free port
