@@ -14,6 +14,8 @@ batches with stops, the prompt cache and prompt lookup), faster:
                     `project` splits short products over the threads, `project_together` reads q k v (and
                     gate up) in one product
   - adapters        one base, one unmerged LoRA adapter per batch row (`route_rows`): one batch serves several roles
+  - batch-invariant `generate_invariant` decodes many prompts together, each to the bits it gets alone: every
+                    product of a step on pieces of one fixed row count, attention on each row's own cache
 
 It runs model.Transformer's parameters through its own forward (`hidden`), which reuses the core's attention
 (`Attention.attend`) and KVCache. It imports model.py and lora.py; the core never imports it.
