@@ -57,7 +57,7 @@ SPLIT_FLAGS  = if [ $$split = dev ]; then split_flags="$(DEV)"; else split_flags
 # `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
 FETCH       ?= smollm2-135m-instruct
 
-.PHONY: test test-real fetch demo lr-schedules study bench gpu-check clean-venv
+.PHONY: test test-real fetch demo world lr-schedules study bench gpu-check clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -111,6 +111,27 @@ demo: $(VENV)/.runtime
 	  $(PY) evaluate.py --gold --name gold $$split_flags --out results/demo/$$split/gold --quiet $(BUDGETS) || exit 1; done
 	$(PY) evaluate.py compare results/demo/*/zero-shot/results.json results/demo/*/trained/results.json \
 	  results/demo/*/gold/results.json | tee results/demo/table.md
+
+# The demo's recipe on the whole mini-world (README: The whole mini-world): every training scenario's tasks, then
+# the trained system and the gold replay on every dev and test task, WORKERS tasks in flight (their model calls
+# decode together, batch-invariantly), and the per-scenario table. Resumes like the demo; its own files.
+WORKERS ?= 16
+world: $(VENV)/.runtime
+	$(PY) miniworld.py build
+	$(PY) rollout.py collect --teacher gold --split train $(COLLECT_FLAGS) --out trajectories/world-train.jsonl
+	$(if $(filter $(FETCHABLE),$(MODEL)),$(PY) model_io.py fetch $(MODEL))
+	$(if $(filter tiny,$(MODEL)),$(PY) data.py texts trajectories/world-train.jsonl > trajectories/world-texts.txt)
+	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || $(PY) model_io.py init-tiny --texts trajectories/world-texts.txt --out models/tiny)
+	for role in planner executor critic; do $(ROLE_FLAGS); \
+	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/world --resume \
+	    $(TRAIN_FLAGS) $$flags || exit 1; done
+	for split in dev test; do \
+	  $(PY) evaluate.py --agents ckpts/world --name trained --split $$split --out results/world/$$split/trained \
+	    --workers $(WORKERS) $(BUDGETS) && \
+	  $(PY) evaluate.py --gold --name gold --split $$split --out results/world/$$split/gold --quiet $(BUDGETS) \
+	    || exit 1; done
+	$(PY) evaluate.py compare results/world/*/trained/results.json results/world/*/gold/results.json \
+	  | tee results/world/table.md
 
 # Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
 # trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev

@@ -3,7 +3,8 @@
 Where this sits: after evaluate.py, which scores one system on one split. ProST's claim is comparative
 (effectiveness against efficiency), so this file puts runs next to each other: the Pareto table of TGC against
 FLOPs per task (`python evaluate.py pareto`, seeds of one system averaged, Pareto-optimal systems marked, with a
-plot), and the systems x splits table (`python evaluate.py compare`, the demo's zero-shot vs trained vs gold).
+plot), the systems x splits table (`python evaluate.py compare`, the demo's zero-shot vs trained vs gold), and
+the per-scenario table (`python evaluate.py scenarios`: which scenarios each system solves, where the roles err).
 Runs share a table only when they were scored on the same tasks under the same budgets (`check_comparable`).
 study.py builds its report on the same rows.
 """
@@ -131,6 +132,38 @@ def compare_table(runs: list[dict]) -> str:
     return "\n".join(markdown_table(header, rows)) + "\n"
 
 
+def scenario_table(runs: list[dict]) -> str:
+    """One row per scenario of each split: its variants each system solved, and where the first system's
+    sub-tasks went wrong (evaluate.by_scenario: each role's errors over its judged sub-tasks). On the
+    mini-world a dev scenario was trained on (new variants) and a test scenario never was. A line per split
+    then counts the scenarios with at least one variant solved."""
+    systems = list(dict.fromkeys(r["name"] for r in runs))
+    by_split: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in runs:
+        if "by_scenario" not in r["metrics"]:
+            raise ValueError(f"run {r['name']!r} on {r['split']!r} has no per-scenario metrics; score it again with "
+                             "this evaluate.py (rerunning the same command rescores its finished tasks)")
+        if r["name"] in by_split[r["split"]]:
+            raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
+        by_split[r["split"]][r["name"]] = r["metrics"]["by_scenario"]
+    header = ["split", "scenario", "tasks", *(f"{name} solved" for name in systems), f"{systems[0]}: role errors"]
+    rows, counts = [], []
+    for split, cells in by_split.items():
+        scenarios = sorted({s for per_scenario in cells.values() for s in per_scenario})
+        for s in scenarios:
+            first = cells.get(systems[0], {}).get(s)
+            solved = [f"{cells[n][s]['passed']}/{cells[n][s]['tasks']}" if s in cells.get(n, {}) else "-"
+                      for n in systems]
+            errors = ", ".join(f"{role} {c['errors']}/{c['n']}" for role, c in first["role_errors"].items()) \
+                if first else "-"
+            rows.append([split, s, max(cells[n][s]["tasks"] for n in systems if s in cells.get(n, {})), *solved,
+                         errors])
+        counts.append(f"{split}: " + ", ".join(
+            f"{n} solves a variant of {sum(c['passed'] > 0 for c in cells[n].values())} of {len(cells[n])} scenarios"
+            for n in systems if n in cells))
+    return "\n".join(markdown_table(header, rows)) + "\n\n" + "\n".join(counts) + "\n"
+
+
 def plot_pareto(rows: list, path: Path) -> bool:
     """TGC against FLOPs per task (ParetoRow rows) with the front drawn; False when matplotlib is not
     installed."""
@@ -164,7 +197,7 @@ def plot_pareto(rows: list, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command lines: `python evaluate.py pareto` and `python evaluate.py compare`.
+# Command lines: `python evaluate.py pareto`, `compare` and `scenarios`.
 
 def pareto_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
@@ -200,6 +233,19 @@ def compare_main(argv: list[str]) -> int:
             same = [(r, path) for r, path in zip(runs, args.results) if r["split"] == split]
             check_comparable([r for r, _ in same], [path for _, path in same])
         print(compare_table(runs), end="")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def scenarios_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py scenarios", description="Per scenario of each split: the "
+                                "variants each system solved, and the sub-task errors of the first system's roles.")
+    p.add_argument("results", nargs="*", help="results.json files written by evaluate.py")
+    args = p.parse_args(argv)
+    try:
+        print(scenario_table(load_results(args.results)), end="")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

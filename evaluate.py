@@ -19,11 +19,12 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
     python evaluate.py pareto results/*/results.json            # TGC vs FLOPs per task, Pareto front
                                                                 # (runs must share split, --limit, budgets)
     python evaluate.py compare results/demo/*/*/results.json    # systems x splits: TGC, SGC, FLOPs per task
+    python evaluate.py scenarios results/world/*/*/results.json # per scenario: variants solved, role errors
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
 result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report;
-comparison.py puts several evaluations side by side (the `pareto` and `compare` subcommands). How the tasks
+comparison.py puts several evaluations side by side (the `pareto`, `compare` and `scenarios` subcommands). How the tasks
 run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler (many
 worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential driver
 over model.generate, one task at a time. With deterministic decoding (the default here) both record the
@@ -143,6 +144,24 @@ def error_cell(n: int, errors: int) -> dict:
     return {"n": n, "errors": errors, "rate": percent(errors, n)}
 
 
+def by_scenario(records: list[dict]) -> dict[str, dict]:
+    """{scenario: {"tasks", "passed", "role_errors": {role: {"n", "errors", "rate"}}}}: TGC's counts per
+    scenario, and its sub-task errors (subtask_errors) summed over the sub-task indices: where the roles failed."""
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        groups[world.scenario_of(r["task_id"])].append(r)
+    scenarios = {}
+    for scenario, rs in sorted(groups.items()):
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for roles in subtask_errors(rs).values():
+            for role, cell in roles.items():
+                totals[role][0] += cell["n"]
+                totals[role][1] += cell["errors"]
+        scenarios[scenario] = {"tasks": len(rs), "passed": sum(passed(r) for r in rs),
+                               "role_errors": {role: error_cell(*totals[role]) for role in in_role_order(totals)}}
+    return scenarios
+
+
 def role_costs(records: list[dict]) -> dict[str, dict]:
     """Per role, averaged over tasks: model calls, prompt and new tokens, forward FLOPs (as if nothing were
     cached: what the call needs, whatever the engine held)."""
@@ -173,6 +192,7 @@ def compute_metrics(records: list[dict], difficulty: dict[str, object], split_ta
     return {**goal_completion(records, split_task_ids),
             "by_difficulty": tgc_by_difficulty(records, difficulty),
             "subtask_errors": subtask_errors(records),
+            "by_scenario": by_scenario(records),
             "roles": costs,
             "flops_per_task": sum(c.get("flops_per_task", 0.0) for c in costs.values()),
             "tokens_per_task": sum(c.get("prompt_tokens_per_task", 0.0) + c.get("new_tokens_per_task", 0.0)
@@ -356,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return comparison.pareto_main(argv[1:])
     if argv[:1] == ["compare"]:
         return comparison.compare_main(argv[1:])
+    if argv[:1] == ["scenarios"]:
+        return comparison.scenarios_main(argv[1:])
     args = build_parser().parse_args(argv)
     cluster = None
     try:

@@ -166,6 +166,37 @@ def test_subtask_error_rates_count_subtasks_per_role_by_hand():
     assert errors["2"]["critic"]["rate"] == 100.0 and errors["1"]["executor"]["rate"] == 50.0
 
 
+def test_per_scenario_counts_and_role_errors_by_hand(tmp_path, capsys):
+    no_report = agents.NO_REPORT + "the executor ran out of turns)"
+    good = hand_record("s1_1", True, {1: ["Sub-task: one"], 2: ["FINISH"]}, [[([False], "done", "success")]])
+    bad = hand_record("s1_2", False, {1: ["Sub-task: one"], 2: ["hmm"]}, [[([True], "failed", "success")]])
+    lost = hand_record("s2_1", False, {1: ["Sub-task: one"], 2: ["FINISH"]}, [[([False], no_report, "failure")]])
+    cell = evaluate.error_cell
+    assert evaluate.by_scenario([good, bad, lost]) == {
+        "s1": {"tasks": 2, "passed": 1,  # bad: no plan at 2, its execution raised, the critic called it a success
+               "role_errors": {"planner": cell(4, 1), "executor": cell(2, 1), "critic": cell(2, 1)}},
+        "s2": {"tasks": 1, "passed": 0, "role_errors": {"planner": cell(2, 0), "executor": cell(1, 1)}}}
+
+    def run(folder, name, split, records):
+        path = results_file(tmp_path / folder, name, 0.0, 0.0, 1e12, split=split)
+        r = json.loads(Path(path).read_text())
+        r["metrics"]["by_scenario"] = evaluate.by_scenario(records)
+        Path(path).write_text(json.dumps(r))
+        return path
+    files = [run("t", "trained", "dev", [good, bad, lost]), run("g", "gold", "dev", [good, lost]),
+             run("tt", "trained", "test", [hand_record("s3_1", False, {1: ["FINISH"]}, [])])]
+    assert evaluate.main(["scenarios", *files]) == 0
+    out = capsys.readouterr().out
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in out.splitlines() if line.startswith("| ")]
+    assert cells[0] == ["split", "scenario", "tasks", "trained solved", "gold solved", "trained: role errors"]
+    assert cells[1] == ["dev", "s1", "2", "1/2", "1/1", "planner 1/4, executor 1/2, critic 1/2"]
+    assert cells[2] == ["dev", "s2", "1", "0/1", "0/1", "planner 0/2, executor 1/1"]
+    assert cells[3] == ["test", "s3", "1", "0/1", "-", "planner 0/1"]
+    assert "dev: trained solves a variant of 1 of 2 scenarios, gold solves a variant of 1 of 2 scenarios" in out
+    old = results_file(tmp_path / "old", "old", 0.0, 0.0, 1e12, split="dev")  # scored before per-scenario metrics existed
+    assert "no per-scenario metrics" in one_error_line(["scenarios", old], capsys)
+
+
 def test_sgc_counts_only_scenarios_with_every_variant_in_the_run():
     split = ["s1_1", "s1_2", "s2_1", "s2_2", "s3_1", "s3_2"]
     ran = [hand_record("s1_1", True, {1: ["FINISH"]}, []), hand_record("s1_2", True, {1: ["FINISH"]}, []),
