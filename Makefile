@@ -132,6 +132,8 @@ world: $(VENV)/.runtime
 	    || exit 1; done
 	$(PY) evaluate.py compare results/world/*/trained/results.json results/world/*/gold/results.json \
 	  | tee results/world/table.md
+	$(PY) evaluate.py scenarios results/world/*/trained/results.json results/world/*/gold/results.json \
+	  | tee results/world/scenarios.md
 
 # Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
 # trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev
