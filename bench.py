@@ -12,7 +12,8 @@ Sections:
   train    LoRA training steps on a real model (--model FOLDER) over the gold trajectories' planner and executor
            examples, bf16 autocast: transformers+PEFT (labels -100 off the targets) vs prost on the same micro-batches
            vs prost with its fast paths (nested examples merged, shared trunks): examples/s, target tokens/s, MFU
-           against this machine's measured bf16 matmul peak, peak RSS growth.
+           against this machine's measured bf16 matmul peak, peak RSS growth; then prost's fast paths on all the
+           machine's threads against the same threads' measured peak.
   world    the mini-world: build time (wall and CPU), then world sessions: worker start, first and later task
            opens (each a fresh sandboxed process), execute latency (plain Python and one API call), evaluate
            latency (snapshot + a fresh evaluator process), and gold-solution throughput with 1 and 2 workers on
@@ -304,18 +305,30 @@ TRAIN_DATA = HERE / "trajectories" / "train.jsonl"
 PEAK_SIZE, PEAK_ROUNDS = 1024, 3
 
 
-def matmul_peak(dtype: torch.dtype) -> float:
-    """This machine's matmul FLOP/s per CPU-second (one thread): best of a few square products, big enough to
-    reach the library's top speed. The denominator of the training MFU below."""
-    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype), torch.randn(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
+def matmul_peak(dtype: torch.dtype, clock=time.process_time, size: int = PEAK_SIZE) -> float:
+    """This machine's matmul FLOP/s at the current thread count, per second of `clock` (CPU seconds: per
+    thread): best of a few square products, big enough to reach the library's top speed. The denominator of
+    the training MFU below."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b  # warm-up: the first call picks and prepares the kernel
     best = float("inf")
     for _ in range(PEAK_ROUNDS):
-        start = time.process_time()
+        start = clock()
         for _ in range(4):
             a @ b
-        best = min(best, (time.process_time() - start) / 4)
-    return 2 * PEAK_SIZE ** 3 / best
+        best = min(best, (clock() - start) / 4)
+    return 2 * size ** 3 / best
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, and whether it has AMX (bf16 matrix tiles)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{names[0] if names else 'unknown CPU'}, {'with' if 'amx_bf16' in flags.split() else 'without'} AMX"
 
 
 def _train_examples(model_dir: str, data_path: str, role: str):
@@ -486,9 +499,9 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
         print(f"train: one LoRA optimizer step (r=16 on {', '.join(lora.DEFAULT_TARGETS)}, dropout "
               f"0.05, AdamW, clipping, bf16 autocast) over every planner / executor example of the first "
               f"{TRAIN_TASKS} gold trajectories in {data_path}, micro-batches of {TRAIN_MICRO} planned as prost "
-              f"does; model {model_dir}. Speed: CPU time, 1 thread, best of {TRAIN_ROUNDS} interleaved rounds "
-              f"after a warm-up; peak: RSS growth over a step in a fresh process. Load average at start "
-              f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
+              f"does; model {model_dir}; {cpu_name()}. Speed: CPU time, 1 thread, best of {TRAIN_ROUNDS} "
+              f"interleaved rounds after a warm-up; peak: RSS growth over a step in a fresh process. Load average at "
+              f"start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
         print(f"  measured matmul peak ({PEAK_SIZE}^3, 1 thread): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
               f"fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s. MFU: model FLOPs of the sequences a row trains "
               f"(prost's count; the reference runs the same as prost's separate examples) per CPU-second over the "
@@ -530,8 +543,37 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
                   + (f" (1 row measured: {rss / 2**30:.2f} GiB)" if rows == 1 else "")
                   + f", {seconds * LONG_ROWS / rows:6.1f} s")
         print(f"  load average at the end {os.getloadavg()[0]:.1f}")
+        print(_all_threads_mfu(model_dir, data_path, threads))
     finally:
         torch.set_num_threads(threads)
+
+
+def _all_threads_mfu(model_dir: str, data_path: str, threads: int) -> str:
+    """prost's fast-path step on all `threads` threads, in wall seconds, against the same threads' bf16 peak
+    (as a training run uses the machine); only meaningful while nothing else runs."""
+    import os
+
+    import batching
+    import lora
+    import prost
+    torch.set_num_threads(threads)
+    peak = matmul_peak(torch.bfloat16, time.perf_counter, 2 * PEAK_SIZE)
+    config = M.ModelConfig.from_hf(model_dir)
+    lines = [f"  {threads} threads, wall clock (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
+             f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s ({2 * PEAK_SIZE}^3)"]
+    for role in TRAIN_ROLES:
+        step, batches = _train_step("prost", model_dir, data_path, role)
+        step()  # warm-up
+        start = time.perf_counter()
+        for _ in range(TRAIN_ROUNDS):
+            step()
+        seconds = (time.perf_counter() - start) / TRAIN_ROUNDS
+        flops = sum(prost.batch_train_flops(config, lora.count_adapter_parameters(config, 16), b,
+                                            batching.trunk_length(b)) for b in batches)
+        tokens = sum(e.n_tokens for b in batches for e in b)
+        lines.append(f"    {role:<9} prost, fast paths: {tokens / seconds:7.0f} tokens/s, {flops / seconds / 1e9:5.0f} "
+                     f"GFLOP/s, MFU {100 * flops / seconds / peak:4.1f}% of the {threads}-thread bf16 peak")
+    return "\n".join(lines)
 
 
 # ---- world -----------------------------------------------------------------------------------------------------
