@@ -24,10 +24,10 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
 result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report;
-comparison.py puts several evaluations side by side (the `pareto`, `compare` and `scenarios` subcommands). How the tasks
-run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler (many
-worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential driver
-over model.generate, one task at a time. With deterministic decoding (the default here) both record the
+comparison.py puts several evaluations side by side (the `pareto`, `compare` and `scenarios` subcommands). How the
+tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
+(many worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential
+driver over model.generate, one task at a time. With deterministic decoding (the default here) both record the
 same trajectories (tests/test_core.py). Every metric is a function of the trajectories alone, so a resumed or
 multi-process run reports exactly what one uninterrupted process would.
 """
