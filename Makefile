@@ -121,7 +121,8 @@ world: $(VENV)/.runtime
 	$(PY) rollout.py collect --teacher gold --split train $(COLLECT_FLAGS) --out trajectories/world-train.jsonl
 	$(if $(filter $(FETCHABLE),$(MODEL)),$(PY) model_io.py fetch $(MODEL))
 	$(if $(filter tiny,$(MODEL)),$(PY) data.py texts trajectories/world-train.jsonl > trajectories/world-texts.txt)
-	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || $(PY) model_io.py init-tiny --texts trajectories/world-texts.txt --out models/tiny)
+	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || \
+	  $(PY) model_io.py init-tiny --texts trajectories/world-texts.txt --out models/tiny)
 	for role in planner executor critic; do $(ROLE_FLAGS); \
 	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/world --resume \
 	    $(TRAIN_FLAGS) $$flags || exit 1; done

@@ -193,7 +193,7 @@ def test_per_scenario_counts_and_role_errors_by_hand(tmp_path, capsys):
     assert cells[2] == ["dev", "s2", "1", "0/1", "0/1", "planner 0/2, executor 1/1"]
     assert cells[3] == ["test", "s3", "1", "0/1", "-", "planner 0/1"]
     assert "dev: trained solves a variant of 1 of 2 scenarios, gold solves a variant of 1 of 2 scenarios" in out
-    old = results_file(tmp_path / "old", "old", 0.0, 0.0, 1e12, split="dev")  # scored before per-scenario metrics existed
+    old = results_file(tmp_path / "old", "old", 0.0, 0.0, 1e12, split="dev")  # scored before by_scenario existed
     assert "no per-scenario metrics" in one_error_line(["scenarios", old], capsys)
 
 
