@@ -559,6 +559,7 @@ def _all_threads_mfu(model_dir: str, data_path: str, threads: int) -> str:
     torch.set_num_threads(threads)
     peak = matmul_peak(torch.bfloat16, time.perf_counter, 2 * PEAK_SIZE)
     config = M.ModelConfig.from_hf(model_dir)
+    adapter_weights = lora.count_adapter_parameters(config, 16)
     lines = [f"  {threads} threads, wall clock (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores): "
              f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s ({2 * PEAK_SIZE}^3)"]
     for role in TRAIN_ROLES:
@@ -568,8 +569,7 @@ def _all_threads_mfu(model_dir: str, data_path: str, threads: int) -> str:
         for _ in range(TRAIN_ROUNDS):
             step()
         seconds = (time.perf_counter() - start) / TRAIN_ROUNDS
-        flops = sum(prost.batch_train_flops(config, lora.count_adapter_parameters(config, 16), b,
-                                            batching.trunk_length(b)) for b in batches)
+        flops = sum(prost.batch_train_flops(config, adapter_weights, b, batching.trunk_length(b)) for b in batches)
         tokens = sum(e.n_tokens for b in batches for e in b)
         lines.append(f"    {role:<9} prost, fast paths: {tokens / seconds:7.0f} tokens/s, {flops / seconds / 1e9:5.0f} "
                      f"GFLOP/s, MFU {100 * flops / seconds / peak:4.1f}% of the {threads}-thread bf16 peak")
