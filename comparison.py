@@ -109,16 +109,22 @@ def check_comparable(runs: list[dict], paths: list[str]) -> None:
                                  "systems on the same split, --scenarios, --limit and budgets")
 
 
-def compare_table(runs: list[dict]) -> str:
-    """One row per system name, one group of columns per split (in the order first seen): the demo's
-    zero-shot vs trained vs gold table. Runs of one split must be comparable (check_comparable)."""
-    splits = list(dict.fromkeys(r["split"] for r in runs))
-    systems = list(dict.fromkeys(r["name"] for r in runs))
+def one_run_each(runs: list[dict]) -> dict[tuple[str, str], dict]:
+    """(name, split) -> run, refusing two runs of one system on one split."""
     cells: dict[tuple[str, str], dict] = {}
     for r in runs:
         if (r["name"], r["split"]) in cells:
             raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
         cells[r["name"], r["split"]] = r
+    return cells
+
+
+def compare_table(runs: list[dict]) -> str:
+    """One row per system name, one group of columns per split (in the order first seen): the demo's
+    zero-shot vs trained vs gold table. Runs of one split must be comparable (check_comparable)."""
+    splits = list(dict.fromkeys(r["split"] for r in runs))
+    systems = list(dict.fromkeys(r["name"] for r in runs))
+    cells = one_run_each(runs)
     header = ["system"] + [f"{split} {col}" for split in splits for col in ("TGC", "SGC", "FLOPs/task")]
     rows = []
     for name in systems:
@@ -139,13 +145,11 @@ def scenario_table(runs: list[dict]) -> str:
     then counts the scenarios with at least one variant solved."""
     systems = list(dict.fromkeys(r["name"] for r in runs))
     by_split: dict[str, dict[str, dict]] = defaultdict(dict)
-    for r in runs:
+    for (name, split), r in one_run_each(runs).items():
         if "by_scenario" not in r["metrics"]:
-            raise ValueError(f"run {r['name']!r} on {r['split']!r} has no per-scenario metrics; score it again with "
+            raise ValueError(f"run {name!r} on {split!r} has no per-scenario metrics; score it again with "
                              "this evaluate.py (rerunning the same command rescores its finished tasks)")
-        if r["name"] in by_split[r["split"]]:
-            raise ValueError(f"two runs named {r['name']!r} on split {r['split']!r}; give each system one run")
-        by_split[r["split"]][r["name"]] = r["metrics"]["by_scenario"]
+        by_split[split][name] = r["metrics"]["by_scenario"]
     header = ["split", "scenario", "tasks", *(f"{name} solved" for name in systems), f"{systems[0]}: role errors"]
     rows, counts = [], []
     for split, cells in by_split.items():
