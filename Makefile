@@ -114,7 +114,8 @@ demo: $(VENV)/.runtime
 
 # The demo's recipe on the whole mini-world (README: The whole mini-world): every training scenario's tasks, then
 # the trained system and the gold replay on every dev and test task, WORKERS tasks in flight (their model calls
-# decode together, batch-invariantly), and the per-scenario table. Resumes like the demo; its own files.
+# decode together, batch-invariantly), and the per-scenario table. Test first: its unseen scenarios are the question
+# the run answers. Resumes like the demo; its own files.
 WORKERS ?= 16
 world: $(VENV)/.runtime
 	$(PY) miniworld.py build
@@ -126,7 +127,7 @@ world: $(VENV)/.runtime
 	for role in planner executor critic; do $(ROLE_FLAGS); \
 	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/world --resume \
 	    $(TRAIN_FLAGS) $$flags || exit 1; done
-	for split in dev test; do \
+	for split in test dev; do \
 	  $(PY) evaluate.py --agents ckpts/world --name trained --split $$split --out results/world/$$split/trained \
 	    --workers $(WORKERS) $(BUDGETS) && \
 	  $(PY) evaluate.py --gold --name gold --split $$split --out results/world/$$split/gold --quiet $(BUDGETS) \
