@@ -24,7 +24,7 @@ BASE           := $(if $(filter tiny,$(MODEL)),models/tiny,$(if $(filter $(FETCH
 # --max-context, so every role is trained on the prompts it is given at evaluation (data.fit_messages never
 # has to cut them). Without --epochs, training lasts until the schedule has reached every sub-task (FINISH
 # included), plus one epoch.
-TRAIN_FLAGS ?= --max-seq-len 2048 --subtasks-per-epoch 2 --grad-accum 1 --warmup-ratio 0.1 --no-progress \
+TRAIN_FLAGS ?= --max-seq-len 2048 --subtasks-per-epoch 2 --grad-accum 1 --warmup-ratio 0.1 \
                $(if $(filter tiny,$(MODEL)),--micro-batch-size 4 --lr 5e-3,--lr 2e-3 --lora-dropout 0 --precision bf16)
 PLANNER_FLAGS  ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 1 --epochs 6)
 EXECUTOR_FLAGS ?= $(if $(filter tiny,$(MODEL)),,--micro-batch-size 2)
