@@ -789,24 +789,26 @@ def bench_rollout() -> None:
 DEMO_BUDGETS = dict(subtasks=8, executor_turns=3, critic_retries=1, single_turns=12, new_tokens=320, context=2048)
 DEMO_SPLITS = (("dev", 2), ("test", 1))  # (split, scenarios)
 AGENTS = HERE / "ckpts" / "demo"
-# (label, workers, max batch, LocalEngine options)
+# (label, workers, max batch, weight dtype, LocalEngine options)
 EVALUATE_SETTINGS = [
-    ("one call at a time, unpadded", 1, 1, dict(deterministic=False)),
-    ("deterministic, alone", 1, 1, dict(deterministic=True)),
-    ("deterministic, batched", 8, 16, dict(deterministic=True)),
+    ("one call at a time, unpadded", 1, 1, "float32", dict(deterministic=False)),
+    ("deterministic, alone", 1, 1, "float32", dict(deterministic=True)),
+    ("deterministic, batched", 8, 16, "float32", dict(deterministic=True)),
+    ("deterministic, alone, bf16", 1, 1, "bfloat16", dict(deterministic=True)),
+    ("deterministic, batched, bf16", 8, 16, "bfloat16", dict(deterministic=True)),
 ]
 
 
 STEP_KV = 1200  # keys each sequence of the decode-step rows attends to
 
 
-def _decode_steps(folder: str) -> None:
-    """Milliseconds per decode step of the model at `folder` (fp32, decoding layout): one unpadded row (decoding.hidden)
+def _decode_steps(folder: str, dtype: torch.dtype) -> None:
+    """Milliseconds per decode step of the model at `folder` (decoding layout): one unpadded row (decoding.hidden)
     against decoding.hidden_invariant's fixed-shape pieces of 16 and 32 rows, by sequences x fed tokens."""
-    net = decoding.lay_out_for_decoding(model_io.load_model(folder, dtype=torch.float32).eval())
+    net = decoding.lay_out_for_decoding(model_io.load_model(folder, dtype=dtype).eval())
     caches = []
     for _ in range(4):
-        cache = M.KVCache(net.config, 1, STEP_KV + 8, "cpu", torch.float32)
+        cache = M.KVCache(net.config, 1, STEP_KV + 8, "cpu", dtype)
         with torch.inference_mode():
             net.hidden(torch.arange(100, 100 + STEP_KV)[None], cache)
         caches.append(cache)
@@ -824,8 +826,8 @@ def _decode_steps(folder: str) -> None:
 
     plain = [best_ms(lambda t=t: decoding.logits(net, decoding.hidden(net, torch.full((1, t), 5), caches[0])))
              for t in (1, 5)]
-    print(f"  decode step, ms (KV length {STEP_KV}): unpadded one row: 1 token {plain[0]:.1f}, 1 + 4 drafts "
-          f"{plain[1]:.1f}")
+    print(f"  decode step, {str(dtype)[6:]}, ms (KV length {STEP_KV}): unpadded one row: 1 token {plain[0]:.1f}, "
+          f"1 + 4 drafts {plain[1]:.1f}")
     for rows in (16, 32):
         ms = [best_ms(lambda t=t, n=n: decoding.logits_invariant(
             net, decoding.hidden_invariant(net, [[5] * t] * n, caches[:n], rows), rows))
@@ -849,17 +851,18 @@ def bench_evaluate() -> None:
     root = world.world_root()
     spec = systems.system_spec(str(AGENTS))
     budgets = agents.Budgets(**DEMO_BUDGETS)
-    print(f"evaluate: {AGENTS} on the mini-world's demo splits, fp32, {torch.get_num_threads()} torch threads, "
+    print(f"evaluate: {AGENTS} on the mini-world's demo splits, {cpu_name()}, {torch.get_num_threads()} torch threads, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; budgets {DEMO_BUDGETS}")
-    _decode_steps(spec.models["executor"])
+    for dtype in (torch.float32, torch.bfloat16):
+        _decode_steps(spec.models["executor"], dtype)
     print(f"  {'split':<5} {'setting':<30} {'tasks':>5} {'workers':>7} {'tasks/min':>9} {'ratio':>6} {'TGC':>6} "
           f"{'SGC':>6} {'same as alone':>13}")
-    with tempfile.TemporaryDirectory() as tmp, world.WorldPool(max(w for _, w, _, _ in EVALUATE_SETTINGS),
+    with tempfile.TemporaryDirectory() as tmp, world.WorldPool(max(s[1] for s in EVALUATE_SETTINGS),
                                                                 root=root) as pool:
         for split, scenarios in DEMO_SPLITS:
-            first, alone = None, None
-            for label, workers, max_batch, options in EVALUATE_SETTINGS:
-                system = systems.load_system(spec, "cpu", "float32", options)
+            first, alone = None, {}  # alone: each dtype's deterministic trajectories decoded one call at a time
+            for label, workers, max_batch, dtype, options in EVALUATE_SETTINGS:
+                system = systems.load_system(spec, "cpu", dtype, options)
                 out = Path(tmp) / f"{split}-{label}"
                 cfg = evaluate.EvalConfig(split=split, out=str(out), root=str(root), workers=workers,
                                           max_batch=max_batch, scenarios=scenarios, quiet=True)
@@ -871,16 +874,21 @@ def bench_evaluate() -> None:
                                            for c in r["calls"]]}
                            for r in trajectories.read_trajectories(out / result_files.TRAJECTORIES)]
                 records = sorted(records, key=lambda r: r["task_id"])
-                same = "" if not options["deterministic"] else "(reference)" if alone is None else (
-                    "yes" if records == alone else "NO")
-                if options["deterministic"] and alone is None:
-                    alone = records
+                same = "" if not options["deterministic"] else "(reference)" if dtype not in alone else (
+                    "yes" if records == alone[dtype] else "NO")
+                if options["deterministic"]:
+                    alone.setdefault(dtype, records)
                 print(f"  {split:<5} {label:<30} {metrics['tasks']:>5} {workers:>7} {rate:>9.2f} "
                       f"{rate / first:>5.2f}x {metrics['tgc']:>5.1f}% {metrics['sgc']:>5.1f}% {same:>13}", flush=True)
+            if len(alone) == 2:
+                same_tasks = sum(a == b for a, b in zip(*alone.values()))
+                print(f"  {split:<5} bf16 and fp32 record the same trajectory on {same_tasks} of "
+                      f"{len(alone['float32'])} tasks")
     print("  ratio: tasks/minute over the first row's. one call at a time: batched decoding with one world and one "
           "call per batch (each call decoded alone, unpadded, with prompt-lookup drafts and a token-granular "
           "prompt cache: at least as fast as decoding every call alone in aligned chunks). deterministic: "
-          "evaluate.py's default, batch-invariant, so it records the same trajectories alone and batched.")
+          "evaluate.py's default, batch-invariant, so it records the same trajectories alone and batched "
+          "(same as alone: as the same dtype's deterministic run alone; bf16: the weights in bf16, --dtype bfloat16).")
 
 
 # ---- CLI --------------------------------------------------------------------------------------------------------
