@@ -826,7 +826,8 @@ def _decode_steps(folder: str, dtype: torch.dtype) -> None:
 
     plain = [best_ms(lambda t=t: decoding.logits(net, decoding.hidden(net, torch.full((1, t), 5), caches[0])))
              for t in (1, 5)]
-    print(f"  decode step, {str(dtype)[6:]}, ms (KV length {STEP_KV}): unpadded one row: 1 token {plain[0]:.1f}, "
+    name = str(dtype).removeprefix("torch.")
+    print(f"  decode step, {name}, ms (KV length {STEP_KV}): unpadded one row: 1 token {plain[0]:.1f}, "
           f"1 + 4 drafts {plain[1]:.1f}")
     for rows in (16, 32):
         ms = [best_ms(lambda t=t, n=n: decoding.logits_invariant(
