@@ -115,8 +115,12 @@ demo: $(VENV)/.runtime
 # The demo's recipe on the whole mini-world (README: The whole mini-world): every training scenario's tasks, then
 # the trained system and the gold replay on every dev and test task, WORKERS tasks in flight (their model calls
 # decode together, batch-invariantly), and the per-scenario table. Test first: its unseen scenarios are the question
-# the run answers. Resumes like the demo; its own files.
-WORKERS ?= 16
+# the run answers. Resumes like the demo; its own files. SCHEDULE=full trains with the standard schedule instead
+# (same epochs), into ckpts/world-full and results/world-full: the progressive run's paired comparison.
+WORKERS  ?= 16
+SCHEDULE ?= progressive
+WORLD    := world$(if $(filter full,$(SCHEDULE)),-full)
+TRAINED  := trained$(if $(filter full,$(SCHEDULE)),-full)
 world: $(VENV)/.runtime
 	$(PY) miniworld.py build
 	$(PY) rollout.py collect --teacher gold --split train $(COLLECT_FLAGS) --out trajectories/world-train.jsonl
@@ -125,17 +129,17 @@ world: $(VENV)/.runtime
 	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || \
 	  $(PY) model_io.py init-tiny --texts trajectories/world-texts.txt --out models/tiny)
 	for role in planner executor critic; do $(ROLE_FLAGS); \
-	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/world --resume \
-	    $(TRAIN_FLAGS) $$flags || exit 1; done
+	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/$(WORLD) \
+	    --schedule $(SCHEDULE) --resume $(TRAIN_FLAGS) $$flags || exit 1; done
 	for split in test dev; do \
-	  $(PY) evaluate.py --agents ckpts/world --name trained --split $$split --out results/world/$$split/trained \
+	  $(PY) evaluate.py --agents ckpts/$(WORLD) --name $(TRAINED) --split $$split --out results/$(WORLD)/$$split/trained \
 	    --workers $(WORKERS) $(BUDGETS) && \
-	  $(PY) evaluate.py --gold --name gold --split $$split --out results/world/$$split/gold --quiet $(BUDGETS) \
+	  $(PY) evaluate.py --gold --name gold --split $$split --out results/$(WORLD)/$$split/gold --quiet $(BUDGETS) \
 	    || exit 1; done
-	$(PY) evaluate.py compare results/world/*/trained/results.json results/world/*/gold/results.json \
-	  | tee results/world/table.md
-	$(PY) evaluate.py scenarios results/world/*/trained/results.json results/world/*/gold/results.json \
-	  | tee results/world/scenarios.md
+	$(PY) evaluate.py compare results/$(WORLD)/*/trained/results.json results/$(WORLD)/*/gold/results.json \
+	  | tee results/$(WORLD)/table.md
+	$(PY) evaluate.py scenarios results/$(WORLD)/*/trained/results.json results/$(WORLD)/*/gold/results.json \
+	  | tee results/$(WORLD)/scenarios.md
 
 # Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
 # trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev
