@@ -4,8 +4,9 @@ Where this sits: after evaluate.py, which scores one system on one split. ProST'
 (effectiveness against efficiency), so this file puts runs next to each other: the Pareto table of TGC against
 FLOPs per task (`python evaluate.py pareto`, seeds of one system averaged, Pareto-optimal systems marked, with a
 plot), the systems x splits table (`python evaluate.py compare`, the demo's zero-shot vs trained vs gold), and
-the per-scenario table (`python evaluate.py scenarios`: which scenarios each system solves, where the roles err).
-Runs share a table only when they were scored on the same tasks under the same budgets (`check_comparable`).
+the per-scenario table (`python evaluate.py scenarios`: which scenarios each system solves, where the roles err),
+and the paired difference of two systems' TGC with a bootstrap interval (`python evaluate.py paired`: progressive
+against standard training, task by task). Runs share a table only when they were scored on the same tasks under the same budgets (`check_comparable`).
 study.py builds its report on the same rows.
 """
 
@@ -19,6 +20,8 @@ import sys
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from result_files import RESULTS, fmt_flops, markdown_table
 from store import atomic_write
@@ -168,6 +171,62 @@ def scenario_table(runs: list[dict]) -> str:
     return "\n".join(markdown_table(header, rows)) + "\n\n" + "\n".join(counts) + "\n"
 
 
+@dataclass
+class PairedRow:
+    split: str
+    tasks: int
+    seeds: tuple[int, int]
+    tgc: tuple[float, float]
+    difference: float  # TGC points, first system minus second
+    low: float  # the bootstrap interval of the difference
+    high: float
+    better: tuple[int, int]  # tasks where each system's pass rate is the higher one
+
+
+def task_pass_rates(runs: list[dict]) -> dict[str, float]:
+    """Task id -> the share of `runs` (seeds of one system) that passed it."""
+    passes: dict[str, list[bool]] = defaultdict(list)
+    for r in runs:
+        for t in r["tasks"]:
+            passes[t["task_id"]].append(t["success"])
+    return {task: statistics.fmean(p) for task, p in passes.items()}
+
+
+def paired_rows(runs: list[dict], rounds: int = 10_000, seed: int = 0, level: float = 0.95) -> list[PairedRow]:
+    """Per split, the TGC difference of exactly two systems (seeds averaged per task, so each task is one pair)
+    and its percentile bootstrap interval: the tasks are resampled with replacement `rounds` times. The
+    interval covers the choice of tasks; the seeds' spread enters only through the per-task averages."""
+    rows = []
+    for split in dict.fromkeys(r["split"] for r in runs):
+        groups: dict[str, list[dict]] = defaultdict(list)
+        for r in runs:
+            if r["split"] == split:
+                groups[system_name(r)].append(r)
+        if len(groups) != 2:
+            raise ValueError(f"paired needs exactly two systems on split {split!r}, got {len(groups)} "
+                             f"({', '.join(groups)}); seeds of one system end in -seedN or -sN")
+        (a, a_runs), (b, b_runs) = groups.items()
+        a_rates, b_rates = task_pass_rates(a_runs), task_pass_rates(b_runs)
+        tasks = sorted(a_rates)
+        d = np.array([a_rates[t] - b_rates[t] for t in tasks])  # (tasks,): the paired differences
+        picks = np.random.default_rng(seed).integers(0, len(d), size=(rounds, len(d)))  # (rounds, tasks)
+        low, high = np.quantile(d[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
+        rows.append(PairedRow(split, len(tasks), (len(a_runs), len(b_runs)),
+                              (100 * statistics.fmean(a_rates.values()), 100 * statistics.fmean(b_rates.values())),
+                              100 * float(d.mean()), 100 * float(low), 100 * float(high),
+                              (int((d > 0).sum()), int((d < 0).sum()))))
+    return rows
+
+
+def paired_table(runs: list[dict], rows: list[PairedRow]) -> str:
+    a, b = dict.fromkeys(system_name(r) for r in runs)
+    header = ["split", "tasks", f"{a} TGC (seeds)", f"{b} TGC (seeds)", f"difference ({a} - {b})", "95% interval",
+              f"tasks {a} better / {b} better"]
+    return "\n".join(markdown_table(header, [
+        [r.split, r.tasks, f"{r.tgc[0]:.1f} ({r.seeds[0]})", f"{r.tgc[1]:.1f} ({r.seeds[1]})", f"{r.difference:+.1f}",
+         f"[{r.low:+.1f}, {r.high:+.1f}]", f"{r.better[0]} / {r.better[1]}"] for r in rows])) + "\n"
+
+
 def plot_pareto(rows: list, path: Path) -> bool:
     """TGC against FLOPs per task (ParetoRow rows) with the front drawn; False when matplotlib is not
     installed."""
@@ -201,7 +260,7 @@ def plot_pareto(rows: list, path: Path) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command lines: `python evaluate.py pareto`, `compare` and `scenarios`.
+# Command lines: `python evaluate.py pareto`, `compare`, `scenarios` and `paired`.
 
 def pareto_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="evaluate.py pareto", description="TGC vs FLOPs per task over several "
@@ -250,6 +309,28 @@ def scenarios_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         print(scenario_table(load_results(args.results)), end="")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def paired_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py paired", description="The TGC difference of two systems on the "
+                                "same tasks, paired per task (seeds of a system, names ending in -seedN or -sN, "
+                                "averaged per task), with a percentile bootstrap interval over the tasks.")
+    p.add_argument("results", nargs="*", help="results.json files of exactly two systems (any seeds, any splits)")
+    p.add_argument("--rounds", type=int, default=10_000, help="bootstrap resamples of the tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the resampling (the interval is reproducible)")
+    args = p.parse_args(argv)
+    try:
+        if args.rounds < 1:
+            raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
+        runs = load_results(args.results)
+        for split in dict.fromkeys(r["split"] for r in runs):
+            same = [(r, path) for r, path in zip(runs, args.results) if r["split"] == split]
+            check_comparable([r for r, _ in same], [path for _, path in same])
+        print(paired_table(runs, paired_rows(runs, args.rounds, args.seed)), end="")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -20,12 +20,13 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
                                                                 # (runs must share split, --limit, budgets)
     python evaluate.py compare results/demo/*/*/results.json    # systems x splits: TGC, SGC, FLOPs per task
     python evaluate.py scenarios results/world/*/*/results.json # per scenario: variants solved, role errors
+    python evaluate.py paired results/world*/test/trained/results.json  # TGC difference of two systems, per task
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
 result_files.py owns the output folder (its files, its claim and identity, resume and shards) and the report;
-comparison.py puts several evaluations side by side (the `pareto`, `compare` and `scenarios` subcommands). How the
-tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
+comparison.py puts several evaluations side by side (the `pareto`, `compare`, `scenarios` and `paired` subcommands).
+How the tasks run is the one seam between this core and its fast path (`roll_out`): by default rollout.py's scheduler
 (many worlds at once, model calls batched, the fast decoding engine); with --plain, agents.py's plain sequential
 driver over model.generate, one task at a time. With deterministic decoding (the default here) both record the
 same trajectories (tests/test_core.py). Every metric is a function of the trajectories alone, so a resumed or
@@ -378,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
         return comparison.compare_main(argv[1:])
     if argv[:1] == ["scenarios"]:
         return comparison.scenarios_main(argv[1:])
+    if argv[:1] == ["paired"]:
+        return comparison.paired_main(argv[1:])
     args = build_parser().parse_args(argv)
     cluster = None
     try:

@@ -445,6 +445,33 @@ def test_compare_puts_systems_in_rows_and_splits_in_columns(tmp_path, capsys):
     assert "differ in budgets" in err
 
 
+def test_paired_difference_and_its_bootstrap_interval_by_hand(tmp_path, capsys):
+    def run(folder, name, passes, split="dev"):
+        tasks = [{"task_id": f"s{i}_1", "success": bool(p)} for i, p in enumerate(passes)]
+        return results_file(tmp_path / folder, name, 100.0 * sum(passes) / len(passes), 0.0, 1e12, split=split,
+                            limit=None, system={"budgets": {"new_tokens": 48}}, tasks=tasks)
+
+    def rows(files):
+        assert evaluate.main(["paired", *files]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+        return [[c.strip() for c in line.strip("|").split("|")] for line in lines[1:] if "---" not in line]
+
+    # Seeds averaged per task: progressive passes task 0 twice and task 1 once of two seeds, standard only task 1.
+    # The differences (1, -0.5) mean +25 points; resampling two tasks gives means 1, 0.25 and -0.5 with
+    # probabilities 1/4, 1/2, 1/4, so the 95% interval runs from the lowest to the highest.
+    seeds = [run("p0", "progressive-s0", [1, 0]), run("p1", "progressive-s1", [1, 1]), run("f0", "full-s0", [0, 1])]
+    assert rows(seeds) == [["dev", "2", "75.0 (2)", "50.0 (1)", "+25.0", "[-50.0, +100.0]", "1 / 1"]]
+    # 20 tasks, half won by the first system and none by the second: the mean of 20 resampled differences is
+    # Binomial(20, 1/2) / 20, whose 2.5% and 97.5% quantiles are 6/20 and 14/20 (its CDF: 0.021 at 5, 0.058 at 6,
+    # 0.942 at 13, 0.979 at 14).
+    half = [run("a", "a", [1] * 10 + [0] * 10), run("b", "b", [0] * 20)]
+    assert rows(half) == [["dev", "20", "50.0 (1)", "0.0 (1)", "+50.0", "[+30.0, +70.0]", "10 / 0"]]
+    err = one_error_line(["paired", *half, run("c", "c", [1] * 20)], capsys)
+    assert "exactly two systems" in err and "got 3" in err
+    other_tasks = run("d", "d", [1] * 19)
+    assert "differ in tasks" in one_error_line(["paired", half[0], other_tasks], capsys)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad inputs: one line, exit 2.
 
