@@ -6,7 +6,8 @@ FLOPs per task (`python evaluate.py pareto`, seeds of one system averaged, Paret
 plot), the systems x splits table (`python evaluate.py compare`, the demo's zero-shot vs trained vs gold), and
 the per-scenario table (`python evaluate.py scenarios`: which scenarios each system solves, where the roles err),
 and the paired difference of two systems' TGC with a bootstrap interval (`python evaluate.py paired`: progressive
-against standard training, task by task). Runs share a table only when they were scored on the same tasks under the same budgets (`check_comparable`).
+against standard training, task by task). Runs share a table only when they were scored on the same tasks under
+the same budgets (`check_comparable`).
 study.py builds its report on the same rows.
 """
 
@@ -112,6 +113,13 @@ def check_comparable(runs: list[dict], paths: list[str]) -> None:
                                  "systems on the same split, --scenarios, --limit and budgets")
 
 
+def check_comparable_by_split(runs: list[dict], paths: list[str]) -> None:
+    """check_comparable within each split: runs on different splits may share a table, as columns or rows."""
+    for split in dict.fromkeys(r["split"] for r in runs):
+        same = [(r, path) for r, path in zip(runs, paths) if r["split"] == split]
+        check_comparable([r for r, _ in same], [path for _, path in same])
+
+
 def one_run_each(runs: list[dict]) -> dict[tuple[str, str], dict]:
     """(name, split) -> run, refusing two runs of one system on one split."""
     cells: dict[tuple[str, str], dict] = {}
@@ -174,10 +182,11 @@ def scenario_table(runs: list[dict]) -> str:
 @dataclass
 class PairedRow:
     split: str
+    systems: tuple[str, str]  # the first minus the second
     tasks: int
     seeds: tuple[int, int]
     tgc: tuple[float, float]
-    difference: float  # TGC points, first system minus second
+    difference: float  # TGC points
     low: float  # the bootstrap interval of the difference
     high: float
     better: tuple[int, int]  # tasks where each system's pass rate is the higher one
@@ -193,33 +202,33 @@ def task_pass_rates(runs: list[dict]) -> dict[str, float]:
 
 
 def paired_rows(runs: list[dict], rounds: int = 10_000, seed: int = 0, level: float = 0.95) -> list[PairedRow]:
-    """Per split, the TGC difference of exactly two systems (seeds averaged per task, so each task is one pair)
-    and its percentile bootstrap interval: the tasks are resampled with replacement `rounds` times. The
-    interval covers the choice of tasks; the seeds' spread enters only through the per-task averages."""
+    """Per split, the TGC difference of exactly two systems, the first named minus the other (seeds averaged per
+    task, so each task is one pair), and its percentile bootstrap interval: the tasks are resampled with
+    replacement `rounds` times. The interval covers the choice of tasks; the seeds' spread enters only through
+    the per-task averages. Runs of one split must be comparable (same tasks)."""
+    systems = tuple(dict.fromkeys(system_name(r) for r in runs))
+    if len(systems) != 2:
+        raise ValueError(f"paired needs exactly two systems, got {len(systems)} ({', '.join(systems)}); "
+                         "seeds of one system end in -seedN or -sN")
     rows = []
     for split in dict.fromkeys(r["split"] for r in runs):
-        groups: dict[str, list[dict]] = defaultdict(list)
-        for r in runs:
-            if r["split"] == split:
-                groups[system_name(r)].append(r)
-        if len(groups) != 2:
-            raise ValueError(f"paired needs exactly two systems on split {split!r}, got {len(groups)} "
-                             f"({', '.join(groups)}); seeds of one system end in -seedN or -sN")
-        (a, a_runs), (b, b_runs) = groups.items()
+        a_runs, b_runs = ([r for r in runs if r["split"] == split and system_name(r) == s] for s in systems)
+        if not a_runs or not b_runs:
+            raise ValueError(f"split {split!r} has runs of {systems[0] if a_runs else systems[1]} only; paired "
+                             "compares both systems on every split it is given")
         a_rates, b_rates = task_pass_rates(a_runs), task_pass_rates(b_runs)
-        tasks = sorted(a_rates)
-        d = np.array([a_rates[t] - b_rates[t] for t in tasks])  # (tasks,): the paired differences
+        d = np.array([a_rates[t] - b_rates[t] for t in sorted(a_rates)])  # (tasks,): the paired differences
         picks = np.random.default_rng(seed).integers(0, len(d), size=(rounds, len(d)))  # (rounds, tasks)
         low, high = np.quantile(d[picks].mean(axis=1), [(1 - level) / 2, (1 + level) / 2])
-        rows.append(PairedRow(split, len(tasks), (len(a_runs), len(b_runs)),
+        rows.append(PairedRow(split, systems, len(d), (len(a_runs), len(b_runs)),
                               (100 * statistics.fmean(a_rates.values()), 100 * statistics.fmean(b_rates.values())),
                               100 * float(d.mean()), 100 * float(low), 100 * float(high),
                               (int((d > 0).sum()), int((d < 0).sum()))))
     return rows
 
 
-def paired_table(runs: list[dict], rows: list[PairedRow]) -> str:
-    a, b = dict.fromkeys(system_name(r) for r in runs)
+def paired_table(rows: list[PairedRow]) -> str:
+    a, b = rows[0].systems
     header = ["split", "tasks", f"{a} TGC (seeds)", f"{b} TGC (seeds)", f"difference ({a} - {b})", "95% interval",
               f"tasks {a} better / {b} better"]
     return "\n".join(markdown_table(header, [
@@ -292,9 +301,7 @@ def compare_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         runs = load_results(args.results)
-        for split in dict.fromkeys(r["split"] for r in runs):
-            same = [(r, path) for r, path in zip(runs, args.results) if r["split"] == split]
-            check_comparable([r for r, _ in same], [path for _, path in same])
+        check_comparable_by_split(runs, args.results)
         print(compare_table(runs), end="")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -327,10 +334,8 @@ def paired_main(argv: list[str]) -> int:
         if args.rounds < 1:
             raise ValueError(f"--rounds must be at least 1, got {args.rounds}")
         runs = load_results(args.results)
-        for split in dict.fromkeys(r["split"] for r in runs):
-            same = [(r, path) for r, path in zip(runs, args.results) if r["split"] == split]
-            check_comparable([r for r, _ in same], [path for _, path in same])
-        print(paired_table(runs, paired_rows(runs, args.rounds, args.seed)), end="")
+        check_comparable_by_split(runs, args.results)
+        print(paired_table(paired_rows(runs, args.rounds, args.seed)), end="")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

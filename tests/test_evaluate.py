@@ -466,8 +466,13 @@ def test_paired_difference_and_its_bootstrap_interval_by_hand(tmp_path, capsys):
     # 0.942 at 13, 0.979 at 14).
     half = [run("a", "a", [1] * 10 + [0] * 10), run("b", "b", [0] * 20)]
     assert rows(half) == [["dev", "20", "50.0 (1)", "0.0 (1)", "+50.0", "[+30.0, +70.0]", "10 / 0"]]
+    # A second split given in the other order still subtracts the first-named system: a's test row is a - b.
+    b_test, a_test = run("b-test", "b", [1, 1], split="test"), run("a-test", "a", [0, 1], split="test")
+    assert rows([*half, b_test, a_test])[1] == ["test", "2", "50.0 (1)", "100.0 (1)", "-50.0", "[-100.0, +0.0]",
+                                                "0 / 1"]
     err = one_error_line(["paired", *half, run("c", "c", [1] * 20)], capsys)
     assert "exactly two systems" in err and "got 3" in err
+    assert "has runs of a only" in one_error_line(["paired", *half, a_test], capsys)
     other_tasks = run("d", "d", [1] * 19)
     assert "differ in tasks" in one_error_line(["paired", half[0], other_tasks], capsys)
 
