@@ -196,6 +196,9 @@ def task_pass_rates(runs: list[dict]) -> dict[str, float]:
     """Task id -> the share of `runs` (seeds of one system) that passed it."""
     passes: dict[str, list[bool]] = defaultdict(list)
     for r in runs:
+        if not all("success" in t for t in r.get("tasks") or [{}]):
+            raise ValueError(f"run {r['name']!r} on {r['split']!r} has no per-task results; score it again with "
+                             "this evaluate.py (rerunning the same command rescores its finished tasks)")
         for t in r["tasks"]:
             passes[t["task_id"]].append(t["success"])
     return {task: statistics.fmean(p) for task, p in passes.items()}

@@ -473,6 +473,8 @@ def test_paired_difference_and_its_bootstrap_interval_by_hand(tmp_path, capsys):
     err = one_error_line(["paired", *half, run("c", "c", [1] * 20)], capsys)
     assert "exactly two systems" in err and "got 3" in err
     assert "has runs of a only" in one_error_line(["paired", *half, a_test], capsys)
+    bare = [results_file(tmp_path / n, n, 0.0, 0.0, 1e12, split="dev") for n in ("x", "y")]  # no task rows
+    assert "has no per-task results" in one_error_line(["paired", *bare], capsys)
     other_tasks = run("d", "d", [1] * 19)
     assert "differ in tasks" in one_error_line(["paired", half[0], other_tasks], capsys)
 
