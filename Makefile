@@ -115,12 +115,19 @@ demo: $(VENV)/.runtime
 # The demo's recipe on the whole mini-world (README: The whole mini-world): every training scenario's tasks, then
 # the trained system and the gold replay on every dev and test task, WORKERS tasks in flight (their model calls
 # decode together, batch-invariantly), and the per-scenario table. Test first: its unseen scenarios are the question
-# the run answers. Resumes like the demo; its own files. SCHEDULE=full trains with the standard schedule instead
-# (same epochs), into ckpts/world-full and results/world-full: the progressive run's paired comparison.
+# the run answers. Resumes like the demo; its own files. The study at this scale is a set of such runs, compared
+# task by task with `evaluate.py paired`: SCHEDULE=full trains with the standard schedule instead (same epochs),
+# KIND=single trains and evaluates the single agent, SEED=N another seed; each names its folders after what it
+# changes (SCHEDULE=full SEED=1: ckpts/world-full-s1, results/world-full-s1, the system trained-full-s1).
 WORKERS  ?= 16
 SCHEDULE ?= progressive
-WORLD    := world$(if $(filter full,$(SCHEDULE)),-full)
-TRAINED  := trained$(if $(filter full,$(SCHEDULE)),-full)
+KIND     ?= multi
+SEED     ?= 0
+RUN_TAG  := $(if $(filter full,$(SCHEDULE)),-full)$(if $(filter 0,$(SEED)),,-s$(SEED))
+WORLD    := world$(if $(filter single,$(KIND)),-single)$(RUN_TAG)
+TRAINED  := $(if $(filter single,$(KIND)),single,trained)$(RUN_TAG)
+WORLD_ROLES  := $(if $(filter single,$(KIND)),single,planner executor critic)
+WORLD_SYSTEM := $(if $(filter single,$(KIND)),--single ckpts/$(WORLD)/single,--agents ckpts/$(WORLD))
 world: $(VENV)/.runtime
 	$(PY) miniworld.py build
 	$(PY) rollout.py collect --teacher gold --split train $(COLLECT_FLAGS) --out trajectories/world-train.jsonl
@@ -128,11 +135,11 @@ world: $(VENV)/.runtime
 	$(if $(filter tiny,$(MODEL)),$(PY) data.py texts trajectories/world-train.jsonl > trajectories/world-texts.txt)
 	$(if $(filter tiny,$(MODEL)),test -f models/tiny/config.json || \
 	  $(PY) model_io.py init-tiny --texts trajectories/world-texts.txt --out models/tiny)
-	for role in planner executor critic; do $(ROLE_FLAGS); \
+	for role in $(WORLD_ROLES); do $(ROLE_FLAGS); \
 	  $(PY) prost.py --model $(BASE) --role $$role --data trajectories/world-train.jsonl --out ckpts/$(WORLD) \
-	    --schedule $(SCHEDULE) --resume $(TRAIN_FLAGS) $$flags || exit 1; done
+	    --schedule $(SCHEDULE) --seed $(SEED) --resume $(TRAIN_FLAGS) $$flags || exit 1; done
 	for split in test dev; do \
-	  $(PY) evaluate.py --agents ckpts/$(WORLD) --name $(TRAINED) --split $$split --out results/$(WORLD)/$$split/trained \
+	  $(PY) evaluate.py $(WORLD_SYSTEM) --name $(TRAINED) --split $$split --out results/$(WORLD)/$$split/trained \
 	    --workers $(WORKERS) $(BUDGETS) && \
 	  $(PY) evaluate.py --gold --name gold --split $$split --out results/$(WORLD)/$$split/gold --quiet $(BUDGETS) \
 	    || exit 1; done
