@@ -1,6 +1,9 @@
 # prost: two commands from a fresh clone.
 #   make test   installs everything into .venv and runs the test suite (what CI runs)
 #   make demo   installs the runtime and runs the whole pipeline on the embedded mini-world
+# bash with pipefail: a table piped through tee fails the target when the command that writes it fails.
+SHELL       := bash
+.SHELLFLAGS := -o pipefail -c
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -57,7 +60,7 @@ SPLIT_FLAGS  = if [ $$split = dev ]; then split_flags="$(DEV)"; else split_flags
 # `make fetch` downloads and converts a real small model into models/$(FETCH) (see README: Real small models)
 FETCH       ?= smollm2-135m-instruct
 
-.PHONY: test test-real fetch demo world lr-schedules study bench gpu-check clean-venv
+.PHONY: test test-real fetch demo world world-study lr-schedules study bench gpu-check clean-venv
 
 # A CUDA machine keeps (or gets) a CUDA torch; elsewhere pin the CPU build, which this workplace serves
 # from local disk (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -123,7 +126,8 @@ WORKERS  ?= 16
 SCHEDULE ?= progressive
 KIND     ?= multi
 SEED     ?= 0
-RUN_TAG  := $(if $(filter full,$(SCHEDULE)),-full)$(if $(filter 0,$(SEED)),,-s$(SEED))
+seed_tag  = $(if $(filter 0,$(1)),,-s$(1))
+RUN_TAG  := $(if $(filter full,$(SCHEDULE)),-full)$(call seed_tag,$(SEED))
 WORLD    := world$(if $(filter single,$(KIND)),-single)$(RUN_TAG)
 TRAINED  := $(if $(filter single,$(KIND)),single,trained)$(RUN_TAG)
 WORLD_ROLES  := $(if $(filter single,$(KIND)),single,planner executor critic)
@@ -147,6 +151,27 @@ world: $(VENV)/.runtime
 	  | tee results/$(WORLD)/table.md
 	$(PY) evaluate.py scenarios results/$(WORLD)/*/trained/results.json results/$(WORLD)/*/gold/results.json \
 	  | tee results/$(WORLD)/scenarios.md
+
+# The study at the whole mini-world's scale (docs/results.md): `make world` for each seed of WORLD_SEEDS with each
+# schedule, and the single agent on the first seed; then per split the systems with their seeds averaged
+# (`evaluate.py pareto`), and the paired per-task differences with bootstrap intervals: progressive - standard,
+# and multi-agent - single agent (first seed). Each run resumes; a run takes about 5-6 hours on 2 CPU cores.
+WORLD_SEEDS     ?= 0 1 2
+PROGRESSIVE_RUNS = $(foreach s,$(WORLD_SEEDS),results/world$(call seed_tag,$(s)))
+FULL_RUNS        = $(foreach s,$(WORLD_SEEDS),results/world-full$(call seed_tag,$(s)))
+SINGLE_RUN       = results/world-single$(call seed_tag,$(firstword $(WORLD_SEEDS)))
+world-study: $(VENV)/.runtime
+	for seed in $(WORLD_SEEDS); do for schedule in progressive full; do \
+	    $(MAKE) world SCHEDULE=$$schedule SEED=$$seed || exit 1; done; \
+	  if [ $$seed = $(firstword $(WORLD_SEEDS)) ]; then $(MAKE) world KIND=single SEED=$$seed || exit 1; fi; done
+	mkdir -p results/world-study
+	for split in dev test; do printf '## %s\n\n' $$split; \
+	  $(PY) evaluate.py pareto $(addsuffix /$$split/trained/results.json,$(PROGRESSIVE_RUNS) $(FULL_RUNS) $(SINGLE_RUN)) \
+	    || exit 1; echo; done | tee results/world-study/systems.md
+	$(PY) evaluate.py paired $(addsuffix /*/trained/results.json,$(PROGRESSIVE_RUNS) $(FULL_RUNS)) \
+	  | tee results/world-study/progressive-vs-full.md
+	$(PY) evaluate.py paired $(addsuffix /*/trained/results.json,$(firstword $(PROGRESSIVE_RUNS)) $(SINGLE_RUN)) \
+	  | tee results/world-study/multi-vs-single.md
 
 # Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
 # trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev
