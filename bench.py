@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 import decoding
+import meter
 import model as M
 import model_io
 
@@ -320,17 +321,6 @@ def matmul_peak(dtype: torch.dtype, clock=time.process_time, size: int = PEAK_SI
     return 2 * size ** 3 / best
 
 
-def cpu_name() -> str:
-    """The CPU's model name from /proc/cpuinfo, and whether it has AMX (bf16 matrix tiles)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown CPU"
-    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
-    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-    return f"{names[0] if names else 'unknown CPU'}, {'with' if 'amx_bf16' in flags.split() else 'without'} AMX"
-
-
 def _train_examples(model_dir: str, data_path: str, role: str):
     """The role's examples (every sub-task) of the first TRAIN_TASKS multi-agent gold trajectories, rendered by
     the model's tokenizer."""
@@ -412,7 +402,6 @@ def _train_step(which: str, model_dir: str, data_path: str, role: str):
 
 def _train_peak_worker(which: str, model_dir: str, data_path: str, role: str) -> None:
     """In a fresh process: print the peak RSS growth (bytes) over a training step, optimizer state included."""
-    import meter
     torch.set_num_threads(1)
     step, _ = _train_step(which, model_dir, data_path, role)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS: count training only
@@ -437,7 +426,6 @@ def _long_batch_peak_worker(which: str, model_dir: str, checkpointing: bool, row
     (bytes), and the step's CPU seconds."""
     import data
     import lora
-    import meter
     import prost
     import train_config
     torch.set_num_threads(1)
@@ -499,7 +487,7 @@ def bench_train(model_dir: str | None, data_path: str) -> None:
         print(f"train: one LoRA optimizer step (r=16 on {', '.join(lora.DEFAULT_TARGETS)}, dropout "
               f"0.05, AdamW, clipping, bf16 autocast) over every planner / executor example of the first "
               f"{TRAIN_TASKS} gold trajectories in {data_path}, micro-batches of {TRAIN_MICRO} planned as prost "
-              f"does; model {model_dir}; {cpu_name()}. Speed: CPU time, 1 thread, best of {TRAIN_ROUNDS} "
+              f"does; model {model_dir}; {meter.cpu_name()}. Speed: CPU time, 1 thread, best of {TRAIN_ROUNDS} "
               f"interleaved rounds after a warm-up; peak: RSS growth over a step in a fresh process. Load average at "
               f"start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
         print(f"  measured matmul peak ({PEAK_SIZE}^3, 1 thread): bf16 {peak[torch.bfloat16] / 1e9:.0f} GFLOP/s, "
@@ -852,7 +840,7 @@ def bench_evaluate() -> None:
     root = world.world_root()
     spec = systems.system_spec(str(AGENTS))
     budgets = agents.Budgets(**DEMO_BUDGETS)
-    print(f"evaluate: {AGENTS} on the mini-world's demo splits, {cpu_name()}, {torch.get_num_threads()} torch threads, "
+    print(f"evaluate: {AGENTS} on the mini-world's demo splits, {meter.machine(torch.device('cpu'))}, "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; budgets {DEMO_BUDGETS}")
     for dtype in (torch.float32, torch.bfloat16):
         _decode_steps(spec.models["executor"], dtype)

@@ -45,6 +45,7 @@ from pathlib import Path
 
 import agents
 import comparison
+import meter
 import result_files
 import rollout
 import systems
@@ -260,7 +261,7 @@ def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *,
                 stats = roll_out(mine, system, budgets, cfg, root, keep, pool)
         except StopEvaluation as e:
             stopped = str(e)
-        all_stats = gather(cluster, stats)
+        all_stats, machines = gather(cluster, stats), gather(cluster, meter.machine(cluster.device))
         stops = [s for s in gather(cluster, stopped) if s]
         barrier(cluster)
         if not cluster.is_main:
@@ -272,7 +273,7 @@ def evaluate(system: agents.System, budgets: agents.Budgets, cfg: EvalConfig, *,
         scored = {"name": cfg.name or out.name, "split": cfg.split, "scenarios": cfg.scenarios, "limit": cfg.limit,
                   "root": str(root), "system": system.describe(budgets), "adapters": provenance,
                   "metrics": compute_metrics(records, difficulty, world.load_split(cfg.split, root=root)),
-                  "timing": result_files.timing_summary(records, timings, all_stats),
+                  "timing": result_files.timing_summary(records, timings, all_stats, machines),
                   "tasks": result_files.task_rows(records, difficulty, timings)}
         result_files.write_results(out, scored)
         return scored

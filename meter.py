@@ -1,5 +1,6 @@
 """What a training run measures and how it reports it: the progress bar, peak memory, model FLOPs
-utilisation against the device's peak, and each epoch's log record and line.
+utilisation against the device's peak, the machine it ran on (evaluation names it too), and each epoch's log
+record and line.
 
 Where this sits in ProST: prost.py's loop counts the tokens, target tokens, FLOPs and seconds of every epoch
 (model.train_flops is the one counting rule); this file turns them into train_log.jsonl's records and the
@@ -9,6 +10,7 @@ printed lines. Nothing here changes what is trained.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import torch
 
@@ -55,6 +57,25 @@ class ProgressBar:
             print(file=sys.stderr, flush=True)
 
 
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo, and whether it has AMX (bf16 matrix tiles)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    return f"{names[0] if names else 'unknown CPU'}, {'with' if 'amx_bf16' in flags.split() else 'without'} AMX"
+
+
+def machine(device: torch.device) -> str:
+    """What a timing was measured on, to be named next to it: the GPU, or the CPU and torch's thread count (the
+    same code runs at very different speeds on the CPUs we use)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()}, {torch.get_num_threads()} torch threads"
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA: peak memory allocated by torch; CPU: this process's peak resident set."""
     if device.type == "cuda":
@@ -87,16 +108,16 @@ def model_flops_utilisation(stats, peak: float | None, world: int) -> float | No
 
 
 def epoch_record(epoch: int, step: int, plan, stats, dev: dict[int, float], lr: float, mfu: float | None,
-                 memory_gb: float) -> dict:
+                 device: torch.device) -> dict:
     """One line of train_log.jsonl: the epoch's schedule (data.EpochPlan), what it ran (prost.EpochStats), the
-    dev loss per sub-task, the learning rate of its last step, MFU and peak memory."""
+    dev loss per sub-task, the learning rate of its last step, MFU, peak memory and the machine it ran on."""
     dev_by_subtask = {str(k): round(v, 6) for k, v in dev.items()}  # JSON keys are strings
     return {"epoch": epoch, "step": step, "max_subtask": plan.max_subtask, "examples": plan.n_examples,
             "sequences": stats.sequences, "examples_per_s": plan.n_examples / stats.seconds, "lr": lr,
             "train_loss": stats.loss_sum / stats.targets, "dev_loss_by_subtask": dev_by_subtask,
             "tokens": stats.tokens, "target_tokens": stats.targets,
             "tokens_per_s": stats.tokens / stats.seconds, "target_tokens_per_s": stats.targets / stats.seconds,
-            "mfu": mfu, "peak_memory_gb": memory_gb, "seconds": stats.seconds}
+            "mfu": mfu, "peak_memory_gb": peak_memory_gb(device), "seconds": stats.seconds, "machine": machine(device)}
 
 
 def describe_epoch(record: dict, epochs: int) -> str:

@@ -135,8 +135,7 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
             raise
         dev_loss = dev_losses(model, dev, cfg, tokenizer.pad_id, cluster, precision) if dev else {}
         record = meter.epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"],
-                                    meter.model_flops_utilisation(stats, peak, cluster.world),
-                                    meter.peak_memory_gb(cluster.device))
+                                    meter.model_flops_utilisation(stats, peak, cluster.world), cluster.device)
         history.append(record)
         log(meter.describe_epoch(record, epochs))
         state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,

@@ -190,11 +190,12 @@ def task_rows(records: list[dict], difficulty: dict[str, object], timings: dict[
              "wall_seconds": timings.get(r["task_id"])} for r in records]
 
 
-def timing_summary(records: list[dict], timings: dict[str, float], stats: list) -> dict:
+def timing_summary(records: list[dict], timings: dict[str, float], stats: list, machines: list[str]) -> dict:
     """Wall time per task (each rollout from open to evaluation, averaged), model time per task (each call's
     share of its batch), FLOPs per task actually computed (the prompt tokens the prompt cache supplied left out:
     this depends on which calls the engine served before, so it is a measurement of the run, not a metric of
-    the system), and where this invocation's wall time went (`stats`: each process's rollout.RunStats)."""
+    the system), and where this invocation's wall time went and on what (`stats`: each process's
+    rollout.RunStats; `machines`: each process's meter.machine)."""
     walls = [timings[r["task_id"]] for r in records if r["task_id"] in timings]
     model_seconds = sum(c["seconds"] for r in records for c in r["calls"])
     computed = sum(c.get("flops_computed", c["flops"]) for r in records for c in r["calls"])  # teachers cache nothing
@@ -206,7 +207,7 @@ def timing_summary(records: list[dict], timings: dict[str, float], stats: list) 
                          "model_seconds": sum(s.model_seconds for s in stats),
                          "world_seconds": sum(s.world_seconds for s in stats),
                          "tasks_per_minute": sum(s.tasks for s in stats) / run_seconds * 60 if run_seconds else None,
-                         "processes": len(stats)}}
+                         "processes": len(stats), "machines": sorted(set(machines))}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,8 +291,8 @@ def markdown_report(results: dict) -> str:
     run = t["this_run"]
     if run["tasks"]:
         lines += ["", f"This invocation: {run['tasks']} tasks in {run['seconds']:.1f} s on {run['processes']} "
-                  f"process(es); model {run['model_seconds']:.1f} s, world sessions {run['world_seconds']:.1f} s "
-                  "(summed over sessions)."]
+                  f"process(es) ({'; '.join(run['machines'])}); model {run['model_seconds']:.1f} s, world sessions "
+                  f"{run['world_seconds']:.1f} s (summed over sessions)."]
     lines += ["", "## Sub-task error rates", "",
               "Per sub-task index, errors/n (%) where n counts sub-tasks: planner, no valid decision within its "
               "format retries (row K+1 is its FINISH decision); executor, the final attempt ended without a report "

@@ -233,6 +233,12 @@ def assert_reordered_sums_close(actual: torch.Tensor, expected: torch.Tensor, n_
     torch.testing.assert_close(actual, expected, rtol=0, atol=atol)
 
 
+def cpu_model_name() -> str:
+    """This machine's CPU as /proc/cpuinfo names it (what timings must be reported next to)."""
+    with open("/proc/cpuinfo") as f:
+        return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+
+
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:
     """The command line of `torch.distributed.run` for `nproc` processes on this machine.
 

@@ -26,7 +26,7 @@ import store
 import systems
 import trajectories
 import world
-from conftest import REPO, run_child, torchrun
+from conftest import REPO, cpu_model_name, run_child, torchrun
 
 SMALL = agents.Budgets(subtasks=2, executor_turns=2, critic_retries=1, format_retries=1, single_turns=3,
                        new_tokens=12, context=1024)
@@ -288,6 +288,9 @@ def test_two_gloo_processes_merge_to_the_single_process_result(uninterrupted, mi
     merged = json.loads((tmp_path / result_files.RESULTS).read_text())
     assert merged["metrics"] == straight["metrics"]
     assert merged["timing"]["this_run"]["processes"] == 2
+    [machine] = merged["timing"]["this_run"]["machines"]  # both processes ran here
+    assert machine.startswith(cpu_model_name()) and machine.endswith(" torch threads")
+    assert f"on 2 process(es) ({machine})" in (tmp_path / result_files.REPORT).read_text()
     merged_records = trajectories.read_trajectories(tmp_path / result_files.TRAJECTORIES)
     assert without_timing(merged_records) == without_timing(straight_records)
 

@@ -23,7 +23,7 @@ import run_folder
 import train_config
 import trajectories
 import world
-from conftest import assert_reordered_sums_close, build_hf_checkpoint, run_child, torchrun
+from conftest import assert_reordered_sums_close, build_hf_checkpoint, cpu_model_name, run_child, torchrun
 from model import ModelConfig, Tokenizer, Transformer
 from test_data import conversation_calls, synthetic_trajectory
 
@@ -389,6 +389,9 @@ def test_epochs_follow_the_progressive_schedule_and_log(base, trajectory_file, t
     for key in ("tokens_per_s", "target_tokens_per_s", "peak_memory_gb"):
         assert history[-1][key] > 0
     assert history[-1]["mfu"] is None  # CPU: no meaningful peak FLOP/s
+    amx = "amx_bf16" in Path("/proc/cpuinfo").read_text().split()  # the CPUs we use differ by AMX's bf16 tiles
+    assert history[-1]["machine"] == (f"{cpu_model_name()}, {'with' if amx else 'without'} AMX, "
+                                      f"{torch.get_num_threads()} torch threads")
 
 
 @pytest.mark.parametrize("role", ["planner", "executor"])
