@@ -9,8 +9,9 @@ efficiency better than a single agent on a larger model. `make study` trains and
     systems    TGC and SGC as mean ± sample standard deviation over seeds, each seed's TGC, FLOPs per task
                in total and by role, and the Pareto-optimal systems (TGC vs FLOPs per task), with a plot
     ablation   for every system trained with both schedules ("<x>-progressive" and "<x>-full"): TGC per seed
-               side by side, and the sub-task error rates by index and role pooled over seeds (the errors
-               of all seeds over the sub-tasks judged in all seeds)
+               side by side, the difference paired per task with its bootstrap interval, and the sub-task
+               error rates by index and role pooled over seeds (the errors of all seeds over the sub-tasks
+               judged in all seeds)
     curves     the dev loss by sub-task after each epoch of the runs trained with --dev-data, progressive
                against standard (a table of the last epoch, and a plot)
 
@@ -89,8 +90,9 @@ def seed_of(result: dict) -> str:
 
 
 def seed_comparison(progressive: list[dict], full: list[dict]) -> str:
-    """TGC per seed under each schedule, how many seeds each schedule wins (the paired reading), and whether
-    the mean difference is larger than the larger of the two seed spreads."""
+    """TGC per seed under each schedule, how many seeds each schedule wins, whether the mean difference is
+    larger than the larger of the two seed spreads, and the difference paired per task with its bootstrap
+    interval (comparison.paired_rows)."""
     tgc = [{seed_of(r): r["metrics"]["tgc"] for r in runs} for runs in (progressive, full)]
     seeds = sorted(set(tgc[0]) & set(tgc[1]))
     wins = [sum(tgc[0][s] > tgc[1][s] for s in seeds), sum(tgc[1][s] > tgc[0][s] for s in seeds)]
@@ -103,8 +105,12 @@ def seed_comparison(progressive: list[dict], full: list[dict]) -> str:
         verdict = f"{where} the larger seed spread, {largest_sd:.1f}"
     lines = markdown_table(["seed", "progressive TGC", "standard TGC"],
                            [[s, f"{tgc[0][s]:.1f}", f"{tgc[1][s]:.1f}"] for s in seeds])
+    [paired] = comparison.paired_rows(progressive + full)  # one split
     return "\n".join(lines) + (f"\n\nProgressive wins {wins[0]} of {len(seeds)} seeds, standard {wins[1]}; mean "
-                               f"difference {difference:+.1f} TGC points ({verdict}).\n")
+                               f"difference {difference:+.1f} TGC points ({verdict}). Paired per task (each task's "
+                               f"pass rate over the seeds): {paired.difference:+.1f}, 95% bootstrap interval over "
+                               f"the {paired.tasks} tasks [{paired.low:+.1f}, {paired.high:+.1f}]; progressive "
+                               f"better on {paired.better[0]} tasks, standard on {paired.better[1]}.\n")
 
 
 def pooled_errors(runs: list[dict]) -> dict[tuple[str, int], list[int]]:

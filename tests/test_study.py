@@ -1,6 +1,6 @@
-"""study.py's aggregation on hand-made runs: means, spreads and Pareto marks per split, the per-seed
-comparison of the two schedules, pooled sub-task error rates, and dev loss curves from training logs. Every
-expected value is computed by hand in the comments."""
+"""study.py's aggregation on hand-made runs: means, spreads and Pareto marks per split, the per-seed and the
+per-task (paired, bootstrap) comparison of the two schedules, pooled sub-task error rates, and dev loss curves
+from training logs. Every expected value is computed by hand in the comments."""
 
 import json
 import os
@@ -30,9 +30,10 @@ def write_run(root: Path, split: str, name: str, tgc: float, flops: dict, subtas
                "roles": {role: {"flops_per_task": f} for role, f in flops.items()}}
     folder = root / split / name
     folder.mkdir(parents=True)
+    tasks = [{**t, "success": i < metrics["passed"]} for i, t in enumerate(TASKS)]  # the first `passed` pass
     (folder / "results.json").write_text(json.dumps({
         "name": name, "split": split, "scenarios": 2, "limit": None, "system": {"budgets": budgets},
-        "tasks": TASKS, "metrics": metrics,
+        "tasks": tasks, "metrics": metrics,
         "timing": {"this_run": {"tasks": 0 if "s2" in name else 4, "seconds": 12.0 * len(name)}}}))
 
 
@@ -92,9 +93,20 @@ def test_systems_pareto_and_seed_comparison_on_dev(study_results, tmp_path, caps
     section = report[report.index("### multi: progressive vs standard on dev"):]
     assert "Progressive wins 2 of 3 seeds, standard 0; mean difference +33.3 TGC points (larger than the " \
            "larger seed spread, 25.0)." in section
+    # paired per task, songs 1-4 (each run passes its first TGC/25 songs): progressive passes them in 3, 3, 2 and
+    # 1 of its seeds, standard in 3, 2, 0, 0; differences (0, 1, 2, 1) / 3, mean 1/3. A resampled task's
+    # difference in thirds is 0, 1 or 2 with odds 1:2:1, Binomial(2, 1/2), so four of them sum to
+    # S ~ Binomial(8, 1/2) thirds, mean S / 12; P(S <= 0) = 1/256 < 2.5% < P(S <= 1) = 9/256, so the interval is
+    # [1/12, 7/12] by symmetry
+    assert "Paired per task (each task's pass rate over the seeds): +33.3, 95% bootstrap interval over the 4 " \
+           "tasks [+8.3, +58.3]; progressive better on 3 tasks, standard on 0." in section
     assert "### multi: progressive vs standard on test" not in report  # test has no standard run
     single = report[report.index("### single: progressive vs standard on dev"):]
     assert "standard 1; mean difference -25.0 TGC points (one seed, so no spread to compare it with)" in single
+    # one seed each: song 2 passes under standard only, d = (0, -1, 0, 0); a resample of 4 tasks draws song 2
+    # K ~ Binomial(4, 1/4) times: P(K = 0) = 81/256 > 2.5% and P(K >= 3) = 13/256 > 2.5% > P(K = 4) = 1/256
+    assert "pass rate over the seeds): -25.0, 95% bootstrap interval over the 4 tasks [-75.0, +0.0]; " \
+           "progressive better on 0 tasks, standard on 1." in single
 
 
 def test_error_rates_are_pooled_over_seeds(study_results, tmp_path):
