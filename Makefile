@@ -118,18 +118,24 @@ demo: $(VENV)/.runtime
 # The demo's recipe on the whole mini-world (README: The whole mini-world): every training scenario's tasks, then
 # the trained system and the gold replay on every dev and test task, WORKERS tasks in flight (their model calls
 # decode together, batch-invariantly), and the per-scenario table. Test first: its unseen scenarios are the question
-# the run answers. Resumes like the demo; its own files. The study at this scale is a set of such runs, compared
-# task by task with `evaluate.py paired`: SCHEDULE=full trains with the standard schedule instead (same epochs),
-# KIND=single trains and evaluates the single agent, SEED=N another seed; each names its folders after what it
-# changes (SCHEDULE=full SEED=1: ckpts/world-full-s1, results/world-full-s1, the system trained-full-s1).
+# the run answers. Resumes like the demo; its own files. The study at this scale is a set of such runs (below):
+# SCHEDULE=full trains with the standard schedule instead (same epochs), KIND=single trains and evaluates the single
+# agent, SEED=N another seed. A run KIND:SCHEDULE:SEED names its folders after what it changes from the first run,
+# and its system as study.py groups them (multi:full:1: ckpts/world-full-s1, results/world-full-s1, multi-full-s1).
 WORKERS  ?= 16
 SCHEDULE ?= progressive
 KIND     ?= multi
 SEED     ?= 0
-seed_tag  = $(if $(filter 0,$(1)),,-s$(1))
-RUN_TAG  := $(if $(filter full,$(SCHEDULE)),-full)$(call seed_tag,$(SEED))
-WORLD    := world$(if $(filter single,$(KIND)),-single)$(RUN_TAG)
-TRAINED  := $(if $(filter single,$(KIND)),single,trained)$(RUN_TAG)
+seed_tag     = $(if $(filter 0,$(1)),,-s$(1))
+run_kind     = $(word 1,$(subst :, ,$(1)))
+run_schedule = $(word 2,$(subst :, ,$(1)))
+run_seed     = $(word 3,$(subst :, ,$(1)))
+single_tag   = $(if $(filter single,$(call run_kind,$(1))),-single)
+full_tag     = $(if $(filter full,$(call run_schedule,$(1))),-full)
+run_dir      = world$(call single_tag,$(1))$(call full_tag,$(1))$(call seed_tag,$(call run_seed,$(1)))
+run_name     = $(call run_kind,$(1))-$(call run_schedule,$(1))-s$(call run_seed,$(1))
+WORLD    := $(call run_dir,$(KIND):$(SCHEDULE):$(SEED))
+TRAINED  := $(call run_name,$(KIND):$(SCHEDULE):$(SEED))
 WORLD_ROLES  := $(if $(filter single,$(KIND)),single,planner executor critic)
 WORLD_SYSTEM := $(if $(filter single,$(KIND)),--single ckpts/$(WORLD)/single,--agents ckpts/$(WORLD))
 world: $(VENV)/.runtime
@@ -153,25 +159,20 @@ world: $(VENV)/.runtime
 	  | tee results/$(WORLD)/scenarios.md
 
 # The study at the whole mini-world's scale (docs/results.md): `make world` for each seed of WORLD_SEEDS with each
-# schedule, and the single agent on the first seed; then per split the systems with their seeds averaged
-# (`evaluate.py pareto`), and the paired per-task differences with bootstrap intervals: progressive - standard,
-# and multi-agent - single agent (first seed). Each run resumes; a run takes about 5-6 hours on 2 CPU cores.
-WORLD_SEEDS     ?= 0 1 2
-PROGRESSIVE_RUNS = $(foreach s,$(WORLD_SEEDS),results/world$(call seed_tag,$(s)))
-FULL_RUNS        = $(foreach s,$(WORLD_SEEDS),results/world-full$(call seed_tag,$(s)))
-SINGLE_RUN       = results/world-single$(call seed_tag,$(firstword $(WORLD_SEEDS)))
-world-study: $(VENV)/.runtime
-	for seed in $(WORLD_SEEDS); do for schedule in progressive full; do \
-	    $(MAKE) world SCHEDULE=$$schedule SEED=$$seed || exit 1; done; \
-	  if [ $$seed = $(firstword $(WORLD_SEEDS)) ]; then $(MAKE) world KIND=single SEED=$$seed || exit 1; fi; done
-	mkdir -p results/world-study
-	for split in dev test; do printf '## %s\n\n' $$split; \
-	  $(PY) evaluate.py pareto $(addsuffix /$$split/trained/results.json,$(PROGRESSIVE_RUNS) $(FULL_RUNS) $(SINGLE_RUN)) \
-	    || exit 1; echo; done | tee results/world-study/systems.md
-	$(PY) evaluate.py paired $(addsuffix /*/trained/results.json,$(PROGRESSIVE_RUNS) $(FULL_RUNS)) \
-	  | tee results/world-study/progressive-vs-full.md
-	$(PY) evaluate.py paired $(addsuffix /*/trained/results.json,$(firstword $(PROGRESSIVE_RUNS)) $(SINGLE_RUN)) \
-	  | tee results/world-study/multi-vs-single.md
+# schedule, and the single agent on the first seed, then study.py's report over them (systems and Pareto front
+# per split, progressive against standard per seed and paired per task, sub-task error rates, time), from links
+# in results/world-study and ckpts/world-study. Each run resumes; a run takes about 5-6 hours on 2 CPU cores.
+WORLD_SEEDS ?= 0 1 2
+WORLD_RUNS   = $(foreach s,$(WORLD_SEEDS),multi:progressive:$(s) multi:full:$(s)) \
+               single:progressive:$(firstword $(WORLD_SEEDS))
+world-study: $(VENV)/.runtime $(VENV)/.study
+	$(foreach r,$(WORLD_RUNS),$(MAKE) world KIND=$(call run_kind,$(r)) SCHEDULE=$(call run_schedule,$(r)) \
+	  SEED=$(call run_seed,$(r)) && ) true
+	mkdir -p results/world-study/dev results/world-study/test ckpts/world-study
+	$(foreach r,$(WORLD_RUNS),ln -sfn ../$(call run_dir,$(r)) ckpts/world-study/$(call run_name,$(r)) && \
+	  $(foreach split,dev test,ln -sfn ../../$(call run_dir,$(r))/$(split)/trained \
+	    results/world-study/$(split)/$(call run_name,$(r)) && )) true
+	$(PY) study.py results/world-study --ckpts ckpts/world-study
 
 # Which learning-rate schedule the demo should use (README: Our reading of the paper): the demo's roles
 # trained again with each --lr-schedule, logging the dev loss per sub-task after every epoch (gold dev
