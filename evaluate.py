@@ -20,7 +20,7 @@ split, lets AppWorld's own evaluator judge every task, and turns the trajectorie
                                                                 # (runs must share split, --limit, budgets)
     python evaluate.py compare results/demo/*/*/results.json    # systems x splits: TGC, SGC, FLOPs per task
     python evaluate.py scenarios results/world/*/*/results.json # per scenario: variants solved, role errors
-    python evaluate.py paired results/world{,-full}/test/trained/results.json  # two systems TGC difference, per task
+    python evaluate.py paired results/world{,-full}/test/trained/results.json  # two systems' TGC difference, per task
     torchrun --nproc_per_node 8 evaluate.py --agents ckpts/ --split test_normal
 
 systems.py turns the command line into an agents.System (and refuses adapters of unfinished training runs);
