@@ -15,10 +15,11 @@ sum(target token losses) / (target tokens of the whole step, all ranks), so accu
 parallelism give the gradient of the mean token loss over the step whatever the split; the vocabulary
 projection runs at target positions only. Then: the global gradient norm is clipped, fused AdamW steps at
 the step's learning rate (warmup, then cosine decay), and every epoch ends in a checkpoint (`save_checkpoint`)
-from which `--resume` continues bit-exactly. The frozen base runs under bf16 autocast on CUDA; the adapter
-and the optimizer stay fp32. --checkpoint-activations keeps only each decoder block's input for the backward
-pass and recomputes the block (less memory, the same numbers); memory_estimate.py's estimate of the longest
-micro-batch is printed at start and turns it on where the step would not fit otherwise (`--dry-run`: print, exit).
+from which `--resume` continues bit-exactly (a long epoch also saves one every --save-every-minutes). The frozen
+base runs under bf16 autocast on CUDA; the adapter and the optimizer stay fp32. --checkpoint-activations keeps
+only each decoder block's input for the backward pass and recomputes the block (less memory, the same numbers);
+memory_estimate.py's estimate of the longest micro-batch is printed at start and turns it on where the step
+would not fit otherwise (`--dry-run`: print, exit).
 
 Fast paths, each tested equal to the plain loop and on by default; `--plain` turns every one off:
 batching.py merges nested examples (`--no-merge-nested`) and computes a micro-batch's shared trunk once,
@@ -34,7 +35,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,7 +53,7 @@ import run_folder
 import store
 import train_config
 import trajectories
-from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, start_cluster,
+from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, gather, start_cluster,
                      stop_cluster)
 from model import ModelConfig, train_flops
 from run_folder import ADAPTER, STATE_FILE
@@ -98,7 +99,8 @@ def train(cfg: TrainConfig) -> list[dict]:
 
 def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     """The run: the role's examples and their schedule, the model with a fresh or resumed adapter, then epoch
-    after epoch of optimizer steps, each epoch ending in a checkpoint that a killed run resumes from."""
+    after epoch of optimizer steps, each epoch ending in a checkpoint that a killed run resumes from (and
+    long ones saving mid-epoch checkpoints too)."""
     log = print if cluster.is_main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, cluster.device)
     path, tokenizer, examples, dev, epochs, plans = prepare_data(cfg, log, cluster)
@@ -117,39 +119,62 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     optimizer = make_optimizer(params, cfg)
     torch.manual_seed(cfg.seed + 1 + cluster.rank)  # dropout streams differ per rank
     random.seed(cfg.seed)
-    history, step = [], 0
+    history, step, in_epoch = [], 0, None
     if saved is not None:
-        history, step = restore_checkpoint(saved, model, optimizer, cluster)
+        history, step, in_epoch = restore_checkpoint(saved, model, optimizer, cluster)
         run_folder.republish(out_dir, saved, model, epochs, cluster, log)
     cycles = lr_cycles(epoch_step_counts(examples, epochs, cfg, cluster.world), plans, cfg.lr_schedule)
     peak = meter.peak_flops(cluster.device, cfg.peak_tflops)
+
+    def save(epoch: int, step: int, progress: EpochProgress | None = None, stopped: str | None = None) -> None:
+        """A checkpoint after `epoch` epochs and `step` optimizer steps, or `progress` into the next epoch
+        (every rank gathers its RNG states and totals; the main rank writes)."""
+        max_subtask = plans[epoch - 1].max_subtask if epoch else 0
+        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": max_subtask,
+                 "scheduler": {"step": step, "lr_cycles": cycles},
+                 "data_order": {"seed": cfg.seed, "examples_sha256": examples_sha256},
+                 "rng": run_folder.rng_states(cluster), "history": history,
+                 "in_epoch": gather(cluster, asdict(progress)) if progress else None}
+        if cluster.is_main:
+            save_checkpoint(out_dir, model, optimizer, state, stopped)
 
     model.train()
     for epoch in range(len(history) + 1, epochs + 1):
         plan = plans[epoch - 1]  # the schedule: the examples with sub-task index <= s(epoch)
         try:
             stats, step = run_epoch(model, optimizer, params, examples, epoch, epochs, step, cycles, cfg,
-                                    cluster, precision, tokenizer.pad_id, out_dir, len(history))
+                                    cluster, precision, tokenizer.pad_id, out_dir, len(history), in_epoch, save)
         except TrainingDiverged:
             run_folder.mark_diverged(out_dir, cluster, len(history), epochs, epoch)
             raise
+        in_epoch = None
+        if stats is None:
+            log(f"stopping in epoch {epoch} after step {step} as asked; continue with --resume")
+            break
         dev_loss = dev_losses(model, dev, cfg, tokenizer.pad_id, cluster, precision) if dev else {}
         record = meter.epoch_record(epoch, step, plan, stats, dev_loss, optimizer.param_groups[0]["lr"],
                                     meter.model_flops_utilisation(stats, peak, cluster.world), cluster.device)
         history.append(record)
         log(meter.describe_epoch(record, epochs))
-        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": plan.max_subtask,
-                 "scheduler": {"step": step, "lr_cycles": cycles},
-                 "data_order": {"seed": cfg.seed, "examples_sha256": examples_sha256},
-                 "rng": run_folder.rng_states(cluster), "history": history}
-        stopping = bool(cfg.stop_after_epochs) and epoch == cfg.stop_after_epochs and epoch < epochs
-        if cluster.is_main:
-            save_checkpoint(out_dir, model, optimizer, state,
-                            stopped=f"stopped by --stop-after-epochs {epoch}" if stopping else None)
+        stopped = (f"stopped by --stop-after-epochs {epoch}" if epoch == cfg.stop_after_epochs else
+                   f"stopped by --stop-after-steps {step}" if step == cfg.stop_after_steps else None)
+        stopping = bool(stopped) and epoch < epochs
+        save(epoch, step, stopped=stopped if stopping else None)
         if stopping:
             log(f"stopping after epoch {epoch} as asked; continue with --resume")
             break
     return history
+
+
+@dataclass
+class EpochProgress:
+    """An epoch's running totals after its first `steps` optimizer steps; a mid-epoch checkpoint holds them."""
+    steps: int = 0
+    loss_sum: float = 0.0  # all ranks
+    targets: int = 0  # all ranks
+    tokens: int = 0  # this rank's
+    flops: float = 0.0  # this rank's
+    seconds: float = 0.0
 
 
 @dataclass
@@ -163,18 +188,22 @@ class EpochStats:
 
 
 def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step: int, cycles: list[tuple[int, int]],
-              cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path,
-              last_good: int) -> tuple[EpochStats, int]:
-    """One epoch of optimizer steps; returns its statistics (summed over ranks) and the new step count."""
+              cfg: TrainConfig, cluster: Cluster, precision: str, pad_id: int, out_dir: Path, last_good: int,
+              resumed: list[dict] | None, save) -> tuple[EpochStats | None, int]:
+    """One epoch of optimizer steps, or the rest of one after a mid-epoch checkpoint (`resumed`: every rank's
+    EpochProgress); returns its statistics (summed over ranks) and the new step count. Every
+    --save-every-minutes it saves a mid-epoch checkpoint through `save`; stopped there by --stop-after-steps,
+    it returns no statistics."""
     sequences = epoch_sequences(examples, epoch, cfg)
     plan = epoch_micro_batches(sequences, epoch, cfg, model.config)
     per_step = cfg.grad_accum * cluster.world
     steps = [plan[i:i + per_step] for i in range(0, len(plan), per_step)]
     bar = meter.ProgressBar(len(steps), f"epoch {epoch}/{epochs}", cfg.progress and cluster.is_main)
-    loss_total, targets_total, my_tokens, my_flops = 0.0, 0, 0, 0.0
+    done = EpochProgress(**resumed[cluster.rank]) if resumed else EpochProgress()
     adapter_weights = sum(p.numel() for p in params)
-    start = time.perf_counter()
-    for i, step_batches in enumerate(steps):
+    start = last_save = time.perf_counter()
+    for i in range(done.steps, len(steps)):
+        step_batches = steps[i]
         step_targets = sum(sequences[j].n_targets for b in step_batches for j in b)  # all ranks
         my_batches = [[sequences[j] for j in b] for b in step_batches[cluster.rank::cluster.world]]
         tensors = [collate(b, pad_id, cfg) for b in my_batches]
@@ -194,17 +223,36 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        loss_total += loss_sum.item()
-        targets_total += step_targets
-        my_tokens += sum(e.n_tokens for b in my_batches for e in b)
-        my_flops += sum(batch_train_flops(model.config, adapter_weights, b, t.trunk)
-                        for b, t in zip(my_batches, tensors))
+        done.steps += 1
+        done.loss_sum += loss_sum.item()
+        done.targets += step_targets
+        done.tokens += sum(e.n_tokens for b in my_batches for e in b)
+        done.flops += sum(batch_train_flops(model.config, adapter_weights, b, t.trunk)
+                          for b, t in zip(my_batches, tensors))
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
+        stop = bool(cfg.stop_after_steps) and step == cfg.stop_after_steps
+        if i + 1 < len(steps) and (stop or mid_epoch_save_due(last_save, cfg, cluster)):
+            now = time.perf_counter()
+            done.seconds, start, last_save = done.seconds + now - start, now, now
+            save(epoch - 1, step, done)
+            if stop:
+                bar.close()
+                return None, step
     bar.close()
-    totals = all_reduce_sum(torch.tensor([my_tokens, my_flops], dtype=torch.float64, device=cluster.device),
+    totals = all_reduce_sum(torch.tensor([done.tokens, done.flops], dtype=torch.float64, device=cluster.device),
                             cluster).tolist()
-    seconds = time.perf_counter() - start
-    return EpochStats(loss_total, targets_total, int(totals[0]), seconds, totals[1], len(sequences)), step
+    seconds = done.seconds + time.perf_counter() - start
+    return EpochStats(done.loss_sum, done.targets, int(totals[0]), seconds, totals[1], len(sequences)), step
+
+
+def mid_epoch_save_due(last_save: float, cfg: TrainConfig, cluster: Cluster) -> bool:
+    """--save-every-minutes have passed since the last save, by the main rank's clock (all ranks must agree:
+    saving gathers their states)."""
+    due = bool(cfg.save_every_minutes) and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
+    if cluster.world > 1:
+        flag = torch.tensor([float(due and cluster.is_main)], device=cluster.device)
+        due = all_reduce_sum(flag, cluster).item() > 0
+    return due
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -404,24 +452,28 @@ def cycle_learning_rate(step: int, cycles: list[tuple[int, int]], cfg: TrainConf
 
 def save_checkpoint(out_dir: Path, model, optimizer, state: dict, stopped: str | None = None) -> None:
     """The state file first: it is the commit point, holding the adapter tensors, the optimizer and the
-    position in the run, so a crash at any later moment resumes from it. Then the log (rewritten from the
-    state's history, so it never runs ahead of the checkpoint) and the published adapter."""
+    position in the run, so a crash at any later moment resumes from it. Then, at an epoch's end, the log
+    (rewritten from the state's history, so it never runs ahead of the checkpoint) and the published adapter;
+    a mid-epoch checkpoint leaves both to the last finished epoch."""
     state = dict(state, optimizer=optimizer.state_dict(),
                  adapter={n: p.detach().cpu() for n, p in trainable_parameters(model).items()})
     atomic_write(out_dir / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    run_folder.write_log(out_dir, state["history"])
-    run_folder.publish_adapter(out_dir, model, state["epoch"], state["run"]["epochs"], stopped)
+    if state["in_epoch"] is None:
+        run_folder.write_log(out_dir, state["history"])
+        run_folder.publish_adapter(out_dir, model, state["epoch"], state["run"]["epochs"], stopped)
 
 
-def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster) -> tuple[list[dict], int]:
-    """The saved adapter, optimizer and RNG states; returns (history, optimizer steps done)."""
+def restore_checkpoint(state: dict, model, optimizer, cluster: Cluster
+                       ) -> tuple[list[dict], int, list[dict] | None]:
+    """The saved adapter, optimizer and RNG states; returns (history, optimizer steps done, every rank's
+    EpochProgress in the unfinished epoch, or None after a finished one)."""
     params = trainable_parameters(model)
     with torch.no_grad():
         for name, tensor in state["adapter"].items():
             params[name].copy_(tensor)
     optimizer.load_state_dict(state["optimizer"])
     run_folder.restore_rng(state["rng"], cluster)
-    return state["history"], state["step"]
+    return state["history"], state["step"], state.get("in_epoch")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -33,9 +33,10 @@ STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.jsonl"
 RUN_FILE = store.IDENTITY_FILE
 DEFAULT_DATA = Path(__file__).resolve().parent / "trajectories" / "train.jsonl"
-# TrainConfig fields that do not change what is trained; every other one must match to resume a run.
-NOT_IDENTITY = {"model", "data", "dev_data", "out", "device", "resume", "stop_after_epochs", "peak_tflops",
-                "progress", "checkpoint_activations", "compile", "dry_run"}  # model and data: by content
+# TrainConfig fields that do not change what is trained; every other one must match to resume a run (model and
+# data are known by content instead).
+NOT_IDENTITY = {"model", "data", "dev_data", "out", "device", "resume", "stop_after_epochs", "stop_after_steps",
+                "save_every_minutes", "peak_tflops", "progress", "checkpoint_activations", "compile", "dry_run"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -127,7 +128,11 @@ def publish_adapter(out_dir: Path, model, epoch: int, epochs: int, stopped: str 
 
 
 def republish(out_dir: Path, saved: dict, model, epochs: int, cluster: Cluster, log) -> None:
-    """After a resume: the log and adapter files may lag the state if a crash came right after it."""
+    """After a resume: the log and adapter files may lag the state if a crash came right after it. A mid-epoch
+    state's adapter is not an epoch's: the files published at the last epoch's end stay."""
+    if saved.get("in_epoch"):
+        log(f"resuming {out_dir} in epoch {saved['epoch'] + 1}, after step {saved['step']}")
+        return
     log(f"resuming {out_dir} after epoch {saved['epoch']} (step {saved['step']})")
     if cluster.is_main:
         write_log(out_dir, saved["history"])

@@ -58,6 +58,10 @@ class TrainConfig:
     resume: bool = knob(False, "continue the run saved in OUT/ROLE/")
     stop_after_epochs: int = knob(0, "stop after this epoch as if interrupted (0: run to the end); resume with "
                                   "--resume")
+    stop_after_steps: int = knob(0, "stop after this many optimizer steps in all, as if interrupted (mid-epoch: "
+                                 "after saving a mid-epoch checkpoint; 0: run to the end); resume with --resume")
+    save_every_minutes: float = knob(10.0, "save a mid-epoch checkpoint this often, so a killed run loses at most "
+                                     "this much work (0: only at each epoch's end)")
     peak_tflops: float = knob(0.0, "GPU peak bf16 TFLOP/s for MFU (0: look up the GPU name in meter.PEAK_TFLOPS)")
     progress: bool = knob(True, "no progress bar")
     merge_nested: bool = knob(True, "train every example as its own sequence, even one whose tokens begin a "
@@ -82,7 +86,8 @@ def check_config(cfg: TrainConfig) -> None:
     for name in ("subtasks_per_epoch", "micro_batch_size", "grad_accum", "lora_r"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(cfg, name)})")
-    for name in ("epochs", "stop_after_epochs", "weight_decay", "lora_dropout", "warmup_ratio", "min_lr_ratio"):
+    for name in ("epochs", "stop_after_epochs", "stop_after_steps", "save_every_minutes", "weight_decay",
+                 "lora_dropout", "warmup_ratio", "min_lr_ratio"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative (got {getattr(cfg, name)})")
     if cfg.max_seq_len < 2 or cfg.lr <= 0 or cfg.grad_clip <= 0:

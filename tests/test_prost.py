@@ -20,6 +20,7 @@ import batching
 import data
 import prost
 import run_folder
+import store
 import train_config
 import trajectories
 import world
@@ -429,6 +430,40 @@ def test_resume_reproduces_an_uninterrupted_run_bit_exactly(base, trajectory_fil
 
 
 @pytest.mark.parametrize("role", ["planner", "executor"])
+def test_a_run_stopped_mid_epoch_resumes_bit_exactly(base, trajectory_file, tmp_path, role, monkeypatch):
+    """One sequence per optimizer step, so every epoch takes several; the interrupted run saves a mid-epoch
+    checkpoint after every step (--save-every-minutes tiny) and stops inside epoch 2. Until epoch 2 ends, what
+    evaluate.py would load (the published adapter, progress.json, the log) stays epoch 1's. Resumed, the run
+    ends with the uninterrupted run's losses, log and adapter."""
+    monkeypatch.setattr(batching, "MIN_TRUNK", 4)  # the synthetic executor conversations share a short prefix
+    settings = dict(epochs=4, lora_dropout=0.1, role=role, micro_batch_size=1, grad_accum=1)
+    straight = prost.train(config(base, trajectory_file, tmp_path / "straight", **settings))
+    epoch_1_steps, epoch_2_steps = straight[0]["step"], straight[1]["step"] - straight[0]["step"]
+    assert epoch_2_steps >= 2  # the premise: epoch 2 has a middle
+    stop = epoch_1_steps + epoch_2_steps // 2
+    out = tmp_path / "split" / role
+    first = prost.train(config(base, trajectory_file, tmp_path / "split", stop_after_steps=stop,
+                               save_every_minutes=1e-9, **settings))
+    state = torch.load(out / prost.STATE_FILE, weights_only=True)
+    assert len(first) == 1 and state["epoch"] == 1 and state["step"] == stop and state["in_epoch"][0]["steps"] > 0
+    progress = store.read_progress(out)
+    assert progress["epoch"] == 1 and progress["adapter_sha256"] == store.files_sha256(
+        out, ["adapter_config.json", "adapter_model.safetensors"])
+    assert [r["epoch"] for r in log_records(out)] == [1]
+    prost.train(config(base, trajectory_file, tmp_path / "epoch_1", stop_after_epochs=1, **settings))
+    a, b = adapter_tensors(tmp_path / "epoch_1" / role), adapter_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    resumed = prost.train(config(base, trajectory_file, tmp_path / "split", resume=True, **settings))
+    assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
+    a, b = adapter_tensors(tmp_path / "straight" / role), adapter_tensors(out)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    timing = {"examples_per_s", "tokens_per_s", "target_tokens_per_s", "seconds", "mfu", "peak_memory_gb", "machine"}
+    untimed = [[{k: v for k, v in r.items() if k not in timing} for r in log_records(folder)]
+               for folder in (tmp_path / "straight" / role, out)]
+    assert untimed[0] == untimed[1] and len(untimed[0]) == 4
+
+
+@pytest.mark.parametrize("role", ["planner", "executor"])
 def test_plain_run_equals_the_fast_paths(base, trajectory_file, tmp_path, role, monkeypatch):
     """--plain (no nested merging, no trunks, micro-batches by length, textbook dropout, no compile) against
     the defaults: micro-batches of 2 x 8 accumulated hold every sequence of an epoch either way, so each epoch
@@ -462,7 +497,9 @@ def test_plain_run_equals_the_fast_paths(base, trajectory_file, tmp_path, role, 
 
 
 def test_ddp_two_gloo_processes_equal_one_process(base, trajectory_file, tmp_path):
-    """Global batch 4 either way: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2."""
+    """Global batch 4 either way: 1 process x 2 micro-batches of 2, or 2 processes x 1 micro-batch of 2. Two
+    processes stopped in the middle of epoch 2 and resumed (each rank's totals and RNG states in the mid-epoch
+    checkpoint) end where the uninterrupted two did, bit for bit."""
     common = ["--model", str(base[0]), "--role", "executor", "--data", str(trajectory_file), "--epochs", "2",
               "--schedule", "full", "--micro-batch-size", "2", "--lr", "5e-3", "--lora-r", "4",
               "--lora-dropout", "0", "--no-progress"]
@@ -476,6 +513,16 @@ def test_ddp_two_gloo_processes_equal_one_process(base, trajectory_file, tmp_pat
     a, b = adapter_tensors(tmp_path / "one/executor"), adapter_tensors(tmp_path / "two/executor")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6)
+
+    epoch_2_steps = two[1]["step"] - two[0]["step"]
+    assert epoch_2_steps >= 2  # the premise: epoch 2 has a middle
+    split = ["--grad-accum", "1", "--out", str(tmp_path / "split"), "--save-every-minutes", "1e-9"]
+    run_child(torchrun(2, "prost.py", *common, *split, "--stop-after-steps", str(two[0]["step"] + epoch_2_steps // 2)))
+    run_child(torchrun(2, "prost.py", *common, *split, "--resume"))
+    resumed = log_records(tmp_path / "split/executor")
+    assert [(r["train_loss"], r["tokens"]) for r in resumed] == [(r["train_loss"], r["tokens"]) for r in two]
+    a, b = adapter_tensors(tmp_path / "two/executor"), adapter_tensors(tmp_path / "split/executor")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ----------------------------------------------------------------------------------------------------
