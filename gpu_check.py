@@ -300,7 +300,8 @@ def synthetic_examples(vocab: int, n: int, tokens: int, seed: int) -> list[data.
 def train_config(folder: Path, tokens: int, grad_accum: int, **overrides) -> TrainConfig:
     return TrainConfig(**{**dict(model=str(folder), max_seq_len=tokens, micro_batch_size=1,
                                  grad_accum=grad_accum, lr=1e-3, warmup_ratio=0.0, lora_dropout=0.0,
-                                 schedule="full", seed=0, progress=False), **TRAIN_FLAGS, **overrides})
+                                 schedule="full", seed=0, progress=False, save_every_minutes=0), **TRAIN_FLAGS,
+                          **overrides})
 
 
 def train_steps(cfg: TrainConfig, cluster: Cluster, precision: str, steps: list[list[data.Example]],
@@ -323,7 +324,7 @@ def train_steps(cfg: TrainConfig, cluster: Cluster, precision: str, steps: list[
     stats, step = [], 0
     for epoch, examples in enumerate(steps, start=1):
         s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, cycles, cfg,
-                                  cluster, precision, 0, out_dir, epoch - 1)
+                                  cluster, precision, 0, out_dir, epoch - 1, None, None)
         stats.append(s)
     return model, optimizer, stats
 
@@ -600,12 +601,12 @@ def run_epochs(cfg: prost.TrainConfig, cluster: Cluster, precision: str, epochs:
     torch.manual_seed(cfg.seed + 1 + cluster.rank)
     step = 0
     if state is not None:
-        _, step = prost.restore_checkpoint(state, model, optimizer, cluster)
+        _, step, _ = prost.restore_checkpoint(state, model, optimizer, cluster)
     cycles = [(0, len(epochs))]  # one example per step, one step per epoch
     losses = []
     for epoch in range(first, last + 1):
         stats, step = prost.run_epoch(model, optimizer, params, epochs[epoch - 1], epoch, len(epochs), step, cycles,
-                                      cfg, cluster, precision, 0, out_dir, epoch - 1)
+                                      cfg, cluster, precision, 0, out_dir, epoch - 1, None, None)
         losses.append(stats.loss_sum / stats.targets)
     return model, optimizer, step, losses
 
@@ -622,7 +623,8 @@ def check_resume(name: str, folder: Path, sizes: Sizes, device: torch.device, wo
     out_dir = work / "resume-split"
     out_dir.mkdir()
     model, optimizer, step, _ = run_epochs(cfg, cluster, precision, epochs, 1, 1, out_dir)
-    state = {"run": {"epochs": 2}, "epoch": 1, "step": step, "history": [], "rng": run_folder.rng_states(cluster)}
+    state = {"run": {"epochs": 2}, "epoch": 1, "step": step, "history": [], "rng": run_folder.rng_states(cluster),
+             "in_epoch": None}
     prost.save_checkpoint(out_dir, model, optimizer, state)
     saved = torch.load(out_dir / run_folder.STATE_FILE, map_location="cpu", weights_only=True)
     fused = bool(optimizer.defaults.get("fused"))
