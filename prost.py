@@ -35,7 +35,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -53,10 +53,10 @@ import run_folder
 import store
 import train_config
 import trajectories
-from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, gather, start_cluster,
+from cluster import (Cluster, all_reduce_gradients, all_reduce_sum, exit_process, first_error, start_cluster,
                      stop_cluster)
 from model import ModelConfig, train_flops
-from run_folder import ADAPTER, STATE_FILE
+from run_folder import ADAPTER, STATE_FILE, EpochProgress, mid_epoch_save_due
 from store import atomic_write
 from train_config import TrainConfig
 
@@ -127,14 +127,9 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
     peak = meter.peak_flops(cluster.device, cfg.peak_tflops)
 
     def save(epoch: int, step: int, progress: EpochProgress | None = None, stopped: str | None = None) -> None:
-        """A checkpoint after `epoch` epochs and `step` optimizer steps, or `progress` into the next epoch
-        (every rank gathers its RNG states and totals; the main rank writes)."""
-        max_subtask = plans[epoch - 1].max_subtask if epoch else 0
-        state = {"run": identity, "epoch": epoch, "step": step, "max_subtask": max_subtask,
-                 "scheduler": {"step": step, "lr_cycles": cycles},
-                 "data_order": {"seed": cfg.seed, "examples_sha256": examples_sha256},
-                 "rng": run_folder.rng_states(cluster), "history": history,
-                 "in_epoch": gather(cluster, asdict(progress)) if progress else None}
+        """A checkpoint after `epoch` epochs and `step` optimizer steps, or `progress` into the next epoch."""
+        state = run_folder.checkpoint_state(identity, epoch, step, cycles, cfg.seed, examples_sha256, history,
+                                            progress, cluster)
         if cluster.is_main:
             save_checkpoint(out_dir, model, optimizer, state, stopped)
 
@@ -164,17 +159,6 @@ def _train(cfg: TrainConfig, cluster: Cluster) -> list[dict]:
             log(f"stopping after epoch {epoch} as asked; continue with --resume")
             break
     return history
-
-
-@dataclass
-class EpochProgress:
-    """An epoch's running totals after its first `steps` optimizer steps; a mid-epoch checkpoint holds them."""
-    steps: int = 0
-    loss_sum: float = 0.0  # all ranks
-    targets: int = 0  # all ranks
-    tokens: int = 0  # this rank's
-    flops: float = 0.0  # this rank's
-    seconds: float = 0.0
 
 
 @dataclass
@@ -231,7 +215,7 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
                           for b, t in zip(my_batches, tensors))
         bar.update(i + 1, f"loss {loss_sum.item() / step_targets:.4f} lr {lr:.2e}")
         stop = bool(cfg.stop_after_steps) and step == cfg.stop_after_steps
-        if i + 1 < len(steps) and (stop or mid_epoch_save_due(last_save, cfg, cluster)):
+        if i + 1 < len(steps) and (stop or mid_epoch_save_due(last_save, cfg.save_every_minutes, cluster)):
             now = time.perf_counter()
             done.seconds, start, last_save = done.seconds + now - start, now, now
             save(epoch - 1, step, done)
@@ -243,16 +227,6 @@ def run_epoch(model, optimizer, params, examples, epoch: int, epochs: int, step:
                             cluster).tolist()
     seconds = done.seconds + time.perf_counter() - start
     return EpochStats(done.loss_sum, done.targets, int(totals[0]), seconds, totals[1], len(sequences)), step
-
-
-def mid_epoch_save_due(last_save: float, cfg: TrainConfig, cluster: Cluster) -> bool:
-    """--save-every-minutes have passed since the last save, by the main rank's clock (all ranks must agree:
-    saving gathers their states)."""
-    due = bool(cfg.save_every_minutes) and time.perf_counter() - last_save >= 60 * cfg.save_every_minutes
-    if cluster.world > 1:
-        flag = torch.tensor([float(due and cluster.is_main)], device=cluster.device)
-        due = all_reduce_sum(flag, cluster).item() > 0
-    return due
 
 
 # ----------------------------------------------------------------------------------------------------

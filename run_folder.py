@@ -1,13 +1,14 @@
-"""A training run's folder (`OUT/ROLE/`): what identifies the run, the refusals that keep two runs apart, the
-files published beside each checkpoint, and every rank's random state.
+"""A training run's folder (`OUT/ROLE/`): what identifies the run, the refusals that keep two runs apart, what
+a checkpoint holds, the files published beside it, and every rank's random state.
 
-Where this sits in ProST: prost.py's loop writes a checkpoint after every epoch (its state file is the commit
-point) and resumes from one; this file is the machinery around that idea, over store.py's rules for files
-(atomic writes, one writer, identities, progress records). `open_run` refuses a folder holding another run
-(`training_identity`: the settings that change what is trained, the base model and the data by content) or
-this run without `--resume`, and records a new run's identity; `publish_adapter` writes the PEFT-layout
-adapter and progress.json (which epoch of how many it is from); `rng_states` lets a resumed run continue
-bit-exactly; `collect_default_data` is what trains without `--data`.
+Where this sits in ProST: prost.py's loop writes a checkpoint after every epoch, and every few minutes within
+one (its state file is the commit point), and resumes from one; this file is the machinery around that idea,
+over store.py's rules for files (atomic writes, one writer, identities, progress records). `open_run` refuses
+a folder holding another run (`training_identity`: the settings that change what is trained, the base model
+and the data by content) or this run without `--resume`, and records a new run's identity; `checkpoint_state`
+is what a state file holds (with an unfinished epoch's running totals, `EpochProgress`); `publish_adapter`
+writes the PEFT-layout adapter and progress.json (which epoch of how many it is from); `rng_states` lets a
+resumed run continue bit-exactly; `collect_default_data` is what trains without `--data`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from dataclasses import fields
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -23,7 +25,7 @@ import torch
 import adapter_checks
 import lora
 import store
-from cluster import Cluster, barrier, gather
+from cluster import Cluster, all_reduce_sum, barrier, gather
 from model import ModelConfig
 from model_io import fingerprint, resolve_model_dir
 from store import atomic_write
@@ -108,6 +110,41 @@ def checkpoint_bytes(model: str, lora_r: int) -> int:
     file, AdamW's two fp32 moments, and 1 MiB for the log, RNG states and JSON files."""
     config = ModelConfig.from_hf(resolve_model_dir(model))
     return 4 * 4 * lora.count_adapter_parameters(config, lora_r) + (1 << 20)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a checkpoint's state file holds, at an epoch's end or within an epoch.
+
+@dataclass
+class EpochProgress:
+    """An epoch's running totals after its first `steps` optimizer steps; a mid-epoch checkpoint holds them."""
+    steps: int = 0
+    loss_sum: float = 0.0  # all ranks
+    targets: int = 0  # all ranks
+    tokens: int = 0  # this rank's
+    flops: float = 0.0  # this rank's
+    seconds: float = 0.0
+
+
+def checkpoint_state(identity: dict, epoch: int, step: int, lr_cycles: list, seed: int, examples_sha256: str,
+                     history: list[dict], progress: EpochProgress | None, cluster: Cluster) -> dict:
+    """The state after `epoch` finished epochs and `step` optimizer steps, `progress` into the next epoch if
+    given (adapter and optimizer are added by prost.save_checkpoint). Every rank gathers its RNG states and
+    totals; call it on all ranks."""
+    return {"run": identity, "epoch": epoch, "step": step, "scheduler": {"step": step, "lr_cycles": lr_cycles},
+            "data_order": {"seed": seed, "examples_sha256": examples_sha256},
+            "rng": rng_states(cluster), "history": history,
+            "in_epoch": gather(cluster, asdict(progress)) if progress else None}
+
+
+def mid_epoch_save_due(last_save: float, every_minutes: float, cluster: Cluster) -> bool:
+    """`every_minutes` have passed since `last_save` (a perf_counter time) by the main rank's clock: all ranks
+    must agree, since saving gathers their states."""
+    due = bool(every_minutes) and time.perf_counter() - last_save >= 60 * every_minutes
+    if cluster.world > 1:
+        flag = torch.tensor([float(due and cluster.is_main)], device=cluster.device)
+        due = all_reduce_sum(flag, cluster).item() > 0
+    return due
 
 
 # ----------------------------------------------------------------------------------------------------
