@@ -324,7 +324,7 @@ def train_steps(cfg: TrainConfig, cluster: Cluster, precision: str, steps: list[
     stats, step = [], 0
     for epoch, examples in enumerate(steps, start=1):
         s, step = prost.run_epoch(model, optimizer, params, examples, epoch, len(steps), step, cycles, cfg,
-                                  cluster, precision, 0, out_dir, epoch - 1, None, None)
+                                  cluster, precision, 0, out_dir, epoch - 1, resumed=None, save=None)
         stats.append(s)
     return model, optimizer, stats
 
@@ -606,7 +606,7 @@ def run_epochs(cfg: prost.TrainConfig, cluster: Cluster, precision: str, epochs:
     losses = []
     for epoch in range(first, last + 1):
         stats, step = prost.run_epoch(model, optimizer, params, epochs[epoch - 1], epoch, len(epochs), step, cycles,
-                                      cfg, cluster, precision, 0, out_dir, epoch - 1, None, None)
+                                      cfg, cluster, precision, 0, out_dir, epoch - 1, resumed=None, save=None)
         losses.append(stats.loss_sum / stats.targets)
     return model, optimizer, step, losses
 
